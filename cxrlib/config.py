@@ -1,0 +1,345 @@
+"""Parameter files: the schema, loading with validation, and the run folder.
+
+A run is described by one YAML file in ``params/``. :func:`load_params` parses it with
+``yaml.safe_load`` and validates it against :class:`Params` before any work starts: an unknown
+key, a wrong type or a missing required path raises :class:`ParamsError` naming the file and the
+key. The validated parameters round-trip to JSON and are saved in the run folder, so every output
+can be traced to the exact configuration that made it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from cxrlib.labels import RACE_VALUES
+
+Split = Literal["train", "val", "test"]
+View = Literal["AP", "PA", "LATERAL", "OTHER"]
+PositiveInt = Annotated[int, Field(gt=0)]
+Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+
+#: Environment variable that moves every run folder (tests point it at a temporary folder).
+RUNS_DIR_ENV = "CXRLIB_RUNS_DIR"
+#: ``{xrv}`` in a path stands for torchxrayvision's bundled ``data/`` folder.
+XRV_TOKEN = "{xrv}"
+
+
+class ParamsError(ValueError):
+    """A parameter file is invalid; the message names the file and the key."""
+
+
+class _Strict(BaseModel):
+    """Base for every section: unknown keys are errors, and types are not coerced."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class SplitSpec(_Strict):
+    """How a site's rows are assigned to train/val/test, always by patient."""
+
+    mode: Literal["random", "official"] = "random"
+    fractions: dict[Split, Fraction] = Field(
+        default_factory=lambda: {"train": 0.7, "val": 0.1, "test": 0.2}
+    )
+    seed: int = 0
+    #: Splits that must hold at least one image after filtering (an empty one is an error).
+    required: list[Split] = Field(default_factory=lambda: ["train", "val", "test"])
+
+    @model_validator(mode="after")
+    def _fractions_sum(self) -> SplitSpec:
+        total = sum(self.fractions.values())
+        if self.mode == "random" and abs(total - 1.0) > 1e-6:
+            raise ValueError(f"split fractions must sum to 1, got {total:.4f}")
+        return self
+
+
+class PhantomSpec(_Strict):
+    """An embedded phantom site: real metadata rows rendered as procedural radiographs."""
+
+    metadata: Literal["chexpert", "nih", "padchest"]
+    style: Literal["chexpert", "nih", "padchest"]
+    n_images: PositiveInt
+    #: Longest side of the rendered images, in pixels (the cache resizes to data.resolution).
+    image_size: PositiveInt = 64
+
+
+class MimicFiles(_Strict):
+    """File names inside a MIMIC-CXR-JPG root (defaults are the 2.0.0 release names)."""
+
+    metadata: str = "mimic-cxr-2.0.0-metadata.csv.gz"
+    labels: str = "mimic-cxr-2.0.0-chexpert.csv.gz"
+    split: str = "mimic-cxr-2.0.0-split.csv.gz"
+    #: MIMIC-IV ``patients.csv`` and ``admissions.csv`` (absolute, or relative to root).
+    patients: str | None = None
+    admissions: str | None = None
+
+
+class ColumnMap(_Strict):
+    """Column names of a generic site CSV; ``labels`` maps CheXpert names to CSV columns."""
+
+    path: str
+    patient_id: str
+    image_id: str | None = None
+    study_id: str | None = None
+    view: str | None = None
+    sex: str | None = None
+    age: str | None = None
+    race: str | None = None
+    split: str | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+
+
+class SiteSpec(_Strict):
+    """One data source. ``reader`` picks how it is read; every reader yields the same manifest."""
+
+    site: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")]
+    reader: Literal["phantom", "chexpert", "mimic", "csv"]
+    role: Literal["internal", "external"] = "internal"
+    #: Folder holding the CSVs and images (chexpert, mimic, csv readers).
+    root: str | None = None
+    #: CSV files inside root (chexpert: train.csv and valid.csv; csv reader: one file).
+    csv_files: list[str] = Field(default_factory=lambda: ["train.csv", "valid.csv"])
+    #: CheXpert demographics file (PATIENT, GENDER, AGE_AT_CXR, PRIMARY_RACE, ETHNICITY).
+    demographics: str | None = None
+    mimic: MimicFiles = Field(default_factory=MimicFiles)
+    columns: ColumnMap | None = None
+    phantom: PhantomSpec | None = None
+    split: SplitSpec = Field(default_factory=SplitSpec)
+
+    @model_validator(mode="after")
+    def _reader_needs(self) -> SiteSpec:
+        if self.reader == "phantom" and self.phantom is None:
+            raise ValueError("reader 'phantom' needs a 'phantom' section")
+        if self.reader in ("chexpert", "mimic", "csv") and not self.root:
+            raise ValueError(f"reader '{self.reader}' needs 'root' (the dataset folder)")
+        if self.reader == "csv" and self.columns is None:
+            raise ValueError("reader 'csv' needs a 'columns' mapping")
+        return self
+
+
+class DataSpec(_Strict):
+    """Data preparation: sources, label policy, view filter, resolution of the image cache."""
+
+    resolution: PositiveInt = 64
+    #: CheXpert's uncertain (-1) labels: u-ones -> 1, u-zeros -> 0, u-ignore -> NaN (masked).
+    uncertainty: Literal["u-ones", "u-zeros", "u-ignore"] = "u-ignore"
+    #: Blank (unmentioned) labels: NaN (unknown, masked) or 0 (negative).
+    blank: Literal["nan", "zero"] = "zero"
+    frontal_only: bool = True
+    views: list[View] = Field(default_factory=lambda: ["AP", "PA"])
+    #: Read CSVs only: no image files needed, no cache built (e.g. torchxrayvision's CSV).
+    metadata_only: bool = False
+    #: Race marginals for phantom sites (race is not in the public metadata files).
+    race_marginals: dict[str, Fraction] = Field(
+        default_factory=lambda: {
+            "White": 0.56,
+            "Asian": 0.16,
+            "Black/African American": 0.06,
+            "Pacific Islander": 0.01,
+            "American Indian/Alaska Native": 0.01,
+            "Other": 0.1,
+            "Unknown": 0.1,
+        }
+    )
+    #: Processes that decode images into the cache.
+    workers: PositiveInt = 2
+    sites: list[SiteSpec] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> DataSpec:
+        names = [s.site for s in self.sites]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"site names must be unique, repeated: {dupes}")
+        unknown = sorted(set(self.race_marginals) - set(RACE_VALUES))
+        if unknown:
+            raise ValueError(f"race_marginals: unknown groups {unknown}; use {list(RACE_VALUES)}")
+        if not any(s.role == "internal" for s in self.sites):
+            raise ValueError("at least one site needs role 'internal'")
+        return self
+
+
+class ClassifierSpec(_Strict):
+    """A timm image classifier with 14 outputs (the core later stages extend)."""
+
+    backbone: str = "resnet18"
+    pretrained: bool = False
+    epochs: PositiveInt = 10
+    batch_size: PositiveInt = 64
+    lr: Annotated[float, Field(gt=0)] = 1e-3
+    weight_decay: Annotated[float, Field(ge=0)] = 1e-4
+    optimizer: Literal["adamw", "lion"] = "adamw"
+    #: Early stopping: epochs without a better validation loss before stopping.
+    patience: PositiveInt = 3
+    grad_clip: Annotated[float, Field(gt=0)] = 1.0
+
+
+class DataCheckSpec(_Strict):
+    """Notebook 01's learnability check: a small classifier on the prepared cohort."""
+
+    enabled: bool = True
+    max_train_images: PositiveInt = 2000
+
+
+class RunSpec(_Strict):
+    name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")]
+    out_dir: str = "runs"
+    seed: int = 0
+
+
+class Params(_Strict):
+    """A whole parameter file."""
+
+    run: RunSpec
+    data: DataSpec
+    classifier: ClassifierSpec = Field(default_factory=ClassifierSpec)
+    data_check: DataCheckSpec = Field(default_factory=DataCheckSpec)
+
+    def to_json(self) -> str:
+        return self.model_dump_json(indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> Params:
+        return cls.model_validate_json(text)
+
+
+def xrv_data_dir() -> Path:
+    """torchxrayvision's bundled ``data/`` folder (real metadata CSVs and lung masks)."""
+    import torchxrayvision
+
+    return Path(torchxrayvision.__file__).parent / "data"
+
+
+def resolve_path(value: str, base: Path) -> Path:
+    """Expand ``{xrv}``, ``~`` and environment variables; relative paths are taken from base."""
+    if XRV_TOKEN in value:
+        value = value.replace(XRV_TOKEN, str(xrv_data_dir()))
+    path = Path(os.path.expandvars(value)).expanduser()
+    return path if path.is_absolute() else (base / path)
+
+
+def _format_error(file: Path, err: ValidationError) -> str:
+    lines = [f"{file}: invalid parameters"]
+    for e in err.errors():
+        key = ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in e["loc"])
+        key = key.replace(".[", "[")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check its spelling and the documented keys in params/demo.yaml)"
+        elif e["type"] == "missing":
+            msg = "required key is missing"
+        else:
+            msg = e["msg"]
+            if "input" in e and e["type"] not in ("value_error",):
+                msg += f" (got {e['input']!r})"
+        lines.append(f"  key '{key or '<top>'}': {msg}")
+    return "\n".join(lines)
+
+
+def _check_paths(params: Params, file: Path) -> None:
+    """Every path a reader needs must exist, unless images are not needed for that path."""
+    base = file.parent.parent if file.parent.name == "params" else file.parent
+    for i, site in enumerate(params.data.sites):
+        if site.reader == "phantom":
+            continue
+        root = resolve_path(site.root or "", base)
+        if not root.exists():
+            raise ParamsError(
+                f"{file}: key 'data.sites[{i}].root': path '{root}' does not exist; "
+                f"edit it to point at your copy of the {site.reader} data for site '{site.site}'"
+            )
+        extras: list[tuple[str, str | None]] = [("demographics", site.demographics)]
+        if site.reader == "mimic":
+            extras += [
+                ("mimic.patients", site.mimic.patients),
+                ("mimic.admissions", site.mimic.admissions),
+            ]
+        for key, value in extras:
+            if value and not resolve_path(value, root).exists():
+                raise ParamsError(
+                    f"{file}: key 'data.sites[{i}].{key}': path "
+                    f"'{resolve_path(value, root)}' does not exist"
+                )
+
+
+def load_params(file: str | os.PathLike[str], overrides: dict[str, Any] | None = None) -> Params:
+    """Load and validate a parameter file; ``overrides`` are dotted keys (``run.name``)."""
+    path = Path(file)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: parameter file not found") from None
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: expected a mapping of sections at the top level")
+    for dotted, value in (overrides or {}).items():
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    try:
+        params = Params.model_validate(raw)
+    except ValidationError as err:
+        raise ParamsError(_format_error(path, err)) from None
+    _check_paths(params, path.resolve())
+    # Remember where relative paths are anchored (the repo root for files in params/).
+    object.__setattr__(params, "_source", path.resolve())
+    return params
+
+
+def params_base(params: Params) -> Path:
+    """Folder that relative paths in a parameter file are taken from."""
+    src: Path | None = getattr(params, "_source", None)
+    if src is None:
+        return Path.cwd()
+    return src.parent.parent if src.parent.name == "params" else src.parent
+
+
+def run_dir(params: Params, create: bool = True) -> Path:
+    """The run's own folder, ``<out_dir>/<run.name>``; refuses to reuse another config's folder.
+
+    The folder keeps ``params.json``; opening it again with different parameters is an error
+    naming the keys that differ, so one run never writes over another run's files.
+    """
+    root = os.environ.get(RUNS_DIR_ENV) or params.run.out_dir
+    folder = resolve_path(root, params_base(params)) / params.run.name
+    if not create:
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    saved = folder / "params.json"
+    current = json.loads(params.to_json())
+    if saved.exists():
+        before = json.loads(saved.read_text())
+        if before != current:
+            diff = sorted(_diff_keys(before, current))
+            raise ParamsError(
+                f"run folder {folder} was made with different parameters "
+                f"(keys differ: {', '.join(diff[:8])}); give the run a new run.name, "
+                f"or delete the folder to start it again"
+            )
+    else:
+        atomic_write_text(saved, params.to_json())
+    return folder
+
+
+def _diff_keys(a: Any, b: Any, prefix: str = "") -> set[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out: set[str] = set()
+        for k in set(a) | set(b):
+            out |= _diff_keys(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else str(k))
+        return out
+    return set() if a == b else {prefix or "<top>"}
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write text to a temporary name beside ``path`` and rename it into place."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)

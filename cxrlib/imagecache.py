@@ -1,0 +1,147 @@
+"""The image cache: every manifest image decoded once, preprocessed, stored as uint8 on disk.
+
+Training loops read the cache through a memory map, so they never decode a JPEG and memory
+stays flat however large the dataset grows. Preprocessing follows the paper: one grey channel,
+resize so the longest side equals the resolution, pad the short side (centred) with -1 (black),
+store uint8; :func:`to_model_range` maps to [-1, 1] at load time.
+
+Layout of a cache folder: ``images.npy`` (N x R x R uint8, opened with ``mmap_mode='r'``) and
+``index.parquet`` (image_id per row of the array). Both are written under temporary names and
+renamed into place when complete.
+"""
+
+from __future__ import annotations
+
+import os
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image, UnidentifiedImageError
+from tqdm.auto import tqdm
+
+
+def preprocess(img: Image.Image, resolution: int) -> np.ndarray:
+    """Grey, longest side to ``resolution`` (area-preserving resample), centred zero padding."""
+    img = img.convert("L")
+    w, h = img.size
+    scale = resolution / max(w, h)
+    nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
+    img = img.resize((nw, nh), Image.BICUBIC if scale > 1 else Image.LANCZOS)
+    out = np.zeros((resolution, resolution), dtype=np.uint8)
+    top, left = (resolution - nh) // 2, (resolution - nw) // 2
+    out[top: top + nh, left: left + nw] = np.asarray(img)
+    return out
+
+
+def load_image(path: str, resolution: int) -> tuple[np.ndarray | None, str | None]:
+    """Decode and preprocess one file; returns (image, None) or (None, reason)."""
+    try:
+        with Image.open(path) as img:
+            img.draft("L", (resolution, resolution))  # JPEG: decode at a reduced scale
+            return preprocess(img, resolution), None
+    except FileNotFoundError:
+        return None, "image file missing"
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        return None, f"image unreadable: {type(exc).__name__}: {exc}"
+
+
+def _load_job(args: tuple[str, int]) -> tuple[np.ndarray | None, str | None]:
+    return load_image(*args)
+
+
+def build_cache(paths: list[str], image_ids: list[str], folder: Path, resolution: int,
+                workers: int = 1, progress: bool = True) -> pd.DataFrame:
+    """Decode ``paths`` into a cache folder; returns a frame of (image_id, reason) failures.
+
+    Rows that fail are left out of the cache (and reported, never silently dropped); the
+    index lists only the images that were stored, in array order.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp_arr = folder / f".images.npy.tmp-{os.getpid()}"
+    arr = np.lib.format.open_memmap(tmp_arr, mode="w+", dtype=np.uint8,
+                                    shape=(len(paths), resolution, resolution))
+    kept: list[str] = []
+    failed: list[tuple[str, str]] = []
+    jobs = [(p, resolution) for p in paths]
+    pool = get_context("fork").Pool(workers) if workers > 1 else None
+    try:
+        results = pool.imap(_load_job, jobs, chunksize=32) if pool else map(_load_job, jobs)
+        for image_id, (img, reason) in tqdm(zip(image_ids, results, strict=True),
+                                            total=len(jobs), desc="image cache",
+                                            disable=not progress):
+            if img is None:
+                failed.append((image_id, reason or "unknown"))
+                continue
+            arr[len(kept)] = img
+            kept.append(image_id)
+    finally:
+        if pool:
+            pool.close()
+            pool.join()
+    arr.flush()
+    del arr
+    final = np.lib.format.open_memmap(tmp_arr, mode="r+")
+    if len(kept) < len(paths):  # compact: rewrite only the stored rows
+        tmp2 = folder / f".images-compact.npy.tmp-{os.getpid()}"
+        out = np.lib.format.open_memmap(tmp2, mode="w+", dtype=np.uint8,
+                                        shape=(len(kept), resolution, resolution))
+        for start in range(0, len(kept), 4096):
+            out[start: start + 4096] = final[start: start + 4096]
+        out.flush()
+        del out, final
+        os.replace(tmp2, tmp_arr)
+    else:
+        del final
+    index_tmp = folder / f".index.parquet.tmp-{os.getpid()}"
+    pd.DataFrame({"image_id": kept}).to_parquet(index_tmp, index=False)
+    os.replace(tmp_arr, folder / "images.npy")
+    os.replace(index_tmp, folder / "index.parquet")
+    return pd.DataFrame(failed, columns=["image_id", "reason"])
+
+
+class ImageCache:
+    """Read-only view of a cache folder, indexable by row number or image id."""
+
+    def __init__(self, folder: str | os.PathLike[str]):
+        self.folder = Path(folder)
+        arr_path, index_path = self.folder / "images.npy", self.folder / "index.parquet"
+        if not arr_path.exists() or not index_path.exists():
+            raise FileNotFoundError(
+                f"no image cache in {self.folder} (expected images.npy and index.parquet); "
+                "run notebook 01 (data preparation) for this run first"
+            )
+        self.images = np.load(arr_path, mmap_mode="r")
+        self.image_ids = pd.read_parquet(index_path)["image_id"].tolist()
+        if len(self.image_ids) != len(self.images):
+            raise ValueError(
+                f"image cache {self.folder} is inconsistent: {len(self.images)} images but "
+                f"{len(self.image_ids)} ids; delete the folder and rebuild it"
+            )
+        self._row = {k: i for i, k in enumerate(self.image_ids)}
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    @property
+    def resolution(self) -> int:
+        return int(self.images.shape[-1])
+
+    def rows_for(self, image_ids: list[str] | pd.Series) -> np.ndarray:
+        """Array rows of the given ids; an id the cache lacks is an error naming it."""
+        missing = [i for i in image_ids if i not in self._row]
+        if missing:
+            raise KeyError(
+                f"{len(missing)} manifest image(s) are not in the cache {self.folder}, e.g. "
+                f"{missing[:3]}; the cache does not match the manifest: rebuild it"
+            )
+        return np.array([self._row[i] for i in image_ids], dtype=np.int64)
+
+    def get(self, image_id: str) -> np.ndarray:
+        return np.asarray(self.images[self._row[image_id]])
+
+
+def to_model_range(images: np.ndarray) -> np.ndarray:
+    """uint8 [0, 255] -> float32 [-1, 1] (the paper's input scaling; padding becomes -1)."""
+    return images.astype(np.float32) / 127.5 - 1.0
