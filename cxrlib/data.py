@@ -335,12 +335,12 @@ class Cohort:
                 if len(self.drops) else pd.DataFrame(columns=["site", "reason", "rows"]))
 
 
-def _read_site(site: SiteSpec, params: Params, folder: Path) -> pd.DataFrame:
+def _read_site(site: SiteSpec, params: Params, folder: Path, progress: bool) -> pd.DataFrame:
     if site.reader == "phantom":
         assert site.phantom is not None
         root = write_phantom_site(folder / "phantom" / site.site, site.site, site.phantom,
                                   params.run.seed, params.data.race_marginals,
-                                  workers=params.data.workers)
+                                  workers=params.data.workers, progress=progress)
         spec = site.model_copy(update={"csv_files": ["train.csv"],
                                        "demographics": "demographics.csv"})
         return read_chexpert(spec, root, params)
@@ -365,7 +365,7 @@ def prepare_cohort(params: Params, folder: Path, progress: bool = True) -> Cohor
     drops = DropLog()
     parts = []
     for site in params.data.sites:
-        df = _read_site(site, params, folder)
+        df = _read_site(site, params, folder, progress)
         df = clean_rows(df, params, drops, site.site)
         df["split"] = assign_splits(df, site.split, site.site).to_numpy()
         parts.append(df)
@@ -394,3 +394,25 @@ def prepare_cohort(params: Params, folder: Path, progress: bool = True) -> Cohor
         frame.to_parquet(tmp, index=False)
         tmp.replace(path)
     return Cohort(manifest, drop_frame, folder, cache_dir)
+
+
+def internal_rows(params: Params, manifest: pd.DataFrame) -> pd.DataFrame:
+    """Manifest rows of the internal site(s)."""
+    internal = [s.site for s in params.data.sites if s.role == "internal"]
+    return manifest[manifest["site"].isin(internal)]
+
+
+def describe_sources(params: Params) -> pd.DataFrame:
+    """One row per configured site: reader, role, where it comes from, how it is split."""
+    rows = []
+    for s in params.data.sites:
+        if s.reader == "phantom" and s.phantom is not None:
+            origin = (f"phantom: {s.phantom.n_images} images from real {s.phantom.metadata} "
+                      f"metadata (torchxrayvision), {s.phantom.style} style")
+        else:
+            origin = str(resolve_path(s.root or "", params_base(params)))
+        split = (f"official ({', '.join(s.split.required)} required)" if s.split.mode == "official"
+                 else ", ".join(f"{k} {v:.0%}" for k, v in s.split.fractions.items()))
+        rows.append({"site": s.site, "reader": s.reader, "role": s.role, "source": origin,
+                     "split (by patient)": split})
+    return pd.DataFrame(rows).set_index("site")

@@ -63,13 +63,13 @@ class SiteStyle:
 STYLES: dict[str, SiteStyle] = {
     "chexpert": SiteStyle(gamma=1.0, contrast=5.0, brightness=0.0, noise=0.035, blur=0.6,
                           aspect=1.0, collimation=0.0, marker_corner=1, grain=0.02,
-                          unannotated_rate=0.15),
+                          unannotated_rate=0.03),
     "nih": SiteStyle(gamma=0.7, contrast=7.0, brightness=0.06, noise=0.06, blur=1.0,
                      aspect=0.86, collimation=0.12, marker_corner=0, grain=0.05,
-                     unannotated_rate=0.25),
+                     unannotated_rate=0.12),
     "padchest": SiteStyle(gamma=1.45, contrast=3.6, brightness=-0.05, noise=0.02, blur=0.3,
                           aspect=1.16, collimation=0.05, marker_corner=3, grain=0.08,
-                          unannotated_rate=0.2),
+                          unannotated_rate=0.05),
 }
 
 

@@ -1,0 +1,166 @@
+"""Pathology classifiers: a timm backbone with 14 outputs, trained from the image cache.
+
+The loss is BCE with logits where NaN labels (uncertain under ``u-ignore``, or not annotated by
+a site) are masked out per label instead of being treated as negatives. Training keeps the
+weights of the epoch with the lowest validation loss and stops early after ``patience`` epochs
+without improvement.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import timm
+import timm.optim
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from cxrlib.config import ClassifierSpec
+from cxrlib.imagecache import ImageCache
+from cxrlib.labels import CHEXPERT_LABELS
+
+
+def pick_device() -> torch.device:
+    """CUDA when present, else CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def build_model(spec: ClassifierSpec, num_outputs: int = len(CHEXPERT_LABELS)) -> nn.Module:
+    """A timm backbone with one grey input channel and ``num_outputs`` logits."""
+    try:
+        return timm.create_model(spec.backbone, pretrained=spec.pretrained, in_chans=1,
+                                 num_classes=num_outputs)
+    except RuntimeError as exc:
+        if "Unknown model" in str(exc):
+            raise ValueError(f"classifier.backbone: timm has no model '{spec.backbone}'") from None
+        raise
+    except Exception as exc:  # noqa: BLE001 - hub/network failures have many types
+        if spec.pretrained:
+            raise RuntimeError(
+                f"classifier.pretrained is true but the weights of '{spec.backbone}' cannot be "
+                f"loaded ({type(exc).__name__}: {exc}). Put them in the Hugging Face cache "
+                "(HF_HOME) on a machine with network access, or set pretrained: false."
+            ) from None
+        raise
+
+
+def masked_bce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean BCE-with-logits over the (image, label) pairs whose target is not NaN."""
+    known = ~torch.isnan(targets)
+    if not known.any():
+        return logits.sum() * 0.0
+    loss = nn.functional.binary_cross_entropy_with_logits(
+        logits[known], targets[known], reduction="mean")
+    return loss
+
+
+def _batches(rows: np.ndarray, labels: np.ndarray, cache: ImageCache, batch_size: int,
+             rng: np.random.Generator | None):
+    order = rng.permutation(len(rows)) if rng is not None else np.arange(len(rows))
+    for start in range(0, len(order), batch_size):
+        idx = order[start: start + batch_size]
+        # Memory-mapped rows are read in sorted order, then put back in batch order.
+        srt = np.argsort(rows[idx])
+        imgs = np.empty((len(idx), *cache.images.shape[1:]), dtype=np.uint8)
+        imgs[srt] = cache.images[rows[idx][srt]]
+        x = torch.from_numpy(imgs).unsqueeze(1).float().div_(127.5).sub_(1.0)
+        yield x, torch.from_numpy(labels[idx])
+
+
+@dataclass
+class TrainResult:
+    """A trained classifier and how training went."""
+
+    model: nn.Module
+    history: pd.DataFrame
+    best_epoch: int
+    stopped_early: bool
+
+
+def _label_matrix(df: pd.DataFrame) -> np.ndarray:
+    return df[list(CHEXPERT_LABELS)].to_numpy(dtype=np.float32)
+
+
+@torch.no_grad()
+def _eval_loss(model: nn.Module, rows: np.ndarray, labels: np.ndarray, cache: ImageCache,
+               batch_size: int, device: torch.device) -> float:
+    model.eval()
+    total, count = 0.0, 0
+    for x, y in _batches(rows, labels, cache, batch_size, None):
+        logits = model(x.to(device))
+        known = (~torch.isnan(y)).sum().item()
+        total += masked_bce(logits, y.to(device)).item() * known
+        count += known
+    return total / max(count, 1)
+
+
+def train_classifier(spec: ClassifierSpec, train: pd.DataFrame, val: pd.DataFrame,
+                     cache: ImageCache, seed: int = 0, progress: bool = True) -> TrainResult:
+    """Train on ``train`` rows with early stopping on ``val`` loss; returns the best model."""
+    if len(train) == 0 or len(val) == 0:
+        raise ValueError(f"classifier training needs train and val rows (got {len(train)} "
+                         f"train, {len(val)} val)")
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    device = pick_device()
+    model = build_model(spec).to(device)
+    opt = timm.optim.create_optimizer_v2(model, opt=spec.optimizer, lr=spec.lr,
+                                         weight_decay=spec.weight_decay)
+    tr_rows, va_rows = cache.rows_for(train["image_id"]), cache.rows_for(val["image_id"])
+    tr_y, va_y = _label_matrix(train), _label_matrix(val)
+    best_loss, best_epoch, best_state, waited = np.inf, 0, None, 0
+    history = []
+    bar = tqdm(range(1, spec.epochs + 1), desc="classifier epochs", disable=not progress)
+    for epoch in bar:
+        model.train()
+        losses = []
+        for x, y in _batches(tr_rows, tr_y, cache, spec.batch_size, rng):
+            loss = masked_bce(model(x.to(device)), y.to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip)
+            opt.step()
+            losses.append(loss.item())
+        val_loss = _eval_loss(model, va_rows, va_y, cache, spec.batch_size, device)
+        history.append({"epoch": epoch, "train_loss": float(np.mean(losses)),
+                        "val_loss": val_loss})
+        bar.set_postfix(train=f"{np.mean(losses):.3f}", val=f"{val_loss:.3f}")
+        if val_loss < best_loss:
+            best_loss, best_epoch, waited = val_loss, epoch, 0
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            waited += 1
+            if waited >= spec.patience:
+                break
+    assert best_state is not None
+    model.load_state_dict(best_state)
+    return TrainResult(model, pd.DataFrame(history), best_epoch,
+                       stopped_early=len(history) < spec.epochs)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, df: pd.DataFrame, cache: ImageCache,
+            batch_size: int = 128) -> np.ndarray:
+    """Sigmoid scores (n_images x 14) for the manifest rows ``df``."""
+    device = next(model.parameters()).device
+    model.eval()
+    rows = cache.rows_for(df["image_id"])
+    dummy = np.zeros((len(rows), len(CHEXPERT_LABELS)), dtype=np.float32)
+    out = [torch.sigmoid(model(x.to(device))).cpu().numpy()
+           for x, _ in _batches(rows, dummy, cache, batch_size, None)]
+    return np.concatenate(out) if out else np.zeros_like(dummy)
+
+
+def predictions_frame(df: pd.DataFrame, scores: np.ndarray, test_set: str) -> pd.DataFrame:
+    """Long per-image predictions: image_id, patient_id, test_set, label, target, score."""
+    parts = []
+    for j, label in enumerate(CHEXPERT_LABELS):
+        parts.append(pd.DataFrame({
+            "image_id": df["image_id"].to_numpy(), "patient_id": df["patient_id"].to_numpy(),
+            "test_set": test_set, "label": label, "target": df[label].to_numpy(dtype=float),
+            "score": scores[:, j],
+        }))
+    return pd.concat(parts, ignore_index=True)
