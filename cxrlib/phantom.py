@@ -128,7 +128,7 @@ def _ellipse(x: np.ndarray, y: np.ndarray, cx: float, cy: float, rx: float, ry: 
              soft: float) -> np.ndarray:
     """Soft ellipse mask: 1 inside, 0 outside, a logistic edge of width ``soft``."""
     d = np.sqrt(((x - cx) / rx) ** 2 + ((y - cy) / ry) ** 2)
-    return 1.0 / (1.0 + np.exp((d - 1.0) / soft))
+    return 1.0 / (1.0 + np.exp(np.minimum((d - 1.0) / soft, 60.0)))
 
 
 def _blob(x: np.ndarray, y: np.ndarray, cx: float, cy: float, sx: float, sy: float) -> np.ndarray:
@@ -145,21 +145,28 @@ def _line(x: np.ndarray, y: np.ndarray, pts: np.ndarray, width: float) -> np.nda
     return np.exp(-0.5 * d2 / width**2)
 
 
-def _severity(value: float, rng: np.random.Generator, unannotated_rate: float) -> float:
-    """Severity of a finding from its label: positive 0.55..1, uncertain weak half the time,
-    unannotated (NaN) at the site's base rate, negative 0."""
+def _severity(value: float, u: np.ndarray, unannotated_rate: float) -> float:
+    """Severity of a finding from its label and two uniforms: positive 0.55..1, uncertain weak
+    half the time, unannotated (NaN) at the site's base rate, negative 0."""
     if value == 1.0:
-        return float(rng.uniform(0.55, 1.0))
+        return 0.55 + 0.45 * float(u[0])
     if value == -1.0:
-        return float(rng.uniform(0.15, 0.4)) if rng.random() < 0.5 else 0.0
+        return 0.15 + 0.25 * float(u[0]) if u[1] < 0.5 else 0.0
     if value != value:  # NaN: the source does not annotate this finding
-        return float(rng.uniform(0.4, 1.0)) if rng.random() < unannotated_rate else 0.0
+        return 0.4 + 0.6 * float(u[0]) if u[1] < unannotated_rate else 0.0
     return 0.0
 
 
 def render_phantom(labels: dict[str, float], sex: str, age: float, view: str, style: SiteStyle,
                    size: int, rng: np.random.Generator) -> np.ndarray:
-    """Render one phantom radiograph as uint8 (height ``size``, width ``size * aspect``)."""
+    """Render one phantom radiograph as uint8 (height ``size``, width ``size * aspect``).
+
+    Anatomy, findings and acquisition draw from separate child streams of ``rng``, and each
+    finding from its own, so switching one label changes only that finding's signature.
+    """
+    anat, find, acq = rng.spawn(3)
+    uniforms = find.random((len(CHEXPERT_LABELS), 2))
+    finding_rngs = dict(zip(CHEXPERT_LABELS, find.spawn(len(CHEXPERT_LABELS)), strict=True))
     h = size
     w = max(8, int(round(size * style.aspect)))
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
@@ -167,41 +174,41 @@ def render_phantom(labels: dict[str, float], sex: str, age: float, view: str, st
     x = (xx + 0.5) / w * style.aspect + (1 - style.aspect) / 2  # keep anatomy proportions
     female = sex == "Female"
     old = float(np.clip((age - 20) / 60, 0, 1.2))
-    bone = (1.0 - 0.35 * old * (1.3 if female else 1.0)) * rng.uniform(0.85, 1.1)
-    sev = {k: _severity(labels.get(k, 0.0), rng, style.unannotated_rate) for k in CHEXPERT_LABELS}
+    bone = (1.0 - 0.35 * old * (1.3 if female else 1.0)) * anat.uniform(0.85, 1.1)
+    sev = {k: _severity(labels.get(k, 0.0), u, style.unannotated_rate)
+           for k, u in zip(CHEXPERT_LABELS, uniforms, strict=True)}
 
     # Body outline and thorax frame; the patient sits slightly off-centre.
-    cx = 0.5 + rng.normal(0, 0.015)
-    half = (0.36 if not female else 0.33) * rng.uniform(0.93, 1.07)
-    top, base = 0.16 + rng.normal(0, 0.015), 0.80 + rng.normal(0, 0.02)
+    cx = 0.5 + anat.normal(0, 0.015)
+    half = (0.36 if not female else 0.33) * anat.uniform(0.93, 1.07)
+    top, base = 0.16 + anat.normal(0, 0.015), 0.80 + anat.normal(0, 0.02)
     mu = 0.32 * _ellipse(x, y, cx, 0.58, half + 0.08, 0.62, 0.04)
     mu += 0.12 * _ellipse(x, y, cx, 0.0, half + 0.2, 0.18, 0.05)  # shoulders
 
     # Lungs from a real mask, placed in the thorax box; the bases are the hemidiaphragms.
     templates = lung_templates()
-    tmpl = templates[rng.integers(len(templates))]
-    elev_side = int(rng.integers(2))
+    tmpl = templates[anat.integers(len(templates))]
+    elev_side = int(anat.integers(2))
     lift = 0.08 * sev["Atelectasis"]  # volume loss lifts one hemidiaphragm
     col = (x - (cx - half)) / (2 * half) * (LUNG_TEMPLATE_SIZE - 1)
     base_local = np.where((x < cx) == (elev_side == 0), base - lift, base)
     row = (y - top) / (base_local - top) * (LUNG_TEMPLATE_SIZE - 1)
     lung = ndimage.map_coordinates(tmpl, [row.ravel(), col.ravel()], order=1, cval=0.0)
     lung = lung.reshape(h, w)
-    right = (x < cx).astype(np.float32)  # patient's right lung is on the image left
-    texture = ndimage.gaussian_filter(rng.normal(0, 1, (h, w)).astype(np.float32), 0.9)
+    texture = ndimage.gaussian_filter(anat.normal(0, 1, (h, w)).astype(np.float32), 0.9)
     mu -= lung * (0.24 - 0.02 * texture)
     mu += 0.14 * (y > base_local) * _ellipse(x, y, cx, 0.9, half + 0.05, 0.25, 0.05)  # abdomen
 
     # Mediastinum, heart (projected larger on AP), spine, clavicles and ribs.
-    med_w = 0.075 * (1 + 0.9 * sev["Enlarged Cardiomediastinum"]) * rng.uniform(0.9, 1.1)
+    med_w = 0.075 * (1 + 0.9 * sev["Enlarged Cardiomediastinum"]) * anat.uniform(0.9, 1.1)
     mu += 0.26 * _ellipse(x, y, cx + 0.01, 0.33, med_w, 0.2, 0.08)
-    ctr = rng.uniform(0.40, 0.48) * (1.12 if view == "AP" else 1.0) * (1 + 0.05 * old)
+    ctr = anat.uniform(0.40, 0.48) * (1.12 if view == "AP" else 1.0) * (1 + 0.05 * old)
     ctr *= 1 + 0.45 * sev["Cardiomegaly"]
     heart_rx = ctr * half
     mu += 0.3 * _ellipse(x, y, cx + 0.25 * heart_rx, base - 0.14, heart_rx, 0.15, 0.06)
     mu += 0.18 * bone * (np.abs(x - cx) < 0.03) * (0.8 + 0.2 * np.cos(y * 70))
     for side in (-1, 1):
-        pts = np.array([[cx + side * 0.05, 0.17], [cx + side * 0.3, 0.13 + rng.normal(0, 0.01)]])
+        pts = np.array([[cx + side * 0.05, 0.17], [cx + side * 0.3, 0.13 + anat.normal(0, 0.01)]])
         mu += 0.12 * bone * _line(x, y, pts, 0.012)
     rib_gap = (base - top) / 9.5
     for i in range(9):
@@ -212,12 +219,12 @@ def render_phantom(labels: dict[str, float], sex: str, age: float, view: str, st
     # Age and sex: breast shadows over the lower zones; older lungs carry more markings.
     if female:
         for side in (-1, 1):
-            mu += rng.uniform(0.06, 0.12) * _ellipse(x, y, cx + side * 0.21, base - 0.02, 0.14,
+            mu += anat.uniform(0.06, 0.12) * _ellipse(x, y, cx + side * 0.21, base - 0.02, 0.14,
                                                     0.1, 0.15) * (y > base - 0.1)
     mu += 0.02 * old * lung * texture
 
-    _draw_findings(mu, x, y, lung, right, sev, cx, half, top, base, bone, rng)
-    return _acquire(mu, style, rng)
+    _draw_findings(mu, x, y, lung, sev, cx, half, top, base, bone, finding_rngs)
+    return _acquire(mu, style, acq)
 
 
 def _pick_side(rng: np.random.Generator) -> int:
@@ -225,72 +232,83 @@ def _pick_side(rng: np.random.Generator) -> int:
 
 
 def _draw_findings(mu: np.ndarray, x: np.ndarray, y: np.ndarray, lung: np.ndarray,
-                   right: np.ndarray, sev: dict[str, float], cx: float, half: float,
-                   top: float, base: float, bone: float, rng: np.random.Generator) -> None:
+                   sev: dict[str, float], cx: float, half: float, top: float, base: float,
+                   bone: float, rngs: dict[str, np.random.Generator]) -> None:
     """Add each finding's signature to the attenuation map, in place."""
     span = base - top
     if s := sev["Pleural Effusion"]:
-        for side in ([_pick_side(rng)] if rng.random() < 0.6 else [-1, 1]):
+        g = rngs["Pleural Effusion"]
+        for side in ([_pick_side(g)] if g.random() < 0.6 else [-1, 1]):
             lateral = np.clip(side * (x - cx) / half, 0, 1)
             level = base - span * (0.12 + 0.3 * s) + 0.12 * lateral  # meniscus rises laterally
             fluid = (np.sign(x - cx) == side) * (y > level - 0.2 * lateral ** 2)
             mu += 0.34 * s * fluid * np.clip(lung * 3, 0, 1)
     if s := sev["Pneumothorax"]:
-        side = _pick_side(rng)
-        edge = cx + side * half * rng.uniform(0.55, 0.8)
+        g = rngs["Pneumothorax"]
+        side = _pick_side(g)
+        edge = cx + side * half * g.uniform(0.55, 0.8)
         apex = (y < top + span * (0.25 + 0.25 * s)) & ((x - edge) * side > 0)
         mu -= 0.16 * s * apex * np.clip(lung * 2, 0, 1)
         pts = np.array([[edge, top], [edge - side * 0.03, top + span * (0.25 + 0.25 * s)]])
         mu += 0.18 * s * _line(x, y, pts, 0.006)
     if s := sev["Consolidation"]:
-        side = _pick_side(rng)
-        cy = rng.uniform(top + 0.3 * span, base - 0.1)
+        g = rngs["Consolidation"]
+        side = _pick_side(g)
+        cy = g.uniform(top + 0.3 * span, base - 0.1)
         mu += 0.36 * s * lung * _blob(x, y, cx + side * half * 0.5, cy, 0.09, 0.07)
     if s := sev["Pneumonia"]:
-        for _ in range(int(rng.integers(2, 5))):
-            px = cx + _pick_side(rng) * half * rng.uniform(0.25, 0.75)
-            mu += 0.22 * s * lung * _blob(x, y, px, rng.uniform(top + 0.2, base - 0.05), 0.05, 0.05)
+        g = rngs["Pneumonia"]
+        for _ in range(int(g.integers(2, 5))):
+            px = cx + _pick_side(g) * half * g.uniform(0.25, 0.75)
+            mu += 0.22 * s * lung * _blob(x, y, px, g.uniform(top + 0.2, base - 0.05), 0.05, 0.05)
     if s := sev["Lung Opacity"]:
-        px = cx + _pick_side(rng) * half * rng.uniform(0.3, 0.7)
-        mu += 0.2 * s * lung * _blob(x, y, px, rng.uniform(top + 0.2, base - 0.1), 0.13, 0.11)
+        g = rngs["Lung Opacity"]
+        px = cx + _pick_side(g) * half * g.uniform(0.3, 0.7)
+        mu += 0.2 * s * lung * _blob(x, y, px, g.uniform(top + 0.2, base - 0.1), 0.13, 0.11)
     if s := sev["Edema"]:
+        g = rngs["Edema"]
         for side in (-1, 1):  # bilateral, perihilar "bat wing"
             mu += 0.24 * s * lung * _blob(x, y, cx + side * 0.13, 0.47, 0.1, 0.12)
     if s := sev["Atelectasis"]:
-        side = _pick_side(rng)
-        cy = base - span * rng.uniform(0.12, 0.22)
+        g = rngs["Atelectasis"]
+        side = _pick_side(g)
+        cy = base - span * g.uniform(0.12, 0.22)
         band = np.exp(-0.5 * ((y - cy - 0.05 * (x - cx)) / 0.018) ** 2) * (np.sign(x - cx) == side)
         mu += 0.3 * s * band * lung
     if s := sev["Lung Lesion"]:
-        r = rng.uniform(0.025, 0.045) if rng.random() < 0.6 else rng.uniform(0.06, 0.09)
-        px = cx + _pick_side(rng) * half * rng.uniform(0.3, 0.7)
-        mu += (0.2 + 0.25 * s) * _ellipse(x, y, px, rng.uniform(top + 0.1, base - 0.15), r, r,
+        g = rngs["Lung Lesion"]
+        r = g.uniform(0.025, 0.045) if g.random() < 0.6 else g.uniform(0.06, 0.09)
+        px = cx + _pick_side(g) * half * g.uniform(0.3, 0.7)
+        mu += (0.2 + 0.25 * s) * _ellipse(x, y, px, g.uniform(top + 0.1, base - 0.15), r, r,
                                           0.12) * (lung > 0.3)
     if s := sev["Fracture"]:
-        side = _pick_side(rng)
-        px = cx + side * half * rng.uniform(0.55, 0.9)
-        py = top + span * rng.uniform(0.15, 0.7)
+        g = rngs["Fracture"]
+        side = _pick_side(g)
+        px = cx + side * half * g.uniform(0.55, 0.9)
+        py = top + span * g.uniform(0.15, 0.7)
         mu += 0.3 * s * bone * _blob(x, y, px, py, 0.022, 0.014)  # callus
         mu -= 0.12 * s * bone * _blob(x, y, px + side * 0.02, py + 0.01, 0.006, 0.02)  # step
     if s := sev["Support Devices"]:
-        kinds = rng.random(4) < np.array([0.55, 0.5, 0.5, 0.25])
+        g = rngs["Support Devices"]
+        kinds = g.random(4) < np.array([0.55, 0.5, 0.5, 0.25])
         if not kinds.any():
-            kinds[rng.integers(4)] = True
+            kinds[g.integers(4)] = True
         if kinds[0]:  # endotracheal / nasogastric tube down the midline
             mu += 0.5 * _line(x, y, np.array([[cx, 0.0], [cx + 0.005, top + 0.15 * span]]), 0.007)
         if kinds[1]:  # central venous line from the subclavian vein to the SVC
-            side = _pick_side(rng)
+            side = _pick_side(g)
             pts = np.array([[cx + side * 0.3, 0.13], [cx + side * 0.12, 0.2], [cx + side * 0.03,
                                                                                    0.33]])
             mu += 0.45 * _line(x, y, pts, 0.006)
         if kinds[2]:  # ECG leads
-            for _ in range(int(rng.integers(2, 5))):
-                mu += 0.55 * _ellipse(x, y, rng.uniform(0.2, 0.8), rng.uniform(0.15, 0.8), 0.018,
+            for _ in range(int(g.integers(2, 5))):
+                mu += 0.55 * _ellipse(x, y, g.uniform(0.2, 0.8), g.uniform(0.15, 0.8), 0.018,
                                       0.018, 0.15)
         if kinds[3]:  # pacemaker generator in the left infraclavicular region
             mu += 0.7 * _ellipse(x, y, cx + 0.27, 0.2, 0.05, 0.035, 0.1)
     if s := sev["Pleural Other"]:
-        side = _pick_side(rng)
+        g = rngs["Pleural Other"]
+        side = _pick_side(g)
         rim = lung * (1 - ndimage.gaussian_filter(lung, 1.5)) * (np.sign(x - cx) == side)
         mu += 0.3 * s * np.clip(rim * 2.5, 0, 1)
 
