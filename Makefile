@@ -21,8 +21,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m ruff check cxrlib tests benchmarks
-	$(PY) -m pytest tests
-	$(PY) -m pytest --nbval-lax notebooks
+	$(PY) -m pytest --nbval-lax tests notebooks
 
 lint: $(STAMP)
 	$(PY) -m ruff check cxrlib tests benchmarks

@@ -23,7 +23,16 @@ from tqdm.auto import tqdm
 
 
 def preprocess(img: Image.Image, resolution: int) -> np.ndarray:
-    """Grey, longest side to ``resolution`` (area-preserving resample), centred zero padding."""
+    """Grey, longest side to ``resolution`` (area-preserving resample), centred zero padding.
+
+    16-bit and float images (PNG exports of DICOMs) are min-max scaled to 8 bits rather than
+    clipped, which would turn most of a 12- or 16-bit image white.
+    """
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        lo, hi = float(arr.min()), float(arr.max())
+        arr = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
+        img = Image.fromarray(arr.astype(np.uint8))
     img = img.convert("L")
     w, h = img.size
     scale = resolution / max(w, h)
@@ -88,7 +97,8 @@ def build_cache(paths: list[str], image_ids: list[str], folder: Path, resolution
         out = np.lib.format.open_memmap(tmp2, mode="w+", dtype=np.uint8,
                                         shape=(len(kept), resolution, resolution))
         for start in range(0, len(kept), 4096):
-            out[start: start + 4096] = final[start: start + 4096]
+            stop = min(start + 4096, len(kept))
+            out[start:stop] = final[start:stop]
         out.flush()
         del out, final
         os.replace(tmp2, tmp_arr)

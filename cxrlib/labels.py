@@ -73,7 +73,9 @@ def map_race(value: object) -> str:
         return RACE_UNKNOWN
     if "multiple" in text or "multi" in text:
         return RACE_OTHER
-    if "american indian" in text or "alaska" in text:
+    if "white" in text or "caucasian" in text:  # before "asian": "caucasian" contains it
+        return RACE_GROUPS[2]
+    if "american indian" in text or "alaska" in text or "native american" in text:
         return RACE_GROUPS[0]
     if "black" in text or "african" in text:
         return RACE_GROUPS[1]
@@ -81,8 +83,6 @@ def map_race(value: object) -> str:
         return RACE_GROUPS[3]
     if "asian" in text:
         return RACE_GROUPS[4]
-    if "white" in text or "caucasian" in text:
-        return RACE_GROUPS[2]
     return RACE_OTHER
 
 

@@ -61,7 +61,7 @@ class SiteStyle:
 
 
 STYLES: dict[str, SiteStyle] = {
-    "chexpert": SiteStyle(gamma=1.0, contrast=5.0, brightness=0.0, noise=0.035, blur=0.6,
+    "chexpert": SiteStyle(gamma=1.0, contrast=5.0, brightness=0.0, noise=0.05, blur=0.6,
                           aspect=1.0, collimation=0.0, marker_corner=1, grain=0.02,
                           unannotated_rate=0.03),
     "nih": SiteStyle(gamma=0.7, contrast=7.0, brightness=0.06, noise=0.06, blur=1.0,
@@ -146,10 +146,10 @@ def _line(x: np.ndarray, y: np.ndarray, pts: np.ndarray, width: float) -> np.nda
 
 
 def _severity(value: float, u: np.ndarray, unannotated_rate: float) -> float:
-    """Severity of a finding from its label and two uniforms: positive 0.55..1, uncertain weak
+    """Severity of a finding from its label and two uniforms: positive 0.3..1, uncertain weak
     half the time, unannotated (NaN) at the site's base rate, negative 0."""
     if value == 1.0:
-        return 0.55 + 0.45 * float(u[0])
+        return 0.3 + 0.7 * float(u[0])
     if value == -1.0:
         return 0.15 + 0.25 * float(u[0]) if u[1] < 0.5 else 0.0
     if value != value:  # NaN: the source does not annotate this finding
@@ -200,10 +200,10 @@ def render_phantom(labels: dict[str, float], sex: str, age: float, view: str, st
     mu += 0.14 * (y > base_local) * _ellipse(x, y, cx, 0.9, half + 0.05, 0.25, 0.05)  # abdomen
 
     # Mediastinum, heart (projected larger on AP), spine, clavicles and ribs.
-    med_w = 0.075 * (1 + 0.9 * sev["Enlarged Cardiomediastinum"]) * anat.uniform(0.9, 1.1)
+    med_w = 0.075 * (1 + 0.6 * sev["Enlarged Cardiomediastinum"]) * anat.uniform(0.8, 1.25)
     mu += 0.26 * _ellipse(x, y, cx + 0.01, 0.33, med_w, 0.2, 0.08)
-    ctr = anat.uniform(0.40, 0.48) * (1.12 if view == "AP" else 1.0) * (1 + 0.05 * old)
-    ctr *= 1 + 0.45 * sev["Cardiomegaly"]
+    ctr = anat.uniform(0.38, 0.52) * (1.12 if view == "AP" else 1.0) * (1 + 0.05 * old)
+    ctr *= 1 + 0.35 * sev["Cardiomegaly"]
     heart_rx = ctr * half
     mu += 0.3 * _ellipse(x, y, cx + 0.25 * heart_rx, base - 0.14, heart_rx, 0.15, 0.06)
     mu += 0.18 * bone * (np.abs(x - cx) < 0.03) * (0.8 + 0.2 * np.cos(y * 70))
@@ -242,7 +242,7 @@ def _draw_findings(mu: np.ndarray, x: np.ndarray, y: np.ndarray, lung: np.ndarra
             lateral = np.clip(side * (x - cx) / half, 0, 1)
             level = base - span * (0.12 + 0.3 * s) + 0.12 * lateral  # meniscus rises laterally
             fluid = (np.sign(x - cx) == side) * (y > level - 0.2 * lateral ** 2)
-            mu += 0.34 * s * fluid * np.clip(lung * 3, 0, 1)
+            mu += 0.22 * s * fluid * np.clip(lung * 3, 0, 1)
     if s := sev["Pneumothorax"]:
         g = rngs["Pneumothorax"]
         side = _pick_side(g)
@@ -268,7 +268,7 @@ def _draw_findings(mu: np.ndarray, x: np.ndarray, y: np.ndarray, lung: np.ndarra
     if s := sev["Edema"]:
         g = rngs["Edema"]
         for side in (-1, 1):  # bilateral, perihilar "bat wing"
-            mu += 0.24 * s * lung * _blob(x, y, cx + side * 0.13, 0.47, 0.1, 0.12)
+            mu += 0.15 * s * lung * _blob(x, y, cx + side * 0.13, 0.47, 0.1, 0.12)
     if s := sev["Atelectasis"]:
         g = rngs["Atelectasis"]
         side = _pick_side(g)
