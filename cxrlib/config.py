@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -187,6 +187,72 @@ class DataCheckSpec(_Strict):
     max_train_images: PositiveInt = 2000
 
 
+#: Architecture presets for the diffusion UNet; keys given in the params file override them.
+DIFFUSION_PRESETS: dict[str, dict[str, Any]] = {
+    # The authors' model (FACTS.md): 256 px, 128 base channels, multipliers 1,1,2,2,4,4,
+    # 2 residual blocks per level, self-attention at 32, 16 and 8 px with 4 heads.
+    "paper": {"base_channels": 128, "channel_mult": [1, 1, 2, 2, 4, 4], "layers_per_block": 2,
+              "attention_resolutions": [32, 16, 8], "attention_heads": 4, "dropout": 0.0},
+    # Small enough that the CPU demo trains in about 15 minutes at 64 px.
+    "demo": {"base_channels": 32, "channel_mult": [1, 2, 2, 2], "layers_per_block": 1,
+             "attention_resolutions": [8], "attention_heads": 4, "dropout": 0.0},
+}
+
+
+class DiffusionSpec(_Strict):
+    """The conditional pixel-space DDPM (notebook 02): UNet, noise schedule, training."""
+
+    preset: Literal["paper", "demo", "custom"] = "demo"
+    base_channels: PositiveInt
+    channel_mult: list[PositiveInt] = Field(min_length=1)
+    layers_per_block: PositiveInt
+    #: Feature-map sizes (pixels) whose blocks get self-attention.
+    attention_resolutions: list[PositiveInt]
+    attention_heads: PositiveInt
+    dropout: Fraction
+    num_train_timesteps: PositiveInt = 1000
+    beta_schedule: Literal["squaredcos_cap_v2", "linear", "scaled_linear"] = "squaredcos_cap_v2"
+    zero_terminal_snr: bool = True
+    prediction_type: Literal["v_prediction", "epsilon"] = "v_prediction"
+    #: Share of training images whose condition is replaced by the null embedding (for CFG).
+    cond_dropout: Fraction = 0.1
+    #: How a NaN label (uncertain under u-ignore, or not annotated) enters the condition vector.
+    nan_label_value: float = 0.0
+    #: Sites whose training split trains the model (default: the internal sites).
+    sites: list[str] | None = None
+    optimizer: Literal["lion", "adamw"] = "adamw"
+    lr: Annotated[float, Field(gt=0)] = 2e-4
+    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    warmup_steps: Annotated[int, Field(ge=0)] = 100
+    grad_clip: Annotated[float, Field(gt=0)] = 1.0
+    ema_decay: Fraction = 0.999
+    #: Images per process per step (the global batch is this times the number of processes).
+    batch_size: PositiveInt = 16
+    max_steps: PositiveInt = 1000
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    checkpoint_every: PositiveInt = 250
+    keep_checkpoints: PositiveInt = 2
+    resume: Literal["auto", "never"] = "auto"
+    #: Sample grids during training: every N steps, DDIM steps, guidance scale and rescale phi.
+    sample_every: PositiveInt = 250
+    sample_steps: PositiveInt = 50
+    sample_guidance: Annotated[float, Field(ge=0)] = 4.0
+    guidance_rescale: Fraction = 0.7
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("preset", "demo") in DIFFUSION_PRESETS:
+            return {**DIFFUSION_PRESETS[data.get("preset", "demo")], **data}
+        return data
+
+    #: Keys that do not change what a checkpoint holds (a resumed run may change them).
+    RUN_LENGTH_KEYS: ClassVar[tuple[str, ...]] = (
+        "max_steps", "checkpoint_every", "keep_checkpoints", "resume", "sample_every",
+        "sample_steps", "sample_guidance", "guidance_rescale",
+    )
+
+
 class RunSpec(_Strict):
     name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")]
     out_dir: str = "runs"
@@ -200,6 +266,7 @@ class Params(_Strict):
     data: DataSpec
     classifier: ClassifierSpec = Field(default_factory=ClassifierSpec)
     data_check: DataCheckSpec = Field(default_factory=DataCheckSpec)
+    diffusion: DiffusionSpec = Field(default_factory=DiffusionSpec)
 
     def to_json(self) -> str:
         return self.model_dump_json(indent=2)
@@ -306,7 +373,9 @@ def run_dir(params: Params, create: bool = True) -> Path:
     """The run's own folder, ``<out_dir>/<run.name>``; refuses to reuse another config's folder.
 
     The folder keeps ``params.json``; opening it again with different parameters is an error
-    naming the keys that differ, so one run never writes over another run's files.
+    naming the keys that differ, so one run never writes over another run's files. Only
+    run-length keys (``_FREE_KEYS``: steps to train, checkpoint cadence, workers) may change,
+    so a finished training run can be continued for more steps.
     """
     root = os.environ.get(RUNS_DIR_ENV) or params.run.out_dir
     folder = resolve_path(root, params_base(params)) / params.run.name
@@ -315,25 +384,31 @@ def run_dir(params: Params, create: bool = True) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     saved = folder / "params.json"
     current = json.loads(params.to_json())
-    if saved.exists():
-        before = json.loads(saved.read_text())
-        if before != current:
-            diff = sorted(_diff_keys(before, current))
+    before = json.loads(saved.read_text()) if saved.exists() else None
+    if before is not None:
+        diff = sorted(k for k in diff_keys(before, current) if k not in _FREE_KEYS)
+        if diff:
             raise ParamsError(
                 f"run folder {folder} was made with different parameters "
                 f"(keys differ: {', '.join(diff[:8])}); give the run a new run.name, "
                 f"or delete the folder to start it again"
             )
-    else:
-        atomic_write_text(saved, params.to_json())
+    if before != current:
+        atomic_write_text(saved, params.to_json())  # record the latest invocation
     return folder
 
 
-def _diff_keys(a: Any, b: Any, prefix: str = "") -> set[str]:
+#: Keys a run may change between invocations: how long to train, how often to save, how many
+#: worker processes. Everything else defines the run and must stay as it was.
+_FREE_KEYS = frozenset({"data.workers", *(f"diffusion.{k}" for k in DiffusionSpec.RUN_LENGTH_KEYS)})
+
+
+def diff_keys(a: Any, b: Any, prefix: str = "") -> set[str]:
+    """Dotted keys whose values differ between two nested dicts."""
     if isinstance(a, dict) and isinstance(b, dict):
         out: set[str] = set()
         for k in set(a) | set(b):
-            out |= _diff_keys(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else str(k))
+            out |= diff_keys(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else str(k))
         return out
     return set() if a == b else {prefix or "<top>"}
 

@@ -348,6 +348,18 @@ def _read_site(site: SiteSpec, params: Params, folder: Path, progress: bool) -> 
     return READERS[site.reader](site, root, params)
 
 
+def load_cohort(params: Params, folder: Path) -> Cohort:
+    """The cohort notebook 01 prepared for this run (an error if it has not run yet)."""
+    out = folder / "data"
+    manifest_path, drops_path = out / "manifest.parquet", out / "dropped.parquet"
+    if not manifest_path.exists():
+        raise DataError(f"no manifest at {manifest_path}; run notebook 01 (data preparation) "
+                        "for this run first")
+    cache_dir = None if params.data.metadata_only else out / f"cache_{params.data.resolution}"
+    drops = pd.read_parquet(drops_path) if drops_path.exists() else DropLog().frame()
+    return Cohort(pd.read_parquet(manifest_path), drops, folder, cache_dir)
+
+
 def prepare_cohort(params: Params, folder: Path, progress: bool = True) -> Cohort:
     """Read every site, filter, split by patient, check, build the image cache, and write the
     manifest (``manifest.parquet``) and drop log (``dropped.parquet``) into ``folder/data``.
@@ -359,8 +371,7 @@ def prepare_cohort(params: Params, folder: Path, progress: bool = True) -> Cohor
     manifest_path, drops_path = out / "manifest.parquet", out / "dropped.parquet"
     cache_dir = None if params.data.metadata_only else out / f"cache_{params.data.resolution}"
     if manifest_path.exists() and drops_path.exists():
-        return Cohort(pd.read_parquet(manifest_path), pd.read_parquet(drops_path), folder,
-                      cache_dir)
+        return load_cohort(params, folder)
     out.mkdir(parents=True, exist_ok=True)
     drops = DropLog()
     parts = []

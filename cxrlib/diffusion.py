@@ -1,0 +1,458 @@
+"""The conditional pixel-space DDPM: model, noise schedule, training, checkpoints, previews.
+
+Notation follows Ho et al. (2020) and Salimans & Ho (2022): a clean image x_0 in [-1, 1] is
+noised to x_t = alpha_t x_0 + sigma_t eps with eps ~ N(0, I), where alpha_t^2 = prod(1 - beta_s)
+follows the cosine schedule (Nichol & Dhariwal 2021) rescaled to zero terminal SNR (Lin et al.
+2024: alpha_T = 0, so the last step is pure noise, as at sampling time). The network predicts
+v = alpha_t eps - sigma_t x_0 (``v_prediction``; ``epsilon`` selectable) and is trained with
+the mean squared error against it. The condition c (22 values, :mod:`cxrlib.condition`) is
+embedded and added to the timestep embedding; for a ``cond_dropout`` share of images it is
+replaced by a learned null embedding, so one network gives both eps(x_t, c) and eps(x_t, null)
+for classifier-free guidance.
+
+Differences from the authors' code: the variance is fixed (DDPM's ``fixed_small``) rather than
+learned, since diffusers' samplers (DDIM, DPM-Solver++) do not use a learned variance and the
+paper samples with DDIM; the UNet's attention heads have one width per head (diffusers'
+``attention_head_dim``), chosen so the first attention level has ``attention_heads`` heads.
+
+Training runs through HF Accelerate, so the same code runs in a notebook on one device and under
+``accelerate launch`` on several GPUs or nodes. Batches are a pure function of (seed, step) and
+the noise of each step comes from a generator seeded by (seed, step, process), so a run resumed
+from a checkpoint continues exactly as an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from accelerate import Accelerator
+from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from cxrlib.condition import ConditionEmbedding, encode_conditions
+from cxrlib.config import DiffusionSpec, Params, diff_keys
+from cxrlib.imagecache import ImageCache
+from cxrlib.labels import CHEXPERT_LABELS
+
+
+class DiffusionError(ValueError):
+    """Training cannot start as configured; the message says why and what to do."""
+
+
+def unet_config(spec: DiffusionSpec, resolution: int) -> dict:
+    """diffusers ``UNet2DModel`` arguments for a spec (the architecture saved in checkpoints)."""
+    levels = [resolution // 2**i for i in range(len(spec.channel_mult))]
+    if levels[-1] < 1 or resolution % 2 ** (len(spec.channel_mult) - 1):
+        raise DiffusionError(f"diffusion.channel_mult has {len(spec.channel_mult)} levels, too "
+                             f"many for {resolution} px images")
+    down = ["AttnDownBlock2D" if r in spec.attention_resolutions else "DownBlock2D"
+            for r in levels]
+    channels = [spec.base_channels * m for m in spec.channel_mult]
+    attn_channels = [c for c, r in zip(channels, levels, strict=True)
+                     if r in spec.attention_resolutions] or [channels[-1]]
+    groups = math.gcd(32, spec.base_channels)
+    return {
+        "sample_size": resolution, "in_channels": 1, "out_channels": 1,
+        "block_out_channels": channels, "layers_per_block": spec.layers_per_block,
+        "down_block_types": down,
+        "up_block_types": [b.replace("Down", "Up") for b in reversed(down)],
+        "attention_head_dim": max(1, attn_channels[0] // spec.attention_heads),
+        "resnet_time_scale_shift": "scale_shift", "dropout": spec.dropout,
+        "norm_num_groups": groups, "class_embed_type": "identity",
+    }
+
+
+def noise_scheduler(spec: DiffusionSpec) -> DDPMScheduler:
+    """The training schedule: cosine betas rescaled to zero terminal SNR, v or eps targets."""
+    return DDPMScheduler(num_train_timesteps=spec.num_train_timesteps,
+                         beta_schedule=spec.beta_schedule,
+                         rescale_betas_zero_snr=spec.zero_terminal_snr,
+                         prediction_type=spec.prediction_type,
+                         timestep_spacing="trailing", clip_sample=True)
+
+
+class ConditionalUNet(nn.Module):
+    """diffusers UNet2DModel plus the condition embedding added to its timestep embedding."""
+
+    def __init__(self, config: dict):
+        super().__init__()
+        self.unet = UNet2DModel(**config)
+        self.cond_embed = ConditionEmbedding(config["block_out_channels"][0] * 4)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
+                drop: torch.Tensor | None = None) -> torch.Tensor:
+        return self.unet(x, t, class_labels=self.cond_embed(cond, drop)).sample
+
+
+def identity_config(params: Params) -> dict:
+    """What a checkpoint must match to be resumed: architecture, schedule, optimiser, data."""
+    spec = params.diffusion.model_dump(exclude=set(DiffusionSpec.RUN_LENGTH_KEYS))
+    return {"unet": unet_config(params.diffusion, params.data.resolution), "diffusion": spec,
+            "seed": params.run.seed}
+
+
+def training_rows(params: Params, manifest: pd.DataFrame) -> pd.DataFrame:
+    """The rows the diffusion model learns from: the training split of its sites."""
+    sites = params.diffusion.sites or [s.site for s in params.data.sites if s.role == "internal"]
+    unknown = sorted(set(sites) - set(manifest["site"]))
+    if unknown:
+        raise DiffusionError(f"diffusion.sites names site(s) {unknown} that the manifest does "
+                             f"not have (sites: {sorted(manifest['site'].unique())})")
+    rows = manifest[manifest["site"].isin(sites) & (manifest["split"] == "train")]
+    if rows.empty:
+        raise DiffusionError(f"the manifest has no training rows for site(s) {sites}; check "
+                             "data.sites[].split fractions, or run notebook 01 again")
+    return rows.reset_index(drop=True)
+
+
+def batch_indices(step: int, n: int, global_batch: int, seed: int) -> np.ndarray:
+    """Row indices of the global batch at ``step``: epochs are seeded permutations of n rows,
+    consumed in order, so a batch depends only on (seed, step)."""
+    pos = step * global_batch + np.arange(global_batch)
+    epochs, within = pos // n, pos % n
+    out = np.empty(global_batch, dtype=np.int64)
+    for e in np.unique(epochs):
+        perm = np.random.default_rng([seed, int(e)]).permutation(n)
+        out[epochs == e] = perm[within[epochs == e]]
+    return out
+
+
+def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
+    """The random source of one training step on one process (noise, timesteps, dropout)."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step, rank])
+                                             .generate_state(1)[0]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: <run>/02_diffusion/checkpoints/step-XXXXXXX/ written under a temporary name and
+# renamed when complete. Weights, EMA weights and RNG state in safetensors; the optimiser state
+# with torch.save (tensors and numbers only, loaded back with weights_only=True); the rest JSON.
+
+
+def _checkpoint_dirs(root: Path) -> list[Path]:
+    return sorted(p for p in root.glob("step-*") if p.is_dir() and (p / "state.json").exists())
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    """The newest complete checkpoint folder under ``root`` (None if there is none)."""
+    dirs = _checkpoint_dirs(root)
+    return dirs[-1] if dirs else None
+
+
+def save_checkpoint(root: Path, step: int, model: ConditionalUNet, ema: EMAModel,
+                    optimizer: torch.optim.Optimizer, lr_scheduler, identity: dict,
+                    history: list[dict], keep: int) -> Path:
+    final = root / f"step-{step:07d}"
+    tmp = root / f".tmp-step-{step:07d}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    names = [n for n, _ in model.named_parameters()]
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+              tmp / "model.safetensors")
+    save_file({n: p.detach().cpu().contiguous() for n, p in zip(names, ema.shadow_params,
+                                                                 strict=True)},
+              tmp / "ema.safetensors")
+    rng = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng.update({f"cuda_{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    save_file(rng, tmp / "rng.safetensors")
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    ema_meta = {k: v for k, v in ema.state_dict().items() if k != "shadow_params"}
+    state = {"step": step, "identity": identity, "ema": ema_meta,
+             "lr_scheduler": lr_scheduler.state_dict(), "history": history}
+    (tmp / "state.json").write_text(json.dumps(state, indent=1, default=float))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in _checkpoint_dirs(root)[:-keep]:
+        shutil.rmtree(old)
+    return final
+
+
+def read_checkpoint_state(folder: Path) -> dict:
+    return json.loads((folder / "state.json").read_text())
+
+
+def check_identity(folder: Path, identity: dict) -> None:
+    """A checkpoint made with another configuration cannot be resumed: say which keys differ."""
+    saved = json.loads(json.dumps(read_checkpoint_state(folder)["identity"]))
+    keys = sorted(diff_keys(saved, json.loads(json.dumps(identity))))
+    if keys:
+        raise DiffusionError(
+            f"checkpoint {folder} was made with a different configuration (differs in: "
+            f"{', '.join(keys[:8])}); use a new run.name, set diffusion.resume: never, or "
+            "delete the checkpoints folder")
+
+
+def load_weights(folder: Path, use_ema: bool = True) -> ConditionalUNet:
+    """A model from a checkpoint folder, with its EMA weights by default (for sampling)."""
+    state = read_checkpoint_state(folder)
+    model = ConditionalUNet(state["identity"]["unet"])
+    model.load_state_dict(load_file(folder / "model.safetensors"))
+    if use_ema:
+        shadow = load_file(folder / "ema.safetensors")
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p.copy_(shadow[name])
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# Guided sampling used for the preview grids during training. The sampling stage builds its
+# samplers and sweeps on this function.
+
+
+def guided_output(model: ConditionalUNet, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
+                  scale: float, rescale_phi: float) -> torch.Tensor:
+    """Classifier-free guidance with rescaling (Lin et al. 2024, eq. 15-16).
+
+    ``scale == 0`` is the plain conditional model (the authors' generation setting);
+    otherwise out = null + scale * (cond - null), then its per-image standard deviation is
+    pulled toward that of the conditional output: out = phi * out * std(cond) / std(out)
+    + (1 - phi) * out.
+    """
+    if scale == 0:
+        return model(x, t, cond)
+    n = x.shape[0]
+    drop = torch.cat([torch.zeros(n, dtype=torch.bool), torch.ones(n, dtype=torch.bool)])
+    both = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, cond]),
+                 drop.to(x.device))
+    cond_out, null_out = both[:n], both[n:]
+    out = null_out + scale * (cond_out - null_out)
+    if rescale_phi > 0:
+        dims = tuple(range(1, out.ndim))
+        ratio = cond_out.std(dim=dims, keepdim=True) / out.std(dim=dims, keepdim=True)
+        out = rescale_phi * out * ratio + (1 - rescale_phi) * out
+    return out
+
+
+@torch.no_grad()
+def sample_images(model: ConditionalUNet, scheduler, cond: np.ndarray, seeds: list[int],
+                  scale: float, rescale_phi: float, steps: int,
+                  progress: bool = False) -> np.ndarray:
+    """Images (n x R x R uint8) for conditions and per-image seeds with any diffusers scheduler
+    configured like the training schedule (DDIM for previews)."""
+    device = next(model.parameters()).device
+    res = model.unet.config.sample_size
+    x = torch.stack([torch.randn(1, res, res, generator=torch.Generator().manual_seed(int(s)))
+                     for s in seeds]).to(device)
+    c = torch.as_tensor(cond, dtype=torch.float32, device=device)
+    scheduler.set_timesteps(steps)
+    for t in tqdm(scheduler.timesteps, desc="sampling", disable=not progress):
+        tt = torch.full((x.shape[0],), int(t), device=device, dtype=torch.long)
+        out = guided_output(model, scheduler.scale_model_input(x, t), tt, c, scale, rescale_phi)
+        x = scheduler.step(out, t, x).prev_sample
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)[:, 0].cpu().numpy()
+
+
+def ddim_for(train_scheduler: DDPMScheduler) -> DDIMScheduler:
+    return DDIMScheduler.from_config(train_scheduler.config, timestep_spacing="trailing")
+
+
+def preview_conditions(rows: pd.DataFrame, nan_value: float) -> tuple[np.ndarray, list[str]]:
+    """Fixed preview conditions: the first training row's demographics with no finding, then
+    with one finding switched on (cardiomegaly, effusion, support devices, edema), then with
+    the sex flipped. A grid row shares one seed, so differences come from the condition."""
+    base = rows.iloc[[0]].copy()
+    for lab in CHEXPERT_LABELS:
+        base[lab] = 0.0
+    base["No Finding"] = 1.0
+    variants, names = [base], ["no finding"]
+    for lab in ("Cardiomegaly", "Pleural Effusion", "Support Devices", "Edema"):
+        v = base.copy()
+        v["No Finding"], v[lab] = 0.0, 1.0
+        variants.append(v)
+        names.append(lab.lower())
+    v = base.copy()
+    v["sex"] = "Female" if base["sex"].iloc[0] == "Male" else "Male"
+    variants.append(v)
+    names.append(f"sex {v['sex'].iloc[0].lower()}")
+    frame = pd.concat(variants, ignore_index=True)
+    return encode_conditions(frame, nan_value), names
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+
+
+@dataclass
+class TrainingOutcome:
+    """Where a training run ended: its last checkpoint, the loss history and preview grids."""
+
+    checkpoint: Path
+    history: pd.DataFrame
+    steps_done: int
+    resumed_from: int
+    preview_files: list[Path]
+    num_processes: int = 1
+    is_main_process: bool = True
+
+
+class _CachedRows(torch.utils.data.Dataset):
+    """Training images (from the memory-mapped cache) and their condition vectors."""
+
+    def __init__(self, cache: ImageCache, rows: pd.DataFrame, nan_value: float):
+        self.cache = cache
+        self.index = cache.rows_for(rows["image_id"])
+        self.cond = encode_conditions(rows, nan_value)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def batch(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        order = np.argsort(self.index[idx])
+        imgs = np.empty((len(idx), *self.cache.images.shape[1:]), dtype=np.uint8)
+        imgs[order] = self.cache.images[self.index[idx][order]]
+        x = torch.from_numpy(imgs).unsqueeze(1).float().div_(127.5).sub_(1.0)
+        return x, torch.from_numpy(self.cond[idx])
+
+
+def check_cache_matches(cache: ImageCache, rows: pd.DataFrame, resolution: int) -> None:
+    if cache.resolution != resolution:
+        raise DiffusionError(f"image cache {cache.folder} holds {cache.resolution} px images but "
+                             f"data.resolution is {resolution}; rebuild the cache (notebook 01)")
+    cache.rows_for(rows["image_id"])  # raises naming ids the cache lacks
+
+
+def train_diffusion(params: Params, manifest: pd.DataFrame, cache: ImageCache, folder: Path,
+                    progress: bool = True,
+                    on_step: Callable[[int], None] | None = None) -> TrainingOutcome:
+    """Train (or resume) the conditional DDPM for ``diffusion.max_steps`` optimiser steps.
+
+    Writes checkpoints and preview grids under ``folder`` (the stage folder of the run).
+    ``on_step(step)`` is called after each step (tests use it to interrupt a run).
+    """
+    spec = params.diffusion
+    rows = training_rows(params, manifest)
+    check_cache_matches(cache, rows, params.data.resolution)
+    identity = identity_config(params)
+    ckpt_root = folder / "checkpoints"
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    start = latest_checkpoint(ckpt_root) if spec.resume == "auto" else None
+    if start is not None:
+        check_identity(start, identity)
+
+    accelerator = Accelerator(mixed_precision=spec.mixed_precision,
+                              cpu=not torch.cuda.is_available())
+    torch.manual_seed(params.run.seed)
+    model = ConditionalUNet(identity["unet"])
+    if start is not None:
+        model.load_state_dict(load_file(start / "model.safetensors"))
+    import timm.optim  # Lion lives in timm; imported here to keep module import light
+
+    optimizer = timm.optim.create_optimizer_v2(model, opt=spec.optimizer, lr=spec.lr,
+                                               weight_decay=spec.weight_decay)
+    lr_scheduler = get_scheduler("constant_with_warmup", optimizer,
+                                 num_warmup_steps=spec.warmup_steps)
+    ema = EMAModel(model.parameters(), decay=spec.ema_decay)
+    history: list[dict] = []
+    step = 0
+    if start is not None:
+        state = read_checkpoint_state(start)
+        step, history = state["step"], state["history"]
+        optimizer.load_state_dict(torch.load(start / "optimizer.pt", weights_only=True))
+        lr_scheduler.load_state_dict(state["lr_scheduler"])
+        shadow = load_file(start / "ema.safetensors")
+        ema.load_state_dict({**state["ema"], "shadow_params": [
+            shadow[n] for n, _ in model.named_parameters()]})
+        rng = load_file(start / "rng.safetensors")
+        torch.set_rng_state(rng["torch_cpu"])
+        if torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([rng[k] for k in sorted(rng) if k.startswith("cuda")])
+    resumed_from = step
+    model, optimizer = accelerator.prepare(model, optimizer)
+    ema.to(accelerator.device)
+    scheduler = noise_scheduler(spec)
+    data = _CachedRows(cache, rows, spec.nan_label_value)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    global_batch = spec.batch_size * world
+    previews: list[Path] = []
+    preview_cond, preview_names = preview_conditions(rows, spec.nan_label_value)
+    last_ckpt = start
+
+    bar = tqdm(total=spec.max_steps, initial=step, desc="diffusion steps",
+               disable=not progress or not accelerator.is_main_process)
+    while step < spec.max_steps:
+        idx = batch_indices(step, len(data), global_batch, params.run.seed)
+        x0, cond = data.batch(idx[rank * spec.batch_size:(rank + 1) * spec.batch_size])
+        gen = step_generator(params.run.seed, step, rank)
+        noise = torch.randn(x0.shape, generator=gen)
+        t = torch.randint(0, spec.num_train_timesteps, (x0.shape[0],), generator=gen)
+        drop = torch.rand(x0.shape[0], generator=gen) < spec.cond_dropout
+        x0, noise, t, cond, drop = (v.to(accelerator.device) for v in (x0, noise, t, cond, drop))
+        xt = scheduler.add_noise(x0, noise, t)
+        target = (scheduler.get_velocity(x0, noise, t) if spec.prediction_type == "v_prediction"
+                  else noise)
+        with accelerator.autocast():
+            pred = model(xt, t, cond, drop)
+        loss = nn.functional.mse_loss(pred.float(), target.float())
+        accelerator.backward(loss)
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), spec.grad_clip)
+        optimizer.step()
+        lr_scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        ema.step(accelerator.unwrap_model(model).parameters())
+        step += 1
+        loss_all = accelerator.gather(loss.detach()[None]).mean().item()
+        history.append({"step": step, "loss": loss_all, "grad_norm": float(grad_norm),
+                        "lr": lr_scheduler.get_last_lr()[0]})
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_all:.4f}")
+        done = step == spec.max_steps
+        if accelerator.is_main_process and (step % spec.checkpoint_every == 0 or done):
+            last_ckpt = save_checkpoint(ckpt_root, step, accelerator.unwrap_model(model), ema,
+                                        optimizer, lr_scheduler, identity, history,
+                                        spec.keep_checkpoints)
+        if accelerator.is_main_process and (step % spec.sample_every == 0 or done):
+            previews.append(_preview(accelerator.unwrap_model(model), ema, scheduler, spec,
+                                     preview_cond, preview_names, folder, step, params.run.seed))
+        accelerator.wait_for_everyone()
+        if on_step is not None:
+            on_step(step)
+    bar.close()
+    if last_ckpt is None:
+        last_ckpt = latest_checkpoint(ckpt_root)
+    accelerator.end_training()
+    return TrainingOutcome(last_ckpt, pd.DataFrame(history), step, resumed_from, previews,
+                           world, accelerator.is_main_process)
+
+
+def _preview(model: ConditionalUNet, ema: EMAModel, scheduler: DDPMScheduler,
+             spec: DiffusionSpec, cond: np.ndarray, names: list[str], folder: Path, step: int,
+             seed: int) -> Path:
+    """Sample the fixed preview conditions with EMA weights; save a grid PNG."""
+    from PIL import Image
+
+    ema.store(model.parameters())
+    ema.copy_to(model.parameters())
+    model.eval()
+    seeds = [seed * 1000 + j for j in range(3)]
+    grid_rows = []
+    for j in seeds:
+        imgs = sample_images(model, ddim_for(scheduler), cond, [j] * len(cond),
+                             spec.sample_guidance, spec.guidance_rescale, spec.sample_steps)
+        grid_rows.append(np.concatenate(list(imgs), axis=1))
+    model.train()
+    ema.restore(model.parameters())
+    out = folder / "previews"
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"step-{step:07d}.png"
+    tmp = out / f".step-{step:07d}.tmp.png"
+    Image.fromarray(np.concatenate(grid_rows, axis=0)).save(tmp)
+    os.replace(tmp, path)
+    (out / "columns.json").write_text(json.dumps(names))
+    return path

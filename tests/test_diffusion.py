@@ -1,0 +1,168 @@
+"""The conditional DDPM: condition encoding, training, exact resume, bad input, multi-process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cxrlib.condition import (
+    COND_DIM,
+    LABEL_SLICE,
+    ConditionEmbedding,
+    decode_condition,
+    dropout_mask,
+    encode_conditions,
+)
+from cxrlib.config import load_params, run_dir
+from cxrlib.data import prepare_cohort
+from cxrlib.diffusion import (
+    DiffusionError,
+    batch_indices,
+    guided_output,
+    train_diffusion,
+    training_rows,
+)
+from cxrlib.imagecache import ImageCache
+from cxrlib.labels import CHEXPERT_LABELS
+
+ROOT = Path(__file__).resolve().parent.parent
+SMOKE = ROOT / "params" / "smoke.yaml"
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """The smoke cohort, prepared once for this module."""
+    runs = tmp_path_factory.mktemp("runs")
+    os.environ["CXRLIB_RUNS_DIR"] = str(runs)
+    params = load_params(SMOKE)
+    folder = run_dir(params)
+    cohort = prepare_cohort(params, folder, progress=False)
+    return params, cohort.manifest, ImageCache(cohort.cache_dir), runs
+
+
+def test_condition_layout_round_trip():
+    rows = pd.DataFrame({"age": [67.0, 23.0], "sex": ["Female", "Male"],
+                         "race": ["Asian", "Unknown"],
+                         **{lab: [1.0, np.nan] if lab == "Edema" else [0.0, 1.0]
+                            for lab in CHEXPERT_LABELS}})
+    vec = encode_conditions(rows, nan_value=-1.0)
+    assert vec.shape == (2, COND_DIM) == (2, 22)
+    first = decode_condition(vec[0])
+    assert first["age_decade"] == 6 and first["sex"] == "Female" and first["race"] == "Asian"
+    assert first["labels"]["Edema"] == 1.0 and first["labels"]["Cardiomegaly"] == 0.0
+    second = decode_condition(vec[1])
+    assert second["race"] == "Unknown" and vec[1, 3:8].sum() == 0  # other/unknown: all zeros
+    assert second["labels"]["Edema"] == -1.0  # NaN encoded as params say
+    assert list(vec[1, LABEL_SLICE]).count(1.0) == 13
+
+
+def test_null_embedding_and_dropout_rate():
+    torch.manual_seed(0)
+    emb = ConditionEmbedding(16)
+    with torch.no_grad():
+        emb.null.copy_(torch.arange(16.0))
+    cond = torch.randn(4, COND_DIM)
+    drop = torch.tensor([True, False, True, False])
+    out = emb(cond, drop)
+    assert torch.equal(out[0], torch.arange(16.0)) and torch.equal(out[2], torch.arange(16.0))
+    assert torch.allclose(out[1], emb.mlp(cond[1:2])[0])
+    rate = dropout_mask(20000, 0.1, torch.Generator().manual_seed(1)).float().mean().item()
+    assert abs(rate - 0.1) < 0.01
+
+
+def test_guidance_formula_matches_hand_computation():
+    class Toy(torch.nn.Module):
+        def forward(self, x, t, cond, drop=None):
+            out = x + cond.sum(1).view(-1, 1, 1, 1)
+            if drop is not None:
+                out = torch.where(drop.view(-1, 1, 1, 1), x * 0.5, out)
+            return out
+    x = torch.randn(2, 1, 4, 4)
+    cond = torch.ones(2, COND_DIM)
+    t = torch.zeros(2, dtype=torch.long)
+    c, u = x + COND_DIM, x * 0.5
+    assert torch.allclose(guided_output(Toy(), x, t, cond, 0.0, 0.7), c)  # 0: conditional
+    plain = u + 3.0 * (c - u)
+    assert torch.allclose(guided_output(Toy(), x, t, cond, 3.0, 0.0), plain)
+    ratio = c.std(dim=(1, 2, 3), keepdim=True) / plain.std(dim=(1, 2, 3), keepdim=True)
+    expect = 0.7 * plain * ratio + 0.3 * plain
+    assert torch.allclose(guided_output(Toy(), x, t, cond, 3.0, 0.7), expect)
+
+
+def test_batches_are_epoch_permutations():
+    seen = np.concatenate([batch_indices(s, 10, 5, seed=3) for s in range(4)])
+    assert sorted(seen[:10]) == list(range(10)) and sorted(seen[10:]) == list(range(10))
+    assert np.array_equal(batch_indices(2, 10, 5, 3), batch_indices(2, 10, 5, 3))
+
+
+def _weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    return {**load_file(ckpt / "model.safetensors"),
+            **{f"ema.{k}": v for k, v in load_file(ckpt / "ema.safetensors").items()}}
+
+
+def test_resume_after_interruption_equals_uninterrupted(smoke, tmp_path):
+    params, manifest, cache, _ = smoke
+    whole = train_diffusion(params, manifest, cache, tmp_path / "whole", progress=False)
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_3(step: int) -> None:
+        if step == 3:
+            raise Killed
+    with pytest.raises(Killed):
+        train_diffusion(params, manifest, cache, tmp_path / "split", progress=False,
+                        on_step=kill_at_3)
+    resumed = train_diffusion(params, manifest, cache, tmp_path / "split", progress=False)
+    assert resumed.resumed_from == 2 and resumed.steps_done == 4
+    a, b = _weights(whole.checkpoint), _weights(resumed.checkpoint)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs after resume"
+    assert whole.history["loss"].tolist() == resumed.history["loss"].tolist()
+
+
+def test_checkpoint_from_another_config_is_refused(smoke, tmp_path):
+    params, manifest, cache, _ = smoke
+    train_diffusion(params, manifest, cache, tmp_path, progress=False)
+    other = params.model_copy(update={"diffusion": params.diffusion.model_copy(
+        update={"base_channels": 16})})
+    with pytest.raises(DiffusionError, match="different configuration.*base_channels"):
+        train_diffusion(other, manifest, cache, tmp_path, progress=False)
+
+
+def test_bad_inputs_fail_before_training(smoke, tmp_path):
+    params, manifest, cache, _ = smoke
+    no_train = manifest.assign(split="test")
+    with pytest.raises(DiffusionError, match="no training rows"):
+        training_rows(params, no_train)
+    foreign = manifest.copy()
+    foreign.loc[foreign.index[0], "image_id"] = "chexpert/not-in-cache"
+    with pytest.raises(KeyError, match="not in the cache"):
+        train_diffusion(params, foreign, cache, tmp_path, progress=False)
+    other_res = params.model_copy(update={"data": params.data.model_copy(
+        update={"resolution": 48})})
+    with pytest.raises(DiffusionError, match="holds 32 px images"):
+        train_diffusion(other_res, manifest, cache, tmp_path, progress=False)
+
+
+def test_two_processes_through_accelerate(smoke, tmp_path):
+    """`accelerate launch --multi_gpu` with 2 processes (gloo on CPU) runs the same trainer."""
+    _, _, _, runs = smoke
+    env = {**os.environ, "CXRLIB_RUNS_DIR": str(runs), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--multi_gpu", "-m", "cxrlib", "train-diffusion", "--params", str(SMOKE),
+           "--out", str(tmp_path / "ddp")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "processes: 2" in proc.stdout
+    assert (tmp_path / "ddp" / "checkpoints" / "step-0000004" / "model.safetensors").exists()
