@@ -28,6 +28,8 @@ lint: $(STAMP)
 
 benchmark: $(STAMP)
 	$(PY) benchmarks/bench_phantom.py
+	$(PY) -m cxrlib run --params $(PARAMS) --stage 01_data_prep
+	$(PY) benchmarks/bench_diffusion_trainer.py --params $(PARAMS)
 
 clean-runs:
 	rm -rf runs/smoke

@@ -93,3 +93,15 @@ class ConditionEmbedding(nn.Module):
 def dropout_mask(n: int, rate: float, generator: torch.Generator) -> torch.Tensor:
     """Which of ``n`` training images get the null condition (Bernoulli(rate))."""
     return torch.rand(n, generator=generator) < rate
+
+
+def layout_table() -> pd.DataFrame:
+    """The condition vector's layout, one row per position (for the notebook)."""
+    rows = [{"index": AGE_SLICE.start, "block": "age", "meaning": "age // 10 (decades)"}]
+    rows += [{"index": SEX_SLICE.start + j, "block": "sex", "meaning": s}
+             for j, s in enumerate(SEXES)]
+    rows += [{"index": RACE_SLICE.start + j, "block": "race", "meaning": r}
+             for j, r in enumerate(RACE_GROUPS)]
+    rows += [{"index": LABEL_SLICE.start + j, "block": "label", "meaning": lab}
+             for j, lab in enumerate(CHEXPERT_LABELS)]
+    return pd.DataFrame(rows).set_index("index")

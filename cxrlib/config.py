@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from cxrlib.labels import RACE_VALUES
 
@@ -267,6 +267,8 @@ class Params(_Strict):
     classifier: ClassifierSpec = Field(default_factory=ClassifierSpec)
     data_check: DataCheckSpec = Field(default_factory=DataCheckSpec)
     diffusion: DiffusionSpec = Field(default_factory=DiffusionSpec)
+    #: The file these parameters were loaded from (relative paths are anchored next to it).
+    _source: Path | None = PrivateAttr(default=None)
 
     def to_json(self) -> str:
         return self.model_dump_json(indent=2)
@@ -356,14 +358,13 @@ def load_params(file: str | os.PathLike[str], overrides: dict[str, Any] | None =
     except ValidationError as err:
         raise ParamsError(_format_error(path, err)) from None
     _check_paths(params, path.resolve())
-    # Remember where relative paths are anchored (the repo root for files in params/).
-    object.__setattr__(params, "_source", path.resolve())
+    params._source = path.resolve()
     return params
 
 
 def params_base(params: Params) -> Path:
     """Folder that relative paths in a parameter file are taken from."""
-    src: Path | None = getattr(params, "_source", None)
+    src = params._source
     if src is None:
         return Path.cwd()
     return src.parent.parent if src.parent.name == "params" else src.parent

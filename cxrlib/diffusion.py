@@ -97,6 +97,21 @@ class ConditionalUNet(nn.Module):
         return self.unet(x, t, class_labels=self.cond_embed(cond, drop)).sample
 
 
+def model_summary(params: Params) -> pd.DataFrame:
+    """Per UNet level: feature-map size, channels, residual blocks, attention; and totals."""
+    cfg = unet_config(params.diffusion, params.data.resolution)
+    model = ConditionalUNet(cfg)
+    rows = [{"level": i, "feature map": f"{params.data.resolution // 2**i} px",
+             "channels": ch, "res blocks": cfg["layers_per_block"],
+             "attention": "yes" if "Attn" in blk else "-"}
+            for i, (ch, blk) in enumerate(zip(cfg["block_out_channels"],
+                                              cfg["down_block_types"], strict=True))]
+    table = pd.DataFrame(rows).set_index("level")
+    table.attrs["parameters"] = sum(p.numel() for p in model.parameters())
+    table.attrs["condition embedding"] = sum(p.numel() for p in model.cond_embed.parameters())
+    return table
+
+
 def identity_config(params: Params) -> dict:
     """What a checkpoint must match to be resumed: architecture, schedule, optimiser, data."""
     spec = params.diffusion.model_dump(exclude=set(DiffusionSpec.RUN_LENGTH_KEYS))
@@ -139,7 +154,8 @@ def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
 # ---------------------------------------------------------------------------------------------
 # Checkpoints: <run>/02_diffusion/checkpoints/step-XXXXXXX/ written under a temporary name and
 # renamed when complete. Weights, EMA weights and RNG state in safetensors; the optimiser state
-# with torch.save (tensors and numbers only, loaded back with weights_only=True); the rest JSON.
+# with torch.save (tensors and numbers only, loaded back with weights_only=True); the loss
+# history in parquet; the rest JSON.
 
 
 def _checkpoint_dirs(root: Path) -> list[Path]:
@@ -172,8 +188,9 @@ def save_checkpoint(root: Path, step: int, model: ConditionalUNet, ema: EMAModel
     save_file(rng, tmp / "rng.safetensors")
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     ema_meta = {k: v for k, v in ema.state_dict().items() if k != "shadow_params"}
+    pd.DataFrame(history).to_parquet(tmp / "history.parquet", index=False)
     state = {"step": step, "identity": identity, "ema": ema_meta,
-             "lr_scheduler": lr_scheduler.state_dict(), "history": history}
+             "lr_scheduler": lr_scheduler.state_dict()}
     (tmp / "state.json").write_text(json.dumps(state, indent=1, default=float))
     if final.exists():
         shutil.rmtree(final)
@@ -261,6 +278,29 @@ def sample_images(model: ConditionalUNet, scheduler, cond: np.ndarray, seeds: li
 
 def ddim_for(train_scheduler: DDPMScheduler) -> DDIMScheduler:
     return DDIMScheduler.from_config(train_scheduler.config, timestep_spacing="trailing")
+
+
+def condition_pairs(model: ConditionalUNet, scheduler: DDPMScheduler, base: pd.DataFrame,
+                    labels: list[str], seeds: list[int], spec: DiffusionSpec,
+                    steps: int | None = None) -> dict[str, np.ndarray]:
+    """The same seeds sampled with no finding and with each label switched on.
+
+    Returns ``{"no finding": imgs, label: imgs, ...}`` (each seeds x R x R uint8); differences
+    between entries come from the condition alone.
+    """
+    rows = base.iloc[[0] * len(seeds)].copy()
+    for lab in CHEXPERT_LABELS:
+        rows[lab] = 0.0
+    rows["No Finding"] = 1.0
+    out = {}
+    for name in ["no finding", *labels]:
+        variant = rows.copy()
+        if name != "no finding":
+            variant["No Finding"], variant[name] = 0.0, 1.0
+        cond = encode_conditions(variant, spec.nan_label_value)
+        out[name] = sample_images(model, ddim_for(scheduler), cond, seeds, spec.sample_guidance,
+                                  spec.guidance_rescale, steps or spec.sample_steps)
+    return out
 
 
 def preview_conditions(rows: pd.DataFrame, nan_value: float) -> tuple[np.ndarray, list[str]]:
@@ -363,7 +403,8 @@ def train_diffusion(params: Params, manifest: pd.DataFrame, cache: ImageCache, f
     step = 0
     if start is not None:
         state = read_checkpoint_state(start)
-        step, history = state["step"], state["history"]
+        step = state["step"]
+        history = pd.read_parquet(start / "history.parquet").to_dict("records")
         optimizer.load_state_dict(torch.load(start / "optimizer.pt", weights_only=True))
         lr_scheduler.load_state_dict(state["lr_scheduler"])
         shadow = load_file(start / "ema.safetensors")

@@ -41,10 +41,10 @@ SMOKE = ROOT / "params" / "smoke.yaml"
 def smoke(tmp_path_factory):
     """The smoke cohort, prepared once for this module."""
     runs = tmp_path_factory.mktemp("runs")
-    os.environ["CXRLIB_RUNS_DIR"] = str(runs)
-    params = load_params(SMOKE)
-    folder = run_dir(params)
-    cohort = prepare_cohort(params, folder, progress=False)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CXRLIB_RUNS_DIR", str(runs))
+        params = load_params(SMOKE)
+        cohort = prepare_cohort(params, run_dir(params), progress=False)
     return params, cohort.manifest, ImageCache(cohort.cache_dir), runs
 
 
