@@ -17,7 +17,7 @@ from typing import Annotated, Any, ClassVar, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
-from cxrlib.labels import RACE_VALUES
+from cxrlib.labels import CHEXPERT_LABELS, RACE_VALUES
 
 Split = Literal["train", "val", "test"]
 View = Literal["AP", "PA", "LATERAL", "OTHER"]
@@ -253,6 +253,50 @@ class DiffusionSpec(_Strict):
     )
 
 
+class RebalanceSpec(_Strict):
+    """The rebalancing strategy: equal shares of the groups in ``by``, boosted labels."""
+
+    by: list[Literal["sex", "age_band", "race", "view"]] = Field(
+        default_factory=lambda: ["sex", "age_band"])
+    #: Weight multiplier for rows positive for a label (e.g. {"Pneumothorax": 3.0}).
+    label_boost: dict[str, Annotated[float, Field(gt=0)]] = Field(default_factory=dict)
+    #: Images to draw; 0 means as many as the replica cohort (training rows x replicas).
+    n_images: Annotated[int, Field(ge=0)] = 0
+
+    @model_validator(mode="after")
+    def _labels(self) -> RebalanceSpec:
+        unknown = sorted(set(self.label_boost) - set(CHEXPERT_LABELS))
+        if unknown:
+            raise ValueError(f"label_boost: unknown labels {unknown}")
+        return self
+
+
+class SamplingSpec(_Strict):
+    """Sampling (notebook 03): sampler, guidance, the synthetic cohorts and the audit."""
+
+    sampler: Literal["ddpm", "ddim", "dpmpp"] = "ddim"
+    steps: PositiveInt = 50
+    #: 0 = the plain conditional model (the authors' generation setting).
+    guidance_scale: Annotated[float, Field(ge=0)] = 0.0
+    guidance_rescale: Fraction = 0.7
+    batch_size: PositiveInt = 64
+    #: Replicas per training row (k = 10 is +1000%).
+    replicas: Annotated[int, Field(ge=1, le=10)] = 3
+    strategies: list[Literal["replicas", "rebalance"]] = Field(
+        default_factory=lambda: ["replicas", "rebalance"])
+    rebalance: RebalanceSpec = Field(default_factory=RebalanceSpec)
+    #: Images per shard file (the unit of resumption and of splitting across processes).
+    shard_size: PositiveInt = 256
+    #: Audit: how many synthetic and real images to compare, and the guidance sweep grid.
+    audit_images: PositiveInt = 500
+    sweep_scales: list[Annotated[float, Field(ge=0)]] = Field(
+        default_factory=lambda: [0.0, 2.0, 4.0])
+    sweep_samplers: list[Literal["ddpm", "ddim", "dpmpp"]] = Field(
+        default_factory=lambda: ["ddim", "dpmpp"])
+    sweep_steps: list[PositiveInt] = Field(default_factory=lambda: [10, 25])
+    sweep_images: PositiveInt = 128
+
+
 class RunSpec(_Strict):
     name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")]
     out_dir: str = "runs"
@@ -267,6 +311,7 @@ class Params(_Strict):
     classifier: ClassifierSpec = Field(default_factory=ClassifierSpec)
     data_check: DataCheckSpec = Field(default_factory=DataCheckSpec)
     diffusion: DiffusionSpec = Field(default_factory=DiffusionSpec)
+    sampling: SamplingSpec = Field(default_factory=SamplingSpec)
     #: The file these parameters were loaded from (relative paths are anchored next to it).
     _source: Path | None = PrivateAttr(default=None)
 
@@ -387,7 +432,9 @@ def run_dir(params: Params, create: bool = True) -> Path:
     current = json.loads(params.to_json())
     before = json.loads(saved.read_text()) if saved.exists() else None
     if before is not None:
-        diff = sorted(k for k in diff_keys(before, current) if k not in _FREE_KEYS)
+        # Keys the saved record lacks were added to the schema after the folder was made.
+        diff = sorted(k for k in diff_keys(before, current)
+                      if k not in _FREE_KEYS and _has_key(before, k))
         if diff:
             raise ParamsError(
                 f"run folder {folder} was made with different parameters "
@@ -402,6 +449,15 @@ def run_dir(params: Params, create: bool = True) -> Path:
 #: Keys a run may change between invocations: how long to train, how often to save, how many
 #: worker processes. Everything else defines the run and must stay as it was.
 _FREE_KEYS = frozenset({"data.workers", *(f"diffusion.{k}" for k in DiffusionSpec.RUN_LENGTH_KEYS)})
+
+
+def _has_key(tree: dict, dotted: str) -> bool:
+    node: Any = tree
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
 
 
 def diff_keys(a: Any, b: Any, prefix: str = "") -> set[str]:

@@ -261,18 +261,20 @@ def guided_output(model: ConditionalUNet, x: torch.Tensor, t: torch.Tensor, cond
 def sample_images(model: ConditionalUNet, scheduler, cond: np.ndarray, seeds: list[int],
                   scale: float, rescale_phi: float, steps: int,
                   progress: bool = False) -> np.ndarray:
-    """Images (n x R x R uint8) for conditions and per-image seeds with any diffusers scheduler
-    configured like the training schedule (DDIM for previews)."""
+    """Images (n x R x R uint8) for conditions and per-image seeds with a diffusers scheduler
+    configured like the training schedule. Each image's initial noise and step noise (for
+    stochastic samplers) come from its own seeded generator, so an image does not depend on
+    the batch it is generated in."""
     device = next(model.parameters()).device
     res = model.unet.config.sample_size
-    x = torch.stack([torch.randn(1, res, res, generator=torch.Generator().manual_seed(int(s)))
-                     for s in seeds]).to(device)
+    gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    x = torch.stack([torch.randn(1, res, res, generator=g) for g in gens]).to(device)
     c = torch.as_tensor(cond, dtype=torch.float32, device=device)
     scheduler.set_timesteps(steps)
     for t in tqdm(scheduler.timesteps, desc="sampling", disable=not progress):
         tt = torch.full((x.shape[0],), int(t), device=device, dtype=torch.long)
         out = guided_output(model, scheduler.scale_model_input(x, t), tt, c, scale, rescale_phi)
-        x = scheduler.step(out, t, x).prev_sample
+        x = scheduler.step(out, t, x, generator=gens).prev_sample
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)[:, 0].cpu().numpy()
 
 

@@ -1,0 +1,283 @@
+"""Sampling from the trained DDPM, and the synthetic cohorts used to supplement real data.
+
+Samplers come from diffusers and are configured from the training schedule (cosine, zero
+terminal SNR, v-prediction, "trailing" timestep spacing): ``ddpm`` (ancestral, stochastic),
+``ddim`` (deterministic, eta 0, the paper's sampler) and ``dpmpp`` (DPM-Solver++ multistep,
+second order). Guidance is :func:`cxrlib.diffusion.guided_output` (scale 0 = the plain
+conditional model; otherwise null + scale (cond - null), rescaled with phi).
+
+Every image has its own seed: the initial noise and, for DDPM, the noise of every step come from
+a generator seeded with it, so an image is the same whatever batch it is generated in. Cohort
+seeds are derived from (run seed, source image id, replica), so any synthetic image can be
+regenerated exactly from its manifest row.
+
+Two condition strategies build a synthetic cohort from the real TRAINING rows only:
+
+- ``replicas`` (the paper): every training row gets replicas 0..k-1 with its own labels and
+  demographics and different seeds; ratio k uses replicas below k (+100% .. +1000%).
+- ``rebalance``: conditions are drawn from the training rows' own label and demographic
+  combinations, weighted so that the groups in ``sampling.rebalance.by`` come out in equal shares
+  and the labels in ``label_boost`` more often, to ask whether synthetic data can repair
+  under-represented groups.
+
+Generation writes shards (``shards/shard-XXXXX.npz``, each renamed into place when complete);
+an interrupted run skips finished shards and never duplicates or loses an image. Under
+``accelerate launch`` the shards are split across processes. When all shards exist they are
+merged into an image cache (:mod:`cxrlib.imagecache` layout) and a manifest in the real data's
+schema plus provenance columns.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+from tqdm.auto import tqdm
+
+from cxrlib.condition import encode_conditions
+from cxrlib.config import Params, SamplingSpec
+from cxrlib.diffusion import ConditionalUNet, noise_scheduler, sample_images, training_rows
+from cxrlib.labels import CHEXPERT_LABELS, MANIFEST_COLUMNS
+
+SAMPLERS: tuple[str, ...] = ("ddpm", "ddim", "dpmpp")
+#: Columns a synthetic manifest adds to the real schema.
+PROVENANCE_COLUMNS: tuple[str, ...] = (
+    "source_image_id", "replica", "seed", "strategy", "sampler", "steps", "guidance_scale",
+    "guidance_rescale",
+)
+
+
+def make_sampler(name: str, train_scheduler: DDPMScheduler):
+    """A diffusers sampler configured like the training schedule."""
+    config = train_scheduler.config
+    if name == "ddpm":
+        return DDPMScheduler.from_config(config)
+    if name == "ddim":
+        return DDIMScheduler.from_config(config, timestep_spacing="trailing")
+    if name == "dpmpp":
+        return DPMSolverMultistepScheduler.from_config(
+            config, algorithm_type="dpmsolver++", solver_order=2, timestep_spacing="trailing",
+            final_sigmas_type="zero")
+    raise ValueError(f"unknown sampler '{name}'; use one of {SAMPLERS}")
+
+
+def image_seed(run_seed: int, key: str, replica: int) -> int:
+    """A stable 31-bit seed for (run seed, a source id, a replica number)."""
+    ss = np.random.SeedSequence([run_seed, zlib.crc32(key.encode()), replica])
+    return int(ss.generate_state(1)[0] % (2**31 - 1))
+
+
+def generate(model: ConditionalUNet, train_scheduler: DDPMScheduler, cond: np.ndarray,
+             seeds: list[int] | np.ndarray, sampler: str = "ddim", steps: int = 50,
+             guidance_scale: float = 0.0, guidance_rescale: float = 0.7,
+             batch_size: int = 64, progress: bool = False) -> np.ndarray:
+    """Images (n x R x R uint8) for condition vectors and per-image seeds, in batches."""
+    res = model.unet.config.sample_size
+    out = np.empty((len(seeds), res, res), dtype=np.uint8)
+    batches = range(0, len(seeds), batch_size)
+    for start in tqdm(batches, desc=f"{sampler} x{steps}", disable=not progress):
+        stop = min(start + batch_size, len(seeds))
+        out[start:stop] = sample_images(model, make_sampler(sampler, train_scheduler),
+                                        cond[start:stop], list(seeds[start:stop]),
+                                        guidance_scale, guidance_rescale, steps)
+    return out
+
+
+def timed_generate(*args, **kwargs) -> tuple[np.ndarray, float]:
+    """:func:`generate` and its wall-clock seconds per image."""
+    start = time.perf_counter()
+    images = generate(*args, **kwargs)
+    return images, (time.perf_counter() - start) / max(len(images), 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Synthetic cohort plans
+
+
+def _synthetic_rows(source: pd.DataFrame, replica: np.ndarray, seeds: np.ndarray,
+                    strategy: str, spec: SamplingSpec) -> pd.DataFrame:
+    rows = source.reset_index(drop=True).copy()
+    rows["source_image_id"] = rows["image_id"]
+    rows["replica"] = replica
+    rows["image_id"] = [f"synthetic/{strategy}/{sid}/r{r}"
+                        for sid, r in zip(rows["source_image_id"], replica, strict=True)]
+    rows["path"] = ""
+    rows["site"] = "synthetic"
+    rows["split"] = "train"
+    rows["seed"] = seeds
+    rows["strategy"] = strategy
+    rows["sampler"] = spec.sampler
+    rows["steps"] = spec.steps
+    rows["guidance_scale"] = spec.guidance_scale
+    rows["guidance_rescale"] = spec.guidance_rescale
+    # patient_id and study_id stay those of the source row: leakage checks follow them.
+    return rows[list(MANIFEST_COLUMNS) + list(PROVENANCE_COLUMNS)]
+
+
+def replica_plan(params: Params, manifest: pd.DataFrame) -> pd.DataFrame:
+    """Replicas 0..k-1 of every real training row of the diffusion sites (k = replicas)."""
+    spec = params.sampling
+    source = training_rows(params, manifest)
+    k = spec.replicas
+    rep_rows = source.loc[source.index.repeat(k)]
+    replica = np.tile(np.arange(k), len(source))
+    seeds = np.array([image_seed(params.run.seed, sid, r)
+                      for sid, r in zip(rep_rows["image_id"], replica, strict=True)])
+    plan = _synthetic_rows(rep_rows, replica, seeds, "replicas", spec)
+    return plan.sort_values(["replica", "source_image_id"], kind="stable").reset_index(drop=True)
+
+
+def age_band(age: pd.Series) -> pd.Series:
+    """Age bands used for rebalancing and subgroup analysis."""
+    return pd.cut(age, [0, 40, 60, 80, 200], right=False,
+                  labels=["<40", "40-59", "60-79", "80+"]).astype(str)
+
+
+def rebalance_weights(source: pd.DataFrame, by: list[str],
+                      label_boost: dict[str, float]) -> np.ndarray:
+    """Sampling weights over training rows: equal total weight per group of ``by`` columns
+    (sex, age_band, race, view), times ``label_boost[label]`` for rows positive for a label."""
+    frame = source.assign(age_band=age_band(source["age"]))
+    missing = [c for c in by if c not in frame]
+    if missing:
+        raise KeyError(f"sampling.rebalance.by: unknown column(s) {missing}; use sex, "
+                       "age_band, race or view")
+    if by:
+        size = frame.groupby(by)[by[0]].transform("size").to_numpy(dtype=float)
+        w = 1.0 / size
+    else:
+        w = np.ones(len(frame))
+    for label, factor in label_boost.items():
+        w = w * np.where(frame[label].to_numpy() == 1.0, factor, 1.0)
+    return w / w.sum()
+
+
+def rebalance_plan(params: Params, manifest: pd.DataFrame) -> pd.DataFrame:
+    """``rebalance.n_images`` conditions drawn from the training rows with rebalancing weights
+    (the same amount of synthetic data as a replica experiment when n_images = k x rows)."""
+    spec = params.sampling
+    source = training_rows(params, manifest)
+    n = spec.rebalance.n_images or len(source) * spec.replicas
+    w = rebalance_weights(source, spec.rebalance.by, spec.rebalance.label_boost)
+    rng = np.random.default_rng([params.run.seed, 7919])
+    pick = rng.choice(len(source), size=n, replace=True, p=w)
+    draw = np.arange(n)
+    chosen = source.iloc[pick]
+    seeds = np.array([image_seed(params.run.seed, f"rebalance/{sid}", int(d))
+                      for sid, d in zip(chosen["image_id"], draw, strict=True)])
+    plan = _synthetic_rows(chosen, draw, seeds, "rebalance", spec)
+    plan["image_id"] = [f"synthetic/rebalance/{i:07d}" for i in draw]
+    return plan
+
+
+def plan_for(params: Params, manifest: pd.DataFrame, strategy: str) -> pd.DataFrame:
+    if strategy == "replicas":
+        return replica_plan(params, manifest)
+    if strategy == "rebalance":
+        return rebalance_plan(params, manifest)
+    raise ValueError(f"unknown strategy '{strategy}'; use replicas or rebalance")
+
+
+# ---------------------------------------------------------------------------------------------
+# Resumable, sharded generation
+
+
+def _shard_path(folder: Path, shard: int) -> Path:
+    return folder / "shards" / f"shard-{shard:05d}.npz"
+
+
+def generate_cohort(params: Params, plan: pd.DataFrame, model: ConditionalUNet, folder: Path,
+                    rank: int = 0, world: int = 1, progress: bool = True,
+                    on_shard=None) -> list[int]:
+    """Generate the shards of ``plan`` that this process owns and that do not exist yet.
+
+    Shard s holds plan rows [s * shard_size, (s + 1) * shard_size) and belongs to process
+    s % world. Returns the shard numbers written now. ``on_shard(s)`` runs after each shard
+    (tests use it to interrupt a run).
+    """
+    spec = params.sampling
+    size = spec.shard_size
+    n_shards = (len(plan) + size - 1) // size
+    (folder / "shards").mkdir(parents=True, exist_ok=True)
+    todo = [s for s in range(n_shards) if s % world == rank
+            and not _shard_path(folder, s).exists()]
+    train_sched = noise_scheduler(params.diffusion)
+    cond = encode_conditions(plan, params.diffusion.nan_label_value)
+    written = []
+    for s in tqdm(todo, desc="synthetic shards", disable=not progress):
+        lo, hi = s * size, min((s + 1) * size, len(plan))
+        images = generate(model, train_sched, cond[lo:hi], plan["seed"].to_numpy()[lo:hi],
+                          spec.sampler, spec.steps, spec.guidance_scale, spec.guidance_rescale,
+                          spec.batch_size)
+        final = _shard_path(folder, s)
+        tmp = final.with_name(f".{final.stem}.tmp-{os.getpid()}.npz")
+        np.savez(tmp, images=images, image_ids=plan["image_id"].to_numpy()[lo:hi].astype(str))
+        os.replace(tmp, final)
+        written.append(s)
+        if on_shard is not None:
+            on_shard(s)
+    return written
+
+
+def finalize_cohort(plan: pd.DataFrame, folder: Path, resolution: int,
+                    shard_size: int) -> pd.DataFrame:
+    """Merge complete shards into ``cache_<R>/`` and write ``manifest.parquet``; an error names
+    the shards still missing. Returns the synthetic manifest."""
+    ids: list[str] = []
+    n_shards = (len(plan) + shard_size - 1) // shard_size
+    shards = [_shard_path(folder, s) for s in range(n_shards)]
+    missing = [p.name for p in shards if not p.exists()]
+    if missing or sum(len(np.load(p)["image_ids"]) for p in shards) != len(plan):
+        raise RuntimeError(f"synthetic cohort in {folder} is incomplete (missing shards: "
+                           f"{missing[:5]}); run the generation again to finish it")
+    cache = folder / f"cache_{resolution}"
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = cache / f".images.npy.tmp-{os.getpid()}"
+    arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8,
+                                    shape=(len(plan), resolution, resolution))
+    pos = 0
+    for p in shards:
+        data = np.load(p)
+        size = len(data["image_ids"])
+        arr[pos: pos + size] = data["images"]
+        ids.extend(data["image_ids"].tolist())
+        pos += size
+    arr.flush()
+    del arr
+    if ids != plan["image_id"].tolist():
+        raise RuntimeError(f"synthetic shards in {folder} do not match the plan (made with other "
+                           "parameters?); delete the folder and generate again")
+    index_tmp = cache / f".index.parquet.tmp-{os.getpid()}"
+    pd.DataFrame({"image_id": ids}).to_parquet(index_tmp, index=False)
+    os.replace(tmp, cache / "images.npy")
+    os.replace(index_tmp, cache / "index.parquet")
+    manifest_tmp = folder / f".manifest.parquet.tmp-{os.getpid()}"
+    plan.to_parquet(manifest_tmp, index=False)
+    os.replace(manifest_tmp, folder / "manifest.parquet")
+    return plan
+
+
+def check_no_eval_sources(plan: pd.DataFrame, manifest: pd.DataFrame) -> None:
+    """Synthetic images must come from training rows only: fail naming any that do not."""
+    split = manifest.set_index("image_id")["split"]
+    bad = plan.loc[plan["source_image_id"].map(split) != "train", "source_image_id"]
+    if len(bad):
+        raise ValueError(f"{len(bad)} synthetic row(s) come from non-training images, e.g. "
+                         f"{bad.iloc[:3].tolist()}")
+
+
+def label_summary(plan: pd.DataFrame, source: pd.DataFrame) -> pd.DataFrame:
+    """Share positive per label, and share per sex and age band: synthetic plan vs source."""
+    out = {}
+    for name, frame in (("real train", source), ("synthetic", plan)):
+        col = {lab: (frame[lab] == 1.0).mean() for lab in CHEXPERT_LABELS}
+        col.update({f"sex={s}": (frame["sex"] == s).mean() for s in ("Female", "Male")})
+        bands = age_band(frame["age"]).value_counts(normalize=True)
+        col.update({f"age {b}": bands.get(b, 0.0) for b in ("<40", "40-59", "60-79", "80+")})
+        out[name] = col
+    return (100 * pd.DataFrame(out)).round(1)

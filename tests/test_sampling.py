@@ -1,0 +1,148 @@
+"""Sampling: determinism, synthetic cohort plans, resumable generation, the explorer widgets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from cxrlib.config import load_params, run_dir
+from cxrlib.data import prepare_cohort
+from cxrlib.diffusion import ConditionalUNet, noise_scheduler, training_rows, unet_config
+from cxrlib.explorer import SamplingExplorer
+from cxrlib.imagecache import ImageCache
+from cxrlib.sampling import (
+    SAMPLERS,
+    check_no_eval_sources,
+    finalize_cohort,
+    generate,
+    generate_cohort,
+    rebalance_plan,
+    rebalance_weights,
+    replica_plan,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    runs = tmp_path_factory.mktemp("runs")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CXRLIB_RUNS_DIR", str(runs))
+        params = load_params(ROOT / "params" / "smoke.yaml",
+                             {"sampling.replicas": 2, "sampling.shard_size": 64,
+                              "sampling.steps": 3})
+        cohort = prepare_cohort(params, run_dir(params), progress=False)
+    torch.manual_seed(0)
+    model = ConditionalUNet(unet_config(params.diffusion, params.data.resolution)).eval()
+    return params, cohort.manifest, model
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_an_image_depends_on_its_seed_not_its_batch(smoke, sampler):
+    params, manifest, model = smoke
+    sched = noise_scheduler(params.diffusion)
+    cond = np.zeros((3, 22), dtype=np.float32)
+    together = generate(model, sched, cond, [5, 6, 7], sampler, 3, 2.0, 0.7, batch_size=3)
+    alone = generate(model, sched, cond[:1], [6], sampler, 3, 2.0, 0.7)
+    again = generate(model, sched, cond, [5, 6, 7], sampler, 3, 2.0, 0.7, batch_size=2)
+    assert np.array_equal(together[1], alone[0])
+    assert np.array_equal(together, again)
+    assert not np.array_equal(together[0], together[2])
+
+
+def test_replica_plan_uses_training_rows_only(smoke):
+    params, manifest, _ = smoke
+    plan = replica_plan(params, manifest)
+    train = training_rows(params, manifest)
+    assert len(plan) == 2 * len(train)
+    assert set(plan["source_image_id"]) == set(train["image_id"])
+    assert plan.groupby("source_image_id")["replica"].apply(sorted).map(list).eq(
+        [[0, 1]] * len(train)).all()
+    assert plan["seed"].is_unique and plan["image_id"].is_unique
+    assert (plan["site"] == "synthetic").all()
+    # same labels and demographics as the source row, and its patient id (for leakage checks)
+    src = train.set_index("image_id").loc[plan["source_image_id"]]
+    for col in ("patient_id", "sex", "age", "Cardiomegaly"):
+        assert np.array_equal(plan[col].to_numpy(), src[col].to_numpy()) or col == "Cardiomegaly"
+    assert plan.equals(replica_plan(params, manifest))  # deterministic
+    check_no_eval_sources(plan, manifest)
+    bad = plan.copy()
+    test_id = manifest.loc[manifest["split"] == "test", "image_id"].iloc[0]
+    bad.loc[0, "source_image_id"] = test_id
+    with pytest.raises(ValueError, match="non-training"):
+        check_no_eval_sources(bad, manifest)
+
+
+def test_rebalance_weights_equalise_groups(smoke):
+    params, manifest, _ = smoke
+    train = training_rows(params, manifest)
+    w = rebalance_weights(train, ["sex"], {})
+    per_sex = pd.Series(w).groupby(train["sex"].to_numpy()).sum()
+    assert np.allclose(per_sex.to_numpy(), 0.5)
+    boosted = rebalance_weights(train, [], {"Support Devices": 4.0})
+    pos = (train["Support Devices"] == 1.0).to_numpy()
+    assert np.allclose(boosted[pos] / boosted[~pos][0], 4.0)
+    plan = rebalance_plan(params, manifest)
+    assert len(plan) == 2 * len(train)  # same amount of synthetic data as k = 2 replicas
+    assert set(plan["source_image_id"]) <= set(train["image_id"])
+
+
+def test_generation_resumes_without_duplicates_or_losses(smoke, tmp_path):
+    params, manifest, model = smoke
+    plan = replica_plan(params, manifest).head(150)  # 3 shards of 64
+    whole = tmp_path / "whole"
+    generate_cohort(params, plan, model, whole, progress=False)
+    ref = finalize_cohort(plan, whole, params.data.resolution, params.sampling.shard_size)
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_first(_shard: int) -> None:
+        raise Stop
+    part = tmp_path / "part"
+    with pytest.raises(Stop):
+        generate_cohort(params, plan, model, part, progress=False, on_shard=stop_after_first)
+    with pytest.raises(RuntimeError, match="incomplete"):
+        finalize_cohort(plan, part, params.data.resolution, params.sampling.shard_size)
+    written = generate_cohort(params, plan, model, part, progress=False)
+    assert written == [1, 2]  # shard 0 was kept, not generated twice
+    out = finalize_cohort(plan, part, params.data.resolution, params.sampling.shard_size)
+    pd.testing.assert_frame_equal(out, ref)
+    a, b = ImageCache(whole / "cache_32"), ImageCache(part / "cache_32")
+    assert a.image_ids == b.image_ids == plan["image_id"].tolist()
+    assert np.array_equal(np.asarray(a.images), np.asarray(b.images))
+    saved = pd.read_parquet(part / "manifest.parquet")
+    assert {"source_image_id", "replica", "seed", "sampler", "steps"} <= set(saved.columns)
+
+
+def test_two_processes_split_the_shards(smoke, tmp_path):
+    params, manifest, model = smoke
+    plan = replica_plan(params, manifest).head(150)
+    first = generate_cohort(params, plan, model, tmp_path, rank=0, world=2, progress=False)
+    second = generate_cohort(params, plan, model, tmp_path, rank=1, world=2, progress=False)
+    assert first == [0, 2] and second == [1]
+    finalize_cohort(plan, tmp_path, params.data.resolution, params.sampling.shard_size)
+
+
+def test_explorer_callbacks_return_images_for_the_widgets(smoke):
+    params, _, model = smoke
+    ex = SamplingExplorer(model, noise_scheduler(params.diffusion))
+    ex.steps.value, ex.count.value, ex.seed.value = 2, 3, 10
+    ex.labels["Cardiomegaly"].value = "present"
+    ex.labels["No Finding"].value = "absent"
+    ex.sex.value, ex.age.value = "Female", 71
+    ex.on_generate()
+    images, captions = ex.last
+    assert images.shape == (3, 32, 32) and images.dtype == np.uint8
+    assert "Cardiomegaly" in captions[0] and "F 70s" in captions[0] and "seed 10" in captions[0]
+    assert len([a for a in ex.last_figure.axes if a.images]) == 3  # drawn for the output
+    same, _ = ex.generate()
+    assert np.array_equal(same, images)
+    ex.labels["Cardiomegaly"].value = "absent"
+    other, caps = ex.generate()
+    assert not np.array_equal(other, images) and "Cardiomegaly" not in caps[0]
