@@ -25,6 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--params", type=Path, required=True)
     train.add_argument("--out", type=Path, default=None,
                        help="stage folder (default: <run>/02_diffusion)")
+    synth = sub.add_parser("generate-synthetic", help="generate the synthetic cohorts (use under "
+                           "accelerate launch to split across GPUs); needs notebook 02's model")
+    synth.add_argument("--params", type=Path, required=True)
     args = parser.parse_args(argv)
     try:
         if args.command == "check":
@@ -33,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "train-diffusion":
             return _train_diffusion(args.params, args.out)
+        if args.command == "generate-synthetic":
+            return _generate_synthetic(args.params)
         load_params(args.params)  # fail before any work on a bad file
         run_pipeline(args.params, tuple(args.stage or STAGES), force=args.force)
     except ParamsError as err:
@@ -56,6 +61,26 @@ def _train_diffusion(params_file: Path, out: Path | None) -> int:
     if result.is_main_process:
         print(f"processes: {result.num_processes}; steps {result.resumed_from} -> "
               f"{result.steps_done}; checkpoint {result.checkpoint}")
+    return 0
+
+
+def _generate_synthetic(params_file: Path) -> int:
+    from cxrlib.data import load_cohort
+    from cxrlib.diffusion import latest_checkpoint, load_weights
+    from cxrlib.sampling import build_synthetic_cohort
+
+    params = load_params(params_file)
+    folder = run_dir(params)
+    cohort = load_cohort(params, folder)
+    ckpt = latest_checkpoint(folder / "02_diffusion" / "checkpoints")
+    if ckpt is None:
+        raise SystemExit(f"no diffusion checkpoint under {folder / '02_diffusion'}; run "
+                         "notebook 02 (or cxrlib train-diffusion) first")
+    model = load_weights(ckpt, use_ema=True)
+    for strategy in params.sampling.strategies:
+        synth = build_synthetic_cohort(params, cohort.manifest, model,
+                                       folder / "03_sampling" / "synthetic", strategy)
+        print(f"{strategy}: {len(synth)} synthetic images")
     return 0
 
 

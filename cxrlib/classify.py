@@ -8,17 +8,23 @@ without improvement.
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import zlib
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import timm
 import timm.optim
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from cxrlib.config import ClassifierSpec
+from cxrlib.config import ClassifierSpec, diff_keys
 from cxrlib.imagecache import ImageCache
 from cxrlib.labels import CHEXPERT_LABELS
 
@@ -145,13 +151,76 @@ def train_classifier(spec: ClassifierSpec, train: pd.DataFrame, val: pd.DataFram
 def predict(model: nn.Module, df: pd.DataFrame, cache: ImageCache,
             batch_size: int = 128) -> np.ndarray:
     """Sigmoid scores (n_images x 14) for the manifest rows ``df``."""
+    rows = cache.rows_for(df["image_id"])
+    srt = np.argsort(rows)  # read the memory map in order, then restore the row order
+    scores = predict_images(model, np.asarray(cache.images[rows[srt]]), batch_size)
+    out = np.empty_like(scores)
+    out[srt] = scores
+    return out
+
+
+@torch.no_grad()
+def predict_images(model: nn.Module, images: np.ndarray, batch_size: int = 128) -> np.ndarray:
+    """Sigmoid scores (n x 14) for uint8 images (n x R x R), e.g. generated ones."""
     device = next(model.parameters()).device
     model.eval()
-    rows = cache.rows_for(df["image_id"])
-    dummy = np.zeros((len(rows), len(CHEXPERT_LABELS)), dtype=np.float32)
-    out = [torch.sigmoid(model(x.to(device))).cpu().numpy()
-           for x, _ in _batches(rows, dummy, cache, batch_size, None)]
-    return np.concatenate(out) if out else np.zeros_like(dummy)
+    out = []
+    for start in range(0, len(images), batch_size):
+        x = torch.from_numpy(np.asarray(images[start: start + batch_size])).unsqueeze(1)
+        out.append(torch.sigmoid(model(x.float().div_(127.5).sub_(1.0).to(device))).cpu())
+    if not out:
+        return np.zeros((0, len(CHEXPERT_LABELS)), dtype=np.float32)
+    return torch.cat(out).numpy()
+
+
+def save_classifier(result: TrainResult, spec: ClassifierSpec, folder: Path,
+                    extra: dict | None = None) -> Path:
+    """Weights in safetensors, the spec and training history beside them (atomic folder)."""
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in result.model.state_dict().items()},
+              tmp / "model.safetensors")
+    meta = {"spec": spec.model_dump(), "best_epoch": result.best_epoch,
+            "stopped_early": result.stopped_early, **(extra or {})}
+    (tmp / "classifier.json").write_text(json.dumps(meta, indent=1))
+    result.history.to_csv(tmp / "history.csv", index=False)
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
+    return folder
+
+
+def load_classifier(folder: Path, spec: ClassifierSpec | None = None) -> TrainResult:
+    """A classifier saved by :func:`save_classifier`; ``spec`` must match if given."""
+    meta = json.loads((folder / "classifier.json").read_text())
+    saved = ClassifierSpec.model_validate(meta["spec"])
+    if spec is not None and saved != spec:
+        raise ValueError(f"classifier in {folder} was trained with other settings "
+                         f"({sorted(diff_keys(saved.model_dump(), spec.model_dump()))}); "
+                         "delete it to train again")
+    model = build_model(saved.model_copy(update={"pretrained": False}))
+    model.load_state_dict(load_file(folder / "model.safetensors"))
+    model.to(pick_device()).eval()
+    return TrainResult(model, pd.read_csv(folder / "history.csv"), meta["best_epoch"],
+                       meta["stopped_early"])
+
+
+def train_or_load(spec: ClassifierSpec, train: pd.DataFrame, val: pd.DataFrame,
+                  cache: ImageCache, folder: Path, seed: int = 0,
+                  progress: bool = True) -> TrainResult:
+    """Reuse a classifier saved in ``folder`` (same settings and training rows), else train
+    and save one, so that a model is never trained twice for the same data."""
+    ids = {"train_rows": len(train), "val_rows": len(val), "seed": seed,
+           "train_ids_crc": zlib.crc32("\n".join(train["image_id"]).encode())}
+    if (folder / "classifier.json").exists():
+        meta = json.loads((folder / "classifier.json").read_text())
+        if all(meta.get(k) == v for k, v in ids.items()):
+            return load_classifier(folder, spec)
+    result = train_classifier(spec, train, val, cache, seed, progress)
+    save_classifier(result, spec, folder, ids)
+    return result
 
 
 def predictions_frame(df: pd.DataFrame, scores: np.ndarray, test_set: str) -> pd.DataFrame:

@@ -281,3 +281,27 @@ def label_summary(plan: pd.DataFrame, source: pd.DataFrame) -> pd.DataFrame:
         col.update({f"age {b}": bands.get(b, 0.0) for b in ("<40", "40-59", "60-79", "80+")})
         out[name] = col
     return (100 * pd.DataFrame(out)).round(1)
+
+
+def build_synthetic_cohort(params: Params, manifest: pd.DataFrame, model: ConditionalUNet,
+                           folder: Path, strategy: str, progress: bool = True) -> pd.DataFrame:
+    """Plan, check, generate (this process's shards) and merge one strategy's cohort.
+
+    Under ``accelerate launch`` every process generates its share of the shards; the main
+    process merges them once all are written. A finished cohort is loaded, not regenerated.
+    """
+    from accelerate import PartialState
+
+    out = folder / strategy
+    if (out / "manifest.parquet").exists():
+        return pd.read_parquet(out / "manifest.parquet")
+    plan = plan_for(params, manifest, strategy)
+    check_no_eval_sources(plan, manifest)
+    state = PartialState()
+    generate_cohort(params, plan, model.to(state.device), out, state.process_index,
+                    state.num_processes, progress and state.is_main_process)
+    state.wait_for_everyone()
+    if state.is_main_process:
+        finalize_cohort(plan, out, params.data.resolution, params.sampling.shard_size)
+    state.wait_for_everyone()
+    return pd.read_parquet(out / "manifest.parquet")
