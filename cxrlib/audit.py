@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -49,8 +50,15 @@ from torch.nn import functional as F
 from torchmetrics.image import MultiScaleStructuralSimilarityIndexMeasure
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
+from tqdm.auto import tqdm
 
+from cxrlib.classify import predict_images, train_or_load
+from cxrlib.condition import encode_conditions
+from cxrlib.config import Params
+from cxrlib.diffusion import ConditionalUNet, noise_scheduler, training_rows
+from cxrlib.imagecache import ImageCache
 from cxrlib.labels import CHEXPERT_LABELS, SEXES
+from cxrlib.sampling import image_seed, timed_generate
 from cxrlib.stats import auroc_table
 
 #: Pixel correlation at or above which a synthetic image counts as a near copy of its neighbour.
@@ -565,3 +573,171 @@ def fidelity_figure(per_label_auroc: pd.DataFrame) -> plt.Figure:
     ax.set_ylabel("")
     fig.tight_layout()
     return fig
+
+
+# ---------------------------------------------------------------------------------------------
+# Running the audit for a run: the judge, the real reference sets, each synthetic cohort, and
+# the guidance sweep. The judge is the run's real-only classifier (saved under
+# <run>/classifiers/real_only), which the classifier experiments reuse as their baseline.
+
+
+@dataclass
+class AuditReference:
+    """The judge and the real images every synthetic set is compared with."""
+
+    judge: nn.Module
+    resolution: int
+    train_rows: pd.DataFrame  # all real training rows of the diffusion sites
+    train_images: np.ndarray
+    train_features: np.ndarray
+    test_rows: pd.DataFrame  # a sample of the internal test split
+    test_images: np.ndarray
+    test_features: np.ndarray
+    test_scores: np.ndarray
+
+
+def _sample(rows: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
+    if len(rows) <= n:
+        return rows.reset_index(drop=True)
+    pick = np.sort(np.random.default_rng(seed).choice(len(rows), n, replace=False))
+    return rows.iloc[pick].reset_index(drop=True)
+
+
+def _images(cache: ImageCache, rows: pd.DataFrame) -> np.ndarray:
+    idx = cache.rows_for(rows["image_id"])
+    srt = np.argsort(idx)
+    out = np.empty((len(idx), *cache.images.shape[1:]), dtype=np.uint8)
+    out[srt] = cache.images[idx[srt]]
+    return out
+
+
+def audit_reference(params: Params, manifest: pd.DataFrame, cache: ImageCache, folder: Path,
+                    progress: bool = True) -> AuditReference:
+    """Train (or load) the judge on real training rows and embed the real reference sets."""
+    train = training_rows(params, manifest)
+    sites = set(train["site"])
+    val = manifest[manifest["site"].isin(sites) & (manifest["split"] == "val")]
+    test = manifest[manifest["site"].isin(sites) & (manifest["split"] == "test")]
+    judge = train_or_load(params.classifier, train, val, cache,
+                          folder / "classifiers" / "real_only", params.run.seed, progress).model
+    test = _sample(test, params.sampling.audit_images, params.run.seed)
+    train_images, test_images = _images(cache, train), _images(cache, test)
+    return AuditReference(judge, params.data.resolution, train, train_images,
+                          judge_features(judge, train_images), test, test_images,
+                          judge_features(judge, test_images),
+                          predict_images(judge, test_images))
+
+
+@dataclass
+class SyntheticAudit:
+    """Every audit table for one synthetic cohort (and the real baselines beside them)."""
+
+    distance: pd.DataFrame
+    fidelity: pd.DataFrame
+    demographics: pd.DataFrame
+    diversity: pd.DataFrame
+    memorization: MemorizationResult
+    closest: pd.DataFrame
+    images: np.ndarray
+
+
+def audit_synthetic(ref: AuditReference, synth: pd.DataFrame, synth_cache: ImageCache,
+                    n_images: int, seed: int = 0) -> SyntheticAudit:
+    """Distance, conditional and demographic fidelity, diversity and memorization of a cohort."""
+    rows = _sample(synth, n_images, seed)
+    images = _images(synth_cache, rows)
+    feats = judge_features(ref.judge, images)
+    sample_train = _sample(ref.train_rows.assign(_i=np.arange(len(ref.train_rows))),
+                           len(ref.test_rows), seed)
+    distance = fid_kid_with_baseline(ref.judge, ref.test_images,
+                                     ref.train_images[sample_train["_i"].to_numpy()], images,
+                                     ref.resolution, seed=seed)
+    fidelity = conditional_fidelity(predict_images(ref.judge, images), rows).rename(
+        columns={"auroc": "synthetic (condition)"})
+    real = conditional_fidelity(ref.test_scores, ref.test_rows)
+    fidelity = fidelity.merge(real[["label", "auroc"]].rename(columns={"auroc": "real test"}),
+                              on="label")
+    demo = pd.DataFrame({
+        "synthetic (condition)": demographic_fidelity(ref.train_features, ref.train_rows,
+                                                      feats, rows),
+        "real test": demographic_fidelity(ref.train_features, ref.train_rows,
+                                          ref.test_features, ref.test_rows),
+    })
+    # Diversity: replicas of one source vs random pairs of different real training images.
+    groups = synth["source_image_id"].to_numpy()
+    multi = synth[pd.Series(groups).map(pd.Series(groups).value_counts()).to_numpy() > 1]
+    keep = multi["source_image_id"].drop_duplicates().iloc[: max(1, n_images // 4)]
+    reps = multi[multi["source_image_id"].isin(keep)]
+    div = ms_ssim_diversity(_images(synth_cache, reps), reps["source_image_id"].to_numpy())
+    pair_ids = np.random.default_rng(seed).permutation(len(sample_train)) // 2
+    real_div = ms_ssim_diversity(ref.train_images[sample_train["_i"].to_numpy()], pair_ids)
+    diversity = pd.DataFrame({
+        "set": ["synthetic replicas of one condition", "real: random pairs of images"],
+        "groups": [len(div), len(real_div)],
+        "mean MS-SSIM": [div["ms_ssim"].mean() if len(div) else np.nan,
+                         real_div["ms_ssim"].mean()],
+    })
+    memo = memorization_audit(images, feats, ref.train_images, ref.train_features,
+                              ref.test_images, ref.test_features)
+    return SyntheticAudit(distance, fidelity, demo, diversity, memo, closest_pairs(memo),
+                          images)
+
+
+def guidance_sweep(params: Params, ref: AuditReference, model: ConditionalUNet,
+                   progress: bool = True) -> pd.DataFrame:
+    """Guidance scale x sampler x steps -> FID/KID to real test images, macro conditional
+    fidelity, sex-probe AUROC and seconds per image, on the same conditions and seeds."""
+    spec = params.sampling
+    rows = _sample(ref.train_rows, spec.sweep_images, params.run.seed + 1)
+    cond = encode_conditions(rows, params.diffusion.nan_label_value)
+    seeds = [image_seed(params.run.seed, f"sweep/{i}", 0) for i in range(len(rows))]
+    sched = noise_scheduler(params.diffusion)
+    n = min(len(rows), len(ref.test_images))
+    floor = fid_kid(ref.judge, ref.test_images[:n], ref.train_images[
+        np.random.default_rng(params.run.seed).choice(len(ref.train_images), n, replace=False)],
+        ref.resolution)
+    out = [{"sampler": "real", "steps": 0, "guidance": np.nan, "fid": floor["fid"],
+            "kid": floor["kid_mean"], "fidelity_macro_auroc": np.nan, "sex_auroc": np.nan,
+            "sec_per_image": 0.0}]
+    grid = [(s, k, g) for s in spec.sweep_samplers for k in spec.sweep_steps
+            for g in spec.sweep_scales]
+    for sampler, steps, scale in tqdm(grid, desc="guidance sweep", disable=not progress):
+        images, sec = timed_generate(model, sched, cond, seeds, sampler, steps, scale,
+                                     spec.guidance_rescale, spec.batch_size)
+        dist = fid_kid(ref.judge, ref.test_images[:n], images[:n], ref.resolution)
+        fid = conditional_fidelity(predict_images(ref.judge, images), rows)
+        demo = demographic_fidelity(ref.train_features, ref.train_rows,
+                                    judge_features(ref.judge, images), rows)
+        out.append({"sampler": sampler, "steps": steps, "guidance": scale, "fid": dist["fid"],
+                    "kid": dist["kid_mean"], "fidelity_macro_auroc": fid["auroc"].mean(),
+                    "sex_auroc": demo.get("sex_auroc", np.nan), "sec_per_image": sec})
+    return pd.DataFrame(out)
+
+
+def sweep_verdict(table: pd.DataFrame) -> str:
+    """Sentences, generated from the sweep's numbers, on which setting the data support."""
+    runs = table[table["sampler"] != "real"].copy()
+    floor = float(table.loc[table["sampler"] == "real", "fid"].iloc[0])
+    runs["rank"] = (runs["fid"].rank() + runs["fidelity_macro_auroc"].rank(ascending=False))
+    best = runs.sort_values(["rank", "sec_per_image"]).iloc[0]
+    close = runs[runs["fid"] <= 1.05 * runs["fid"].min()].sort_values("sec_per_image").iloc[0]
+    lines = [
+        f"Best balance of distance and conditional fidelity: {best['sampler']} with "
+        f"{int(best['steps'])} steps at guidance {best['guidance']:g} (FID {best['fid']:.3g}, "
+        f"macro fidelity AUROC {best['fidelity_macro_auroc']:.3f}, "
+        f"{best['sec_per_image']:.3f} s/image; real-vs-real FID at this size {floor:.3g}).",
+        f"Cheapest setting within 5% of the lowest FID ({runs['fid'].min():.3g}): "
+        f"{close['sampler']} with {int(close['steps'])} steps at guidance {close['guidance']:g} "
+        f"({close['sec_per_image']:.3f} s/image).",
+    ]
+    by_scale = runs.groupby("guidance")[["fid", "fidelity_macro_auroc"]].mean()
+    hi, lo = by_scale.index.max(), by_scale.index.min()
+    if hi != lo:
+        trend = "raises" if by_scale.loc[hi, "fidelity_macro_auroc"] > by_scale.loc[
+            lo, "fidelity_macro_auroc"] else "does not raise"
+        lines.append(
+            f"Averaged over samplers and steps, guidance {hi:g} {trend} conditional fidelity "
+            f"over guidance {lo:g} ({by_scale.loc[lo, 'fidelity_macro_auroc']:.3f} -> "
+            f"{by_scale.loc[hi, 'fidelity_macro_auroc']:.3f}) and moves FID from "
+            f"{by_scale.loc[lo, 'fid']:.3g} to {by_scale.loc[hi, 'fid']:.3g}.")
+    return " ".join(lines)

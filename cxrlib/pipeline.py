@@ -16,7 +16,7 @@ from nbconvert import HTMLExporter
 from cxrlib.config import load_params, run_dir
 
 NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent / "notebooks"
-STAGES: tuple[str, ...] = ("01_data_prep", "02_diffusion_training")
+STAGES: tuple[str, ...] = ("01_data_prep", "02_diffusion_training", "03_sampling_explorer")
 
 
 def render_html(executed: Path, dest: Path) -> Path:

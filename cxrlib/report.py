@@ -237,3 +237,25 @@ def difference_grid(images: dict[str, np.ndarray], reference: str) -> plt.Figure
         ax.set_yticks([])
     fig.tight_layout()
     return fig
+
+
+def sweep_figure(table: pd.DataFrame) -> plt.Figure:
+    """Guidance sweep: FID against cost, and conditional fidelity against guidance."""
+    runs = table[table["sampler"] != "real"].assign(
+        setting=lambda d: d["sampler"] + " x" + d["steps"].astype(str))
+    floor = table.loc[table["sampler"] == "real", "fid"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+    sns.scatterplot(data=runs, x="sec_per_image", y="fid", hue="setting", size="guidance",
+                    ax=axes[0])
+    if len(floor):
+        axes[0].axhline(float(floor.iloc[0]), color="grey", ls="--", lw=1,
+                        label="real vs real")
+    axes[0].set_xscale("log")
+    axes[0].set_xlabel("seconds per image")
+    axes[0].set_ylabel("FID (judge features)")
+    axes[0].legend(fontsize=7)
+    sns.lineplot(data=runs, x="guidance", y="fidelity_macro_auroc", hue="setting", marker="o",
+                 ax=axes[1])
+    axes[1].set_ylabel("macro AUROC of the judge\nagainst the condition")
+    fig.tight_layout()
+    return fig

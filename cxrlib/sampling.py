@@ -305,3 +305,22 @@ def build_synthetic_cohort(params: Params, manifest: pd.DataFrame, model: Condit
         finalize_cohort(plan, out, params.data.resolution, params.sampling.shard_size)
     state.wait_for_everyone()
     return pd.read_parquet(out / "manifest.parquet")
+
+
+def cohort_counts(cohorts: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """Images and distinct source rows per synthetic cohort."""
+    return pd.DataFrame({s: {"images": len(m), "source rows": m["source_image_id"].nunique()}
+                         for s, m in cohorts.items()}).T
+
+
+def replica_examples(cohort: pd.DataFrame, images: np.ndarray,
+                     n_sources: int = 4) -> dict[str, np.ndarray]:
+    """``{"replica r": images of the first n sources}``: a row per source, a column per replica.
+    ``images`` is the cohort's image array in manifest order."""
+    sources = cohort["source_image_id"].drop_duplicates().head(n_sources)
+    out = {}
+    for r in sorted(cohort["replica"].unique()):
+        pos = [int(np.flatnonzero((cohort["source_image_id"] == s).to_numpy()
+                                  & (cohort["replica"] == r).to_numpy())[0]) for s in sources]
+        out[f"replica {r}"] = np.asarray(images[pos])
+    return out
