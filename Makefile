@@ -30,6 +30,8 @@ benchmark: $(STAMP)
 	$(PY) benchmarks/bench_phantom.py
 	$(PY) -m cxrlib run --params $(PARAMS) --stage 01_data_prep
 	$(PY) benchmarks/bench_diffusion_trainer.py --params $(PARAMS)
+	$(PY) -m cxrlib run --params $(PARAMS) --stage 02_diffusion_training --stage 03_sampling_explorer
+	$(PY) benchmarks/bench_sampling.py --params $(PARAMS)
 
 clean-runs:
 	rm -rf runs/smoke

@@ -40,8 +40,10 @@ def main(argv: list[str] | None = None) -> int:
             return _generate_synthetic(args.params)
         load_params(args.params)  # fail before any work on a bad file
         run_pipeline(args.params, tuple(args.stage or STAGES), force=args.force)
-    except ParamsError as err:
-        print(err, file=sys.stderr)
+    except (ParamsError, ValueError, RuntimeError, FileNotFoundError, KeyError) as err:
+        # DataError, DiffusionError and SyntheticCohortError subclass these: one clear line,
+        # not a traceback, for the errors cxrlib raises about the user's data and parameters.
+        print(f"error: {err}", file=sys.stderr)
         return 2
     return 0
 
@@ -78,7 +80,7 @@ def _generate_synthetic(params_file: Path) -> int:
                          "notebook 02 (or cxrlib train-diffusion) first")
     model = load_weights(ckpt, use_ema=True)
     for strategy in params.sampling.strategies:
-        synth = build_synthetic_cohort(params, cohort.manifest, model,
+        synth = build_synthetic_cohort(params, cohort.manifest, model, ckpt,
                                        folder / "03_sampling" / "synthetic", strategy)
         print(f"{strategy}: {len(synth)} synthetic images")
     return 0

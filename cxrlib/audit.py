@@ -52,9 +52,9 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 from tqdm.auto import tqdm
 
-from cxrlib.classify import predict_images, train_or_load
+from cxrlib.classify import predict_images, predictions_frame, train_or_load
 from cxrlib.condition import encode_conditions
-from cxrlib.config import Params
+from cxrlib.config import Params, atomic_write_parquet
 from cxrlib.diffusion import ConditionalUNet, noise_scheduler, training_rows
 from cxrlib.imagecache import ImageCache
 from cxrlib.labels import CHEXPERT_LABELS, SEXES
@@ -595,20 +595,19 @@ class AuditReference:
     test_features: np.ndarray
     test_scores: np.ndarray
 
+    def test_halves(self) -> tuple[np.ndarray, np.ndarray]:
+        """Two disjoint halves of the real test sample: FID between them is the floor that
+        sampling noise alone gives (neither half was seen by the judge in training)."""
+        half = len(self.test_images) // 2
+        return self.test_images[:half], self.test_images[half: 2 * half]
 
-def _sample(rows: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
+
+def sample_rows(rows: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
+    """At most ``n`` rows drawn without replacement (seeded), in their original order."""
     if len(rows) <= n:
         return rows.reset_index(drop=True)
     pick = np.sort(np.random.default_rng(seed).choice(len(rows), n, replace=False))
     return rows.iloc[pick].reset_index(drop=True)
-
-
-def _images(cache: ImageCache, rows: pd.DataFrame) -> np.ndarray:
-    idx = cache.rows_for(rows["image_id"])
-    srt = np.argsort(idx)
-    out = np.empty((len(idx), *cache.images.shape[1:]), dtype=np.uint8)
-    out[srt] = cache.images[idx[srt]]
-    return out
 
 
 def audit_reference(params: Params, manifest: pd.DataFrame, cache: ImageCache, folder: Path,
@@ -618,14 +617,21 @@ def audit_reference(params: Params, manifest: pd.DataFrame, cache: ImageCache, f
     sites = set(train["site"])
     val = manifest[manifest["site"].isin(sites) & (manifest["split"] == "val")]
     test = manifest[manifest["site"].isin(sites) & (manifest["split"] == "test")]
-    judge = train_or_load(params.classifier, train, val, cache,
-                          folder / "classifiers" / "real_only", params.run.seed, progress).model
-    test = _sample(test, params.sampling.audit_images, params.run.seed)
-    train_images, test_images = _images(cache, train), _images(cache, test)
+    judge_dir = folder / "classifiers" / "real_only"
+    judge = train_or_load(params.classifier, train, val, cache, judge_dir, params.run.seed,
+                          progress).model
+    # The judge's predictions on the whole internal test split, saved for later stages.
+    scores = predict_images(judge, cache.load(test["image_id"]))
+    atomic_write_parquet(predictions_frame(test, scores, "internal test"),
+                         judge_dir / "predictions_internal_test.parquet")
+    keep = sample_rows(test.assign(_i=np.arange(len(test))), params.sampling.audit_images,
+                       params.run.seed)
+    test_images = cache.load(keep["image_id"])
+    train_images = cache.load(train["image_id"])
     return AuditReference(judge, params.data.resolution, train, train_images,
-                          judge_features(judge, train_images), test, test_images,
-                          judge_features(judge, test_images),
-                          predict_images(judge, test_images))
+                          judge_features(judge, train_images), keep.drop(columns="_i"),
+                          test_images, judge_features(judge, test_images),
+                          scores[keep["_i"].to_numpy()])
 
 
 @dataclass
@@ -644,14 +650,14 @@ class SyntheticAudit:
 def audit_synthetic(ref: AuditReference, synth: pd.DataFrame, synth_cache: ImageCache,
                     n_images: int, seed: int = 0) -> SyntheticAudit:
     """Distance, conditional and demographic fidelity, diversity and memorization of a cohort."""
-    rows = _sample(synth, n_images, seed)
-    images = _images(synth_cache, rows)
+    rows = sample_rows(synth, n_images, seed)
+    images = synth_cache.load(rows["image_id"])
     feats = judge_features(ref.judge, images)
-    sample_train = _sample(ref.train_rows.assign(_i=np.arange(len(ref.train_rows))),
+    sample_train = sample_rows(ref.train_rows.assign(_i=np.arange(len(ref.train_rows))),
                            len(ref.test_rows), seed)
-    distance = fid_kid_with_baseline(ref.judge, ref.test_images,
-                                     ref.train_images[sample_train["_i"].to_numpy()], images,
-                                     ref.resolution, seed=seed)
+    half_a, half_b = ref.test_halves()
+    distance = fid_kid_with_baseline(ref.judge, half_a, half_b, images, ref.resolution,
+                                     seed=seed)
     fidelity = conditional_fidelity(predict_images(ref.judge, images), rows).rename(
         columns={"auroc": "synthetic (condition)"})
     real = conditional_fidelity(ref.test_scores, ref.test_rows)
@@ -668,7 +674,7 @@ def audit_synthetic(ref: AuditReference, synth: pd.DataFrame, synth_cache: Image
     multi = synth[pd.Series(groups).map(pd.Series(groups).value_counts()).to_numpy() > 1]
     keep = multi["source_image_id"].drop_duplicates().iloc[: max(1, n_images // 4)]
     reps = multi[multi["source_image_id"].isin(keep)]
-    div = ms_ssim_diversity(_images(synth_cache, reps), reps["source_image_id"].to_numpy())
+    div = ms_ssim_diversity(synth_cache.load(reps["image_id"]), reps["source_image_id"].to_numpy())
     pair_ids = np.random.default_rng(seed).permutation(len(sample_train)) // 2
     real_div = ms_ssim_diversity(ref.train_images[sample_train["_i"].to_numpy()], pair_ids)
     diversity = pd.DataFrame({
@@ -688,14 +694,13 @@ def guidance_sweep(params: Params, ref: AuditReference, model: ConditionalUNet,
     """Guidance scale x sampler x steps -> FID/KID to real test images, macro conditional
     fidelity, sex-probe AUROC and seconds per image, on the same conditions and seeds."""
     spec = params.sampling
-    rows = _sample(ref.train_rows, spec.sweep_images, params.run.seed + 1)
+    rows = sample_rows(ref.train_rows, spec.sweep_images, params.run.seed + 1)
     cond = encode_conditions(rows, params.diffusion.nan_label_value)
     seeds = [image_seed(params.run.seed, f"sweep/{i}", 0) for i in range(len(rows))]
     sched = noise_scheduler(params.diffusion)
-    n = min(len(rows), len(ref.test_images))
-    floor = fid_kid(ref.judge, ref.test_images[:n], ref.train_images[
-        np.random.default_rng(params.run.seed).choice(len(ref.train_images), n, replace=False)],
-        ref.resolution)
+    half_a, half_b = ref.test_halves()
+    n = min(len(rows), len(half_a), len(half_b))
+    floor = fid_kid(ref.judge, half_a[:n], half_b[:n], ref.resolution)
     out = [{"sampler": "real", "steps": 0, "guidance": np.nan, "fid": floor["fid"],
             "kid": floor["kid_mean"], "fidelity_macro_auroc": np.nan, "sex_auroc": np.nan,
             "sec_per_image": 0.0}]
@@ -704,7 +709,7 @@ def guidance_sweep(params: Params, ref: AuditReference, model: ConditionalUNet,
     for sampler, steps, scale in tqdm(grid, desc="guidance sweep", disable=not progress):
         images, sec = timed_generate(model, sched, cond, seeds, sampler, steps, scale,
                                      spec.guidance_rescale, spec.batch_size)
-        dist = fid_kid(ref.judge, ref.test_images[:n], images[:n], ref.resolution)
+        dist = fid_kid(ref.judge, half_a[:n], images[:n], ref.resolution)
         fid = conditional_fidelity(predict_images(ref.judge, images), rows)
         demo = demographic_fidelity(ref.train_features, ref.train_rows,
                                     judge_features(ref.judge, images), rows)

@@ -68,11 +68,7 @@ def _batches(rows: np.ndarray, labels: np.ndarray, cache: ImageCache, batch_size
     order = rng.permutation(len(rows)) if rng is not None else np.arange(len(rows))
     for start in range(0, len(order), batch_size):
         idx = order[start: start + batch_size]
-        # Memory-mapped rows are read in sorted order, then put back in batch order.
-        srt = np.argsort(rows[idx])
-        imgs = np.empty((len(idx), *cache.images.shape[1:]), dtype=np.uint8)
-        imgs[srt] = cache.images[rows[idx][srt]]
-        x = torch.from_numpy(imgs).unsqueeze(1).float().div_(127.5).sub_(1.0)
+        x = torch.from_numpy(cache.read_rows(rows[idx])).unsqueeze(1).float().div_(127.5).sub_(1.0)
         yield x, torch.from_numpy(labels[idx])
 
 
@@ -134,6 +130,10 @@ def train_classifier(spec: ClassifierSpec, train: pd.DataFrame, val: pd.DataFram
         history.append({"epoch": epoch, "train_loss": float(np.mean(losses)),
                         "val_loss": val_loss})
         bar.set_postfix(train=f"{np.mean(losses):.3f}", val=f"{val_loss:.3f}")
+        if not np.isfinite(val_loss):
+            raise ValueError(f"classifier training diverged at epoch {epoch} (validation loss "
+                             f"{val_loss}); lower classifier.lr ({spec.lr}) or check the data "
+                             f"(backbone {spec.backbone})")
         if val_loss < best_loss:
             best_loss, best_epoch, waited = val_loss, epoch, 0
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -151,12 +151,7 @@ def train_classifier(spec: ClassifierSpec, train: pd.DataFrame, val: pd.DataFram
 def predict(model: nn.Module, df: pd.DataFrame, cache: ImageCache,
             batch_size: int = 128) -> np.ndarray:
     """Sigmoid scores (n_images x 14) for the manifest rows ``df``."""
-    rows = cache.rows_for(df["image_id"])
-    srt = np.argsort(rows)  # read the memory map in order, then restore the row order
-    scores = predict_images(model, np.asarray(cache.images[rows[srt]]), batch_size)
-    out = np.empty_like(scores)
-    out[srt] = scores
-    return out
+    return predict_images(model, cache.load(df["image_id"]), batch_size)
 
 
 @torch.no_grad()
@@ -186,9 +181,12 @@ def save_classifier(result: TrainResult, spec: ClassifierSpec, folder: Path,
             "stopped_early": result.stopped_early, **(extra or {})}
     (tmp / "classifier.json").write_text(json.dumps(meta, indent=1))
     result.history.to_csv(tmp / "history.csv", index=False)
-    if folder.exists():
-        shutil.rmtree(folder)
+    aside = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+    if folder.exists():  # keep the old model until the new one is in place
+        os.replace(folder, aside)
     os.replace(tmp, folder)
+    if aside.exists():
+        shutil.rmtree(aside)
     return folder
 
 
@@ -210,13 +208,15 @@ def load_classifier(folder: Path, spec: ClassifierSpec | None = None) -> TrainRe
 def train_or_load(spec: ClassifierSpec, train: pd.DataFrame, val: pd.DataFrame,
                   cache: ImageCache, folder: Path, seed: int = 0,
                   progress: bool = True) -> TrainResult:
-    """Reuse a classifier saved in ``folder`` (same settings and training rows), else train
-    and save one, so that a model is never trained twice for the same data."""
+    """Reuse a classifier saved in ``folder`` (same settings, seed, training and validation
+    rows), else train and save one, so that a model is never trained twice for the same data."""
     ids = {"train_rows": len(train), "val_rows": len(val), "seed": seed,
-           "train_ids_crc": zlib.crc32("\n".join(train["image_id"]).encode())}
+           "train_ids_crc": zlib.crc32("\n".join(train["image_id"]).encode()),
+           "val_ids_crc": zlib.crc32("\n".join(val["image_id"]).encode())}
     if (folder / "classifier.json").exists():
         meta = json.loads((folder / "classifier.json").read_text())
-        if all(meta.get(k) == v for k, v in ids.items()):
+        same_spec = ClassifierSpec.model_validate(meta["spec"]) == spec
+        if same_spec and all(meta.get(k) == v for k, v in ids.items()):
             return load_classifier(folder, spec)
     result = train_classifier(spec, train, val, cache, seed, progress)
     save_classifier(result, spec, folder, ids)

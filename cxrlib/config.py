@@ -239,6 +239,13 @@ class DiffusionSpec(_Strict):
     sample_guidance: Annotated[float, Field(ge=0)] = 4.0
     guidance_rescale: Fraction = 0.7
 
+    @model_validator(mode="after")
+    def _zero_snr_needs_v(self) -> DiffusionSpec:
+        if self.zero_terminal_snr and self.prediction_type == "epsilon":
+            raise ValueError("zero_terminal_snr needs prediction_type v_prediction: at the last "
+                             "step the signal is 0 and an epsilon model cannot recover x_0")
+        return self
+
     @model_validator(mode="before")
     @classmethod
     def _apply_preset(cls, data: Any) -> Any:
@@ -396,7 +403,9 @@ def load_params(file: str | os.PathLike[str], overrides: dict[str, Any] | None =
         node = raw
         *parents, leaf = dotted.split(".")
         for key in parents:
-            node = node.setdefault(key, {})
+            if not isinstance(node.get(key), dict):
+                node[key] = {}
+            node = node[key]
         node[leaf] = value
     try:
         params = Params.model_validate(raw)
@@ -448,7 +457,8 @@ def run_dir(params: Params, create: bool = True) -> Path:
 
 #: Keys a run may change between invocations: how long to train, how often to save, how many
 #: worker processes. Everything else defines the run and must stay as it was.
-_FREE_KEYS = frozenset({"data.workers", *(f"diffusion.{k}" for k in DiffusionSpec.RUN_LENGTH_KEYS)})
+_FREE_KEYS = frozenset({"data.workers", "sampling.batch_size",
+                        *(f"diffusion.{k}" for k in DiffusionSpec.RUN_LENGTH_KEYS)})
 
 
 def _has_key(tree: dict, dotted: str) -> bool:
@@ -474,4 +484,11 @@ def atomic_write_text(path: Path, text: str) -> None:
     """Write text to a temporary name beside ``path`` and rename it into place."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def atomic_write_parquet(frame: Any, path: Path) -> None:
+    """Write a DataFrame to parquet under a temporary name and rename it into place."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    frame.to_parquet(tmp, index=False)
     os.replace(tmp, path)

@@ -17,7 +17,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cxrlib.config import Params, SiteSpec, SplitSpec, params_base, resolve_path
+from cxrlib.config import (
+    Params,
+    SiteSpec,
+    SplitSpec,
+    atomic_write_parquet,
+    params_base,
+    resolve_path,
+)
 from cxrlib.imagecache import build_cache
 from cxrlib.labels import CHEXPERT_LABELS, MANIFEST_COLUMNS, RACE_UNKNOWN, map_race, map_sex
 from cxrlib.phantom import write_phantom_site
@@ -94,6 +101,32 @@ def _normalise_view(values: pd.Series) -> pd.Series:
                  else "OTHER")
 
 
+_SPLIT_NAMES = {"train": "train", "training": "train", "valid": "val", "val": "val",
+                "validate": "val", "validation": "val", "test": "test", "testing": "test"}
+
+
+def _split_from_name(path: Path, site: SiteSpec) -> str | None:
+    """CheXpert's official split from a CSV name (train.csv, valid.csv, test*.csv). Only used
+    by ``split.mode: official``; an unrecognised name there is an error, never a silent train."""
+    stem = path.name.split(".")[0].lower().replace("chexpert_", "")
+    for prefix in ("train", "valid", "val", "test"):
+        if stem.startswith(prefix):
+            return _SPLIT_NAMES[prefix]
+    if site.split.mode == "official":
+        raise DataError(f"{path}: cannot tell its official split from the file name; name it "
+                        "train*.csv, valid*.csv or test*.csv, or use split.mode: random "
+                        f"(site '{site.site}', key data.sites[].csv_files)")
+    return None
+
+
+def _labels_checked(raw: pd.DataFrame, params: Params, where: str) -> pd.DataFrame:
+    """The label policy, with any bad value reported against the file it came from."""
+    try:
+        return apply_label_policy(raw, params.data.uncertainty, params.data.blank)
+    except DataError as err:
+        raise DataError(f"{where}: {err}") from None
+
+
 def read_chexpert(site: SiteSpec, root: Path, params: Params) -> pd.DataFrame:
     """CheXpert v1.0 / v1.0-small: ``train.csv``/``valid.csv`` (+ optional demographics)."""
     frames = []
@@ -103,9 +136,7 @@ def read_chexpert(site: SiteSpec, root: Path, params: Params) -> pd.DataFrame:
                                      *CHEXPERT_LABELS])
         df["source_file"] = str(path)
         df["source_row"] = np.arange(len(df)) + 2  # spreadsheet row (header is row 1)
-        stem = path.name.split(".")[0]
-        df["official_split"] = {"train": "train", "valid": "val", "test": "test"}.get(
-            stem.replace("chexpert_", ""), "train")
+        df["official_split"] = _split_from_name(path, site)
         frames.append(df)
     df = pd.concat(frames, ignore_index=True)
     rel = df["Path"].astype(str)
@@ -137,8 +168,8 @@ def read_chexpert(site: SiteSpec, root: Path, params: Params) -> pd.DataFrame:
         demo = read_csv_checked(demo_path, ["PATIENT", "PRIMARY_RACE"])
         race = demo.drop_duplicates("PATIENT").set_index("PATIENT")["PRIMARY_RACE"].map(map_race)
         out["race"] = patient.map(race).fillna(RACE_UNKNOWN).to_numpy()
-    labels = apply_label_policy(df[list(CHEXPERT_LABELS)], params.data.uncertainty,
-                                params.data.blank)
+    labels = _labels_checked(df[list(CHEXPERT_LABELS)], params,
+                             ", ".join(str(resolve_path(n, root)) for n in site.csv_files))
     return pd.concat([out, labels.reset_index(drop=True)], axis=1)
 
 
@@ -198,24 +229,40 @@ def read_mimic(site: SiteSpec, root: Path, params: Params) -> pd.DataFrame:
         # A subject's race: the most frequent known answer across admissions.
         mode = known.groupby("subject_id")["race"].agg(lambda s: s.value_counts().index[0])
         out["race"] = df["subject_id"].map(mode).fillna(RACE_UNKNOWN).to_numpy()
-    lab = apply_label_policy(df[list(CHEXPERT_LABELS)], params.data.uncertainty,
-                             params.data.blank)
+    lab = _labels_checked(df[list(CHEXPERT_LABELS)], params,
+                          str(resolve_path(files.labels, root)))
     return pd.concat([out, lab.reset_index(drop=True)], axis=1)
 
 
 def read_site_csv(site: SiteSpec, root: Path, params: Params) -> pd.DataFrame:
-    """Any other site: one CSV and a column mapping from params (``columns``)."""
+    """Any other site: its CSV file(s) and a column mapping from params (``columns``)."""
     cmap = site.columns
     assert cmap is not None  # guaranteed by SiteSpec validation
-    path = resolve_path(site.csv_files[0], root)
     needed = [c for c in (cmap.path, cmap.patient_id, cmap.image_id, cmap.study_id, cmap.view,
                           cmap.sex, cmap.age, cmap.race, cmap.split, *cmap.labels.values()) if c]
     unknown = sorted(set(cmap.labels) - set(CHEXPERT_LABELS))
     if unknown:
         raise DataError(f"site '{site.site}': columns.labels has unknown label names {unknown}")
+    return pd.concat([_read_one_csv(site, resolve_path(name, root), root, params, needed)
+                      for name in site.csv_files], ignore_index=True)
+
+
+def _read_one_csv(site: SiteSpec, path: Path, root: Path, params: Params,
+                  needed: list[str]) -> pd.DataFrame:
+    cmap = site.columns
+    assert cmap is not None
     df = read_csv_checked(path, needed)
     rel = df[cmap.path].astype(str)
     n = len(df)
+    split = None
+    if cmap.split:
+        raw = df[cmap.split]
+        split = raw.where(raw.isna(), raw.astype(str).str.strip().str.lower()).map(_SPLIT_NAMES)
+        bad = raw.notna() & split.isna()
+        if bad.any():
+            raise DataError(f"{path}: column '{cmap.split}' has split values "
+                            f"{sorted(raw[bad].astype(str).unique())[:5]}; use train, val "
+                            "(or valid/validation) and test")
     out = pd.DataFrame({
         "image_id": site.site + "/" + (df[cmap.image_id].astype(str) if cmap.image_id
                                        else rel.str.replace(r"\.[A-Za-z]+$", "", regex=True)),
@@ -228,16 +275,13 @@ def read_site_csv(site: SiteSpec, root: Path, params: Params) -> pd.DataFrame:
         "sex": df[cmap.sex].map(map_sex) if cmap.sex else None,
         "age": pd.to_numeric(df[cmap.age], errors="coerce") if cmap.age else np.full(n, np.nan),
         "race": df[cmap.race].map(map_race) if cmap.race else RACE_UNKNOWN,
-        "official_split": (df[cmap.split].astype(str).str.lower()
-                           .replace({"valid": "val", "validate": "val", "validation": "val"})
-                           if cmap.split else None),
+        "official_split": split,
         "source_file": str(path),
         "source_row": np.arange(n) + 2,
     })
     raw = pd.DataFrame({lab: df[cmap.labels[lab]] if lab in cmap.labels else np.nan
                         for lab in CHEXPERT_LABELS})
-    lab = apply_label_policy(raw, params.data.uncertainty, params.data.blank)
-    return pd.concat([out, lab], axis=1)
+    return pd.concat([out, _labels_checked(raw, params, str(path))], axis=1)
 
 
 READERS = {"chexpert": read_chexpert, "mimic": read_mimic, "csv": read_site_csv}
@@ -399,12 +443,9 @@ def prepare_cohort(params: Params, folder: Path, progress: bool = True) -> Cohor
         check_required_splits(manifest, site)
     manifest = manifest[list(MANIFEST_COLUMNS) + ["source_file", "source_row"]]
     manifest = manifest.reset_index(drop=True)
-    drop_frame = drops.frame()
-    for frame, path in ((manifest, manifest_path), (drop_frame, drops_path)):
-        tmp = path.with_name(f".{path.name}.tmp")
-        frame.to_parquet(tmp, index=False)
-        tmp.replace(path)
-    return Cohort(manifest, drop_frame, folder, cache_dir)
+    atomic_write_parquet(drops.frame(), drops_path)
+    atomic_write_parquet(manifest, manifest_path)  # written last: it marks completion
+    return Cohort(manifest, drops.frame(), folder, cache_dir)
 
 
 def internal_rows(params: Params, manifest: pd.DataFrame) -> pd.DataFrame:

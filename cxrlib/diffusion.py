@@ -29,12 +29,14 @@ import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
@@ -42,8 +44,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from cxrlib.condition import ConditionEmbedding, encode_conditions
-from cxrlib.config import DiffusionSpec, Params, diff_keys
+from cxrlib.condition import ConditionEmbedding, dropout_mask, encode_conditions
+from cxrlib.config import DiffusionSpec, Params, atomic_write_text, diff_keys
 from cxrlib.imagecache import ImageCache
 from cxrlib.labels import CHEXPERT_LABELS
 
@@ -168,36 +170,73 @@ def latest_checkpoint(root: Path) -> Path | None:
     return dirs[-1] if dirs else None
 
 
-def save_checkpoint(root: Path, step: int, model: ConditionalUNet, ema: EMAModel,
-                    optimizer: torch.optim.Optimizer, lr_scheduler, identity: dict,
-                    history: list[dict], keep: int) -> Path:
+def _main_only(accelerator: Accelerator, fn: Callable[[], object]) -> object:
+    """Run ``fn`` on the main process; every process then raises if it failed there.
+
+    Without this, an error in main-only work (a full disk while checkpointing) would leave the
+    other processes waiting at the next barrier until a collective timeout hid the cause.
+    """
+    result, error = None, None
+    if accelerator.is_main_process:
+        try:
+            result = fn()
+        except Exception as exc:  # noqa: BLE001 - re-raised on every process below
+            error = f"{type(exc).__name__}: {exc}"
+    flag = [error]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(flag)
+    if flag[0] is not None:
+        raise DiffusionError(f"the main process failed: {flag[0]}")
+    return result
+
+
+def save_checkpoint(accelerator: Accelerator, root: Path, step: int, model: ConditionalUNet,
+                    ema: EMAModel, optimizer: torch.optim.Optimizer, lr_scheduler,
+                    identity: dict, history: list[dict], keep: int) -> Path:
+    """Write ``step-XXXXXXX/`` under a temporary name (every process adds its RNG state) and
+    rename it into place on the main process; older checkpoints beyond ``keep`` are removed."""
     final = root / f"step-{step:07d}"
-    tmp = root / f".tmp-step-{step:07d}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    names = [n for n, _ in model.named_parameters()]
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
-              tmp / "model.safetensors")
-    save_file({n: p.detach().cpu().contiguous() for n, p in zip(names, ema.shadow_params,
-                                                                 strict=True)},
-              tmp / "ema.safetensors")
+    tmp = root / f".tmp-step-{step:07d}"
+
+    def begin() -> None:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+
+    _main_only(accelerator, begin)
+    accelerator.wait_for_everyone()
     rng = {"torch_cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
-        rng.update({f"cuda_{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-    save_file(rng, tmp / "rng.safetensors")
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    ema_meta = {k: v for k, v in ema.state_dict().items() if k != "shadow_params"}
-    pd.DataFrame(history).to_parquet(tmp / "history.parquet", index=False)
-    state = {"step": step, "identity": identity, "ema": ema_meta,
-             "lr_scheduler": lr_scheduler.state_dict()}
-    (tmp / "state.json").write_text(json.dumps(state, indent=1, default=float))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    for old in _checkpoint_dirs(root)[:-keep]:
-        shutil.rmtree(old)
-    return final
+        rng["cuda"] = torch.cuda.get_rng_state()
+    save_file(rng, tmp / f"rng-{accelerator.process_index}.safetensors")
+    accelerator.wait_for_everyone()
+
+    def finish() -> Path:
+        names = [n for n, _ in model.named_parameters()]
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+                  tmp / "model.safetensors")
+        save_file({n: p.detach().cpu().contiguous()
+                   for n, p in zip(names, ema.shadow_params, strict=True)},
+                  tmp / "ema.safetensors")
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        pd.DataFrame(history).to_parquet(tmp / "history.parquet", index=False)
+        scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
+        state = {"step": step, "identity": identity, "world": accelerator.num_processes,
+                 "ema": {k: v for k, v in ema.state_dict().items() if k != "shadow_params"},
+                 "lr_scheduler": lr_scheduler.state_dict(), "grad_scaler": scaler}
+        (tmp / "state.json").write_text(json.dumps(state, indent=1, default=float))
+        aside = root / f".old-step-{step:07d}"
+        if final.exists():  # keep the old copy until the new one is in place
+            os.replace(final, aside)
+        os.replace(tmp, final)
+        if aside.exists():
+            shutil.rmtree(aside)
+        for old in _checkpoint_dirs(root)[:-keep]:
+            if old != final:
+                shutil.rmtree(old)
+        return final
+
+    return _main_only(accelerator, finish)  # type: ignore[return-value]
 
 
 def read_checkpoint_state(folder: Path) -> dict:
@@ -211,8 +250,8 @@ def check_identity(folder: Path, identity: dict) -> None:
     if keys:
         raise DiffusionError(
             f"checkpoint {folder} was made with a different configuration (differs in: "
-            f"{', '.join(keys[:8])}); use a new run.name, set diffusion.resume: never, or "
-            "delete the checkpoints folder")
+            f"{', '.join(keys[:8])}); use a new run.name, or delete the checkpoints folder "
+            "to start this run's training again")
 
 
 def load_weights(folder: Path, use_ema: bool = True) -> ConditionalUNet:
@@ -356,10 +395,8 @@ class _CachedRows(torch.utils.data.Dataset):
         return len(self.index)
 
     def batch(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        order = np.argsort(self.index[idx])
-        imgs = np.empty((len(idx), *self.cache.images.shape[1:]), dtype=np.uint8)
-        imgs[order] = self.cache.images[self.index[idx][order]]
-        x = torch.from_numpy(imgs).unsqueeze(1).float().div_(127.5).sub_(1.0)
+        x = torch.from_numpy(self.cache.read_rows(self.index[idx])).unsqueeze(1)
+        x = x.float().div_(127.5).sub_(1.0)
         return x, torch.from_numpy(self.cond[idx])
 
 
@@ -384,7 +421,11 @@ def train_diffusion(params: Params, manifest: pd.DataFrame, cache: ImageCache, f
     identity = identity_config(params)
     ckpt_root = folder / "checkpoints"
     ckpt_root.mkdir(parents=True, exist_ok=True)
-    start = latest_checkpoint(ckpt_root) if spec.resume == "auto" else None
+    start = latest_checkpoint(ckpt_root)
+    if start is not None and spec.resume == "never":
+        raise DiffusionError(f"diffusion.resume is 'never' but {ckpt_root} already holds "
+                             f"checkpoints (latest {start.name}); use a new run.name, or delete "
+                             "the folder to train from scratch")
     if start is not None:
         check_identity(start, identity)
 
@@ -412,16 +453,24 @@ def train_diffusion(params: Params, manifest: pd.DataFrame, cache: ImageCache, f
         shadow = load_file(start / "ema.safetensors")
         ema.load_state_dict({**state["ema"], "shadow_params": [
             shadow[n] for n, _ in model.named_parameters()]})
-        rng = load_file(start / "rng.safetensors")
-        torch.set_rng_state(rng["torch_cpu"])
-        if torch.cuda.is_available():
-            torch.cuda.set_rng_state_all([rng[k] for k in sorted(rng) if k.startswith("cuda")])
     resumed_from = step
+    rank, world = accelerator.process_index, accelerator.num_processes
+    if start is not None:
+        if state.get("world", 1) != world:
+            raise DiffusionError(
+                f"checkpoint {start} was trained with {state.get('world', 1)} process(es) but "
+                f"this run has {world}: the batches would not line up; resume with "
+                f"{state.get('world', 1)} process(es), or start a new run")
+        rng = load_file(start / f"rng-{rank}.safetensors")
+        torch.set_rng_state(rng["torch_cpu"])
+        if torch.cuda.is_available() and "cuda" in rng:
+            torch.cuda.set_rng_state(rng["cuda"])
     model, optimizer = accelerator.prepare(model, optimizer)
+    if start is not None and state.get("grad_scaler") and accelerator.scaler is not None:
+        accelerator.scaler.load_state_dict(state["grad_scaler"])
     ema.to(accelerator.device)
     scheduler = noise_scheduler(spec)
     data = _CachedRows(cache, rows, spec.nan_label_value)
-    rank, world = accelerator.process_index, accelerator.num_processes
     global_batch = spec.batch_size * world
     previews: list[Path] = []
     preview_cond, preview_names = preview_conditions(rows, spec.nan_label_value)
@@ -435,7 +484,7 @@ def train_diffusion(params: Params, manifest: pd.DataFrame, cache: ImageCache, f
         gen = step_generator(params.run.seed, step, rank)
         noise = torch.randn(x0.shape, generator=gen)
         t = torch.randint(0, spec.num_train_timesteps, (x0.shape[0],), generator=gen)
-        drop = torch.rand(x0.shape[0], generator=gen) < spec.cond_dropout
+        drop = dropout_mask(x0.shape[0], spec.cond_dropout, gen)
         x0, noise, t, cond, drop = (v.to(accelerator.device) for v in (x0, noise, t, cond, drop))
         xt = scheduler.add_noise(x0, noise, t)
         target = (scheduler.get_velocity(x0, noise, t) if spec.prediction_type == "v_prediction"
@@ -446,9 +495,10 @@ def train_diffusion(params: Params, manifest: pd.DataFrame, cache: ImageCache, f
         accelerator.backward(loss)
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), spec.grad_clip)
         optimizer.step()
-        lr_scheduler.step()
+        if not optimizer.step_was_skipped:  # fp16: the scaler skips steps with inf gradients
+            lr_scheduler.step()
+            ema.step(accelerator.unwrap_model(model).parameters())
         optimizer.zero_grad(set_to_none=True)
-        ema.step(accelerator.unwrap_model(model).parameters())
         step += 1
         loss_all = accelerator.gather(loss.detach()[None]).mean().item()
         history.append({"step": step, "loss": loss_all, "grad_norm": float(grad_norm),
@@ -456,14 +506,16 @@ def train_diffusion(params: Params, manifest: pd.DataFrame, cache: ImageCache, f
         bar.update(1)
         bar.set_postfix(loss=f"{loss_all:.4f}")
         done = step == spec.max_steps
-        if accelerator.is_main_process and (step % spec.checkpoint_every == 0 or done):
-            last_ckpt = save_checkpoint(ckpt_root, step, accelerator.unwrap_model(model), ema,
-                                        optimizer, lr_scheduler, identity, history,
-                                        spec.keep_checkpoints)
-        if accelerator.is_main_process and (step % spec.sample_every == 0 or done):
-            previews.append(_preview(accelerator.unwrap_model(model), ema, scheduler, spec,
-                                     preview_cond, preview_names, folder, step, params.run.seed))
-        accelerator.wait_for_everyone()
+        if step % spec.checkpoint_every == 0 or done:
+            last_ckpt = save_checkpoint(accelerator, ckpt_root, step,
+                                        accelerator.unwrap_model(model), ema, optimizer,
+                                        lr_scheduler, identity, history, spec.keep_checkpoints)
+        if step % spec.sample_every == 0 or done:
+            path = _main_only(accelerator, partial(
+                _preview, accelerator.unwrap_model(model), ema, scheduler, spec, preview_cond,
+                preview_names, folder, step, params.run.seed))
+            previews += [path] if path is not None else []
+            accelerator.wait_for_everyone()
         if on_step is not None:
             on_step(step)
     bar.close()
@@ -497,5 +549,5 @@ def _preview(model: ConditionalUNet, ema: EMAModel, scheduler: DDPMScheduler,
     tmp = out / f".step-{step:07d}.tmp.png"
     Image.fromarray(np.concatenate(grid_rows, axis=0)).save(tmp)
     os.replace(tmp, path)
-    (out / "columns.json").write_text(json.dumps(names))
+    atomic_write_text(out / "columns.json", json.dumps(names))
     return path

@@ -18,8 +18,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from tqdm.auto import tqdm
+
+from cxrlib.config import atomic_write_parquet
 
 
 def preprocess(img: Image.Image, resolution: int) -> np.ndarray:
@@ -52,7 +54,7 @@ def load_image(path: str, resolution: int) -> tuple[np.ndarray | None, str | Non
             return preprocess(img, resolution), None
     except FileNotFoundError:
         return None, "image file missing"
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001 - any decoder failure is one counted drop
         return None, f"image unreadable: {type(exc).__name__}: {exc}"
 
 
@@ -75,6 +77,7 @@ def build_cache(paths: list[str], image_ids: list[str], folder: Path, resolution
     failed: list[tuple[str, str]] = []
     jobs = [(p, resolution) for p in paths]
     pool = get_context("fork").Pool(workers) if workers > 1 else None
+    done = False
     try:
         results = pool.imap(_load_job, jobs, chunksize=32) if pool else map(_load_job, jobs)
         for image_id, (img, reason) in tqdm(zip(image_ids, results, strict=True),
@@ -85,10 +88,14 @@ def build_cache(paths: list[str], image_ids: list[str], folder: Path, resolution
                 continue
             arr[len(kept)] = img
             kept.append(image_id)
+        done = True
     finally:
         if pool:
             pool.close()
             pool.join()
+        if not done:  # an interrupted build leaves no half-written array behind
+            del arr
+            tmp_arr.unlink(missing_ok=True)
     arr.flush()
     del arr
     final = np.lib.format.open_memmap(tmp_arr, mode="r+")
@@ -104,10 +111,8 @@ def build_cache(paths: list[str], image_ids: list[str], folder: Path, resolution
         os.replace(tmp2, tmp_arr)
     else:
         del final
-    index_tmp = folder / f".index.parquet.tmp-{os.getpid()}"
-    pd.DataFrame({"image_id": kept}).to_parquet(index_tmp, index=False)
     os.replace(tmp_arr, folder / "images.npy")
-    os.replace(index_tmp, folder / "index.parquet")
+    atomic_write_parquet(pd.DataFrame({"image_id": kept}), folder / "index.parquet")
     return pd.DataFrame(failed, columns=["image_id", "reason"])
 
 
@@ -147,6 +152,17 @@ class ImageCache:
                 f"{missing[:3]}; the cache does not match the manifest: rebuild it"
             )
         return np.array([self._row[i] for i in image_ids], dtype=np.int64)
+
+    def read_rows(self, rows: np.ndarray) -> np.ndarray:
+        """Images at array rows ``rows``, in that order (the memory map is read sorted)."""
+        order = np.argsort(rows)
+        out = np.empty((len(rows), *self.images.shape[1:]), dtype=np.uint8)
+        out[order] = self.images[np.asarray(rows)[order]]
+        return out
+
+    def load(self, image_ids: list[str] | pd.Series) -> np.ndarray:
+        """Images of the given ids, in that order."""
+        return self.read_rows(self.rows_for(image_ids))
 
     def get(self, image_id: str) -> np.ndarray:
         return np.asarray(self.images[self._row[image_id]])

@@ -36,20 +36,30 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
 from tqdm.auto import tqdm
 
 from cxrlib.condition import encode_conditions
-from cxrlib.config import Params, SamplingSpec
-from cxrlib.diffusion import ConditionalUNet, noise_scheduler, sample_images, training_rows
+from cxrlib.config import Params, SamplingSpec, atomic_write_parquet
+from cxrlib.diffusion import (
+    ConditionalUNet,
+    ddim_for,
+    noise_scheduler,
+    sample_images,
+    training_rows,
+)
 from cxrlib.labels import CHEXPERT_LABELS, MANIFEST_COLUMNS
 
 SAMPLERS: tuple[str, ...] = ("ddpm", "ddim", "dpmpp")
 #: Columns a synthetic manifest adds to the real schema.
 PROVENANCE_COLUMNS: tuple[str, ...] = (
-    "source_image_id", "replica", "seed", "strategy", "sampler", "steps", "guidance_scale",
-    "guidance_rescale",
+    "source_image_id", "replica", "seed", "strategy", "checkpoint", "sampler", "steps",
+    "guidance_scale", "guidance_rescale",
 )
+
+
+class SyntheticCohortError(RuntimeError):
+    """A synthetic cohort on disk is incomplete or does not match what is asked for."""
 
 
 def make_sampler(name: str, train_scheduler: DDPMScheduler):
@@ -58,7 +68,7 @@ def make_sampler(name: str, train_scheduler: DDPMScheduler):
     if name == "ddpm":
         return DDPMScheduler.from_config(config)
     if name == "ddim":
-        return DDIMScheduler.from_config(config, timestep_spacing="trailing")
+        return ddim_for(train_scheduler)
     if name == "dpmpp":
         return DPMSolverMultistepScheduler.from_config(
             config, algorithm_type="dpmsolver++", solver_order=2, timestep_spacing="trailing",
@@ -100,7 +110,7 @@ def timed_generate(*args, **kwargs) -> tuple[np.ndarray, float]:
 
 
 def _synthetic_rows(source: pd.DataFrame, replica: np.ndarray, seeds: np.ndarray,
-                    strategy: str, spec: SamplingSpec) -> pd.DataFrame:
+                    strategy: str, spec: SamplingSpec, checkpoint: str) -> pd.DataFrame:
     rows = source.reset_index(drop=True).copy()
     rows["source_image_id"] = rows["image_id"]
     rows["replica"] = replica
@@ -111,6 +121,7 @@ def _synthetic_rows(source: pd.DataFrame, replica: np.ndarray, seeds: np.ndarray
     rows["split"] = "train"
     rows["seed"] = seeds
     rows["strategy"] = strategy
+    rows["checkpoint"] = checkpoint
     rows["sampler"] = spec.sampler
     rows["steps"] = spec.steps
     rows["guidance_scale"] = spec.guidance_scale
@@ -119,8 +130,9 @@ def _synthetic_rows(source: pd.DataFrame, replica: np.ndarray, seeds: np.ndarray
     return rows[list(MANIFEST_COLUMNS) + list(PROVENANCE_COLUMNS)]
 
 
-def replica_plan(params: Params, manifest: pd.DataFrame) -> pd.DataFrame:
-    """Replicas 0..k-1 of every real training row of the diffusion sites (k = replicas)."""
+def replica_plan(params: Params, manifest: pd.DataFrame, checkpoint: str) -> pd.DataFrame:
+    """Replicas 0..k-1 of every real training row of the diffusion sites (k = replicas);
+    ``checkpoint`` names the diffusion checkpoint the images come from."""
     spec = params.sampling
     source = training_rows(params, manifest)
     k = spec.replicas
@@ -128,7 +140,7 @@ def replica_plan(params: Params, manifest: pd.DataFrame) -> pd.DataFrame:
     replica = np.tile(np.arange(k), len(source))
     seeds = np.array([image_seed(params.run.seed, sid, r)
                       for sid, r in zip(rep_rows["image_id"], replica, strict=True)])
-    plan = _synthetic_rows(rep_rows, replica, seeds, "replicas", spec)
+    plan = _synthetic_rows(rep_rows, replica, seeds, "replicas", spec, checkpoint)
     return plan.sort_values(["replica", "source_image_id"], kind="stable").reset_index(drop=True)
 
 
@@ -157,7 +169,7 @@ def rebalance_weights(source: pd.DataFrame, by: list[str],
     return w / w.sum()
 
 
-def rebalance_plan(params: Params, manifest: pd.DataFrame) -> pd.DataFrame:
+def rebalance_plan(params: Params, manifest: pd.DataFrame, checkpoint: str) -> pd.DataFrame:
     """``rebalance.n_images`` conditions drawn from the training rows with rebalancing weights
     (the same amount of synthetic data as a replica experiment when n_images = k x rows)."""
     spec = params.sampling
@@ -170,16 +182,17 @@ def rebalance_plan(params: Params, manifest: pd.DataFrame) -> pd.DataFrame:
     chosen = source.iloc[pick]
     seeds = np.array([image_seed(params.run.seed, f"rebalance/{sid}", int(d))
                       for sid, d in zip(chosen["image_id"], draw, strict=True)])
-    plan = _synthetic_rows(chosen, draw, seeds, "rebalance", spec)
+    plan = _synthetic_rows(chosen, draw, seeds, "rebalance", spec, checkpoint)
     plan["image_id"] = [f"synthetic/rebalance/{i:07d}" for i in draw]
     return plan
 
 
-def plan_for(params: Params, manifest: pd.DataFrame, strategy: str) -> pd.DataFrame:
+def plan_for(params: Params, manifest: pd.DataFrame, strategy: str,
+             checkpoint: str) -> pd.DataFrame:
     if strategy == "replicas":
-        return replica_plan(params, manifest)
+        return replica_plan(params, manifest, checkpoint)
     if strategy == "rebalance":
-        return rebalance_plan(params, manifest)
+        return rebalance_plan(params, manifest, checkpoint)
     raise ValueError(f"unknown strategy '{strategy}'; use replicas or rebalance")
 
 
@@ -204,8 +217,19 @@ def generate_cohort(params: Params, plan: pd.DataFrame, model: ConditionalUNet, 
     size = spec.shard_size
     n_shards = (len(plan) + size - 1) // size
     (folder / "shards").mkdir(parents=True, exist_ok=True)
-    todo = [s for s in range(n_shards) if s % world == rank
-            and not _shard_path(folder, s).exists()]
+    checkpoint = str(plan["checkpoint"].iloc[0]) if len(plan) else ""
+    todo = []
+    for s in range(n_shards):
+        path = _shard_path(folder, s)
+        if s % world != rank:
+            continue
+        if not path.exists():
+            todo.append(s)
+        elif str(np.load(path)["checkpoint"]) != checkpoint:
+            raise SyntheticCohortError(
+                f"{path} was generated with diffusion checkpoint "
+                f"{np.load(path)['checkpoint']} but this cohort uses {checkpoint}; delete "
+                f"{folder} to generate it again from the current model")
     train_sched = noise_scheduler(params.diffusion)
     cond = encode_conditions(plan, params.diffusion.nan_label_value)
     written = []
@@ -216,7 +240,8 @@ def generate_cohort(params: Params, plan: pd.DataFrame, model: ConditionalUNet, 
                           spec.batch_size)
         final = _shard_path(folder, s)
         tmp = final.with_name(f".{final.stem}.tmp-{os.getpid()}.npz")
-        np.savez(tmp, images=images, image_ids=plan["image_id"].to_numpy()[lo:hi].astype(str))
+        np.savez(tmp, images=images, image_ids=plan["image_id"].to_numpy()[lo:hi].astype(str),
+                 checkpoint=np.array(checkpoint))
         os.replace(tmp, final)
         written.append(s)
         if on_shard is not None:
@@ -233,7 +258,7 @@ def finalize_cohort(plan: pd.DataFrame, folder: Path, resolution: int,
     shards = [_shard_path(folder, s) for s in range(n_shards)]
     missing = [p.name for p in shards if not p.exists()]
     if missing or sum(len(np.load(p)["image_ids"]) for p in shards) != len(plan):
-        raise RuntimeError(f"synthetic cohort in {folder} is incomplete (missing shards: "
+        raise SyntheticCohortError(f"synthetic cohort in {folder} is incomplete (missing shards: "
                            f"{missing[:5]}); run the generation again to finish it")
     cache = folder / f"cache_{resolution}"
     cache.mkdir(parents=True, exist_ok=True)
@@ -250,15 +275,12 @@ def finalize_cohort(plan: pd.DataFrame, folder: Path, resolution: int,
     arr.flush()
     del arr
     if ids != plan["image_id"].tolist():
-        raise RuntimeError(f"synthetic shards in {folder} do not match the plan (made with other "
-                           "parameters?); delete the folder and generate again")
-    index_tmp = cache / f".index.parquet.tmp-{os.getpid()}"
-    pd.DataFrame({"image_id": ids}).to_parquet(index_tmp, index=False)
+        raise SyntheticCohortError(f"synthetic shards in {folder} do not match the plan (made "
+                                   "with other parameters?); delete the folder and generate "
+                                   "again")
     os.replace(tmp, cache / "images.npy")
-    os.replace(index_tmp, cache / "index.parquet")
-    manifest_tmp = folder / f".manifest.parquet.tmp-{os.getpid()}"
-    plan.to_parquet(manifest_tmp, index=False)
-    os.replace(manifest_tmp, folder / "manifest.parquet")
+    atomic_write_parquet(pd.DataFrame({"image_id": ids}), cache / "index.parquet")
+    atomic_write_parquet(plan, folder / "manifest.parquet")  # last: marks the cohort complete
     return plan
 
 
@@ -284,27 +306,45 @@ def label_summary(plan: pd.DataFrame, source: pd.DataFrame) -> pd.DataFrame:
 
 
 def build_synthetic_cohort(params: Params, manifest: pd.DataFrame, model: ConditionalUNet,
-                           folder: Path, strategy: str, progress: bool = True) -> pd.DataFrame:
-    """Plan, check, generate (this process's shards) and merge one strategy's cohort.
+                           checkpoint: Path, folder: Path, strategy: str,
+                           progress: bool = True) -> pd.DataFrame:
+    """Plan, check, generate (this process's shards) and merge one strategy's cohort from the
+    model of diffusion ``checkpoint``.
 
     Under ``accelerate launch`` every process generates its share of the shards; the main
-    process merges them once all are written. A finished cohort is loaded, not regenerated.
+    process merges them once all are written (an error there is raised on every process). A
+    finished cohort is loaded, not regenerated, if it came from the same checkpoint.
     """
     from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list
 
     out = folder / strategy
-    if (out / "manifest.parquet").exists():
-        return pd.read_parquet(out / "manifest.parquet")
-    plan = plan_for(params, manifest, strategy)
+    done = out / "manifest.parquet"
+    if done.exists():
+        existing = pd.read_parquet(done)
+        if existing["checkpoint"].iloc[0] != checkpoint.name:
+            raise SyntheticCohortError(
+                f"synthetic cohort {out} was generated with diffusion checkpoint "
+                f"{existing['checkpoint'].iloc[0]} but the model now is {checkpoint.name}; "
+                "delete the folder to generate it again")
+        return existing
+    plan = plan_for(params, manifest, strategy, checkpoint.name)
     check_no_eval_sources(plan, manifest)
     state = PartialState()
     generate_cohort(params, plan, model.to(state.device), out, state.process_index,
                     state.num_processes, progress and state.is_main_process)
     state.wait_for_everyone()
+    error = [None]
     if state.is_main_process:
-        finalize_cohort(plan, out, params.data.resolution, params.sampling.shard_size)
-    state.wait_for_everyone()
-    return pd.read_parquet(out / "manifest.parquet")
+        try:
+            finalize_cohort(plan, out, params.data.resolution, params.sampling.shard_size)
+        except Exception as exc:  # noqa: BLE001 - re-raised on every process below
+            error = [f"{type(exc).__name__}: {exc}"]
+    if state.num_processes > 1:
+        broadcast_object_list(error)
+    if error[0] is not None:
+        raise SyntheticCohortError(error[0])
+    return pd.read_parquet(done)
 
 
 def cohort_counts(cohorts: dict[str, pd.DataFrame]) -> pd.DataFrame:

@@ -16,6 +16,7 @@ from cxrlib.explorer import SamplingExplorer
 from cxrlib.imagecache import ImageCache
 from cxrlib.sampling import (
     SAMPLERS,
+    SyntheticCohortError,
     check_no_eval_sources,
     finalize_cohort,
     generate,
@@ -57,7 +58,7 @@ def test_an_image_depends_on_its_seed_not_its_batch(smoke, sampler):
 
 def test_replica_plan_uses_training_rows_only(smoke):
     params, manifest, _ = smoke
-    plan = replica_plan(params, manifest)
+    plan = replica_plan(params, manifest, "step-0000004")
     train = training_rows(params, manifest)
     assert len(plan) == 2 * len(train)
     assert set(plan["source_image_id"]) == set(train["image_id"])
@@ -69,7 +70,7 @@ def test_replica_plan_uses_training_rows_only(smoke):
     src = train.set_index("image_id").loc[plan["source_image_id"]]
     for col in ("patient_id", "sex", "age", "Cardiomegaly"):
         assert np.array_equal(plan[col].to_numpy(), src[col].to_numpy()) or col == "Cardiomegaly"
-    assert plan.equals(replica_plan(params, manifest))  # deterministic
+    assert plan.equals(replica_plan(params, manifest, "step-0000004"))  # deterministic
     check_no_eval_sources(plan, manifest)
     bad = plan.copy()
     test_id = manifest.loc[manifest["split"] == "test", "image_id"].iloc[0]
@@ -87,14 +88,14 @@ def test_rebalance_weights_equalise_groups(smoke):
     boosted = rebalance_weights(train, [], {"Support Devices": 4.0})
     pos = (train["Support Devices"] == 1.0).to_numpy()
     assert np.allclose(boosted[pos] / boosted[~pos][0], 4.0)
-    plan = rebalance_plan(params, manifest)
+    plan = rebalance_plan(params, manifest, "step-0000004")
     assert len(plan) == 2 * len(train)  # same amount of synthetic data as k = 2 replicas
     assert set(plan["source_image_id"]) <= set(train["image_id"])
 
 
 def test_generation_resumes_without_duplicates_or_losses(smoke, tmp_path):
     params, manifest, model = smoke
-    plan = replica_plan(params, manifest).head(150)  # 3 shards of 64
+    plan = replica_plan(params, manifest, "step-0000004").head(150)  # 3 shards of 64
     whole = tmp_path / "whole"
     generate_cohort(params, plan, model, whole, progress=False)
     ref = finalize_cohort(plan, whole, params.data.resolution, params.sampling.shard_size)
@@ -117,12 +118,17 @@ def test_generation_resumes_without_duplicates_or_losses(smoke, tmp_path):
     assert a.image_ids == b.image_ids == plan["image_id"].tolist()
     assert np.array_equal(np.asarray(a.images), np.asarray(b.images))
     saved = pd.read_parquet(part / "manifest.parquet")
-    assert {"source_image_id", "replica", "seed", "sampler", "steps"} <= set(saved.columns)
+    assert {"source_image_id", "replica", "seed", "sampler", "steps",
+            "checkpoint"} <= set(saved.columns)
+    # shards from another model are never mixed into this cohort
+    other = plan.assign(checkpoint="step-0000099")
+    with pytest.raises(SyntheticCohortError, match="step-0000004 but this cohort uses"):
+        generate_cohort(params, other, model, part, progress=False)
 
 
 def test_two_processes_split_the_shards(smoke, tmp_path):
     params, manifest, model = smoke
-    plan = replica_plan(params, manifest).head(150)
+    plan = replica_plan(params, manifest, "step-0000004").head(150)
     first = generate_cohort(params, plan, model, tmp_path, rank=0, world=2, progress=False)
     second = generate_cohort(params, plan, model, tmp_path, rank=1, world=2, progress=False)
     assert first == [0, 2] and second == [1]
