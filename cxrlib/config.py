@@ -289,6 +289,9 @@ class SamplingSpec(_Strict):
     batch_size: PositiveInt = 64
     #: Replicas per training row (k = 10 is +1000%).
     replicas: Annotated[int, Field(ge=1, le=10)] = 3
+    #: Share of the training rows (drawn by patient, seeded) that get synthetic images. The
+    #: paper uses all (1.0); a CPU demo can use fewer.
+    source_fraction: Annotated[float, Field(gt=0, le=1)] = 1.0
     strategies: list[Literal["replicas", "rebalance"]] = Field(
         default_factory=lambda: ["replicas", "rebalance"])
     rebalance: RebalanceSpec = Field(default_factory=RebalanceSpec)

@@ -130,11 +130,24 @@ def _synthetic_rows(source: pd.DataFrame, replica: np.ndarray, seeds: np.ndarray
     return rows[list(MANIFEST_COLUMNS) + list(PROVENANCE_COLUMNS)]
 
 
+def source_rows(params: Params, manifest: pd.DataFrame) -> pd.DataFrame:
+    """The training rows synthetic images are made from: all of the diffusion sites' training
+    rows, or a seeded draw of ``sampling.source_fraction`` of their patients."""
+    rows = training_rows(params, manifest)
+    frac = params.sampling.source_fraction
+    if frac >= 1.0:
+        return rows
+    patients = np.array(sorted(rows["patient_id"].unique()))
+    rng = np.random.default_rng([params.run.seed, 104729])
+    keep = rng.choice(patients, size=max(1, round(frac * len(patients))), replace=False)
+    return rows[rows["patient_id"].isin(set(keep))].reset_index(drop=True)
+
+
 def replica_plan(params: Params, manifest: pd.DataFrame, checkpoint: str) -> pd.DataFrame:
-    """Replicas 0..k-1 of every real training row of the diffusion sites (k = replicas);
+    """Replicas 0..k-1 of every source training row (:func:`source_rows`, k = replicas);
     ``checkpoint`` names the diffusion checkpoint the images come from."""
     spec = params.sampling
-    source = training_rows(params, manifest)
+    source = source_rows(params, manifest)
     k = spec.replicas
     rep_rows = source.loc[source.index.repeat(k)]
     replica = np.tile(np.arange(k), len(source))
@@ -173,7 +186,7 @@ def rebalance_plan(params: Params, manifest: pd.DataFrame, checkpoint: str) -> p
     """``rebalance.n_images`` conditions drawn from the training rows with rebalancing weights
     (the same amount of synthetic data as a replica experiment when n_images = k x rows)."""
     spec = params.sampling
-    source = training_rows(params, manifest)
+    source = source_rows(params, manifest)
     n = spec.rebalance.n_images or len(source) * spec.replicas
     w = rebalance_weights(source, spec.rebalance.by, spec.rebalance.label_boost)
     rng = np.random.default_rng([params.run.seed, 7919])

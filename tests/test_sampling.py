@@ -152,3 +152,16 @@ def test_explorer_callbacks_return_images_for_the_widgets(smoke):
     ex.labels["Cardiomegaly"].value = "absent"
     other, caps = ex.generate()
     assert not np.array_equal(other, images) and "Cardiomegaly" not in caps[0]
+
+
+def test_source_fraction_draws_whole_patients(smoke):
+    params, manifest, _ = smoke
+    part = params.model_copy(update={"sampling": params.sampling.model_copy(
+        update={"source_fraction": 0.5})})
+    plan = replica_plan(part, manifest, "step-0000004")
+    train = training_rows(params, manifest)
+    used = set(plan["patient_id"])
+    assert 0.3 * train["patient_id"].nunique() < len(used) < 0.7 * train["patient_id"].nunique()
+    # every image of a chosen patient is a source: patients are drawn whole
+    chosen = train[train["patient_id"].isin(used)]
+    assert set(plan["source_image_id"]) == set(chosen["image_id"])
