@@ -30,8 +30,10 @@ from cxrlib.sampling import image_seed, timed_generate
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--params", default="params/demo.yaml")
-    ap.add_argument("--n", type=int, default=200, help="images per setting")
-    ap.add_argument("--steps", type=int, nargs="+", default=[10, 15, 25, 50, 100, 200])
+    ap.add_argument("--n", type=int, default=64, help="images per setting")
+    ap.add_argument("--ddim-steps", type=int, nargs="+", default=[25, 50, 100, 200])
+    ap.add_argument("--dpmpp-steps", type=int, nargs="+", default=[5, 10, 15, 25, 50])
+    ap.add_argument("--ddpm-steps", type=int, nargs="+", default=[100, 200])
     ap.add_argument("--guidance", type=float, default=0.0)
     args = ap.parse_args()
     params = load_params(args.params)
@@ -46,21 +48,26 @@ def main() -> None:
     seeds = [image_seed(params.run.seed, f"bench/{i}", 0) for i in range(len(rows))]
     test = cohort.manifest[(cohort.manifest["split"] == "test")
                            & cohort.manifest["site"].isin(set(rows["site"]))]
-    real = cache.load(sample_rows(test, args.n, 12)["image_id"])
+    real = cache.load(sample_rows(test, 2 * args.n, 12)["image_id"])
+    real_a, real_b = real[: args.n], real[args.n: 2 * args.n]
+    floor = fid_kid(judge, real_a, real_b, params.data.resolution)
+    print(f"real vs real (n={args.n}): FID {floor['fid']:.4g}  KID {floor['kid_mean']:.4g}  "
+          "(the noise floor at this size)", flush=True)
     results = []
-    for sampler in ("ddpm", "ddim", "dpmpp"):
-        for steps in args.steps:
+    plan = {"ddpm": args.ddpm_steps, "ddim": args.ddim_steps, "dpmpp": args.dpmpp_steps}
+    for sampler, step_list in plan.items():
+        for steps in step_list:
             images, sec = timed_generate(model, sched, cond, seeds, sampler, steps,
                                          args.guidance, params.sampling.guidance_rescale,
                                          params.sampling.batch_size)
-            dist = fid_kid(judge, real, images, params.data.resolution)
+            dist = fid_kid(judge, real_a, images, params.data.resolution)
             results.append({"sampler": sampler, "steps": steps, "img_per_s": 1 / sec,
                             "fid": dist["fid"], "kid": dist["kid_mean"]})
             print(f"{sampler:6s} {steps:4d} steps: {1 / sec:8.1f} img/s  FID {dist['fid']:.4g}  "
                   f"KID {dist['kid_mean']:.4g}", flush=True)
     table = pd.DataFrame(results)
     print("\n" + table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
-    ref = table[(table.sampler == "ddim") & (table.steps == max(args.steps))].iloc[0]
+    ref = table[(table.sampler == "ddim") & (table.steps == max(args.ddim_steps))].iloc[0]
     dpm = table[(table.sampler == "dpmpp") & (table.fid <= 1.05 * ref.fid)].sort_values("steps")
     print(f"\nreference: DDIM-{int(ref.steps)}: FID {ref.fid:.4g} at {ref.img_per_s:.1f} img/s")
     if len(dpm):

@@ -26,7 +26,8 @@ class SamplingExplorer:
     """Widgets for sex, age, race, the 14 labels, guidance, sampler, steps, seed and count."""
 
     def __init__(self, model: ConditionalUNet, train_scheduler: DDPMScheduler,
-                 nan_value: float = 0.0, guidance_rescale: float = 0.7):
+                 nan_value: float = 0.0, guidance_rescale: float = 0.7, sampler: str = "ddim",
+                 steps: int = 25):
         self.model = model
         self.train_scheduler = train_scheduler
         self.nan_value = nan_value
@@ -42,9 +43,9 @@ class SamplingExplorer:
         self.labels["No Finding"].value = "present"
         self.guidance = W.FloatSlider(value=0.0, min=0.0, max=8.0, step=0.5,
                                       description="guidance", style=style)
-        self.sampler = W.Dropdown(options=list(SAMPLERS), value="ddim", description="sampler",
+        self.sampler = W.Dropdown(options=list(SAMPLERS), value=sampler, description="sampler",
                                   style=style)
-        self.steps = W.IntSlider(value=25, min=2, max=200, description="steps", style=style)
+        self.steps = W.IntSlider(value=steps, min=2, max=200, description="steps", style=style)
         self.seed = W.IntText(value=0, description="first seed", style=style)
         self.count = W.IntSlider(value=4, min=1, max=16, description="images", style=style)
         self.button = W.Button(description="Generate", button_style="primary")
@@ -75,12 +76,15 @@ class SamplingExplorer:
         """A grid with the condition under each image."""
         cols = min(4, len(images))
         rows = int(np.ceil(len(images) / cols))
-        fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.9 * rows), squeeze=False)
+        fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 3.2 * rows), squeeze=False)
         for ax in axes.ravel():
             ax.axis("off")
         for ax, img, cap in zip(axes.ravel(), images, captions, strict=False):
+            ax.axis("on")
+            ax.set_xticks([])
+            ax.set_yticks([])
             ax.imshow(img, cmap="gray", vmin=0, vmax=255)
-            ax.set_title(self._wrap(cap), fontsize=6, y=-0.02, va="top")
+            ax.set_xlabel(self._wrap(cap), fontsize=6)  # under the image; layout makes room
         fig.suptitle(f"{self.sampler.value}, {self.steps.value} steps, guidance "
                      f"{self.guidance.value:g}", fontsize=8)
         fig.tight_layout()
