@@ -56,7 +56,7 @@ from cxrlib.classify import predict_images, predictions_frame, train_or_load
 from cxrlib.condition import encode_conditions
 from cxrlib.config import Params, atomic_write_parquet
 from cxrlib.diffusion import ConditionalUNet, noise_scheduler, training_rows
-from cxrlib.imagecache import ImageCache
+from cxrlib.imagecache import ImageCache, to_model_input
 from cxrlib.labels import CHEXPERT_LABELS, SEXES
 from cxrlib.sampling import image_seed, timed_generate
 from cxrlib.stats import auroc_table
@@ -99,8 +99,7 @@ def judge_features(model: nn.Module, images: np.ndarray, batch_size: int = 128) 
     device = _model_device(model)
     out = []
     for start in range(0, len(images), batch_size):
-        batch = torch.from_numpy(np.ascontiguousarray(images[start: start + batch_size]))
-        x = batch.unsqueeze(1).float().div_(127.5).sub_(1.0).to(device)
+        x = to_model_input(images[start: start + batch_size]).to(device)
         out.append(_pre_logits(model, x).float().cpu().numpy())
     if not out:
         dim = JudgeFeatureExtractor(model, images.shape[-1]).num_features

@@ -25,7 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from cxrlib.config import ClassifierSpec, diff_keys
-from cxrlib.imagecache import ImageCache
+from cxrlib.imagecache import ImageCache, to_model_input
 from cxrlib.labels import CHEXPERT_LABELS
 
 
@@ -68,7 +68,7 @@ def _batches(rows: np.ndarray, labels: np.ndarray, cache: ImageCache, batch_size
     order = rng.permutation(len(rows)) if rng is not None else np.arange(len(rows))
     for start in range(0, len(order), batch_size):
         idx = order[start: start + batch_size]
-        x = torch.from_numpy(cache.read_rows(rows[idx])).unsqueeze(1).float().div_(127.5).sub_(1.0)
+        x = to_model_input(cache.read_rows(rows[idx]))
         yield x, torch.from_numpy(labels[idx])
 
 
@@ -161,8 +161,8 @@ def predict_images(model: nn.Module, images: np.ndarray, batch_size: int = 128) 
     model.eval()
     out = []
     for start in range(0, len(images), batch_size):
-        x = torch.from_numpy(np.asarray(images[start: start + batch_size])).unsqueeze(1)
-        out.append(torch.sigmoid(model(x.float().div_(127.5).sub_(1.0).to(device))).cpu())
+        x = to_model_input(images[start: start + batch_size]).to(device)
+        out.append(torch.sigmoid(model(x)).cpu())
     if not out:
         return np.zeros((0, len(CHEXPERT_LABELS)), dtype=np.float32)
     return torch.cat(out).numpy()

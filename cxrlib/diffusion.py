@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 
 from cxrlib.condition import ConditionEmbedding, dropout_mask, encode_conditions
 from cxrlib.config import DiffusionSpec, Params, atomic_write_text, diff_keys
-from cxrlib.imagecache import ImageCache
+from cxrlib.imagecache import ImageCache, to_model_input
 from cxrlib.labels import CHEXPERT_LABELS
 
 
@@ -395,9 +395,8 @@ class _CachedRows(torch.utils.data.Dataset):
         return len(self.index)
 
     def batch(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        x = torch.from_numpy(self.cache.read_rows(self.index[idx])).unsqueeze(1)
-        x = x.float().div_(127.5).sub_(1.0)
-        return x, torch.from_numpy(self.cond[idx])
+        return to_model_input(self.cache.read_rows(self.index[idx])), torch.from_numpy(
+            self.cond[idx])
 
 
 def check_cache_matches(cache: ImageCache, rows: pd.DataFrame, resolution: int) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -171,3 +172,9 @@ class ImageCache:
 def to_model_range(images: np.ndarray) -> np.ndarray:
     """uint8 [0, 255] -> float32 [-1, 1] (the paper's input scaling; padding becomes -1)."""
     return images.astype(np.float32) / 127.5 - 1.0
+
+
+def to_model_input(images: np.ndarray) -> torch.Tensor:
+    """uint8 images (n x R x R) -> a float tensor (n x 1 x R x R) in [-1, 1], as every model
+    of the project (diffusion UNet, classifiers, the audit's judge) takes them."""
+    return torch.from_numpy(to_model_range(np.asarray(images))).unsqueeze(1)
