@@ -30,8 +30,7 @@ class LearnabilityCheck:
 def learnability_check(params: Params, manifest: pd.DataFrame, cache: ImageCache,
                        progress: bool = True) -> LearnabilityCheck:
     """Train on internal train rows, early-stop on internal val, test on every test split."""
-    internal = {s.site for s in params.data.sites if s.role == "internal"}
-    is_int = manifest["site"].isin(internal)
+    is_int = manifest["site"].isin(params.internal_sites())
     train = manifest[is_int & (manifest["split"] == "train")]
     if len(train) > params.data_check.max_train_images:
         rng = np.random.default_rng(params.run.seed)

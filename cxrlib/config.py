@@ -325,6 +325,10 @@ class Params(_Strict):
     #: The file these parameters were loaded from (relative paths are anchored next to it).
     _source: Path | None = PrivateAttr(default=None)
 
+    def internal_sites(self) -> list[str]:
+        """Names of the sites with role ``internal`` (the study's training site(s))."""
+        return [s.site for s in self.data.sites if s.role == "internal"]
+
     def to_json(self) -> str:
         return self.model_dump_json(indent=2)
 

@@ -450,8 +450,7 @@ def prepare_cohort(params: Params, folder: Path, progress: bool = True) -> Cohor
 
 def internal_rows(params: Params, manifest: pd.DataFrame) -> pd.DataFrame:
     """Manifest rows of the internal site(s)."""
-    internal = [s.site for s in params.data.sites if s.role == "internal"]
-    return manifest[manifest["site"].isin(internal)]
+    return manifest[manifest["site"].isin(params.internal_sites())]
 
 
 def describe_sources(params: Params) -> pd.DataFrame:

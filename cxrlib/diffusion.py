@@ -123,7 +123,7 @@ def identity_config(params: Params) -> dict:
 
 def training_rows(params: Params, manifest: pd.DataFrame) -> pd.DataFrame:
     """The rows the diffusion model learns from: the training split of its sites."""
-    sites = params.diffusion.sites or [s.site for s in params.data.sites if s.role == "internal"]
+    sites = params.diffusion.sites or params.internal_sites()
     unknown = sorted(set(sites) - set(manifest["site"]))
     if unknown:
         raise DiffusionError(f"diffusion.sites names site(s) {unknown} that the manifest does "
