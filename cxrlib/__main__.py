@@ -28,6 +28,10 @@ def main(argv: list[str] | None = None) -> int:
     synth = sub.add_parser("generate-synthetic", help="generate the synthetic cohorts (use under "
                            "accelerate launch to split across GPUs); needs notebook 02's model")
     synth.add_argument("--params", type=Path, required=True)
+    grid = sub.add_parser("run-experiments", help="train the classifier experiment grid (use "
+                          "under accelerate launch for several GPUs); needs notebook 03's "
+                          "synthetic cohorts")
+    grid.add_argument("--params", type=Path, required=True)
     args = parser.parse_args(argv)
     try:
         if args.command == "check":
@@ -38,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
             return _train_diffusion(args.params, args.out)
         if args.command == "generate-synthetic":
             return _generate_synthetic(args.params)
+        if args.command == "run-experiments":
+            return _run_experiments(args.params)
         load_params(args.params)  # fail before any work on a bad file
         run_pipeline(args.params, tuple(args.stage or STAGES), force=args.force)
     except (ParamsError, ValueError, RuntimeError, FileNotFoundError, KeyError) as err:
@@ -83,6 +89,17 @@ def _generate_synthetic(params_file: Path) -> int:
         synth = build_synthetic_cohort(params, cohort.manifest, model, ckpt,
                                        folder / "03_sampling" / "synthetic", strategy)
         print(f"{strategy}: {len(synth)} synthetic images")
+    return 0
+
+
+def _run_experiments(params_file: Path) -> int:
+    from cxrlib.experiments import grid_data, run_grid
+
+    params = load_params(params_file)
+    folder = run_dir(params)
+    results = run_grid(params, grid_data(params, folder), folder / "04_experiments",
+                       reuse=(folder / "classifiers" / "real_only",))
+    print(f"{len(results)} experiment(s) finished under {folder / '04_experiments'}")
     return 0
 
 

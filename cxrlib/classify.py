@@ -1,9 +1,12 @@
 """Pathology classifiers: a timm backbone with 14 outputs, trained from the image cache.
 
 The loss is BCE with logits where NaN labels (uncertain under ``u-ignore``, or not annotated by
-a site) are masked out per label instead of being treated as negatives. Training keeps the
-weights of the epoch with the lowest validation loss and stops early after ``patience`` epochs
-without improvement.
+a site) are masked out per label instead of being treated as negatives. Training runs through
+HF Accelerate (device, mixed precision, several GPUs), augments on the device
+(:mod:`cxrlib.augment`), keeps an EMA of the weights for evaluation, keeps the weights of the
+epoch with the lowest validation loss and stops early after ``patience`` epochs without
+improvement. One trainer serves the audit's judge (notebook 03) and the experiment grid
+(notebook 04, :mod:`cxrlib.experiments`).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,12 +24,15 @@ import pandas as pd
 import timm
 import timm.optim
 import torch
+from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
+from timm.utils import ModelEmaV3
 from torch import nn
 from tqdm.auto import tqdm
 
+from cxrlib.augment import augment_batch
 from cxrlib.config import ClassifierSpec, diff_keys
-from cxrlib.imagecache import ImageCache, to_model_input
+from cxrlib.imagecache import CombinedCache, ImageCache, to_model_input
 from cxrlib.labels import CHEXPERT_LABELS
 
 
@@ -63,13 +70,37 @@ def masked_bce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return loss
 
 
-def _batches(rows: np.ndarray, labels: np.ndarray, cache: ImageCache, batch_size: int,
-             rng: np.random.Generator | None):
-    order = rng.permutation(len(rows)) if rng is not None else np.arange(len(rows))
-    for start in range(0, len(order), batch_size):
-        idx = order[start: start + batch_size]
-        x = to_model_input(cache.read_rows(rows[idx]))
-        yield x, torch.from_numpy(labels[idx])
+class BatchDataset(torch.utils.data.Dataset):
+    """Batches of (images in model range, labels) read from an image cache by row lists.
+
+    Index ``i`` is the ``i``-th batch of the epoch's plan, so a ``DataLoader`` with
+    ``batch_size=None`` and worker processes prefetches whole batches; each worker reopens the
+    cache's memory map instead of receiving a copy of the images.
+    """
+
+    def __init__(self, cache: ImageCache | CombinedCache, rows: np.ndarray, labels: np.ndarray):
+        self.cache, self.rows, self.labels = cache, rows, labels
+        self.plan: list[np.ndarray] = []
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = self.plan[i]
+        return to_model_input(self.cache.read_rows(self.rows[idx])), torch.from_numpy(
+            self.labels[idx])
+
+
+def epoch_plan(n: int, batch_size: int, rng: np.random.Generator | None, rank: int = 0,
+               world: int = 1) -> list[np.ndarray]:
+    """Index batches for one epoch: a seeded permutation (or the identity when ``rng`` is None)
+    cut into global batches of ``batch_size * world`` images, of which this process takes every
+    ``world``-th. A last global batch smaller than ``world`` is dropped, so that every process
+    has the same number of steps."""
+    order = rng.permutation(n) if rng is not None else np.arange(n)
+    step = batch_size * world
+    return [order[s: s + step][rank::world] for s in range(0, n, step)
+            if len(order[s: s + step]) >= world]
 
 
 @dataclass
@@ -86,49 +117,92 @@ def _label_matrix(df: pd.DataFrame) -> np.ndarray:
     return df[list(CHEXPERT_LABELS)].to_numpy(dtype=np.float32)
 
 
+def _loader(dataset: BatchDataset, workers: int, pin: bool) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False,
+                                       num_workers=workers, pin_memory=pin,
+                                       persistent_workers=False)
+
+
 @torch.no_grad()
-def _eval_loss(model: nn.Module, rows: np.ndarray, labels: np.ndarray, cache: ImageCache,
-               batch_size: int, device: torch.device) -> float:
+def _eval_loss(model: nn.Module, loader: torch.utils.data.DataLoader,
+               accelerator: Accelerator) -> float:
+    """Masked BCE over this process's validation share, summed over all processes."""
     model.eval()
-    total, count = 0.0, 0
-    for x, y in _batches(rows, labels, cache, batch_size, None):
-        logits = model(x.to(device))
-        known = (~torch.isnan(y)).sum().item()
-        total += masked_bce(logits, y.to(device)).item() * known
-        count += known
-    return total / max(count, 1)
+    total = torch.zeros(2, device=accelerator.device, dtype=torch.float64)
+    for x, y in loader:
+        x, y = x.to(accelerator.device), y.to(accelerator.device)
+        with accelerator.autocast():
+            logits = model(x)
+        known = (~torch.isnan(y)).sum()
+        total += torch.stack([masked_bce(logits.float(), y) * known, known.double()])
+    total = accelerator.reduce(total, reduction="sum")
+    return float(total[0] / total[1].clamp(min=1))
+
+
+def _accelerator(spec: ClassifierSpec) -> Accelerator:
+    cuda = torch.cuda.is_available()
+    return Accelerator(mixed_precision=spec.mixed_precision if cuda else "no", cpu=not cuda)
 
 
 def train_classifier(spec: ClassifierSpec, train: pd.DataFrame, val: pd.DataFrame,
-                     cache: ImageCache, seed: int = 0, progress: bool = True) -> TrainResult:
-    """Train on ``train`` rows with early stopping on ``val`` loss; returns the best model."""
+                     cache: ImageCache | CombinedCache, seed: int = 0,
+                     progress: bool = True) -> TrainResult:
+    """Train on ``train`` rows with early stopping on ``val`` loss; returns the best model.
+
+    Augmentations (``spec.augment``) run per image on the device; the EMA of the weights
+    (``spec.ema_decay`` > 0) is what validation scores and what is returned. Under
+    ``accelerate launch`` every process trains on its share of each global batch (DDP) and
+    the validation loss is summed over processes, so all stop at the same epoch.
+    """
     if len(train) == 0 or len(val) == 0:
         raise ValueError(f"classifier training needs train and val rows (got {len(train)} "
                          f"train, {len(val)} val)")
+    accelerator = _accelerator(spec)
+    rank, world = accelerator.process_index, accelerator.num_processes
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    device = pick_device()
-    model = build_model(spec).to(device)
+    gen = torch.Generator(device=accelerator.device).manual_seed(seed * 1000 + rank)
+    model = build_model(spec)
     opt = timm.optim.create_optimizer_v2(model, opt=spec.optimizer, lr=spec.lr,
                                          weight_decay=spec.weight_decay)
-    tr_rows, va_rows = cache.rows_for(train["image_id"]), cache.rows_for(val["image_id"])
-    tr_y, va_y = _label_matrix(train), _label_matrix(val)
+    model, opt = accelerator.prepare(model, opt)
+    # EMA with timm's warm-up (decay grows as 1 - (1 + step)^-2/3 up to ema_decay), so a
+    # short run is not averaged into its random initialisation.
+    ema = ModelEmaV3(accelerator.unwrap_model(model), decay=spec.ema_decay, use_warmup=True) \
+        if spec.ema_decay > 0 else None
+    step = 0
+    train_set = BatchDataset(cache, cache.rows_for(train["image_id"]), _label_matrix(train))
+    val_set = BatchDataset(cache, cache.rows_for(val["image_id"]), _label_matrix(val))
+    val_set.plan = epoch_plan(len(val), spec.batch_size, None, rank, world)
+    pin = accelerator.device.type == "cuda"
     best_loss, best_epoch, best_state, waited = np.inf, 0, None, 0
     history = []
-    bar = tqdm(range(1, spec.epochs + 1), desc="classifier epochs", disable=not progress)
+    bar = tqdm(range(1, spec.epochs + 1), desc="classifier epochs",
+               disable=not (progress and accelerator.is_main_process))
     for epoch in bar:
+        started = time.perf_counter()
+        train_set.plan = epoch_plan(len(train), spec.batch_size, rng, rank, world)
         model.train()
         losses = []
-        for x, y in _batches(tr_rows, tr_y, cache, spec.batch_size, rng):
-            loss = masked_bce(model(x.to(device)), y.to(device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip)
+        for x, y in _loader(train_set, spec.loader_workers, pin):
+            x, y = augment_batch(x.to(accelerator.device), y.to(accelerator.device),
+                                 spec.augment, gen)
+            with accelerator.autocast():
+                logits = model(x)
+            loss = masked_bce(logits.float(), y)
+            accelerator.backward(loss)
+            accelerator.clip_grad_norm_(model.parameters(), spec.grad_clip)
             opt.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            if ema is not None:
+                ema.update(accelerator.unwrap_model(model), step)
             losses.append(loss.item())
-        val_loss = _eval_loss(model, va_rows, va_y, cache, spec.batch_size, device)
+        scored = ema.module if ema is not None else model
+        val_loss = _eval_loss(scored, _loader(val_set, spec.loader_workers, pin), accelerator)
         history.append({"epoch": epoch, "train_loss": float(np.mean(losses)),
-                        "val_loss": val_loss})
+                        "val_loss": val_loss, "seconds": time.perf_counter() - started,
+                        "train_images": len(train)})
         bar.set_postfix(train=f"{np.mean(losses):.3f}", val=f"{val_loss:.3f}")
         if not np.isfinite(val_loss):
             raise ValueError(f"classifier training diverged at epoch {epoch} (validation loss "
@@ -136,14 +210,17 @@ def train_classifier(spec: ClassifierSpec, train: pd.DataFrame, val: pd.DataFram
                              f"(backbone {spec.backbone})")
         if val_loss < best_loss:
             best_loss, best_epoch, waited = val_loss, epoch, 0
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            best_state = {k: v.detach().clone()
+                          for k, v in accelerator.unwrap_model(scored).state_dict().items()}
         else:
             waited += 1
             if waited >= spec.patience:
                 break
     assert best_state is not None
-    model.load_state_dict(best_state)
-    return TrainResult(model, pd.DataFrame(history), best_epoch,
+    final = build_model(spec.model_copy(update={"pretrained": False}))
+    final.load_state_dict(best_state)
+    final.to(accelerator.device).eval()
+    return TrainResult(final, pd.DataFrame(history), best_epoch,
                        stopped_early=len(history) < spec.epochs)
 
 
@@ -206,30 +283,41 @@ def load_classifier(folder: Path, spec: ClassifierSpec | None = None) -> TrainRe
 
 
 def train_or_load(spec: ClassifierSpec, train: pd.DataFrame, val: pd.DataFrame,
-                  cache: ImageCache, folder: Path, seed: int = 0,
-                  progress: bool = True) -> TrainResult:
-    """Reuse a classifier saved in ``folder`` (same settings, seed, training and validation
-    rows), else train and save one, so that a model is never trained twice for the same data."""
+                  cache: ImageCache | CombinedCache, folder: Path, seed: int = 0,
+                  progress: bool = True, reuse: tuple[Path, ...] = ()) -> TrainResult:
+    """Reuse a classifier saved in ``folder`` or in one of the ``reuse`` folders (same
+    settings, seed, training and validation rows), else train one; the result is saved in
+    ``folder``, so that a model is never trained twice for the same data."""
     ids = {"train_rows": len(train), "val_rows": len(val), "seed": seed,
            "train_ids_crc": zlib.crc32("\n".join(train["image_id"]).encode()),
            "val_ids_crc": zlib.crc32("\n".join(val["image_id"]).encode())}
-    if (folder / "classifier.json").exists():
-        meta = json.loads((folder / "classifier.json").read_text())
-        same_spec = ClassifierSpec.model_validate(meta["spec"]) == spec
-        if same_spec and all(meta.get(k) == v for k, v in ids.items()):
-            return load_classifier(folder, spec)
+    for candidate in (folder, *reuse):
+        if (candidate / "classifier.json").exists():
+            meta = json.loads((candidate / "classifier.json").read_text())
+            same_spec = ClassifierSpec.model_validate(meta["spec"]) == spec
+            if same_spec and all(meta.get(k) == v for k, v in ids.items()):
+                result = load_classifier(candidate, spec)
+                if candidate != folder:
+                    save_classifier(result, spec, folder, {**ids, "reused_from": str(candidate)})
+                return result
     result = train_classifier(spec, train, val, cache, seed, progress)
     save_classifier(result, spec, folder, ids)
     return result
 
 
+#: Image attributes copied into predictions, so subgroup statistics need no manifest.
+SUBGROUP_COLUMNS: tuple[str, ...] = ("sex", "age", "race", "view")
+
+
 def predictions_frame(df: pd.DataFrame, scores: np.ndarray, test_set: str) -> pd.DataFrame:
-    """Long per-image predictions: image_id, patient_id, test_set, label, target, score."""
+    """Long per-image predictions: image_id, patient_id, test_set, label, target, score, and
+    the image's sex, age, race and view (where the rows have them)."""
     parts = []
+    extra = {c: df[c].to_numpy() for c in SUBGROUP_COLUMNS if c in df}
     for j, label in enumerate(CHEXPERT_LABELS):
         parts.append(pd.DataFrame({
             "image_id": df["image_id"].to_numpy(), "patient_id": df["patient_id"].to_numpy(),
             "test_set": test_set, "label": label, "target": df[label].to_numpy(dtype=float),
-            "score": scores[:, j],
+            "score": scores[:, j], **extra,
         }))
     return pd.concat(parts, ignore_index=True)

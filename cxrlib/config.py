@@ -165,8 +165,31 @@ class DataSpec(_Strict):
         return self
 
 
+class AugmentSpec(_Strict):
+    """Training-time augmentations (FACTS.md values by default); a probability of 0 switches
+    one off. Applied per image on the device, after loading, so the loader stays cheap."""
+
+    hflip: Fraction = 0.5
+    vflip: Fraction = 0.5
+    noise_p: Fraction = 0.5
+    #: Gaussian noise standard deviation in model units ([-1, 1] images).
+    noise_std: Annotated[float, Field(ge=0)] = 0.3
+    affine_p: Fraction = 0.5
+    #: Largest rotation in radians, relative scale change, and shift as a share of the side
+    #: (the paper's 12 px at 256 px is 0.047).
+    rotation: Annotated[float, Field(ge=0)] = 0.4
+    scale: Annotated[float, Field(ge=0, lt=1)] = 0.1
+    shift: Fraction = 0.047
+    #: Share of batches mixed by Mixup or CutMix (half each), Beta(alpha, alpha) weights.
+    mix_p: Fraction = 0.5
+    mix_alpha: Annotated[float, Field(gt=0)] = 1.0
+    #: Label smoothing of the training targets (0 -> eps/2, 1 -> 1 - eps/2).
+    label_smoothing: Fraction = 0.1
+
+
 class ClassifierSpec(_Strict):
-    """A timm image classifier with 14 outputs (the core later stages extend)."""
+    """A timm image classifier with 14 outputs, shared by the audit's judge (notebook 03) and
+    the classifier experiments (notebook 04)."""
 
     backbone: str = "resnet18"
     pretrained: bool = False
@@ -178,6 +201,44 @@ class ClassifierSpec(_Strict):
     #: Early stopping: epochs without a better validation loss before stopping.
     patience: PositiveInt = 3
     grad_clip: Annotated[float, Field(gt=0)] = 1.0
+    #: EMA decay of the weights used for validation and evaluation (0 = no EMA).
+    ema_decay: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    #: DataLoader worker processes reading the image cache (0 = in the training process).
+    loader_workers: Annotated[int, Field(ge=0)] = 0
+    augment: AugmentSpec = Field(default_factory=AugmentSpec)
+
+
+class ExternalExperimentSpec(_Strict):
+    """The paper's MIMIC experiment: train on an external site's real training split, with
+    and without ``k`` replicas of the internal site's synthetic images."""
+
+    site: str
+    #: Synthetic supplements to try (0 = the external site's real data alone).
+    synthetic_k: list[Annotated[int, Field(ge=0, le=10)]] = Field(
+        default_factory=lambda: [0, 10])
+
+
+class ExperimentSpec(_Strict):
+    """The classifier experiment grid (notebook 04). Every experiment validates on real
+    internal validation rows and is tested on the internal test split and every external site.
+    """
+
+    #: Share of the internal training patients (nested, seeded draws by patient) used as the
+    #: real training data; every supplementation experiment runs at each fraction.
+    real_fractions: list[Annotated[float, Field(gt=0, le=1)]] = Field(
+        default_factory=lambda: [1.0])
+    #: Real + replicas 0..k-1 of every real training row (k = 1 is +100%).
+    supplement_k: list[Annotated[int, Field(ge=1, le=10)]] = Field(
+        default_factory=lambda: list(range(1, 11)))
+    #: Synthetic replicas 0..k-1 of the real training rows only, no real images.
+    synthetic_only_k: list[Annotated[int, Field(ge=1, le=10)]] = Field(
+        default_factory=lambda: list(range(1, 11)))
+    #: Real + as many rebalanced synthetic images as ``real + k x replicas`` (0 = off).
+    rebalance_k: Annotated[int, Field(ge=0, le=10)] = 0
+    external: list[ExternalExperimentSpec] = Field(default_factory=list)
+    #: Training seeds per cell of the grid.
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
 
 
 class DataCheckSpec(_Strict):
@@ -322,8 +383,27 @@ class Params(_Strict):
     data_check: DataCheckSpec = Field(default_factory=DataCheckSpec)
     diffusion: DiffusionSpec = Field(default_factory=DiffusionSpec)
     sampling: SamplingSpec = Field(default_factory=SamplingSpec)
+    experiments: ExperimentSpec = Field(default_factory=ExperimentSpec)
     #: The file these parameters were loaded from (relative paths are anchored next to it).
     _source: Path | None = PrivateAttr(default=None)
+
+    @model_validator(mode="after")
+    def _experiments_fit(self) -> Params:
+        grid = self.experiments
+        needed = max([*grid.supplement_k, *grid.synthetic_only_k, grid.rebalance_k,
+                      *(k for e in grid.external for k in e.synthetic_k)], default=0)
+        if needed > self.sampling.replicas:
+            raise ValueError(f"experiments ask for {needed} synthetic replicas but "
+                             f"sampling.replicas is {self.sampling.replicas}; raise it or lower "
+                             "the k values in experiments")
+        if grid.rebalance_k and "rebalance" not in self.sampling.strategies:
+            raise ValueError("experiments.rebalance_k needs 'rebalance' in sampling.strategies")
+        external = {s.site for s in self.data.sites if s.role == "external"}
+        for e in grid.external:
+            if e.site not in external:
+                raise ValueError(f"experiments.external: '{e.site}' is not an external site "
+                                 f"(external sites: {sorted(external)})")
+        return self
 
     def internal_sites(self) -> list[str]:
         """Names of the sites with role ``internal`` (the study's training site(s))."""

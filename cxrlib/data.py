@@ -448,6 +448,19 @@ def prepare_cohort(params: Params, folder: Path, progress: bool = True) -> Cohor
     return Cohort(manifest, drops.frame(), folder, cache_dir)
 
 
+def patient_subset(rows: pd.DataFrame, fraction: float, seed: int) -> pd.DataFrame:
+    """Rows of a seeded draw of ``fraction`` of the patients (at least one), whole patients
+    only. Draws are nested: for one seed, the patients of a smaller fraction are always among
+    those of a larger one, so a 10% real subset lies inside the 25% that got synthetic images.
+    """
+    if fraction >= 1.0:
+        return rows.reset_index(drop=True)
+    patients = np.array(sorted(rows["patient_id"].unique()))
+    order = np.random.default_rng([seed, 104729]).permutation(len(patients))
+    keep = set(patients[order[: max(1, round(fraction * len(patients)))]])
+    return rows[rows["patient_id"].isin(keep)].reset_index(drop=True)
+
+
 def internal_rows(params: Params, manifest: pd.DataFrame) -> pd.DataFrame:
     """Manifest rows of the internal site(s)."""
     return manifest[manifest["site"].isin(params.internal_sites())]

@@ -168,6 +168,66 @@ class ImageCache:
     def get(self, image_id: str) -> np.ndarray:
         return np.asarray(self.images[self._row[image_id]])
 
+    def __getstate__(self) -> dict:
+        # DataLoader workers get the folder and reopen the memory map, never a pickled copy
+        # of the images.
+        return {"folder": self.folder}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["folder"])
+
+
+class CombinedCache:
+    """Several image caches read as one (real and synthetic images in one training set).
+
+    Rows are numbered cache after cache; the interface is :class:`ImageCache`'s, so the
+    classifier code reads a mixed training set exactly like a real-only one.
+    """
+
+    def __init__(self, caches: list[ImageCache]):
+        if not caches:
+            raise ValueError("CombinedCache needs at least one cache")
+        sizes = {c.resolution for c in caches}
+        if len(sizes) > 1:
+            raise ValueError(f"caches of different resolutions cannot be combined: "
+                             f"{[(str(c.folder), c.resolution) for c in caches]}")
+        self.caches = caches
+        self._offsets = np.cumsum([0] + [len(c) for c in caches])
+        self._row: dict[str, int] = {}
+        for offset, cache in zip(self._offsets, caches, strict=False):
+            for image_id, row in cache._row.items():
+                self._row.setdefault(image_id, int(offset) + row)
+
+    def __len__(self) -> int:
+        return int(self._offsets[-1])
+
+    @property
+    def resolution(self) -> int:
+        return self.caches[0].resolution
+
+    def rows_for(self, image_ids: list[str] | pd.Series) -> np.ndarray:
+        """Global rows of the given ids; an id no cache holds is an error naming it."""
+        missing = [i for i in image_ids if i not in self._row]
+        if missing:
+            raise KeyError(f"{len(missing)} image(s) are in none of the caches "
+                           f"{[str(c.folder) for c in self.caches]}, e.g. {missing[:3]}")
+        return np.array([self._row[i] for i in image_ids], dtype=np.int64)
+
+    def read_rows(self, rows: np.ndarray) -> np.ndarray:
+        """Images at global rows ``rows``, in that order."""
+        rows = np.asarray(rows, dtype=np.int64)
+        out = np.empty((len(rows), self.resolution, self.resolution), dtype=np.uint8)
+        which = np.searchsorted(self._offsets, rows, side="right") - 1
+        for i, cache in enumerate(self.caches):
+            sel = np.flatnonzero(which == i)
+            if len(sel):
+                out[sel] = cache.read_rows(rows[sel] - self._offsets[i])
+        return out
+
+    def load(self, image_ids: list[str] | pd.Series) -> np.ndarray:
+        """Images of the given ids, in that order."""
+        return self.read_rows(self.rows_for(image_ids))
+
 
 def to_model_range(images: np.ndarray) -> np.ndarray:
     """uint8 [0, 255] -> float32 [-1, 1] (the paper's input scaling; padding becomes -1)."""

@@ -259,3 +259,51 @@ def sweep_figure(table: pd.DataFrame) -> plt.Figure:
     axes[1].set_ylabel("macro AUROC of the judge\nagainst the condition")
     fig.tight_layout()
     return fig
+
+
+# ---------------------------------------------------------------------------------------------
+# Notebook 04: the classifier experiment grid
+
+
+def grid_learning_curves(histories: pd.DataFrame) -> plt.Figure:
+    """Validation loss per epoch for every experiment (mean over seeds), one panel per
+    group of experiments (real fraction, or the external site)."""
+    frame = histories.assign(group=histories["experiment"].map(
+        lambda e: e.rsplit(".", 1)[1] if "." in e else "external site"))
+    groups = list(dict.fromkeys(frame["group"]))
+    fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 3.6), squeeze=False)
+    for ax, group in zip(axes[0], groups, strict=True):
+        sub = frame[frame["group"] == group]
+        sns.lineplot(data=sub, x="epoch", y="val_loss", hue="experiment", marker="o",
+                     errorbar=None, ax=ax)
+        ax.set_title(f"validation loss ({group})")
+        ax.set_ylabel("masked BCE (real internal val)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def early_stop_figure(results: pd.DataFrame) -> plt.Figure:
+    """Epoch of the kept (best-validation) weights against the share of synthetic data: the
+    authors saw training stop earlier as synthetic data grew."""
+    frame = results.assign(**{"synthetic %": results["synthetic %"].fillna(-100)})
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    sns.stripplot(data=frame, x="synthetic %", y="best_epoch", hue="kind", dodge=False,
+                  size=7, ax=ax)
+    ax.set_xlabel("synthetic images, % of the real training images (-100 = synthetic only)")
+    ax.set_ylabel("best epoch (early stopping)")
+    ax.set_title("Epochs to the best validation loss")
+    fig.tight_layout()
+    return fig
+
+
+def experiment_auroc_heatmap(macro: pd.DataFrame) -> plt.Figure:
+    """Macro AUROC (mean over seeds) per experiment and test set."""
+    table = macro.groupby(["experiment", "test_set"], sort=False)["macro_auroc"].mean().unstack()
+    fig, ax = plt.subplots(figsize=(2.5 + 1.8 * table.shape[1], 1 + 0.42 * len(table)))
+    sns.heatmap(table, annot=True, fmt=".3f", cmap="RdYlGn", ax=ax,
+                cbar_kws={"label": "macro AUROC"})
+    ax.set_title("Macro AUROC per experiment and test set (first look, mean over seeds)")
+    ax.set_xlabel("")
+    fig.tight_layout()
+    return fig

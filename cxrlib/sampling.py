@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 
 from cxrlib.condition import encode_conditions
 from cxrlib.config import Params, SamplingSpec, atomic_write_parquet
+from cxrlib.data import patient_subset
 from cxrlib.diffusion import (
     ConditionalUNet,
     ddim_for,
@@ -133,14 +134,8 @@ def _synthetic_rows(source: pd.DataFrame, replica: np.ndarray, seeds: np.ndarray
 def source_rows(params: Params, manifest: pd.DataFrame) -> pd.DataFrame:
     """The training rows synthetic images are made from: all of the diffusion sites' training
     rows, or a seeded draw of ``sampling.source_fraction`` of their patients."""
-    rows = training_rows(params, manifest)
-    frac = params.sampling.source_fraction
-    if frac >= 1.0:
-        return rows
-    patients = np.array(sorted(rows["patient_id"].unique()))
-    rng = np.random.default_rng([params.run.seed, 104729])
-    keep = rng.choice(patients, size=max(1, round(frac * len(patients))), replace=False)
-    return rows[rows["patient_id"].isin(set(keep))].reset_index(drop=True)
+    return patient_subset(training_rows(params, manifest), params.sampling.source_fraction,
+                          params.run.seed)
 
 
 def replica_plan(params: Params, manifest: pd.DataFrame, checkpoint: str) -> pd.DataFrame:

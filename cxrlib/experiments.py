@@ -1,0 +1,332 @@
+"""The classifier experiment grid (notebook 04): real, real + synthetic, synthetic only, sites.
+
+Every cell of the grid is one :class:`Experiment` (a training set recipe) times a seed:
+
+- ``real_only.f25``: a seeded draw of 25% of the internal training patients (the baseline);
+- ``real_plus_synthetic_x2.f25``: those rows plus replicas 0..1 of each of them (+200%);
+- ``synthetic_only_x2.f25``: the replicas alone, no real image;
+- ``real_plus_rebalanced_x2.f25``: the real rows plus as many *rebalanced* synthetic images as
+  the ``x2`` replica experiment adds, so the two strategies compare like for like;
+- ``nih_only`` / ``nih_plus_synthetic_x2``: an external site's real training split alone and
+  with internal synthetic replicas (the paper's MIMIC experiment).
+
+Validation is always the real internal validation split; the test sets are the internal test
+split and every external site's test split. Each finished experiment leaves its model,
+history, config and long per-image predictions (parquet) in its own folder; the predictions are
+written last and mark it done, so an interrupted grid resumes where it stopped.
+
+Before anything trains, :func:`check_grid_leakage` verifies that no validation or test patient
+(through a synthetic image's source patient too) is in any training set of the grid.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pandas as pd
+from accelerate import PartialState
+from tqdm.auto import tqdm
+
+from cxrlib.classify import (
+    TrainResult,
+    predict,
+    predictions_frame,
+    train_or_load,
+)
+from cxrlib.config import Params, atomic_write_parquet, atomic_write_text
+from cxrlib.data import DataError, load_cohort, patient_subset
+from cxrlib.imagecache import CombinedCache, ImageCache
+
+KINDS: tuple[str, ...] = ("real_only", "real_plus_synthetic", "synthetic_only",
+                          "real_plus_rebalanced", "external_only", "external_plus_synthetic")
+
+
+class LeakageError(DataError):
+    """A validation or test patient is in a training set of the grid."""
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """One training-set recipe of the grid at one seed."""
+
+    name: str
+    kind: str
+    k: int
+    real_fraction: float
+    train_site: str
+    seed: int
+
+    @property
+    def folder(self) -> str:
+        return f"{self.name}/seed-{self.seed}"
+
+
+def fraction_tag(fraction: float) -> str:
+    """``0.25`` -> ``f25`` (the suffix of an experiment name)."""
+    return f"f{round(100 * fraction)}"
+
+
+def plan_grid(params: Params) -> list[Experiment]:
+    """Every experiment x seed of ``params.experiments``, baselines first."""
+    grid, internal = params.experiments, "+".join(params.internal_sites())
+    recipes: list[tuple[str, str, int, float, str]] = []
+    for f in grid.real_fractions:
+        tag = fraction_tag(f)
+        recipes.append((f"real_only.{tag}", "real_only", 0, f, internal))
+        recipes += [(f"real_plus_synthetic_x{k}.{tag}", "real_plus_synthetic", k, f, internal)
+                    for k in grid.supplement_k]
+        recipes += [(f"synthetic_only_x{k}.{tag}", "synthetic_only", k, f, internal)
+                    for k in grid.synthetic_only_k]
+        if grid.rebalance_k:
+            recipes.append((f"real_plus_rebalanced_x{grid.rebalance_k}.{tag}",
+                            "real_plus_rebalanced", grid.rebalance_k, f, internal))
+    for ext in grid.external:
+        for k in sorted(ext.synthetic_k):
+            name = f"{ext.site}_only" if k == 0 else f"{ext.site}_plus_synthetic_x{k}"
+            kind = "external_only" if k == 0 else "external_plus_synthetic"
+            recipes.append((name, kind, k, 1.0, ext.site))
+    return [Experiment(name, kind, k, f, site, seed)
+            for seed in grid.seeds for name, kind, k, f, site in recipes]
+
+
+def baseline_of(experiment: str) -> str:
+    """The experiment a result is compared with: the real-only model at the same real
+    fraction, or the external site's real-only model for the external experiments."""
+    if "." in experiment:
+        return f"real_only.{experiment.rsplit('.', 1)[1]}"
+    site = experiment.split("_plus_synthetic")[0].removesuffix("_only")
+    return f"{site}_only"
+
+
+@dataclass
+class GridData:
+    """What the grid trains and tests on: the real cohort and the synthetic cohorts."""
+
+    manifest: pd.DataFrame
+    cache: ImageCache
+    synthetic: dict[str, pd.DataFrame]
+    synthetic_caches: dict[str, ImageCache]
+
+    def combined_cache(self) -> CombinedCache:
+        return CombinedCache([self.cache, *self.synthetic_caches.values()])
+
+
+def load_synthetic(folder: Path, resolution: int,
+                   strategies: list[str]) -> tuple[dict[str, pd.DataFrame], dict[str, ImageCache]]:
+    """The synthetic cohorts notebook 03 wrote (manifest and image cache per strategy)."""
+    frames, caches = {}, {}
+    for strategy in strategies:
+        path = folder / strategy / "manifest.parquet"
+        if not path.exists():
+            raise FileNotFoundError(f"no synthetic cohort '{strategy}' at {path}; run notebook "
+                                    "03 (or cxrlib generate-synthetic) for this run first")
+        frames[strategy] = pd.read_parquet(path)
+        caches[strategy] = ImageCache(folder / strategy / f"cache_{resolution}")
+    return frames, caches
+
+
+def grid_data(params: Params, folder: Path) -> GridData:
+    """The run's real cohort (notebook 01) and synthetic cohorts (notebook 03)."""
+    cohort = load_cohort(params, folder)
+    if cohort.cache_dir is None:
+        raise DataError("a metadata-only run has no images to train classifiers on")
+    frames, caches = load_synthetic(folder / "03_sampling" / "synthetic",
+                                    params.data.resolution, params.sampling.strategies)
+    return GridData(cohort.manifest, ImageCache(cohort.cache_dir), frames, caches)
+
+
+def _split_rows(manifest: pd.DataFrame, sites: list[str], split: str) -> pd.DataFrame:
+    return manifest[manifest["site"].isin(sites) & (manifest["split"] == split)]
+
+
+def validation_rows(params: Params, manifest: pd.DataFrame) -> pd.DataFrame:
+    """Real internal validation rows: the one validation set of every experiment."""
+    return _split_rows(manifest, params.internal_sites(), "val").reset_index(drop=True)
+
+
+def test_sets(params: Params, manifest: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """``{"<site> (internal|external)": test rows}`` for every site with a test split."""
+    out = {}
+    for site in params.data.sites:
+        rows = _split_rows(manifest, [site.site], "test")
+        if len(rows):
+            out[f"{site.site} ({site.role})"] = rows.reset_index(drop=True)
+    return out
+
+
+def _replicas_of(synthetic: pd.DataFrame, sources: pd.Series, k: int) -> pd.DataFrame:
+    return synthetic[synthetic["source_image_id"].isin(set(sources))
+                     & (synthetic["replica"] < k)]
+
+
+def training_set(exp: Experiment, params: Params, data: GridData) -> pd.DataFrame:
+    """The training rows of one experiment (real and synthetic manifest rows, with a
+    ``source`` column saying which); an error names what is missing for a recipe."""
+    manifest = data.manifest
+    if exp.kind.startswith("external"):
+        real = _split_rows(manifest, [exp.train_site], "train")
+        if real.empty:
+            raise DataError(f"experiment {exp.name}: site '{exp.train_site}' has no training "
+                            "rows; give it a train fraction in data.sites[].split")
+        synth = data.synthetic["replicas"]
+        synth = synth[synth["replica"] < exp.k]
+    else:
+        internal = _split_rows(manifest, params.internal_sites(), "train")
+        real = patient_subset(internal, exp.real_fraction, params.run.seed)
+        synth = data.synthetic["replicas"].iloc[:0]  # no synthetic rows, but their columns
+        if exp.kind in ("real_plus_synthetic", "synthetic_only"):
+            synth = _replicas_of(data.synthetic["replicas"], real["image_id"], exp.k)
+            missing = len(real) * exp.k - len(synth)
+            if missing:
+                raise DataError(
+                    f"experiment {exp.name}: {missing} of {len(real) * exp.k} synthetic "
+                    f"replicas are missing (sampling.source_fraction "
+                    f"{params.sampling.source_fraction}, sampling.replicas "
+                    f"{params.sampling.replicas}); use experiments.real_fractions no larger "
+                    "than sampling.source_fraction, or generate more")
+        elif exp.kind == "real_plus_rebalanced":
+            pool = data.synthetic["rebalance"]
+            pool = pool[pool["patient_id"].isin(set(real["patient_id"]))]
+            need = len(real) * exp.k
+            if len(pool) < need:
+                raise DataError(
+                    f"experiment {exp.name}: needs {need} rebalanced images of its real "
+                    f"patients but the rebalance cohort has {len(pool)}; raise "
+                    "sampling.rebalance.n_images or lower experiments.rebalance_k")
+            synth = pool.iloc[:need]  # the cohort is a seeded weighted draw: its head is one
+        if exp.kind == "synthetic_only":
+            real = real.iloc[:0]
+    return pd.concat([real.assign(source="real"), synth.assign(source="synthetic")],
+                     ignore_index=True)
+
+
+def check_grid_leakage(training: dict[str, pd.DataFrame], manifest: pd.DataFrame) -> None:
+    """Fail loudly if a validation or test patient appears in any training set of the grid
+    (synthetic rows carry their source's patient id, so copies of a patient count too)."""
+    held_out = manifest[manifest["split"].isin(["val", "test"])]
+    held = dict(zip(held_out["patient_id"], held_out["split"], strict=False))
+    problems = []
+    for name, rows in training.items():
+        bad = sorted(set(rows["patient_id"]) & set(held))
+        if bad:
+            problems.append(f"{name}: {len(bad)} patient(s) from val/test, e.g. "
+                            f"{[(p, held[p]) for p in bad[:3]]}")
+        not_train = rows.loc[rows["source"] == "real", "split"].ne("train")
+        if not_train.any():
+            problems.append(f"{name}: {int(not_train.sum())} real row(s) not from a train split")
+    if problems:
+        raise LeakageError("held-out patients leak into training sets:\n  " +
+                           "\n  ".join(problems))
+
+
+def _config(exp: Experiment, params: Params, train: pd.DataFrame) -> dict:
+    return {**asdict(exp), "classifier": params.classifier.model_dump(),
+            "n_real": int((train["source"] == "real").sum()),
+            "n_synthetic": int((train["source"] == "synthetic").sum()),
+            "n_patients": int(train["patient_id"].nunique())}
+
+
+def run_experiment(exp: Experiment, params: Params, data: GridData, train: pd.DataFrame,
+                   folder: Path, reuse: tuple[Path, ...] = (),
+                   progress: bool = False) -> pd.DataFrame:
+    """Train (or reuse) one experiment's classifier and write its predictions on every test
+    set; returns the predictions. Only the main process writes files."""
+    out = folder / exp.folder
+    cache = data.combined_cache() if (train["source"] == "synthetic").any() else data.cache
+    val = validation_rows(params, data.manifest)
+    started = time.perf_counter()
+    result: TrainResult = train_or_load(params.classifier, train, val, cache, out / "model",
+                                        exp.seed, progress, reuse)
+    seconds = time.perf_counter() - started
+    preds = pd.concat([predictions_frame(rows, predict(result.model, rows, data.cache), name)
+                       for name, rows in test_sets(params, data.manifest).items()],
+                      ignore_index=True)
+    preds.insert(0, "experiment", exp.name)
+    preds.insert(1, "seed", exp.seed)
+    if PartialState().is_main_process:
+        config = {**_config(exp, params, train), "best_epoch": result.best_epoch,
+                  "epochs_run": len(result.history), "stopped_early": result.stopped_early,
+                  "train_seconds": round(seconds, 1)}
+        atomic_write_text(out / "config.json", json.dumps(config, indent=1))
+        result.history.assign(experiment=exp.name, seed=exp.seed).to_csv(
+            out / "history.csv", index=False)
+        atomic_write_parquet(preds, out / "predictions.parquet")  # last: marks it done
+    PartialState().wait_for_everyone()
+    return preds
+
+
+def training_sets(params: Params, data: GridData) -> dict[Experiment, pd.DataFrame]:
+    """The training rows of every experiment of the grid, checked for leakage (an error
+    before anything trains)."""
+    training = {e: training_set(e, params, data) for e in plan_grid(params)}
+    check_grid_leakage({e.folder: rows for e, rows in training.items()}, data.manifest)
+    return training
+
+
+def grid_overview(training: dict[Experiment, pd.DataFrame]) -> pd.DataFrame:
+    """One row per experiment (first seed): recipe and training-set size."""
+    rows, seen = [], set()
+    for exp, train in training.items():
+        if exp.name in seen:
+            continue
+        seen.add(exp.name)
+        n_real = int((train["source"] == "real").sum())
+        n_syn = len(train) - n_real
+        rows.append({"experiment": exp.name, "kind": exp.kind, "k": exp.k,
+                     "real fraction": exp.real_fraction, "trained on": exp.train_site,
+                     "real images": n_real, "synthetic images": n_syn,
+                     "patients": train["patient_id"].nunique(),
+                     "seeds": sum(e.name == exp.name for e in training)})
+    return pd.DataFrame(rows).set_index("experiment")
+
+
+def run_grid(params: Params, data: GridData, folder: Path,
+             training: dict[Experiment, pd.DataFrame] | None = None,
+             reuse: tuple[Path, ...] = (), progress: bool = True) -> pd.DataFrame:
+    """Run every experiment of the grid that has no predictions yet (resumable), after the
+    leakage check over all of them; returns :func:`grid_results`. ``reuse`` folders may hold
+    the real-only model at 100% (notebook 03's judge), which is then not trained again."""
+    training = training if training is not None else training_sets(params, data)
+    todo = [e for e in training if not (folder / e.folder / "predictions.parquet").exists()]
+    state = PartialState()
+    bar = tqdm(todo, desc=f"experiment grid ({len(training) - len(todo)} of {len(training)} "
+               "done before)", disable=not (progress and state.is_main_process))
+    for exp in bar:
+        bar.set_postfix_str(exp.folder)
+        baseline = exp.kind == "real_only" and exp.real_fraction == 1.0
+        run_experiment(exp, params, data, training[exp], folder, reuse if baseline else ())
+    return grid_results(folder)
+
+
+def load_predictions(folder: Path) -> pd.DataFrame:
+    """Every finished experiment's per-image predictions under ``folder``, in one frame."""
+    paths = sorted(folder.glob("*/seed-*/predictions.parquet"))
+    if not paths:
+        raise FileNotFoundError(f"no experiment predictions under {folder}; run notebook 04 "
+                                "(classifier experiments) for this run first")
+    return pd.concat([pd.read_parquet(p) for p in paths], ignore_index=True)
+
+
+def load_histories(folder: Path) -> pd.DataFrame:
+    """Every finished experiment's per-epoch history (train and validation loss)."""
+    paths = sorted(folder.glob("*/seed-*/history.csv"))
+    return pd.concat([pd.read_csv(p) for p in paths], ignore_index=True)
+
+
+def grid_results(folder: Path) -> pd.DataFrame:
+    """One row per finished experiment and seed: its recipe, training-set sizes and epochs
+    (AUROCs come from the statistics stage, on the predictions)."""
+    rows = []
+    for path in sorted(folder.glob("*/seed-*/predictions.parquet")):
+        config = json.loads((path.parent / "config.json").read_text())
+        rows.append({k: config[k] for k in (
+            "name", "kind", "k", "real_fraction", "train_site", "seed", "n_real", "n_synthetic",
+            "best_epoch", "epochs_run", "stopped_early", "train_seconds")})
+    table = pd.DataFrame(rows).rename(columns={"name": "experiment"})
+    if len(table):
+        table["synthetic %"] = (100 * table["n_synthetic"] / table["n_real"].where(
+            table["n_real"] > 0)).round(0)
+    return table

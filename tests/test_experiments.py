@@ -1,0 +1,287 @@
+"""Classifier experiments: masked loss, augmentations, loader plans, the grid and its checks.
+
+The grid tests use the smoke cohort with stand-in synthetic cohorts (copies of their source
+images written through the sampling code's own plans and cache format), so they need no
+diffusion model and run in seconds.
+"""
+
+from __future__ import annotations
+
+import pickle
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from cxrlib import classify
+from cxrlib.augment import augment_batch, mix_batch, random_affine
+from cxrlib.classify import epoch_plan, masked_bce
+from cxrlib.config import AugmentSpec, ParamsError, atomic_write_parquet, load_params, run_dir
+from cxrlib.data import patient_subset, prepare_cohort
+from cxrlib.experiments import (
+    GridData,
+    LeakageError,
+    baseline_of,
+    check_grid_leakage,
+    grid_data,
+    plan_grid,
+    run_grid,
+    training_set,
+    training_sets,
+)
+from cxrlib.imagecache import CombinedCache, ImageCache
+from cxrlib.labels import CHEXPERT_LABELS
+from cxrlib.sampling import rebalance_plan, replica_plan, source_rows
+
+ROOT = Path(__file__).resolve().parent.parent
+OFF = AugmentSpec(hflip=0, vflip=0, noise_p=0, affine_p=0, mix_p=0, label_smoothing=0)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# ------------------------------------------------------------------------------------------
+# Loss and augmentations
+
+
+def test_masked_bce_ignores_nan_labels_instead_of_calling_them_negative():
+    logits = torch.tensor([[2.0, -1.0, 0.5], [0.3, 4.0, -2.0]], requires_grad=True)
+    targets = torch.tensor([[1.0, float("nan"), 0.0], [float("nan"), 1.0, float("nan")]])
+    loss = masked_bce(logits, targets)
+    known = ~torch.isnan(targets)
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(
+        logits[known], targets[known])
+    assert torch.allclose(loss, expected)
+    as_negative = torch.nn.functional.binary_cross_entropy_with_logits(
+        logits, torch.nan_to_num(targets, nan=0.0))
+    assert not torch.allclose(loss, as_negative)
+    loss.backward()
+    assert torch.all(logits.grad[~known] == 0) and torch.all(logits.grad[known] != 0)
+    assert masked_bce(logits, torch.full_like(targets, float("nan"))).item() == 0.0
+
+
+def _batch(n: int = 8, size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand((n, 1, size, size), generator=g) * 2 - 1
+    y = (torch.rand((n, 14), generator=g) > 0.5).float()
+    y[0, 3] = float("nan")
+    return x, y
+
+
+def test_augmentations_switched_off_change_nothing():
+    x, y = _batch()
+    ax, ay = augment_batch(x, y, OFF, torch.Generator().manual_seed(1))
+    assert torch.equal(ax, x)
+    assert torch.equal(torch.isnan(ay), torch.isnan(y))
+    assert torch.equal(torch.nan_to_num(ay), torch.nan_to_num(y))
+
+
+def test_augmentations_are_seeded_and_keep_nan_targets_unknown():
+    x, y = _batch()
+    spec = AugmentSpec(mix_p=1.0)
+    a = augment_batch(x, y, spec, torch.Generator().manual_seed(5))
+    b = augment_batch(x, y, spec, torch.Generator().manual_seed(5))
+    c = augment_batch(x, y, spec, torch.Generator().manual_seed(6))
+    assert torch.equal(a[0], b[0]) and torch.equal(torch.nan_to_num(a[1]), torch.nan_to_num(b[1]))
+    assert not torch.equal(a[0], c[0])
+    assert torch.isnan(a[1][0, 3])  # an unknown label stays unknown after mixing
+    known = a[1][~torch.isnan(a[1])]
+    assert known.min() >= 0.05 - 1e-6 and known.max() <= 0.95 + 1e-6  # label smoothing 0.1
+
+
+def test_mixing_blends_targets_by_the_share_of_the_image():
+    x = torch.stack([torch.full((1, 8, 8), 1.0), torch.full((1, 8, 8), -1.0)])
+    y = torch.tensor([[1.0] * 14, [0.0] * 14])
+    for seed in range(6):
+        mx, my = mix_batch(x, y, AugmentSpec(mix_p=1.0), torch.Generator().manual_seed(seed))
+        share_of_first = (mx[0].mean().item() + 1) / 2  # pixels that came from image 0
+        if torch.equal(mx, x):  # mixed with itself (the permutation kept the order)
+            continue
+        assert my[0, 0].item() == pytest.approx(share_of_first, abs=1e-5)
+
+
+def test_affine_pads_with_the_background_value():
+    x = torch.ones((4, 1, 16, 16))
+    spec = AugmentSpec(affine_p=1.0, rotation=0.5, scale=0.0, shift=0.2)
+    moved = random_affine(x, spec, torch.Generator().manual_seed(0))
+    assert moved.min().item() == pytest.approx(-1.0, abs=1e-5)  # uncovered corner
+    assert moved.max().item() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_epoch_plan_splits_global_batches_across_processes():
+    rng = lambda: np.random.default_rng(3)  # noqa: E731
+    single = epoch_plan(22, 8, rng())
+    assert np.array_equal(np.sort(np.concatenate(single)), np.arange(22))
+    ranks = [epoch_plan(22, 4, rng(), rank=r, world=2) for r in range(2)]
+    assert len(ranks[0]) == len(ranks[1]) == 3
+    together = np.sort(np.concatenate([b for plan in ranks for b in plan]))
+    assert np.array_equal(together, np.arange(22))  # every image once per epoch
+    odd = [epoch_plan(17, 4, rng(), rank=r, world=2) for r in range(2)]
+    assert len(odd[0]) == len(odd[1]) == 2  # the last global batch of 1 image is dropped
+
+
+# ------------------------------------------------------------------------------------------
+# The grid on the smoke cohort with stand-in synthetic cohorts
+
+
+def _write_cohort(plan: pd.DataFrame, cache: ImageCache, folder: Path) -> None:
+    """A synthetic cohort in notebook 03's format, whose images copy their source images."""
+    out = folder / f"cache_{cache.resolution}"
+    out.mkdir(parents=True)
+    np.save(out / "images.npy", cache.load(plan["source_image_id"]))
+    atomic_write_parquet(plan[["image_id"]], out / "index.parquet")
+    atomic_write_parquet(plan, folder / "manifest.parquet")
+
+
+@pytest.fixture(scope="module")
+def grid_run(tmp_path_factory):
+    runs = tmp_path_factory.mktemp("runs")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CXRLIB_RUNS_DIR", str(runs))
+        params = load_params(ROOT / "params" / "smoke.yaml")
+        folder = run_dir(params)
+        cohort = prepare_cohort(params, folder, progress=False)
+    cache = ImageCache(cohort.cache_dir)
+    synth = folder / "03_sampling" / "synthetic"
+    _write_cohort(replica_plan(params, cohort.manifest, "step-0000004"), cache,
+                  synth / "replicas")
+    _write_cohort(rebalance_plan(params, cohort.manifest, "step-0000004"), cache,
+                  synth / "rebalance")
+    return params, folder, grid_data(params, folder)
+
+
+def test_plan_names_recipes_and_baselines(grid_run):
+    params, _, _ = grid_run
+    names = [e.name for e in plan_grid(params)]
+    assert names == ["real_only.f100", "real_plus_synthetic_x1.f100",
+                     "real_plus_synthetic_x2.f100", "synthetic_only_x1.f100",
+                     "real_plus_rebalanced_x1.f100", "real_only.f50",
+                     "real_plus_synthetic_x1.f50", "real_plus_synthetic_x2.f50",
+                     "synthetic_only_x1.f50", "real_plus_rebalanced_x1.f50",
+                     "nih_only", "nih_plus_synthetic_x1"]
+    assert baseline_of("synthetic_only_x1.f50") == "real_only.f50"
+    assert baseline_of("nih_plus_synthetic_x1") == "nih_only"
+
+
+def test_training_sets_have_the_recipe_sizes(grid_run):
+    params, _, data = grid_run
+    sets = {e.name: rows for e, rows in training_sets(params, data).items()}
+    real = sets["real_only.f100"]
+    assert (real["source"] == "real").all() and (real["split"] == "train").all()
+    plus2 = sets["real_plus_synthetic_x2.f100"]
+    assert (plus2["source"] == "synthetic").sum() == 2 * len(real)
+    only = sets["synthetic_only_x1.f50"]
+    assert (only["source"] == "synthetic").all()
+    assert set(only["source_image_id"]) == set(sets["real_only.f50"]["image_id"])
+    rebal = sets["real_plus_rebalanced_x1.f100"]
+    assert (rebal["source"] == "synthetic").sum() == len(real)  # like for like with x1
+    assert set(sets["real_only.f50"]["patient_id"]) < set(real["patient_id"])  # nested
+    nih = sets["nih_plus_synthetic_x1"]
+    assert set(nih.loc[nih["source"] == "real", "site"]) == {"nih"}
+
+
+def test_synthetic_rows_never_come_from_validation_or_test_sources(grid_run):
+    params, _, data = grid_run
+    split = data.manifest.set_index("image_id")["split"]
+    for rows in training_sets(params, data).values():
+        synthetic = rows[rows["source"] == "synthetic"]
+        assert (synthetic["source_image_id"].map(split) == "train").all()
+
+
+def test_leakage_check_fails_loudly_on_a_test_patient(grid_run):
+    params, _, data = grid_run
+    test_patient = data.manifest.loc[data.manifest["split"] == "test", "patient_id"].iloc[0]
+    replicas = data.synthetic["replicas"].copy()
+    replicas.loc[replicas.index[0], "patient_id"] = test_patient  # a synthetic copy of them
+    leaky = GridData(data.manifest, data.cache, {**data.synthetic, "replicas": replicas},
+                     data.synthetic_caches)
+    with pytest.raises(LeakageError, match=str(test_patient)):
+        training_sets(params, leaky)
+    exp = plan_grid(params)[0]
+    rows = training_set(exp, params, data)
+    rows.loc[0, "split"] = "val"
+    with pytest.raises(LeakageError, match="not from a train split"):
+        check_grid_leakage({"x": rows}, data.manifest)
+
+
+def test_fractions_beyond_the_synthetic_sources_are_refused(grid_run):
+    params, _, data = grid_run
+    partial = params.sampling.model_copy(update={"source_fraction": 0.5})
+    few = source_rows(params.model_copy(update={"sampling": partial}), data.manifest)
+    replicas = data.synthetic["replicas"]
+    some = replicas[replicas["source_image_id"].isin(set(few["image_id"]))]
+    thin = GridData(data.manifest, data.cache, {**data.synthetic, "replicas": some},
+                    data.synthetic_caches)
+    exp = next(e for e in plan_grid(params) if e.name == "real_plus_synthetic_x1.f100")
+    with pytest.raises(ValueError, match="experiments.real_fractions"):
+        training_set(exp, params, thin)
+    half = next(e for e in plan_grid(params) if e.name == "real_plus_synthetic_x1.f50")
+    assert len(training_set(half, params, thin))  # the nested 50% draw is covered
+
+
+def test_patient_subsets_are_nested_and_whole_patients(grid_run):
+    _, _, data = grid_run
+    rows = data.manifest[data.manifest["split"] == "train"]
+    small, large = patient_subset(rows, 0.3, 7), patient_subset(rows, 0.6, 7)
+    assert set(small["patient_id"]) <= set(large["patient_id"])
+    per_patient = rows.groupby("patient_id").size()
+    assert (small.groupby("patient_id").size() == per_patient[small["patient_id"].unique()]).all()
+
+
+def test_grid_runs_writes_predictions_and_resumes(grid_run, monkeypatch):
+    params, folder, data = grid_run
+    out = folder / "04_experiments"
+    results = run_grid(params, data, out, progress=False)
+    assert len(results) == len(plan_grid(params))
+    preds = pd.read_parquet(out / "real_plus_synthetic_x1.f50" / "seed-0" / "predictions.parquet")
+    assert set(preds.columns) >= {"experiment", "seed", "image_id", "patient_id", "test_set",
+                                  "label", "target", "score", "sex", "age", "view"}
+    assert set(preds["test_set"]) == {"chexpert (internal)", "nih (external)",
+                                      "padchest (external)"}
+    assert len(preds) == 14 * preds["image_id"].nunique()
+    assert set(preds["label"]) == set(CHEXPERT_LABELS)
+    # Resume: drop one experiment's predictions; only that one trains again.
+    (out / "synthetic_only_x1.f100" / "seed-0" / "predictions.parquet").unlink()
+    trained = []
+    real_train = classify.train_classifier
+    monkeypatch.setattr(classify, "train_classifier",
+                        lambda *a, **k: trained.append(len(a[1])) or real_train(*a, **k))
+    shutil.rmtree(out / "synthetic_only_x1.f100" / "seed-0" / "model")
+    run_grid(params, data, out, progress=False)
+    assert len(trained) == 1
+    assert (out / "synthetic_only_x1.f100" / "seed-0" / "predictions.parquet").exists()
+
+
+def test_combined_cache_reads_across_caches_and_caches_pickle_without_images(grid_run):
+    _, _, data = grid_run
+    combined = data.combined_cache()
+    syn_ids = data.synthetic["replicas"]["image_id"].iloc[[3, 0]].tolist()
+    real_ids = data.manifest["image_id"].iloc[[5, 1]].tolist()
+    ids = [syn_ids[0], real_ids[0], syn_ids[1], real_ids[1]]
+    got = combined.load(ids)
+    assert np.array_equal(got[1], data.cache.get(real_ids[0]))
+    assert np.array_equal(got[0], data.synthetic_caches["replicas"].get(syn_ids[0]))
+    with pytest.raises(KeyError, match="none of the caches"):
+        combined.load(["nope"])
+    blob = pickle.dumps(data.cache)
+    assert len(blob) < 2000 and np.array_equal(pickle.loads(blob).get(real_ids[0]),
+                                               data.cache.get(real_ids[0]))
+    assert isinstance(combined, CombinedCache)
+
+
+def test_experiment_params_are_validated():
+    with pytest.raises(ParamsError, match="sampling.replicas"):
+        load_params(ROOT / "params" / "smoke.yaml", {"experiments.supplement_k": [5]})
+    with pytest.raises(ParamsError, match="not an external site"):
+        load_params(ROOT / "params" / "smoke.yaml",
+                    {"experiments.external": [{"site": "chexpert", "synthetic_k": [0]}]})
+    with pytest.raises(ParamsError, match="experiments.seedz"):
+        load_params(ROOT / "params" / "smoke.yaml", {"experiments.seedz": [1]})
