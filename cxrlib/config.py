@@ -228,12 +228,12 @@ class ExperimentSpec(_Strict):
     #: real training data; every supplementation experiment runs at each fraction.
     real_fractions: list[Annotated[float, Field(gt=0, le=1)]] = Field(
         default_factory=lambda: [1.0])
-    #: Real + replicas 0..k-1 of every real training row (k = 1 is +100%).
+    #: Real + replicas 0..k-1 of every real training row (k = 1 is +100%; the paper: 1..10).
     supplement_k: list[Annotated[int, Field(ge=1, le=10)]] = Field(
-        default_factory=lambda: list(range(1, 11)))
+        default_factory=lambda: [1])
     #: Synthetic replicas 0..k-1 of the real training rows only, no real images.
     synthetic_only_k: list[Annotated[int, Field(ge=1, le=10)]] = Field(
-        default_factory=lambda: list(range(1, 11)))
+        default_factory=lambda: [1])
     #: Real + as many rebalanced synthetic images as ``real + k x replicas`` (0 = off).
     rebalance_k: Annotated[int, Field(ge=0, le=10)] = 0
     external: list[ExternalExperimentSpec] = Field(default_factory=list)
@@ -368,6 +368,18 @@ class SamplingSpec(_Strict):
     sweep_images: PositiveInt = 128
 
 
+class StatsSpec(_Strict):
+    """Statistics (notebook 05): patient-level bootstrap, tests and subgroups."""
+
+    #: Bootstrap replicates (patients resampled with replacement) for CIs and the macro test.
+    n_boot: Annotated[int, Field(ge=100)] = 1000
+    seed: int = 0
+    #: Significance level after Holm correction across the comparisons of one figure.
+    alpha: Annotated[float, Field(gt=0, lt=1)] = 0.05
+    subgroups: list[Literal["sex", "age_band", "race", "view"]] = Field(
+        default_factory=lambda: ["sex", "age_band", "race", "view"])
+
+
 class RunSpec(_Strict):
     name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")]
     out_dir: str = "runs"
@@ -384,6 +396,7 @@ class Params(_Strict):
     diffusion: DiffusionSpec = Field(default_factory=DiffusionSpec)
     sampling: SamplingSpec = Field(default_factory=SamplingSpec)
     experiments: ExperimentSpec = Field(default_factory=ExperimentSpec)
+    stats: StatsSpec = Field(default_factory=StatsSpec)
     #: The file these parameters were loaded from (relative paths are anchored next to it).
     _source: Path | None = PrivateAttr(default=None)
 

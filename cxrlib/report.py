@@ -307,3 +307,129 @@ def experiment_auroc_heatmap(macro: pd.DataFrame) -> plt.Figure:
     ax.set_xlabel("")
     fig.tight_layout()
     return fig
+
+
+# ---------------------------------------------------------------------------------------------
+# Notebook 05: statistics (the paper's Figure 3 and 4 shapes, real-data fraction, subgroups)
+
+
+def _errorbar(ax: plt.Axes, frame: pd.DataFrame, x: str, label: str, **style) -> None:
+    """Points with their CI as error bars, joined by a line."""
+    frame = frame.sort_values(x)
+    yerr = np.vstack([frame["macro_auroc"] - frame["ci_low"],
+                      frame["ci_high"] - frame["macro_auroc"]])
+    ax.errorbar(frame[x], frame["macro_auroc"], yerr=yerr, label=label, capsize=3, marker="o",
+                **style)
+
+
+def supplementation_figure(summary: pd.DataFrame, fraction: float) -> plt.Figure:
+    """Figure 3 shape at one real-data fraction: macro AUROC (95% CI) against % synthetic
+    supplementation per test set; real-only baseline as a line with its CI band, the
+    synthetic-only curve beside it, and the rebalanced strategy as its own marker.
+
+    ``summary``: macro AUROC rows with the grid columns ``kind``, ``k``, ``real_fraction``.
+    """
+    sub = summary[np.isclose(summary["real_fraction"], fraction)
+                  & ~summary["kind"].str.startswith("external")]
+    tests = list(dict.fromkeys(sub["test_set"]))
+    fig, axes = plt.subplots(1, len(tests), figsize=(4.6 * len(tests), 3.8), squeeze=False,
+                             sharey=True)
+    palette = sns.color_palette()
+    for ax, test in zip(axes[0], tests, strict=True):
+        t = sub[sub["test_set"] == test].assign(pct=lambda d: 100 * d["k"])
+        base = t[t["kind"] == "real_only"].iloc[0]
+        ax.axhline(base["macro_auroc"], color="red", lw=1.5, label="real only (baseline)")
+        ax.axhspan(base["ci_low"], base["ci_high"], color="red", alpha=0.1)
+        _errorbar(ax, t[t["kind"] == "real_plus_synthetic"], "pct", "real + synthetic",
+                  color=palette[0])
+        _errorbar(ax, t[t["kind"] == "synthetic_only"], "pct", "synthetic only",
+                  color=palette[1], ls="--")
+        rebal = t[t["kind"] == "real_plus_rebalanced"]
+        if len(rebal):
+            _errorbar(ax, rebal, "pct", "real + rebalanced", color=palette[2], ls="none",
+                      markersize=9)
+        ax.set_title(test)
+        ax.set_xlabel("synthetic images, % of real training images")
+        ax.set_ylabel("macro AUROC (95% CI)")
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"Synthetic supplementation at {fraction:.0%} of the real training data")
+    fig.tight_layout()
+    return fig
+
+
+def external_figure(summary: pd.DataFrame) -> plt.Figure:
+    """Figure 4 shape: an external site's real training data alone and with internal
+    synthetic images, macro AUROC (95% CI) on every test set."""
+    sub = summary[summary["kind"].str.startswith("external")].copy()
+    fig, ax = plt.subplots(figsize=(2.2 + 2.4 * sub["test_set"].nunique(), 3.8))
+    sns.barplot(data=sub, x="test_set", y="macro_auroc", hue="experiment", ax=ax, alpha=0.85)
+    for bar_container, (_, g) in zip(ax.containers, sub.groupby("experiment", sort=False),
+                                     strict=False):
+        g = g.set_index("test_set").reindex([t.get_text() for t in ax.get_xticklabels()])
+        xs = [b.get_x() + b.get_width() / 2 for b in bar_container]
+        ax.errorbar(xs, g["macro_auroc"], yerr=[g["macro_auroc"] - g["ci_low"],
+                                                 g["ci_high"] - g["macro_auroc"]],
+                    fmt="none", color="black", capsize=3)
+    ax.set_ylim(max(0.0, sub["ci_low"].min() - 0.05), min(1.0, sub["ci_high"].max() + 0.03))
+    ax.set_xlabel("")
+    ax.set_ylabel("macro AUROC (95% CI)")
+    ax.set_title("External site's training data, without and with internal synthetic images")
+    fig.tight_layout()
+    return fig
+
+
+def fraction_figure(summary: pd.DataFrame) -> plt.Figure:
+    """Macro AUROC against the share of real training data: real only, real + the largest
+    synthetic supplement, synthetic only at the largest k: where does synthetic data help?"""
+    sub = summary[~summary["kind"].str.startswith("external")]
+    tests = list(dict.fromkeys(sub["test_set"]))
+    fig, axes = plt.subplots(1, len(tests), figsize=(4.6 * len(tests), 3.8), squeeze=False,
+                             sharey=True)
+    for ax, test in zip(axes[0], tests, strict=True):
+        t = sub[sub["test_set"] == test].assign(pct=lambda d: 100 * d["real_fraction"])
+        for kind, style in (("real_only", {"color": "red"}),
+                            ("real_plus_synthetic", {}), ("synthetic_only", {"ls": "--"})):
+            rows = t[t["kind"] == kind]
+            if len(rows) == 0:
+                continue
+            k = rows["k"].max()
+            rows = rows[rows["k"] == k]
+            label = kind.replace("_", " ") + (f" (x{k})" if k else "")
+            _errorbar(ax, rows, "pct", label, **style)
+        ax.set_xscale("log")
+        ax.set_xticks(sorted(t["pct"].unique()), [f"{p:g}%" for p in sorted(t["pct"].unique())])
+        ax.set_title(test)
+        ax.set_xlabel("real training data (share of patients)")
+        ax.set_ylabel("macro AUROC (95% CI)")
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def subgroup_figure(subgroups: pd.DataFrame, experiments: list[str]) -> plt.Figure:
+    """Macro AUROC (95% CI) per subgroup for the given experiments: one row of panels per
+    test set, one column per attribute (sex, age band, race, view)."""
+    sub = subgroups[subgroups["experiment"].isin(experiments)]
+    tests, bys = list(dict.fromkeys(sub["test_set"])), list(dict.fromkeys(sub["by"]))
+    fig, axes = plt.subplots(len(tests), len(bys), figsize=(3.6 * len(bys), 2.9 * len(tests)),
+                             squeeze=False, sharey=True)
+    offsets = np.linspace(-0.15, 0.15, len(experiments))
+    palette = sns.color_palette()
+    for i, test in enumerate(tests):
+        for j, by in enumerate(bys):
+            ax = axes[i][j]
+            t = sub[(sub["test_set"] == test) & (sub["by"] == by)]
+            groups = list(dict.fromkeys(t["group"]))
+            for n, exp in enumerate(experiments):
+                e = t[t["experiment"] == exp].set_index("group").reindex(groups)
+                x = np.arange(len(groups)) + offsets[n]
+                ax.errorbar(x, e["macro_auroc"], yerr=[e["macro_auroc"] - e["ci_low"],
+                                                        e["ci_high"] - e["macro_auroc"]],
+                            fmt="o", capsize=2, color=palette[n], label=exp)
+            ax.set_xticks(range(len(groups)), groups, rotation=30, fontsize=7)
+            ax.set_title(f"{test}: {by}", fontsize=9)
+            if j == 0:
+                ax.set_ylabel("macro AUROC")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    return fig

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from cxrlib.config import Params, ParamsError, load_params, run_dir
-from cxrlib.pipeline import STAGES, run_stage
+from cxrlib.pipeline import STAGES, run_pipeline, run_stage
 
 ROOT = Path(__file__).resolve().parent.parent
 PARAM_FILES = sorted((ROOT / "params").glob("*.yaml"))
@@ -65,14 +65,36 @@ def test_notebooks_are_stripped_and_parameterised(path):
         ast.literal_eval(stmt.value)  # raises on anything but a plain literal
 
 
-def test_runner_executes_a_stage_and_renders_html(tmp_path, monkeypatch):
+def test_pipeline_runs_every_stage_and_renders_the_reports(tmp_path, monkeypatch, capsys):
+    """``python -m cxrlib run`` end to end on smoke: five executed notebooks, five HTML
+    reports with the code hidden, an index page; a second run skips every finished stage."""
     monkeypatch.setenv("CXRLIB_RUNS_DIR", str(tmp_path / "runs"))
-    executed = run_stage("01_data_prep", ROOT / "params" / "smoke.yaml",
-                         reports_root=tmp_path / "reports")
-    nb = nbformat.read(executed, as_version=4)
-    assert any(c.get("outputs") for c in nb.cells if c.cell_type == "code")
-    html = (tmp_path / "reports" / "smoke" / "01_data_prep.html").read_text()
-    assert "Figure E1" in html and "<img" in html
-    assert "params_file =" not in html  # code hidden
-    figures = {p.name for p in (tmp_path / "runs" / "smoke" / "01_data_prep").iterdir()}
-    assert {"cooccurrence.png", "samples_per_label.png", "check_macro_auroc.csv"} <= figures
+    reports = tmp_path / "reports"
+    index = run_pipeline(ROOT / "params" / "smoke.yaml", reports_root=reports)
+    for stage in STAGES:
+        html = (reports / "smoke" / f"{stage}.html").read_text()
+        assert "<img" in html, stage  # every report has figures
+        assert "params_file =" not in html, stage  # code hidden
+        assert f'href="{stage}.html"' in index.read_text()
+    html = {s: (reports / "smoke" / f"{s}.html").read_text() for s in STAGES}
+    assert "Figure E1" in html["01_data_prep"]
+    assert "leakage check passed" in html["04_classifier_experiments"]
+    assert "Holm-adjusted" in html["05_statistics"]  # the generated findings
+    run = tmp_path / "runs" / "smoke"
+    assert {"cooccurrence.png", "samples_per_label.png", "check_macro_auroc.csv"} <= {
+        p.name for p in (run / "01_data_prep").iterdir()}
+    assert {"supplementation_f100.png", "external_site.png", "comparisons_macro.csv",
+            "subgroups.png", "findings.txt"} <= {p.name for p in (run / "05_statistics").iterdir()}
+    capsys.readouterr()
+    run_pipeline(ROOT / "params" / "smoke.yaml", reports_root=reports)
+    assert capsys.readouterr().out.count("[skip]") == len(STAGES)
+
+
+def test_a_failing_notebook_names_the_stage_and_the_cell(tmp_path, monkeypatch):
+    monkeypatch.setenv("CXRLIB_RUNS_DIR", str(tmp_path / "runs"))
+    with pytest.raises(SystemExit, match=r"04_classifier_experiments failed in cell \d+: "
+                       r"DataError: no manifest") as err:
+        run_stage("04_classifier_experiments", ROOT / "params" / "smoke.yaml",
+                  reports_root=tmp_path / "reports")
+    assert "partly executed notebook" in str(err.value)
+    assert not (tmp_path / "reports" / "smoke" / "04_classifier_experiments.html").exists()
