@@ -28,6 +28,7 @@ lint: $(STAMP)
 
 benchmark: $(STAMP)
 	$(PY) benchmarks/bench_phantom.py
+	$(PY) benchmarks/bench_classifier.py --params $(PARAMS)
 	$(PY) -m cxrlib run --params $(PARAMS) --stage 01_data_prep
 	$(PY) benchmarks/bench_diffusion_trainer.py --params $(PARAMS)
 	$(PY) -m cxrlib run --params $(PARAMS) --stage 02_diffusion_training --stage 03_sampling_explorer

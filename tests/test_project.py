@@ -65,10 +65,12 @@ def test_notebooks_are_stripped_and_parameterised(path):
         ast.literal_eval(stmt.value)  # raises on anything but a plain literal
 
 
-def test_pipeline_runs_every_stage_and_renders_the_reports(tmp_path, monkeypatch, capsys):
+def test_pipeline_runs_every_stage_and_renders_the_reports(tmp_path, capsys):
     """``python -m cxrlib run`` end to end on smoke: five executed notebooks, five HTML
-    reports with the code hidden, an index page; a second run skips every finished stage."""
-    monkeypatch.setenv("CXRLIB_RUNS_DIR", str(tmp_path / "runs"))
+    reports with the code hidden, an index page; a second run skips every finished stage.
+
+    It runs in the session's run folder (conftest), so the nbval runs of the notebooks that
+    follow find the trained models and cohorts and only re-execute their cells."""
     reports = tmp_path / "reports"
     index = run_pipeline(ROOT / "params" / "smoke.yaml", reports_root=reports)
     for stage in STAGES:
@@ -80,7 +82,7 @@ def test_pipeline_runs_every_stage_and_renders_the_reports(tmp_path, monkeypatch
     assert "Figure E1" in html["01_data_prep"]
     assert "leakage check passed" in html["04_classifier_experiments"]
     assert "Holm-adjusted" in html["05_statistics"]  # the generated findings
-    run = tmp_path / "runs" / "smoke"
+    run = run_dir(load_params(ROOT / "params" / "smoke.yaml"))
     assert {"cooccurrence.png", "samples_per_label.png", "check_macro_auroc.csv"} <= {
         p.name for p in (run / "01_data_prep").iterdir()}
     assert {"supplementation_f100.png", "external_site.png", "comparisons_macro.csv",
