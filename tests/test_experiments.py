@@ -7,8 +7,11 @@ diffusion model and run in seconds.
 
 from __future__ import annotations
 
+import os
 import pickle
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -40,12 +43,7 @@ ROOT = Path(__file__).resolve().parent.parent
 OFF = AugmentSpec(hflip=0, vflip=0, noise_p=0, affine_p=0, mix_p=0, label_smoothing=0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ------------------------------------------------------------------------------------------
@@ -285,3 +283,25 @@ def test_experiment_params_are_validated():
                     {"experiments.external": [{"site": "chexpert", "synthetic_k": [0]}]})
     with pytest.raises(ParamsError, match="experiments.seedz"):
         load_params(ROOT / "params" / "smoke.yaml", {"experiments.seedz": [1]})
+
+
+def test_grid_under_two_processes_through_accelerate(grid_run):
+    """`accelerate launch --multi_gpu` with 2 processes (gloo on CPU): DDP training of the
+    experiments still to do, the main process writing their files."""
+    params, folder, data = grid_run
+    out = folder / "04_experiments"
+    run_grid(params, data, out, progress=False)  # the rest of the grid is done
+    for name in ("real_only.f50", "nih_plus_synthetic_x1"):
+        shutil.rmtree(out / name)
+    env = {**os.environ, "CXRLIB_RUNS_DIR": str(folder.parent), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--multi_gpu", "-m", "cxrlib", "run-experiments", "--params",
+           str(ROOT / "params" / "smoke.yaml")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"{len(plan_grid(params))} experiment(s) finished" in proc.stdout
+    for name in ("real_only.f50", "nih_plus_synthetic_x1"):
+        preds = pd.read_parquet(out / name / "seed-0" / "predictions.parquet")
+        assert preds["score"].notna().all() and len(preds) == len(
+            pd.read_parquet(out / "real_only.f100" / "seed-0" / "predictions.parquet"))
