@@ -427,6 +427,7 @@ def subgroup_figure(subgroups: pd.DataFrame, experiments: list[str]) -> plt.Figu
                                                         e["ci_high"] - e["macro_auroc"]],
                             fmt="o", capsize=2, color=palette[n], label=exp)
             ax.set_xticks(range(len(groups)), groups, rotation=30, fontsize=7)
+            ax.set_xlim(-0.5, len(groups) - 0.5)
             ax.set_title(f"{test}: {by}", fontsize=9)
             if j == 0:
                 ax.set_ylabel("macro AUROC")
