@@ -869,9 +869,12 @@ def gap_sentences(gaps: pd.DataFrame, alpha: float = 0.05) -> list[str]:
     ci = f"{round(100 * (1 - alpha))}% CI"
     out = []
     for row in gaps[gaps["direction"] != "n/a"].to_dict("records"):
-        interval = ("" if not np.isfinite(row["change_ci_low"]) else
-                    f"; {ci} of the change {row['change_ci_low']:+.3f} to "
-                    f"{row['change_ci_high']:+.3f}")
+        interval = ""
+        if np.isfinite(row["change_ci_low"]):
+            unclear = row["change_ci_low"] <= 0 <= row["change_ci_high"]
+            interval = (f"; {ci} of the change {row['change_ci_low']:+.3f} to "
+                        f"{row['change_ci_high']:+.3f}"
+                        + (", which includes 0: no clear change" if unclear else ""))
         out.append(f"Subgroups by {row['by']} on {row['test_set']} test: {row['experiment']} "
                    f"{'left' if row['direction'] == 'unchanged' else 'made'} the gap between "
                    f"the best ({row['best_group']}) and worst ({row['worst_group']}) group "

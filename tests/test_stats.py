@@ -7,6 +7,8 @@ import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
+from cxrlib import stats
+from cxrlib.config import StatsSpec
 from cxrlib.stats import (
     adjust_holm,
     age_band,
@@ -415,3 +417,38 @@ def test_findings_from_a_real_comparison(comparison):
     assert f"from {gain['baseline_auroc']:.3f} to {gain['auroc']:.3f}" in sentence
     assert f"({gain['delta']:+.3f}, 95% CI {gain['delta_ci_low']:+.3f}" in sentence
     assert sum("synthetic_only_x1 (synthetic training images only)" in s for s in text) == 2
+
+
+# --- The study layer: families of comparisons and the generated sentences ------------------
+
+def test_compare_families_pairs_each_experiment_with_its_own_baseline():
+    preds = make_predictions({"real_only.f50": 0.8, "real_plus_synthetic_x1.f50": 1.4,
+                              "real_only.f100": 1.0, "synthetic_only_x1.f100": 0.9},
+                             n_patients=40, seeds=(0,))
+    spec = StatsSpec(n_boot=200)
+    table = stats.compare_families(preds, spec)
+    macro = table[table["level"] == stats.MACRO].set_index("experiment")
+    assert macro.loc["real_plus_synthetic_x1.f50", "baseline"] == "real_only.f50"
+    assert macro.loc["synthetic_only_x1.f100", "baseline"] == "real_only.f100"
+    assert set(table["comparison_family"]) == {
+        "real_only.f50 / internal: macro", "real_only.f50 / internal: label",
+        "real_only.f100 / internal: macro", "real_only.f100 / internal: label"}
+    # One comparison per macro family: Holm leaves its p as it is.
+    assert np.allclose(macro["p_adjusted"], macro["p_value"])
+    assert stats.best_experiment(table) == "real_plus_synthetic_x1.f50"
+    with pytest.raises(ValueError, match="no baseline predictions"):
+        stats.compare_families(preds[preds["experiment"] != "real_only.f50"], spec)
+
+
+def test_gap_sentences_say_when_the_change_is_unclear():
+    gaps = pd.DataFrame([
+        {"experiment": "e", "test_set": "t", "by": "sex", "n_groups": 2, "best_group": "Female",
+         "worst_group": "Male", "gap": 0.05, "baseline_gap": 0.08, "change": -0.03,
+         "direction": "narrower", "change_ci_low": -0.06, "change_ci_high": 0.01},
+        {"experiment": "e", "test_set": "t", "by": "view", "n_groups": 1, "best_group": None,
+         "worst_group": None, "gap": np.nan, "baseline_gap": np.nan, "change": np.nan,
+         "direction": "n/a", "change_ci_low": np.nan, "change_ci_high": np.nan}])
+    sentences = stats.gap_sentences(gaps)
+    assert len(sentences) == 1  # the attribute with a single group says nothing
+    assert "narrower: 0.050 against 0.080" in sentences[0]
+    assert "-0.030" in sentences[0] and "includes 0: no clear change" in sentences[0]
