@@ -297,9 +297,12 @@ def early_stop_figure(results: pd.DataFrame) -> plt.Figure:
     return fig
 
 
-def experiment_auroc_heatmap(macro: pd.DataFrame) -> plt.Figure:
-    """Macro AUROC (mean over seeds) per experiment and test set."""
-    table = macro.groupby(["experiment", "test_set"], sort=False)["macro_auroc"].mean().unstack()
+def experiment_auroc_heatmap(spread: pd.DataFrame) -> plt.Figure:
+    """Macro AUROC (mean over seeds, :func:`cxrlib.stats.seed_spread`) per experiment and
+    test set."""
+    table = spread.pivot(index="experiment", columns="test_set", values="macro_auroc_mean")
+    table = table.reindex(index=list(dict.fromkeys(spread["experiment"])),
+                          columns=list(dict.fromkeys(spread["test_set"])))
     fig, ax = plt.subplots(figsize=(2.5 + 1.8 * table.shape[1], 1 + 0.42 * len(table)))
     sns.heatmap(table, annot=True, fmt=".3f", cmap="RdYlGn", ax=ax,
                 cbar_kws={"label": "macro AUROC"})
