@@ -8,14 +8,17 @@ finds everything the notebook showed without opening it.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import seaborn as sns
 
-from cxrlib.imagecache import ImageCache
 from cxrlib.labels import CHEXPERT_LABELS
+
+if TYPE_CHECKING:  # the figures need no torch; only sample_grid reads a cache
+    from cxrlib.imagecache import ImageCache
 
 
 class Outputs:

@@ -44,7 +44,7 @@ from scipy import stats as sps
 from sklearn.metrics import roc_auc_score
 
 from cxrlib.config import StatsSpec
-from cxrlib.experiments import baseline_of
+from cxrlib.grid import baseline_of
 from cxrlib.labels import CHEXPERT_LABELS, RACE_GROUPS, RACE_OTHER, RACE_UNKNOWN, SEXES, VIEWS
 
 #: The ``label`` value of macro rows.
@@ -831,7 +831,7 @@ def experiment_summary(predictions: pd.DataFrame, grid: pd.DataFrame,
 
 
 def compare_families(predictions: pd.DataFrame, spec: StatsSpec) -> pd.DataFrame:
-    """Every experiment against its own baseline (:func:`cxrlib.experiments.baseline_of`:
+    """Every experiment against its own baseline (:func:`cxrlib.grid.baseline_of`:
     real only at the same real fraction, or the external site alone). Holm applies within one
     baseline, test set and level, i.e. across the comparisons of one figure panel."""
     names = list(dict.fromkeys(predictions["experiment"]))

@@ -27,14 +27,13 @@ from cxrlib.data import patient_subset, prepare_cohort
 from cxrlib.experiments import (
     GridData,
     LeakageError,
-    baseline_of,
     check_grid_leakage,
     grid_data,
-    plan_grid,
     run_grid,
     training_set,
     training_sets,
 )
+from cxrlib.grid import baseline_of, plan_grid
 from cxrlib.imagecache import CombinedCache, ImageCache
 from cxrlib.labels import CHEXPERT_LABELS
 from cxrlib.sampling import rebalance_plan, replica_plan, source_rows

@@ -1,0 +1,104 @@
+"""The experiment grid as data: recipe names, baselines, and the files each experiment leaves.
+
+No torch here, so the statistics stage (notebook 05) reads a finished grid without importing
+the training stack. :mod:`cxrlib.experiments` builds the training sets and trains the grid.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from cxrlib.config import Params
+
+KINDS: tuple[str, ...] = ("real_only", "real_plus_synthetic", "synthetic_only",
+                          "real_plus_rebalanced", "external_only", "external_plus_synthetic")
+
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """One training-set recipe of the grid at one seed."""
+
+    name: str
+    kind: str
+    k: int
+    real_fraction: float
+    train_site: str
+    seed: int
+
+    @property
+    def folder(self) -> str:
+        return f"{self.name}/seed-{self.seed}"
+
+
+def fraction_tag(fraction: float) -> str:
+    """``0.25`` -> ``f25`` (the suffix of an experiment name)."""
+    return f"f{round(100 * fraction)}"
+
+
+def plan_grid(params: Params) -> list[Experiment]:
+    """Every experiment x seed of ``params.experiments``, baselines first."""
+    grid, internal = params.experiments, "+".join(params.internal_sites())
+    recipes: list[tuple[str, str, int, float, str]] = []
+    for f in grid.real_fractions:
+        tag = fraction_tag(f)
+        recipes.append((f"real_only.{tag}", "real_only", 0, f, internal))
+        recipes += [(f"real_plus_synthetic_x{k}.{tag}", "real_plus_synthetic", k, f, internal)
+                    for k in grid.supplement_k]
+        recipes += [(f"synthetic_only_x{k}.{tag}", "synthetic_only", k, f, internal)
+                    for k in grid.synthetic_only_k]
+        if grid.rebalance_k:
+            recipes.append((f"real_plus_rebalanced_x{grid.rebalance_k}.{tag}",
+                            "real_plus_rebalanced", grid.rebalance_k, f, internal))
+    for ext in grid.external:
+        for k in sorted(ext.synthetic_k):
+            name = f"{ext.site}_only" if k == 0 else f"{ext.site}_plus_synthetic_x{k}"
+            kind = "external_only" if k == 0 else "external_plus_synthetic"
+            recipes.append((name, kind, k, 1.0, ext.site))
+    return [Experiment(name, kind, k, f, site, seed)
+            for seed in grid.seeds for name, kind, k, f, site in recipes]
+
+
+def baseline_of(experiment: str) -> str:
+    """The experiment a result is compared with: the real-only model at the same real
+    fraction, or the external site's real-only model for the external experiments."""
+    if "." in experiment:
+        return f"real_only.{experiment.rsplit('.', 1)[1]}"
+    site = experiment.split("_plus_synthetic")[0].removesuffix("_only")
+    return f"{site}_only"
+
+
+
+def load_predictions(folder: Path) -> pd.DataFrame:
+    """Every finished experiment's per-image predictions under ``folder``, in one frame."""
+    paths = sorted(folder.glob("*/seed-*/predictions.parquet"))
+    if not paths:
+        raise FileNotFoundError(f"no experiment predictions under {folder}; run notebook 04 "
+                                "(classifier experiments) for this run first")
+    return pd.concat([pd.read_parquet(p) for p in paths], ignore_index=True)
+
+
+def load_histories(folder: Path) -> pd.DataFrame:
+    """Every finished experiment's per-epoch history (train and validation loss)."""
+    paths = sorted(folder.glob("*/seed-*/history.csv"))
+    return pd.concat([pd.read_csv(p) for p in paths], ignore_index=True)
+
+
+def grid_results(folder: Path) -> pd.DataFrame:
+    """One row per finished experiment and seed: its recipe, training-set sizes and epochs
+    (AUROCs come from the statistics stage, on the predictions)."""
+    rows = []
+    for path in sorted(folder.glob("*/seed-*/predictions.parquet")):
+        config = json.loads((path.parent / "config.json").read_text())
+        rows.append({k: config[k] for k in (
+            "name", "kind", "k", "real_fraction", "train_site", "seed", "n_real", "n_synthetic",
+            "best_epoch", "epochs_run", "stopped_early", "train_seconds")})
+    table = pd.DataFrame(rows).rename(columns={"name": "experiment"})
+    if len(table):
+        table["synthetic %"] = (100 * table["n_synthetic"] / table["n_real"].where(
+            table["n_real"] > 0)).round(0)
+    return table
