@@ -115,3 +115,10 @@ def test_malloc_tuning_applies_on_glibc_and_can_be_switched_off():
     glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
     assert on.stdout.strip() == str(glibc)
     assert off.stdout.strip() == "False"
+
+
+def test_statistics_stage_loads_without_the_training_stack():
+    """Notebook 05's modules read a finished grid without importing torch (fast kernels)."""
+    probe = "import sys, cxrlib.grid, cxrlib.stats, cxrlib.report; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
