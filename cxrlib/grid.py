@@ -14,10 +14,6 @@ import pandas as pd
 
 from cxrlib.config import Params
 
-KINDS: tuple[str, ...] = ("real_only", "real_plus_synthetic", "synthetic_only",
-                          "real_plus_rebalanced", "external_only", "external_plus_synthetic")
-
-
 
 @dataclass(frozen=True)
 class Experiment:
@@ -70,7 +66,6 @@ def baseline_of(experiment: str) -> str:
         return f"real_only.{experiment.rsplit('.', 1)[1]}"
     site = experiment.split("_plus_synthetic")[0].removesuffix("_only")
     return f"{site}_only"
-
 
 
 def load_predictions(folder: Path) -> pd.DataFrame:
