@@ -1,0 +1,88 @@
+"""The run's headline numbers in one JSON file, ``runs/<run>/summary.json``.
+
+Each stage adds its own keys (notebook 03 the generator's fidelity, notebook 05 the baseline
+and the primary comparisons, the pipeline the stage times); :func:`update_summary` merges
+them atomically, so a stage never loses what another wrote. The pipeline copies the file to
+``reports/<run>/summary.json`` beside the rendered pages. No torch here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from cxrlib.config import atomic_write_text
+
+SUMMARY_FILE = "summary.json"
+
+#: Keys every finished run's summary holds, and the type of each (issue 11's schema).
+SCHEMA: dict[str, type | tuple[type, ...]] = {
+    "minutes_total": (int, float),
+    "minutes_per_stage": dict,
+    "fidelity": dict,
+    "sex_fidelity": dict,
+    "baseline_internal_macro_auroc": (int, float),
+    "internal_test_images": int,
+    "seeds": list,
+    "optimizer_steps": dict,
+    "primary": list,
+}
+#: Keys inside the nested entries.
+NESTED: dict[str, tuple[str, ...]] = {
+    "fidelity": ("synthetic_macro_auroc", "real_macro_auroc", "ratio"),
+    "sex_fidelity": ("synthetic_auroc", "real_auroc"),
+}
+PRIMARY_KEYS: tuple[str, ...] = ("experiment", "baseline", "test_set", "delta", "ci_low",
+                                 "ci_high", "p", "mde")
+
+
+def summary_path(run_folder: Path) -> Path:
+    """Where a run keeps its summary."""
+    return Path(run_folder) / SUMMARY_FILE
+
+
+def read_summary(run_folder: Path) -> dict[str, Any]:
+    """The run's summary so far (empty when no stage has written one)."""
+    path = summary_path(run_folder)
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _plain(value: Any) -> Any:
+    """JSON-safe: numpy scalars to Python, NaN to None, tuples to lists, recursively."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if hasattr(value, "item") and callable(value.item):  # numpy scalar
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def update_summary(run_folder: Path, **entries: Any) -> dict[str, Any]:
+    """Merge ``entries`` (top-level keys, replaced whole) into the run's summary; atomic."""
+    summary = {**read_summary(run_folder), **_plain(entries)}
+    atomic_write_text(summary_path(run_folder), json.dumps(summary, indent=1, sort_keys=True))
+    return summary
+
+
+def schema_problems(summary: dict[str, Any]) -> list[str]:
+    """What a finished run's summary lacks or has of the wrong type (empty when it is whole)."""
+    problems = []
+    for key, kind in SCHEMA.items():
+        if key not in summary:
+            problems.append(f"missing key '{key}'")
+        elif not isinstance(summary[key], kind) or isinstance(summary[key], bool):
+            problems.append(f"key '{key}' is {type(summary[key]).__name__}")
+    for key, inner in NESTED.items():
+        entry = summary.get(key)
+        if isinstance(entry, dict):
+            problems += [f"key '{key}.{k}' missing" for k in inner if k not in entry]
+    for i, row in enumerate(summary.get("primary") or []):
+        missing = [k for k in PRIMARY_KEYS if k not in row]
+        if missing:
+            problems.append(f"primary[{i}] lacks {missing}")
+    return problems
