@@ -28,12 +28,12 @@ from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 from timm.utils import ModelEmaV3
 from torch import nn
-from tqdm.auto import tqdm
 
 from cxrlib.augment import augment_batch
 from cxrlib.config import ClassifierSpec, diff_keys
 from cxrlib.imagecache import CombinedCache, ImageCache, to_model_input
 from cxrlib.labels import CHEXPERT_LABELS
+from cxrlib.progress import tqdm
 
 
 def pick_device() -> torch.device:

@@ -42,12 +42,12 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file, save_file
 from torch import nn
-from tqdm.auto import tqdm
 
 from cxrlib.condition import ConditionEmbedding, dropout_mask, encode_conditions
 from cxrlib.config import DiffusionSpec, Params, atomic_write_text, diff_keys
 from cxrlib.imagecache import ImageCache, to_model_input
 from cxrlib.labels import CHEXPERT_LABELS
+from cxrlib.progress import tqdm
 
 
 class DiffusionError(ValueError):

@@ -28,7 +28,6 @@ from pathlib import Path
 
 import pandas as pd
 from accelerate import PartialState
-from tqdm.auto import tqdm
 
 from cxrlib.classify import (
     TrainResult,
@@ -40,6 +39,7 @@ from cxrlib.config import Params, atomic_write_parquet, atomic_write_text
 from cxrlib.data import DataError, load_cohort, patient_subset
 from cxrlib.grid import Experiment, grid_results, plan_grid
 from cxrlib.imagecache import CombinedCache, ImageCache
+from cxrlib.progress import tqdm
 
 
 class LeakageError(DataError):

@@ -37,7 +37,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
-from tqdm.auto import tqdm
 
 from cxrlib.condition import encode_conditions
 from cxrlib.config import Params, SamplingSpec, atomic_write_parquet
@@ -50,6 +49,7 @@ from cxrlib.diffusion import (
     training_rows,
 )
 from cxrlib.labels import CHEXPERT_LABELS, MANIFEST_COLUMNS
+from cxrlib.progress import tqdm
 
 SAMPLERS: tuple[str, ...] = ("ddpm", "ddim", "dpmpp")
 #: Columns a synthetic manifest adds to the real schema.
