@@ -18,6 +18,8 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--stage", action="append", choices=STAGES,
                      help="run only this stage (repeatable); default: all, in order")
     run.add_argument("--force", action="store_true", help="run stages already executed again")
+    run.add_argument("--quiet", action="store_true", help="do not stream the notebooks' output "
+                     "(messages, progress bars); show papermill's cell counter only")
     check = sub.add_parser("check", help="validate a parameter file and exit")
     check.add_argument("params", type=Path)
     train = sub.add_parser("train-diffusion", help="train the DDPM (use under accelerate launch "
@@ -45,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run-experiments":
             return _run_experiments(args.params)
         load_params(args.params)  # fail before any work on a bad file
-        run_pipeline(args.params, tuple(args.stage or STAGES), force=args.force)
+        run_pipeline(args.params, tuple(args.stage or STAGES), force=args.force,
+                     quiet=args.quiet)
     except (ParamsError, ValueError, RuntimeError, FileNotFoundError, KeyError) as err:
         # DataError, DiffusionError and SyntheticCohortError subclass these: one clear line,
         # not a traceback, for the errors cxrlib raises about the user's data and parameters.

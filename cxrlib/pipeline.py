@@ -3,18 +3,28 @@
 ``python -m cxrlib run --params params/demo.yaml`` executes each notebook with the parameter
 file injected, writes the executed copy to ``<run>/notebooks/``, and renders it to HTML (code
 hidden) under ``reports/<run name>/``. A failing notebook stops the chain and names the cell.
+The notebooks' own output (messages, progress bars) streams to the terminal while they run,
+unless ``quiet``; each stage ends with one line: its time and where its HTML went. Afterwards
+the stage times go into the run's ``summary.json``, which is copied beside the HTML.
 """
 
 from __future__ import annotations
 
 import html
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import nbformat
 import papermill
 from nbconvert import HTMLExporter
 
-from cxrlib.config import load_params, run_dir
+from cxrlib.config import Params, atomic_write_text, load_params, run_dir
+from cxrlib.progress import PROGRESS_ENV
+from cxrlib.summary import SUMMARY_FILE, read_summary, summary_path, update_summary
 
 NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 STAGES: tuple[str, ...] = ("01_data_prep", "02_diffusion_training", "03_sampling_explorer",
@@ -33,8 +43,40 @@ def render_html(executed: Path, dest: Path) -> Path:
     return dest
 
 
+@contextmanager
+def _environment(name: str, value: str) -> Iterator[None]:
+    """``os.environ[name] = value`` inside the block (kernels started there inherit it)."""
+    before = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
+
+
+def _execute(source: Path, dest: Path, params_file: Path, quiet: bool) -> None:
+    """Papermill: the cell counter alone when ``quiet``, else the kernel's stdout and stderr
+    streamed to ours, with cxrlib's progress bars drawn for a terminal or a log as ours is."""
+    kwargs: dict[str, Any] = {
+        "cwd": str(NOTEBOOKS_DIR), "kernel_name": "python3",
+        "parameters": {"params_file": str(params_file.resolve()), "progress": True},
+    }
+    if quiet:
+        papermill.execute_notebook(str(source), str(dest), progress_bar=True, **kwargs)
+        return
+    mode = "terminal" if sys.stderr.isatty() else "log"
+    with _environment(PROGRESS_ENV, mode):
+        # coalesce_streams: the saved notebook keeps each bar's last state, not every redraw
+        papermill.execute_notebook(str(source), str(dest), progress_bar=False,
+                                   stdout_file=sys.stdout, stderr_file=sys.stderr,
+                                   coalesce_streams=True, **kwargs)
+
+
 def run_stage(stage: str, params_file: Path, reports_root: Path | None = None,
-              force: bool = False) -> Path:
+              force: bool = False, quiet: bool = False) -> Path:
     """Execute one notebook for a parameter file; returns the executed notebook's path."""
     params = load_params(params_file)
     folder = run_dir(params)
@@ -44,24 +86,24 @@ def run_stage(stage: str, params_file: Path, reports_root: Path | None = None,
         return executed
     executed.parent.mkdir(parents=True, exist_ok=True)
     partial = executed.with_name(f".{stage}.running.ipynb")
-    source = NOTEBOOKS_DIR / f"{stage}.ipynb"
-    print(f"[run] {stage} -> {executed}")
+    print(f"[run] {stage} -> {executed}", flush=True)
     try:
-        papermill.execute_notebook(
-            str(source), str(partial), cwd=str(NOTEBOOKS_DIR), kernel_name="python3",
-            parameters={"params_file": str(params_file.resolve()), "progress": True},
-            progress_bar=True,
-        )
+        _execute(NOTEBOOKS_DIR / f"{stage}.ipynb", partial, params_file, quiet)
     except papermill.PapermillExecutionError as err:
         raise SystemExit(
             f"{stage} failed in cell {err.exec_count}: {err.ename}: {err.evalue}\n"
             f"The partly executed notebook is {partial}"
         ) from None
     partial.replace(executed)
-    reports = (reports_root or NOTEBOOKS_DIR.parent / "reports") / params.run.name
-    html = render_html(executed, reports / f"{stage}.html")
-    print(f"[html] {html}")
+    page = render_html(executed, _reports(params, reports_root) / f"{stage}.html")
+    secs = stage_seconds(executed)
+    took = f"{secs / 60:.1f} min" if secs is not None else "time not recorded"
+    print(f"[done] {stage}: {took}; report {page}", flush=True)
     return executed
+
+
+def _reports(params: Params, reports_root: Path | None) -> Path:
+    return (reports_root or NOTEBOOKS_DIR.parent / "reports") / params.run.name
 
 
 #: What each report page shows (the index page's descriptions).
@@ -85,27 +127,80 @@ def stage_seconds(executed: Path) -> float | None:
     return meta.get("duration")
 
 
+def record_stage_times(params: Params, reports_root: Path | None = None) -> dict[str, Any]:
+    """Every executed stage's minutes (papermill's recorded durations) into the run's
+    ``summary.json``, then the summary copied (atomically) to ``reports/<run>/``."""
+    folder = run_dir(params)
+    minutes = {}
+    for stage in STAGES:
+        executed = folder / "notebooks" / f"{stage}.ipynb"
+        secs = stage_seconds(executed) if executed.exists() else None
+        if secs is not None:
+            minutes[stage] = round(secs / 60, 2)
+    summary = update_summary(folder, minutes_total=round(sum(minutes.values()), 2),
+                             minutes_per_stage=minutes)
+    reports = _reports(params, reports_root)
+    reports.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(reports / SUMMARY_FILE, summary_path(folder).read_text())
+    return summary
+
+
+def _number(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else html.escape(str(value))
+
+
+def summary_html(summary: dict[str, Any]) -> str:
+    """The summary's headline numbers as HTML: scalars and one level of nested entries in one
+    table, the primary comparisons in another (stage times are in the list of pages)."""
+    if not summary:
+        return ""
+    rows = []
+    for key, value in sorted(summary.items()):
+        if key in ("minutes_per_stage", "primary"):
+            continue
+        entries = value.items() if isinstance(value, dict) else [("", value)]
+        for sub, val in entries:
+            if isinstance(val, (dict, list)):
+                continue
+            name = f"{key}.{sub}" if sub else key
+            rows.append(f"<tr><td><code>{html.escape(name)}</code></td>"
+                        f"<td>{_number(val)}</td></tr>")
+    out = (f"<h2>Headline numbers</h2><p>From <a href='{SUMMARY_FILE}'>{SUMMARY_FILE}</a>."
+           f"</p><table>{''.join(rows)}</table>")
+    primary = summary.get("primary") or []
+    if primary:
+        cols = list(primary[0])
+        head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
+        body = "".join("<tr>" + "".join(f"<td>{_number(r.get(c))}</td>" for c in cols)
+                       + "</tr>" for r in primary)
+        out += f"<h3>Primary comparisons</h3><table><tr>{head}</tr>{body}</table>"
+    return out
+
+
 def render_index(params_file: Path, reports_root: Path | None = None) -> Path:
-    """``reports/<run>/index.html``: a link per rendered stage, with its run time."""
+    """``reports/<run>/index.html``: a link per rendered stage with its run time, and the
+    run summary's headline numbers."""
     params = load_params(params_file)
-    reports = (reports_root or NOTEBOOKS_DIR.parent / "reports") / params.run.name
-    executed_dir = run_dir(params) / "notebooks"
+    reports = _reports(params, reports_root)
+    folder = run_dir(params)
     items, total = [], 0.0
     for stage in STAGES:
         if not (reports / f"{stage}.html").exists():
             continue
-        executed = executed_dir / f"{stage}.ipynb"
+        executed = folder / "notebooks" / f"{stage}.ipynb"
         secs = stage_seconds(executed) if executed.exists() else None
         total += secs or 0.0
         took = f" ({secs / 60:.1f} min)" if secs else ""
         items.append(f'<li><a href="{stage}.html">{html.escape(stage)}</a>{took}: '
                      f"{html.escape(STAGE_TITLES[stage])}</li>")
     body = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>cxrlib report: "
-            f"{html.escape(params.run.name)}</title></head><body style='font-family:sans-serif;"
+            f"{html.escape(params.run.name)}</title><style>td,th{{padding:0 .8em 0 0;"
+            f"text-align:left}}</style></head><body style='font-family:sans-serif;"
             f"max-width:60em;margin:2em auto'><h1>Run <code>{html.escape(params.run.name)}"
             f"</code></h1><p>Parameter file: <code>{html.escape(params_file.name)}</code>. "
             f"Notebooks executed headless with papermill; code hidden. Total notebook time "
-            f"{total / 60:.1f} min.</p><ol>{''.join(items)}</ol><h2>Parameters</h2><pre>"
+            f"{total / 60:.1f} min.</p><ol>{''.join(items)}</ol>"
+            f"{summary_html(read_summary(folder))}<h2>Parameters</h2><pre>"
             f"{html.escape(params.to_json())}</pre></body></html>")
     dest = reports / "index.html"
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -116,10 +211,15 @@ def render_index(params_file: Path, reports_root: Path | None = None) -> Path:
 
 
 def run_pipeline(params_file: Path, stages: tuple[str, ...] = STAGES, force: bool = False,
-                 reports_root: Path | None = None) -> Path:
-    """Run the given stages in order (a failure stops the chain), then write the index page."""
+                 reports_root: Path | None = None, quiet: bool = False) -> Path:
+    """Run the given stages in order (a failure stops the chain), record the stage times in
+    the run's summary, then write the index page."""
     for stage in stages:
-        run_stage(stage, params_file, reports_root, force=force)
+        run_stage(stage, params_file, reports_root, force=force, quiet=quiet)
+    params = load_params(params_file)
+    summary = record_stage_times(params, reports_root)
+    print(f"[summary] {_reports(params, reports_root) / SUMMARY_FILE}: "
+          f"{summary['minutes_total']:.1f} min of notebooks")
     index = render_index(params_file, reports_root)
     print(f"[index] {index}")
     return index

@@ -52,6 +52,22 @@ def progress_mode(stream: Any = None) -> str:
     return "notebook" if _in_jupyter_kernel() else "log"
 
 
+class _TextBar(text_tqdm):
+    """A text bar whose postfix changes redraw it only once ``mininterval`` has passed since
+    the last redraw (tqdm redraws on every change: a loop that sets its loss every step
+    would write one state per step, whatever ``mininterval`` says)."""
+
+    def _redraw_due(self) -> bool:
+        return not self.disable and self._time() - self.last_print_t >= self.mininterval
+
+    def set_postfix(self, ordered_dict: Any = None, refresh: bool | None = True,
+                    **kwargs: Any) -> None:
+        super().set_postfix(ordered_dict, refresh=refresh and self._redraw_due(), **kwargs)
+
+    def set_postfix_str(self, s: str = "", refresh: bool = True) -> None:
+        super().set_postfix_str(s, refresh=refresh and self._redraw_due())
+
+
 def tqdm(*args: Any, **kwargs: Any) -> text_tqdm:
     """A tqdm bar (same arguments) drawn as :func:`progress_mode` says; an explicit
     ``mininterval`` wins over the mode's."""
@@ -64,4 +80,4 @@ def tqdm(*args: Any, **kwargs: Any) -> text_tqdm:
     if mode == "log":
         kwargs.setdefault("dynamic_ncols", False)
         kwargs.setdefault("ncols", 100)
-    return text_tqdm(*args, **kwargs)
+    return _TextBar(*args, **kwargs)

@@ -34,12 +34,13 @@ def test_a_log_gets_few_redraws_with_a_rate(monkeypatch):
     log = io.StringIO()
     bar = tqdm(range(10_000), desc="diffusion steps", file=log)
     assert bar.mininterval == LOG_INTERVAL_S
-    for _ in bar:
-        pass
+    for step in bar:
+        bar.set_postfix(loss=f"{1 / (step + 1):.4f}")  # as the training loops do every step
     text = log.getvalue()
     states = [s for s in text.replace("\n", "\r").split("\r") if s.strip()]
     assert len(states) <= 3, states
     assert "diffusion steps: 100%" in states[-1] and "it/s" in states[-1]
+    assert "loss=0.0001" in states[-1]  # the last postfix is drawn when the bar closes
     assert text.count("\n") == 1  # redrawn in place; one line when the bar closes
 
 
@@ -47,4 +48,6 @@ def test_a_terminal_gets_a_live_bar_and_explicit_settings_win(monkeypatch):
     monkeypatch.delenv(PROGRESS_ENV, raising=False)
     assert tqdm(range(3), file=_Terminal()).mininterval == progress.TERMINAL_INTERVAL_S
     assert tqdm(range(3), file=io.StringIO(), mininterval=2.0).mininterval == 2.0
-    assert tqdm(range(3), file=io.StringIO(), disable=True).disable
+    off = tqdm(range(3), file=io.StringIO(), disable=True)
+    off.set_postfix(loss="1")  # a disabled bar ignores postfixes
+    assert off.disable

@@ -14,8 +14,11 @@ import nbformat
 import pytest
 import yaml
 
+from cxrlib import pipeline
 from cxrlib.config import Params, ParamsError, load_params, run_dir
 from cxrlib.pipeline import STAGES, run_pipeline, run_stage
+from cxrlib.progress import PROGRESS_ENV
+from cxrlib.summary import read_summary
 
 ROOT = Path(__file__).resolve().parent.parent
 PARAM_FILES = sorted((ROOT / "params").glob("*.yaml"))
@@ -91,9 +94,57 @@ def test_pipeline_runs_every_stage_and_renders_the_reports(tmp_path, capsys):
         p.name for p in (run / "01_data_prep").iterdir()}
     assert {"supplementation_f100.png", "external_site.png", "comparisons_macro.csv",
             "subgroups.png", "findings.txt"} <= {p.name for p in (run / "05_statistics").iterdir()}
-    capsys.readouterr()
+    # the notebooks' own output streamed while they ran, and one line per finished stage
+    streamed = capsys.readouterr()
+    assert "model: " in streamed.out  # printed by notebook 03
+    assert "diffusion steps: 100%" in streamed.err  # notebook 02's progress bar
+    for stage in STAGES:
+        assert f"[done] {stage}: " in streamed.out and f"{stage}.html" in streamed.out
+    # stage times in the run's summary, copied beside the HTML and shown on the index
+    summary = read_summary(run)
+    assert list(summary["minutes_per_stage"]) == list(STAGES)
+    assert summary["minutes_total"] == pytest.approx(sum(summary["minutes_per_stage"].values()),
+                                                     abs=0.02)
+    assert json.loads((reports / "smoke" / "summary.json").read_text()) == summary
+    assert "Headline numbers" in index.read_text() and "minutes_total" in index.read_text()
     run_pipeline(ROOT / "params" / "smoke.yaml", reports_root=reports)
     assert capsys.readouterr().out.count("[skip]") == len(STAGES)
+
+
+def _fake_papermill(calls: list[dict]):
+    """Stands in for papermill.execute_notebook: records its arguments and the progress mode
+    the kernel would inherit, prints like a kernel, writes an executed notebook."""
+    def execute(source, dest, **kwargs):
+        calls.append({**kwargs, "env": os.environ.get(PROGRESS_ENV)})
+        if "stdout_file" in kwargs:
+            kwargs["stdout_file"].write("kernel says hello\n")
+        nb = nbformat.v4.new_notebook()
+        nb.metadata["papermill"] = {"duration": 90.0}
+        nbformat.write(nb, dest)
+    return execute
+
+
+def test_run_streams_the_notebook_output_unless_quiet(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("CXRLIB_RUNS_DIR", str(tmp_path / "runs"))
+    monkeypatch.delenv(PROGRESS_ENV, raising=False)
+    calls: list[dict] = []
+    monkeypatch.setattr(pipeline.papermill, "execute_notebook", _fake_papermill(calls))
+    smoke = ROOT / "params" / "smoke.yaml"
+    run_pipeline(smoke, ("01_data_prep",), reports_root=tmp_path / "reports")
+    out = capsys.readouterr().out
+    assert "kernel says hello" in out
+    assert f"[done] 01_data_prep: 1.5 min; report {tmp_path / 'reports' / 'smoke'}" in out
+    assert calls[0]["env"] == "log"  # pytest's stderr is no terminal: bars sized for a log
+    assert calls[0]["progress_bar"] is False and calls[0]["stderr_file"] is sys.stderr
+    assert os.environ.get(PROGRESS_ENV) is None  # only the kernel's environment had it
+    run_pipeline(smoke, ("02_diffusion_training",), reports_root=tmp_path / "reports",
+                 quiet=True)
+    assert "kernel says hello" not in capsys.readouterr().out
+    assert calls[1]["progress_bar"] is True and "stdout_file" not in calls[1]
+    assert calls[1]["env"] is None  # today's behaviour: widget bars in the saved notebook
+    summary = json.loads((tmp_path / "reports" / "smoke" / "summary.json").read_text())
+    assert summary == {"minutes_total": 3.0, "minutes_per_stage": {"01_data_prep": 1.5,
+                                                                   "02_diffusion_training": 1.5}}
 
 
 def test_a_failing_notebook_names_the_stage_and_the_cell(tmp_path, monkeypatch):
