@@ -3,10 +3,18 @@
 All logic lives here so it can be tested without a browser: the widgets only hold values;
 :meth:`SamplingExplorer.generate` turns the current values into images and captions, and
 :meth:`SamplingExplorer.figure` draws the grid (with the condition written under each image).
-Headless runs (papermill, nbconvert) call the same two methods to show a static grid.
+The compare mode (:meth:`SamplingExplorer.generate_comparison`,
+:meth:`SamplingExplorer.comparison_figure`) generates the same seeds without and with one
+change (a label, the sex, or another age) and draws the difference maps. Given the training
+images, each generated image can show its nearest training image and their pixel correlation,
+the memorization audit's measure (:func:`cxrlib.audit.nearest_neighbours`).
+Headless runs (papermill, nbconvert) call the same methods to show static figures.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import ipywidgets as W
 import matplotlib.pyplot as plt
@@ -14,21 +22,42 @@ import numpy as np
 import pandas as pd
 from diffusers import DDPMScheduler
 
+from cxrlib.audit import nearest_neighbours
 from cxrlib.condition import describe_condition, encode_conditions
 from cxrlib.diffusion import ConditionalUNet
 from cxrlib.labels import CHEXPERT_LABELS, RACE_VALUES, SEXES
 from cxrlib.sampling import SAMPLERS, generate
 
 LABEL_STATES = {"absent": 0.0, "present": 1.0}
+#: What the compare mode can change: the sex, the age, or one of the 14 labels.
+COMPARE_CHOICES: tuple[str, ...] = ("sex", "age", *CHEXPERT_LABELS)
+
+
+@dataclass
+class Comparison:
+    """Images from the same seeds under two conditions that differ in one thing."""
+
+    without: np.ndarray  # n x R x R uint8: the first row's condition
+    with_: np.ndarray  # n x R x R uint8: the same seeds with the change
+    titles: tuple[str, str]  # what each row shows, e.g. ("without Edema", "with Edema")
+    seeds: list[int]
+
+    @property
+    def difference(self) -> np.ndarray:
+        """Signed per-pixel difference, second row minus first (int16)."""
+        return self.with_.astype(np.int16) - self.without.astype(np.int16)
 
 
 class SamplingExplorer:
-    """Widgets for sex, age, race, the 14 labels, guidance, sampler, steps, seed and count."""
+    """Widgets for sex, age, race, the 14 labels, guidance, sampler, steps, seed and count,
+    the compare mode, and (with ``train_images``, N x R x R uint8, may be a memory map) the
+    nearest training image under each generated one."""
 
     def __init__(self, model: ConditionalUNet, train_scheduler: DDPMScheduler,
                  nan_value: float = 0.0, guidance_rescale: float = 0.7, sampler: str = "ddim",
-                 steps: int = 25):
+                 steps: int = 25, train_images: np.ndarray | None = None):
         self.model = model
+        self.train_images = train_images
         self.train_scheduler = train_scheduler
         self.nan_value = nan_value
         self.guidance_rescale = guidance_rescale
@@ -48,11 +77,20 @@ class SamplingExplorer:
         self.steps = W.IntSlider(value=steps, min=2, max=200, description="steps", style=style)
         self.seed = W.IntText(value=0, description="first seed", style=style)
         self.count = W.IntSlider(value=4, min=1, max=16, description="images", style=style)
+        self.nearest = W.Checkbox(value=False, description="nearest training image",
+                                  disabled=train_images is None, indent=False)
         self.button = W.Button(description="Generate", button_style="primary")
+        self.compare = W.Dropdown(options=list(COMPARE_CHOICES), value="Cardiomegaly",
+                                  description="compare", style=style)
+        self.compare_age = W.IntSlider(value=30, min=18, max=95, description="other age",
+                                       style=style)
+        self.compare_button = W.Button(description="Compare", button_style="info")
         self.output = W.Output()
         self.last: tuple[np.ndarray, list[str]] | None = None
+        self.last_comparison: Comparison | None = None
         self.last_figure: plt.Figure | None = None
         self.button.on_click(self.on_generate)
+        self.compare_button.on_click(self.on_compare)
 
     def condition_row(self) -> pd.DataFrame:
         """The widgets' condition as one manifest-like row."""
@@ -60,34 +98,124 @@ class SamplingExplorer:
         row.update({lab: LABEL_STATES[w.value] for lab, w in self.labels.items()})
         return pd.DataFrame([row])
 
-    def generate(self) -> tuple[np.ndarray, list[str]]:
-        """Images for the current widget values (seeds first_seed .. first_seed + n - 1)."""
-        n = self.count.value
-        cond = np.repeat(encode_conditions(self.condition_row(), self.nan_value), n, axis=0)
-        seeds = [self.seed.value + i for i in range(n)]
+    def seeds(self) -> list[int]:
+        """The seeds of the current widgets: first_seed .. first_seed + n - 1."""
+        return [self.seed.value + i for i in range(self.count.value)]
+
+    def _generate_for(self, row: pd.DataFrame, seeds: list[int]) -> tuple[np.ndarray, str]:
+        cond = np.repeat(encode_conditions(row, self.nan_value), len(seeds), axis=0)
         images = generate(self.model, self.train_scheduler, cond, seeds, self.sampler.value,
                           self.steps.value, self.guidance.value, self.guidance_rescale)
-        caption = describe_condition(cond[0])
+        return images, describe_condition(cond[0])
+
+    def generate(self) -> tuple[np.ndarray, list[str]]:
+        """Images for the current widget values (seeds first_seed .. first_seed + n - 1)."""
+        seeds = self.seeds()
+        images, caption = self._generate_for(self.condition_row(), seeds)
         captions = [f"seed {s}\n{caption}" for s in seeds]
         self.last = (images, captions)
         return images, captions
 
-    def figure(self, images: np.ndarray, captions: list[str]) -> plt.Figure:
-        """A grid with the condition under each image."""
+    def comparison_rows(self) -> tuple[pd.DataFrame, pd.DataFrame, tuple[str, str]]:
+        """The widgets' condition twice, differing only in what ``compare`` names, and the
+        rows' titles. A label: absent, then present (a finding switched on also switches
+        No Finding off, as in notebook 02). Sex: the widgets' sex, then the other one. Age:
+        the widgets' age, then ``other age``."""
+        base = self.condition_row()
+        first, second = base.copy(), base.copy()
+        what = self.compare.value
+        if what == "sex":
+            other = next(s for s in SEXES if s != self.sex.value)
+            second["sex"] = other
+            return first, second, (f"sex {self.sex.value}", f"sex {other}")
+        if what == "age":
+            second["age"] = float(self.compare_age.value)
+            return first, second, (f"age {self.age.value}", f"age {self.compare_age.value}")
+        first[what], second[what] = 0.0, 1.0
+        if what != "No Finding":
+            second["No Finding"] = 0.0
+        return first, second, (f"without {what}", f"with {what}")
+
+    def generate_comparison(self) -> Comparison:
+        """The same seeds under both :meth:`comparison_rows` conditions."""
+        first, second, titles = self.comparison_rows()
+        seeds = self.seeds()
+        without, _ = self._generate_for(first, seeds)
+        with_, _ = self._generate_for(second, seeds)
+        self.last_comparison = Comparison(without, with_, titles, seeds)
+        return self.last_comparison
+
+    def nearest_training(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Each image's nearest training image: (index into ``train_images``, pixel
+        correlation), the memorization audit's pixel measure."""
+        if self.train_images is None:
+            raise ValueError("the explorer was built without train_images")
+        return nearest_neighbours(images, self.train_images, "pixel")
+
+    def _draw(self, ax: plt.Axes, img: np.ndarray, label: str, **imshow) -> None:
+        ax.axis("on")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.imshow(img, **({"cmap": "gray", "vmin": 0, "vmax": 255} | imshow))
+        ax.set_xlabel(self._wrap(label), fontsize=6)  # under the image; layout makes room
+
+    def _draw_nearest(self, axes: np.ndarray, images: np.ndarray) -> None:
+        idx, sim = self.nearest_training(images)
+        for ax, i, r in zip(axes, idx, sim, strict=False):
+            self._draw(ax, self.train_images[i], f"nearest training image {i}\nr = {r:.3f}")
+
+    def _title(self, fig: plt.Figure, extra: str = "") -> None:
+        fig.suptitle(f"{self.sampler.value}, {self.steps.value} steps, guidance "
+                     f"{self.guidance.value:g}{extra}", fontsize=8)
+        fig.tight_layout()
+
+    def figure(self, images: np.ndarray, captions: list[str],
+               nearest: bool = False) -> plt.Figure:
+        """A grid with the condition under each image; with ``nearest``, each image's
+        nearest training image and their pixel correlation below it."""
         cols = min(4, len(images))
         rows = int(np.ceil(len(images) / cols))
-        fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 3.2 * rows), squeeze=False)
+        per = 2 if nearest else 1
+        fig, axes = plt.subplots(rows * per, cols, figsize=(2.6 * cols, 3.2 * rows * per),
+                                 squeeze=False)
         for ax in axes.ravel():
             ax.axis("off")
-        for ax, img, cap in zip(axes.ravel(), images, captions, strict=False):
-            ax.axis("on")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            ax.imshow(img, cmap="gray", vmin=0, vmax=255)
-            ax.set_xlabel(self._wrap(cap), fontsize=6)  # under the image; layout makes room
-        fig.suptitle(f"{self.sampler.value}, {self.steps.value} steps, guidance "
-                     f"{self.guidance.value:g}", fontsize=8)
-        fig.tight_layout()
+        grid = axes[::per].ravel()
+        for ax, img, cap in zip(grid, images, captions, strict=False):
+            self._draw(ax, img, cap)
+        if nearest:
+            self._draw_nearest(axes[1::2].ravel(), images)
+        self._title(fig)
+        return fig
+
+    def comparison_figure(self, cmp: Comparison, nearest: bool = False) -> plt.Figure:
+        """A row without the change, a row with it (each with its nearest training images if
+        ``nearest``), and a row of difference maps (with minus without, red = brighter)."""
+        n = len(cmp.seeds)
+        rows = [("image", cmp.without, cmp.titles[0])]
+        if nearest:
+            rows.append(("nearest", cmp.without, ""))
+        rows.append(("image", cmp.with_, cmp.titles[1]))
+        if nearest:
+            rows.append(("nearest", cmp.with_, ""))
+        rows.append(("difference", cmp.difference, f"{cmp.titles[1]} minus {cmp.titles[0]}"))
+        fig, axes = plt.subplots(len(rows), n, figsize=(2.3 * n + 0.6, 2.7 * len(rows)),
+                                 squeeze=False)
+        for ax in axes.ravel():
+            ax.axis("off")
+        vmax = max(int(np.abs(cmp.difference).max()), 1)
+        for r, (kind, images, title) in enumerate(rows):
+            if kind == "nearest":
+                self._draw_nearest(axes[r], images)
+                continue
+            for ax, img, seed in zip(axes[r], images, cmp.seeds, strict=True):
+                if kind == "difference":
+                    self._draw(ax, img, f"seed {seed}: mean |diff| {np.abs(img).mean():.1f}",
+                               cmap="RdBu_r", vmin=-vmax, vmax=vmax)
+                else:
+                    self._draw(ax, img, f"seed {seed}")
+            axes[r, 0].set_ylabel(self._wrap(title, 24), fontsize=7)
+        self._title(fig, f"; compare {self.compare.value}")
         return fig
 
     @staticmethod
@@ -104,18 +232,28 @@ class SamplingExplorer:
 
     def on_generate(self, _button=None) -> None:
         """Button callback: generate and draw into the output area."""
+        self._show(lambda: self.figure(*self.generate(), nearest=self.nearest.value))
+
+    def on_compare(self, _button=None) -> None:
+        """Compare button callback: the two rows and their differences, drawn in the output."""
+        self._show(lambda: self.comparison_figure(self.generate_comparison(),
+                                                  self.nearest.value))
+
+    def _show(self, draw: Callable[[], plt.Figure]) -> None:
+        """Draw into the output area (an error shows there too, not in a hidden log)."""
         from IPython.display import display
 
         self.output.clear_output(wait=True)
         with self.output:
-            self.last_figure = self.figure(*self.generate())
+            self.last_figure = draw()
             display(self.last_figure)
             plt.close(self.last_figure)
 
     def widget(self) -> W.Widget:
         demo = W.VBox([self.sex, self.age, self.race])
         how = W.VBox([self.guidance, self.sampler, self.steps, self.seed, self.count,
-                      self.button])
+                      self.nearest, self.button])
+        compare = W.HBox([self.compare, self.compare_age, self.compare_button])
         labels = W.VBox(list(self.labels.values()))
-        return W.VBox([W.HBox([demo, how]), W.Accordion([labels], titles=("labels",)),
+        return W.VBox([W.HBox([demo, how]), compare, W.Accordion([labels], titles=("labels",)),
                        self.output])
