@@ -1,75 +1,65 @@
-"""The audit of generated images: fidelity, conditioning, diversity and memorization.
+"""Audit metrics for generated images: distance, diversity and memorization.
 
 Every measurement uses a *judge*: a timm classifier (:func:`cxrlib.classify.build_model`, one grey
 input channel in [-1, 1], 14 logits) trained on the run's real training images. Its penultimate
-(pre-logits) features replace Inception v3, which has never seen a chest X-ray and expects RGB
-photographs at 299 px. Images are numpy uint8 arrays N x R x R throughout.
+(pre-logits) features replace Inception v3, which has never seen a chest X-ray. An optional
+second, independent feature space comes from :mod:`cxrlib.audit_encoders`. Images are numpy
+uint8 arrays N x R x R throughout; the real reference images are *validation* images (the
+orchestration in :mod:`cxrlib.audit_run` never reads the test split).
 
-What is measured, and the baseline each number is read against:
+What is measured, and what each number is read against:
 
-* **Distribution distance** (:func:`fid_kid`, :func:`fid_kid_with_baseline`): FID and KID in
-  judge-feature space, computed by torchmetrics. Both are biased by sample size, so a number
-  alone means little; the baseline is the *noise floor*: two disjoint real sets of the same
-  size ("real vs real"). Synthetic images are as close to real as the metric can tell when
-  "real vs synthetic" is near that floor.
-* **Conditional fidelity** (:func:`conditional_fidelity`): per-label AUROC of the judge's
-  scores on synthetic images against the labels they were *conditioned on*. Baseline: the
-  judge's AUROC on the real test set (:func:`cxrlib.stats.auroc_table`); 0.5 is chance.
-* **Demographic fidelity** (:func:`demographic_fidelity`): linear probes (sex, age) fitted on
-  judge features of real training images and evaluated on synthetic images against their
-  conditioned sex and age. Baselines: the same probes on real test images (call the function
-  again with those), plus the chance levels it reports (majority-class accuracy, the MAE of
-  predicting the training mean age).
-* **Diversity** (:func:`ms_ssim_diversity`): mean pairwise MS-SSIM among replicas generated from
-  one condition; 1 means identical replicas (mode collapse), lower is more diverse. Baseline:
-  the same number on groups of real images (e.g. real images sharing a label set).
-* **Memorization** (:func:`memorization_audit`): each synthetic image's nearest training image,
-  by pixel correlation and by judge-feature cosine. Baseline: the nearest-training-image
-  similarity of every real *test* image (patients never trained on). A synthetic image is
-  flagged when it is closer to its neighbour than the baseline's high quantile in both spaces,
-  or when its pixel correlation is at least 0.99 (a near copy whatever the baseline says).
+* **Distribution distance** (:func:`distance_with_floor`): FID and KID (torchmetrics, on
+  precomputed features) and precision / recall / density / coverage (:func:`prdc`, Naeem et
+  al. 2020) for the synthetic set against real validation images, beside the same numbers for
+  two disjoint real sets of the same size (the *floor*), over several random splits. Every row
+  states n and the feature dimension: with n below the dimension FID's covariance is
+  rank-deficient and favours low-variance sets, so recall and coverage (k-NN based, sound at
+  small n) say whether diversity was lost. KID uses subsets of half the set, so its spread
+  across subsets is real.
+* **Conditional and demographic fidelity**: :mod:`cxrlib.audit_fidelity`.
+* **Diversity** (:func:`ms_ssim_diversity`): mean pairwise MS-SSIM among replicas of one
+  condition (1 = identical), beside random pairs of real images.
+* **Memorization** (:func:`memorization_audit`): each synthetic image's nearest training image
+  in pixel space (Pearson correlation) and in centred judge features (cosine), each the best
+  over one-pixel shifts and horizontal flips, so shifted, flipped and re-exposed copies are
+  found. Thresholds are calibrated on held-out real images (at least as many as are audited):
+  an image is flagged when it is closer than all but ``rate`` of them in either space. Also
+  reported: each replica's similarity to its own source image, and the share flagged with a
+  one-sided 95% Clopper-Pearson upper bound.
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
-import seaborn as sns
 import torch
-from sklearn.linear_model import LogisticRegression, Ridge
-from sklearn.metrics import accuracy_score, roc_auc_score
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
+from scipy import stats as sps
+from sklearn.metrics import pairwise_distances
+from sklearn.neighbors import NearestNeighbors
 from torch import nn
-from torch.nn import functional as F
 from torchmetrics.image import MultiScaleStructuralSimilarityIndexMeasure
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
-from tqdm.auto import tqdm
 
-from cxrlib.classify import predict_images, predictions_frame, train_or_load
-from cxrlib.condition import encode_conditions
-from cxrlib.config import Params, atomic_write_parquet
-from cxrlib.diffusion import ConditionalUNet, noise_scheduler, training_rows
-from cxrlib.imagecache import ImageCache, to_model_input
-from cxrlib.labels import CHEXPERT_LABELS, SEXES
-from cxrlib.sampling import image_seed, timed_generate
-from cxrlib.stats import auroc_table
+from cxrlib.imagecache import to_model_input
 
-#: Pixel correlation at or above which a synthetic image counts as a near copy of its neighbour.
-NEAR_COPY_CORRELATION = 0.99
 #: torchmetrics' default MS-SSIM scale weights (Wang et al., 2003), finest scale first.
 MS_SSIM_BETAS: tuple[float, ...] = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
 
+FeatureFn = Callable[[np.ndarray], np.ndarray]
 
-def _model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
 
+def _check_images(images: np.ndarray, name: str = "images") -> None:
+    if images.ndim != 3 or images.dtype != np.uint8:
+        raise ValueError(f"{name} must be uint8 N x R x R, got {images.dtype} {images.shape}")
+
+
+# --- judge features ---------------------------------------------------------------------------
 
 def _pre_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Pre-logit features of a timm model for a float batch (N, 1, R, R) in [-1, 1]."""
@@ -82,234 +72,159 @@ def _pre_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         model.train(was_training)
 
 
-def _check_images(images: np.ndarray, name: str = "images") -> None:
-    if images.ndim != 3 or images.dtype != np.uint8:
-        raise ValueError(f"{name} must be uint8 N x R x R, got {images.dtype} {images.shape}")
-
-
 def judge_features(model: nn.Module, images: np.ndarray, batch_size: int = 128) -> np.ndarray:
     """Pre-logit judge features (float32, N x d) of uint8 images N x R x R.
 
-    The images go in at their own resolution, which should be the one the judge was trained
-    at; they are scaled to [-1, 1] as in training (:func:`cxrlib.imagecache.to_model_range`).
-    Runs without gradients, in eval mode, on the model's device, in batches (``images`` may
-    be a memory map).
+    The images go in at their own resolution (the judge's training resolution), scaled to
+    [-1, 1] as in training; without gradients, in eval mode, on the model's device, in batches
+    (``images`` may be a memory map).
     """
     _check_images(images)
-    device = _model_device(model)
+    device = next(model.parameters()).device
     out = []
-    for start in range(0, len(images), batch_size):
-        x = to_model_input(images[start: start + batch_size]).to(device)
-        out.append(_pre_logits(model, x).float().cpu().numpy())
-    if not out:
-        dim = JudgeFeatureExtractor(model, images.shape[-1]).num_features
-        return np.zeros((0, dim), dtype=np.float32)
-    return np.concatenate(out)
+    for start in range(0, max(len(images), 1), batch_size):
+        block = images[start: start + batch_size]
+        if not len(block):  # an empty set: probe one blank image for d
+            block = np.zeros((1, *images.shape[1:]), dtype=np.uint8)
+        out.append(_pre_logits(model, to_model_input(block).to(device)).float().cpu().numpy())
+    feats = np.concatenate(out)
+    return feats[: len(images)]
 
 
-class JudgeFeatureExtractor(nn.Module):
-    """The judge as torchmetrics' custom ``feature=`` network for FID and KID.
+# --- FID, KID, precision / recall / density / coverage -----------------------------------------
 
-    Accepts what torchmetrics passes: uint8 images in [0, 255] (``normalize=False``, also its
-    dummy (1, 3, 299, 299) probe) or float images in [0, 1] (``normalize=True``), with 1 or 3
-    channels (3 are averaged into one grey channel) and any size (resized with antialiasing
-    to the judge's ``resolution``), then scaled to [-1, 1] as in training. Returns float64
-    pre-logit features (N x d) on the input's device, so the metric's states stay where the
-    caller put them. ``num_features`` is set, so torchmetrics needs no probe to learn d.
-    """
+class _Precomputed(nn.Module):
+    """Identity 'feature network' so torchmetrics computes FID/KID on features computed once
+    (the floor's several splits then cost no further forward passes)."""
 
-    def __init__(self, model: nn.Module, resolution: int):
+    def __init__(self, dim: int):
         super().__init__()
-        self.model = model
-        self.resolution = int(resolution)
-        probe = torch.zeros(1, 1, self.resolution, self.resolution,
-                            device=_model_device(model))
-        self.num_features = int(_pre_logits(model, probe).shape[-1])
+        self.num_features = int(dim)
 
-    def forward(self, imgs: torch.Tensor) -> torch.Tensor:
-        if imgs.ndim == 3:
-            imgs = imgs.unsqueeze(1)
-        if imgs.ndim != 4 or imgs.shape[1] not in (1, 3):
-            raise ValueError(f"expected images (N, 1 or 3, H, W), got {tuple(imgs.shape)}")
-        out_device = imgs.device
-        x = imgs.to(_model_device(self.model))
-        # Work on the 0..255 scale so that uint8 input at the judge's resolution gives exactly
-        # the training scaling x / 127.5 - 1.
-        x = x.float() if x.dtype == torch.uint8 else x.float() * 255.0
-        if x.shape[1] == 3:
-            x = x.mean(dim=1, keepdim=True)
-        if tuple(x.shape[-2:]) != (self.resolution, self.resolution):
-            x = F.interpolate(x, size=(self.resolution, self.resolution), mode="bilinear",
-                              align_corners=False, antialias=True).clamp_(0.0, 255.0)
-        x = x / 127.5 - 1.0
-        return _pre_logits(self.model, x).double().to(out_device)
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        return feats
 
 
-def _feed(metric: FrechetInceptionDistance | KernelInceptionDistance, images: np.ndarray,
-          real: bool, batch_size: int) -> None:
-    for start in range(0, len(images), batch_size):
-        batch = torch.from_numpy(np.ascontiguousarray(images[start: start + batch_size]))
-        metric.update(batch.unsqueeze(1), real=real)
+def default_kid_subset(n: int) -> int:
+    """KID subset size for sets of ``n``: half the set (at most 1000), so subsets differ."""
+    return max(2, min(n // 2, 1000))
 
 
-def fid_kid(model: nn.Module, real: np.ndarray, fake: np.ndarray, resolution: int,
-            kid_subset_size: int | None = None, kid_subsets: int = 100, seed: int = 0,
-            batch_size: int = 128) -> dict[str, float | int]:
-    """FID and KID (mean, std over subsets) between two uint8 image sets in judge features.
+def fid_kid(real: np.ndarray, fake: np.ndarray, kid_subset_size: int | None = None,
+            kid_subsets: int = 100, seed: int = 0) -> dict[str, float | int]:
+    """FID and KID (mean, std over subsets) between two feature sets (N x d), by torchmetrics.
 
-    Computed by torchmetrics with :class:`JudgeFeatureExtractor`. KID draws ``kid_subsets``
-    random subsets of ``kid_subset_size`` images from each set (default ``min(n_real, n_fake,
-    100)``; it may not exceed the smaller set); ``seed`` makes the draw reproducible without
-    touching the global torch RNG. Returns fid, kid_mean, kid_std, n_real, n_fake.
+    KID draws ``kid_subsets`` random subsets of ``kid_subset_size`` rows of each set (default
+    :func:`default_kid_subset` of the smaller set; it must be below the smaller set, or every
+    subset would be the whole set); ``seed`` fixes the draw without touching the global RNG.
+    Returns fid, kid_mean, kid_std, kid_subset, n_real, n_fake and dim.
     """
-    _check_images(real, "real")
-    _check_images(fake, "fake")
-    n_real, n_fake = len(real), len(fake)
-    if min(n_real, n_fake) < 2:
-        raise ValueError(f"FID/KID need at least 2 images per set (got {n_real} real, "
-                         f"{n_fake} fake)")
-    limit = min(n_real, n_fake)
-    subset = min(limit, 100) if kid_subset_size is None else int(kid_subset_size)
-    if not 1 <= subset <= limit:
-        raise ValueError(f"kid_subset_size must be between 1 and min(n_real, n_fake) = {limit}, "
-                         f"got {kid_subset_size}")
-    extractor = JudgeFeatureExtractor(model, resolution)
-    fid = FrechetInceptionDistance(feature=extractor, normalize=False)
+    real, fake = np.asarray(real, dtype=np.float64), np.asarray(fake, dtype=np.float64)
+    if real.ndim != 2 or fake.ndim != 2 or real.shape[1] != fake.shape[1]:
+        raise ValueError(f"features must be N x d with the same d, got {real.shape}, "
+                         f"{fake.shape}")
+    limit = min(len(real), len(fake))
+    if limit < 3:
+        raise ValueError(f"FID/KID need at least 3 rows per set (got {len(real)} real, "
+                         f"{len(fake)} fake)")
+    subset = default_kid_subset(limit) if kid_subset_size is None else int(kid_subset_size)
+    if not 2 <= subset < limit:
+        raise ValueError(f"kid_subset_size must be at least 2 and below min(n_real, n_fake) = "
+                         f"{limit}, got {kid_subset_size}")
+    net = _Precomputed(real.shape[1])
+    fid = FrechetInceptionDistance(feature=net, normalize=False)
     with warnings.catch_warnings():  # it warns that it keeps all features: that is intended
         warnings.filterwarnings("ignore", message=".*save all extracted features")
-        kid = KernelInceptionDistance(feature=extractor, subsets=kid_subsets,
-                                      subset_size=subset, normalize=False)
+        kid = KernelInceptionDistance(feature=net, subsets=kid_subsets, subset_size=subset,
+                                      normalize=False)
     for metric in (fid, kid):
-        _feed(metric, real, True, batch_size)
-        _feed(metric, fake, False, batch_size)
+        metric.update(torch.from_numpy(real), real=True)
+        metric.update(torch.from_numpy(fake), real=False)
     fid_value = float(fid.compute())
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         kid_mean, kid_std = kid.compute()
     return {"fid": fid_value, "kid_mean": float(kid_mean), "kid_std": float(kid_std),
-            "n_real": n_real, "n_fake": n_fake}
+            "kid_subset": subset, "n_real": len(real), "n_fake": len(fake),
+            "dim": real.shape[1]}
 
 
-def fid_kid_with_baseline(model: nn.Module, real_a: np.ndarray, real_b: np.ndarray,
-                          fake: np.ndarray, resolution: int, seed: int = 0,
-                          batch_size: int = 128) -> pd.DataFrame:
-    """FID/KID of ``real_a`` vs ``real_b`` (the noise floor) and of ``real_a`` vs ``fake``.
+def prdc(real: np.ndarray, fake: np.ndarray, k: int = 5) -> dict[str, float]:
+    """Precision, recall, density and coverage of ``fake`` against ``real`` (Naeem et al. 2020).
 
-    ``real_a`` and ``real_b`` should be disjoint real sets (e.g. two halves of the test set).
-    Both comparisons use the same number of images on the second side (the larger of
-    ``real_b``/``fake`` is subsampled, seeded) and the same KID subset size, because both
-    metrics depend on sample size; the table's n columns show what was used.
+    Each real row gets a ball reaching its k-th nearest real neighbour (Euclidean). Precision:
+    share of fake rows inside some real ball; density: mean number of real balls a fake row
+    falls in, over k; coverage: share of real balls holding a fake row (the collapse-robust
+    recall); recall: the same with the roles swapped (share of real rows inside some fake
+    row's k-NN ball). Written here because the reference ``prdc`` package is not installed;
+    it is a few lines on sklearn's NearestNeighbors.
     """
-    _check_images(real_b, "real_b")
-    _check_images(fake, "fake")
-    n = min(len(real_b), len(fake))
+    real, fake = np.asarray(real, dtype=np.float64), np.asarray(fake, dtype=np.float64)
+    if min(len(real), len(fake)) <= k:
+        raise ValueError(f"PRDC with k={k} needs more than k rows per set (got {len(real)} "
+                         f"real, {len(fake)} fake)")
+
+    def radii(x: np.ndarray) -> np.ndarray:  # distance to the k-th neighbour, self excluded
+        return NearestNeighbors(n_neighbors=k + 1).fit(x).kneighbors(x)[0][:, -1]
+
+    real_r, fake_r = radii(real), radii(fake)
+    dist = pairwise_distances(fake, real)  # fake x real
+    inside_real = dist < real_r[None, :]
+    return {
+        "precision": float(inside_real.any(axis=1).mean()),
+        "recall": float((dist < fake_r[:, None]).any(axis=0).mean()),
+        "density": float(inside_real.sum(axis=1).mean() / k),
+        "coverage": float((dist.min(axis=0) < real_r).mean()),
+    }
+
+
+def distance_with_floor(real_pool: np.ndarray, fake: np.ndarray, n: int | None = None,
+                        splits: int = 5, k: int = 5, seed: int = 0) -> pd.DataFrame:
+    """FID, KID and PRDC of real vs real (the floor) and real vs synthetic, over random splits.
+
+    Each split draws two disjoint sets of ``n`` rows from ``real_pool`` (features of real
+    validation images) and ``n`` rows of ``fake``; set A is compared with set B (real vs real)
+    and with the synthetic draw (real vs synthetic), so both comparisons have the same sizes.
+    ``n`` defaults to ``min(len(fake), len(real_pool) // 2)``. One row per split and
+    comparison: comparison, split, n, dim, fid, kid_mean, kid_std, kid_subset, precision,
+    recall, density, coverage. Summarise with :func:`distance_summary`.
+    """
+    limit = min(len(fake), len(real_pool) // 2)
+    n = limit if n is None else int(n)
+    if not k < n <= limit:
+        raise ValueError(f"n must be above k={k} and at most min(n_fake, n_real_pool // 2) = "
+                         f"{limit}, got {n}")
     rng = np.random.default_rng(seed)
-
-    def take(images: np.ndarray) -> np.ndarray:
-        if len(images) == n:
-            return images
-        return images[np.sort(rng.choice(len(images), size=n, replace=False))]
-
-    real_b, fake = take(real_b), take(fake)
-    subset = min(len(real_a), n, 100)
     rows = []
-    for name, other in (("real vs real", real_b), ("real vs synthetic", fake)):
-        res = fid_kid(model, real_a, other, resolution, kid_subset_size=subset, seed=seed,
-                      batch_size=batch_size)
-        rows.append({"comparison": name, **res})
+    for split in range(splits):
+        perm = rng.permutation(len(real_pool))
+        a, b = real_pool[perm[:n]], real_pool[perm[n: 2 * n]]
+        syn = fake[np.sort(rng.choice(len(fake), size=n, replace=False))]
+        for name, other in (("real vs real", b), ("real vs synthetic", syn)):
+            res = fid_kid(a, other, seed=seed + split)
+            rows.append({"comparison": name, "split": split, "n": n, "dim": res["dim"],
+                         "fid": res["fid"], "kid_mean": res["kid_mean"],
+                         "kid_std": res["kid_std"], "kid_subset": res["kid_subset"],
+                         **prdc(a, other, k)})
     return pd.DataFrame(rows)
 
 
-def conditional_fidelity(scores: np.ndarray, condition_labels: pd.DataFrame,
-                         labels: tuple[str, ...] = CHEXPERT_LABELS) -> pd.DataFrame:
-    """Per-label AUROC of judge scores on synthetic images vs the labels they were conditioned on.
-
-    ``scores`` are sigmoid outputs (N x len(labels)) in ``labels`` order; ``condition_labels``
-    holds one column per label with 0/1 (NaN rows are left out for that label, so pass the
-    labels as the generator saw them). Uses :func:`cxrlib.stats.auroc_table` with
-    test_set="synthetic"; a label with one class among the synthetic images has AUROC NaN.
-    """
-    scores = np.asarray(scores, dtype=float)
-    if scores.shape != (len(condition_labels), len(labels)):
-        raise ValueError(f"scores must be {len(condition_labels)} x {len(labels)}, "
-                         f"got {scores.shape}")
-    missing = [lab for lab in labels if lab not in condition_labels]
-    if missing:
-        raise KeyError(f"condition_labels lacks label columns {missing}")
-    parts = []
-    for j, label in enumerate(labels):
-        target = condition_labels[label].to_numpy(dtype=float)
-        bad = ~np.isnan(target) & ~np.isin(target, (0.0, 1.0))
-        if bad.any():
-            raise ValueError(f"condition label '{label}' must be 0, 1 or NaN; found "
-                             f"{sorted(set(target[bad]))}")
-        parts.append(pd.DataFrame({"test_set": "synthetic", "label": label, "target": target,
-                                   "score": scores[:, j]}))
-    return auroc_table(pd.concat(parts, ignore_index=True))
+DISTANCE_METRICS: tuple[str, ...] = ("fid", "kid_mean", "precision", "recall", "density",
+                                     "coverage")
 
 
-def demographic_fidelity(real_features: np.ndarray, real_rows: pd.DataFrame,
-                         eval_features: np.ndarray, eval_rows: pd.DataFrame,
-                         seed: int = 0) -> dict[str, float | int]:
-    """How well sex and age can be read off eval images by probes trained on real images.
+def distance_summary(table: pd.DataFrame) -> pd.DataFrame:
+    """Mean, min and max over splits of each metric of :func:`distance_with_floor`, per
+    comparison (and per feature ``space`` when the table has that column)."""
+    keys = [c for c in ("space", "comparison") if c in table]
+    agg = table.groupby(keys, sort=False).agg(
+        n=("n", "first"), dim=("dim", "first"), splits=("split", "nunique"),
+        **{f"{m}{s}": (m, f) for m in DISTANCE_METRICS
+           for s, f in (("", "mean"), ("_min", "min"), ("_max", "max"))})
+    return agg.reset_index()
 
-    A logistic regression (sex, positive class Female) and a ridge regression (age, years),
-    both on standardised judge features, are fitted on the real training rows and scored on
-    the eval rows (synthetic images with the sex/age they were conditioned on, or real test
-    images for the baseline). Rows need ``sex`` (Male/Female; anything else is left out of
-    the sex probe) and ``age`` (NaN left out of the age probe). Returns sex_auroc,
-    sex_accuracy, sex_majority_accuracy (always guessing the eval set's majority sex),
-    age_mae, age_pearson_r, age_mae_mean_baseline (predicting the training mean age) and
-    the number of rows used.
-    """
-    for name, feats, rows in (("real", real_features, real_rows),
-                              ("eval", eval_features, eval_rows)):
-        if len(feats) != len(rows):
-            raise ValueError(f"{name}_features has {len(feats)} rows but {name}_rows {len(rows)}")
-        if not {"sex", "age"} <= set(rows.columns):
-            raise KeyError(f"{name}_rows needs columns 'sex' and 'age'")
-    real_features = np.asarray(real_features, dtype=np.float64)
-    eval_features = np.asarray(eval_features, dtype=np.float64)
-    out: dict[str, float | int] = {}
 
-    tr = real_rows["sex"].isin(SEXES).to_numpy()
-    ev = eval_rows["sex"].isin(SEXES).to_numpy()
-    y_tr = (real_rows["sex"].to_numpy()[tr] == "Female").astype(int)
-    y_ev = (eval_rows["sex"].to_numpy()[ev] == "Female").astype(int)
-    if len(np.unique(y_tr)) < 2:
-        raise ValueError("the real rows need both sexes to fit the sex probe")
-    sex_probe = make_pipeline(StandardScaler(),
-                              LogisticRegression(max_iter=2000, random_state=seed))
-    sex_probe.fit(real_features[tr], y_tr)
-    if ev.any():
-        prob = sex_probe.predict_proba(eval_features[ev])[:, 1]
-        out["sex_auroc"] = (float(roc_auc_score(y_ev, prob)) if len(np.unique(y_ev)) == 2
-                            else float("nan"))
-        out["sex_accuracy"] = float(accuracy_score(y_ev, (prob >= 0.5).astype(int)))
-        out["sex_majority_accuracy"] = float(max(y_ev.mean(), 1 - y_ev.mean()))
-    else:
-        out.update(sex_auroc=np.nan, sex_accuracy=np.nan, sex_majority_accuracy=np.nan)
-    out["n_train_sex"], out["n_eval_sex"] = int(tr.sum()), int(ev.sum())
-
-    age_tr = real_rows["age"].to_numpy(dtype=float)
-    age_ev = eval_rows["age"].to_numpy(dtype=float)
-    tr, ev = ~np.isnan(age_tr), ~np.isnan(age_ev)
-    if tr.sum() < 2:
-        raise ValueError("the real rows need at least 2 known ages to fit the age probe")
-    age_probe = make_pipeline(StandardScaler(), Ridge(alpha=1.0))
-    age_probe.fit(real_features[tr], age_tr[tr])
-    if ev.any():
-        pred, truth = age_probe.predict(eval_features[ev]), age_ev[ev]
-        out["age_mae"] = float(np.abs(pred - truth).mean())
-        out["age_pearson_r"] = (float(np.corrcoef(pred, truth)[0, 1])
-                                if len(truth) > 1 and truth.std() > 0 and pred.std() > 0
-                                else float("nan"))
-        out["age_mae_mean_baseline"] = float(np.abs(age_tr[tr].mean() - truth).mean())
-    else:
-        out.update(age_mae=np.nan, age_pearson_r=np.nan, age_mae_mean_baseline=np.nan)
-    out["n_train_age"], out["n_eval_age"] = int(tr.sum()), int(ev.sum())
-    return out
-
+# --- diversity ---------------------------------------------------------------------------------
 
 def ms_ssim_settings(resolution: int) -> dict[str, object]:
     """MS-SSIM settings that work at ``resolution``: scale weights, Gaussian sigma, kernel size.
@@ -317,11 +232,9 @@ def ms_ssim_settings(resolution: int) -> dict[str, object]:
     torchmetrics' defaults (5 scales, sigma 1.5, an 11-tap window) need images of at least
     176 px (its check: ``R // (scales - 1)**2 > kernel - 1``); those are used from there up.
     Smaller images get a 7-tap window (sigma 0.8: torchmetrics sizes the Gaussian window as
-    ``2 * int(3.5 * sigma + 0.5) + 1`` taps, so this really is 7) and as many scales as pass
-    that check while the coarsest scale stays at least one window wide: 3 scales at 32 px, 4
-    at 64 px, 5 from 128 px. The scale weights are the first ``scales`` of the standard ones,
-    rescaled to sum to 1 so that the value stays in [0, 1] and comparable across resolutions
-    with the same settings (values from different settings are not comparable).
+    ``2 * int(3.5 * sigma + 0.5) + 1`` taps) and as many scales as pass that check while the
+    coarsest scale stays at least one window wide: 3 scales at 32 px, 4 at 64 px, 5 from 128
+    px. The scale weights are the first ``scales`` standard ones, rescaled to sum to 1.
     """
     if resolution >= 176:
         return {"betas": MS_SSIM_BETAS, "sigma": 1.5, "kernel_size": 11, "scales": 5}
@@ -341,9 +254,8 @@ def ms_ssim_diversity(images: np.ndarray, groups: np.ndarray, max_pairs: int | N
 
     One row per group with at least 2 images: group, n, n_pairs, ms_ssim (1 = identical
     replicas; lower = more diverse). All pairs are used unless a group has more than
-    ``max_pairs``, when a seeded random sample of pairs is. Settings: :func:`ms_ssim_settings`
-    at the images' resolution, data in [0, 1] with data_range 1, and torchmetrics' "relu"
-    normalisation (negative structure terms count as 0, so unrelated images give ~0).
+    ``max_pairs``, when a seeded random sample of pairs is. Settings: :func:`ms_ssim_settings`,
+    data in [0, 1], torchmetrics' "relu" normalisation (unrelated images give ~0).
     """
     _check_images(images)
     groups = np.asarray(groups)
@@ -373,6 +285,8 @@ def ms_ssim_diversity(images: np.ndarray, groups: np.ndarray, max_pairs: int | N
     return pd.DataFrame(rows, columns=["group", "n", "n_pairs", "ms_ssim"])
 
 
+# --- memorization ------------------------------------------------------------------------------
+
 def _unit_rows(block: np.ndarray, centre: bool) -> np.ndarray:
     """Rows as float32 unit vectors (mean-centred first for Pearson); zero rows stay zero."""
     x = np.asarray(block, dtype=np.float32).reshape(len(block), -1)
@@ -386,19 +300,16 @@ def nearest_neighbours(query: np.ndarray, reference: np.ndarray, metric: str,
                        chunk_size: int = 2048) -> tuple[np.ndarray, np.ndarray]:
     """Each query's most similar reference row: (index int64, similarity float32).
 
-    ``metric="pixel"``: Pearson correlation of the flattened pixels (cosine of mean-centred
-    unit vectors; a constant image has similarity 0 to everything). ``metric="feature"``:
-    cosine similarity of feature vectors. Both sides are processed in chunks of
-    ``chunk_size`` rows, so memory stays at a few chunk x chunk and chunk x D blocks however
-    large the sets are (memory-mapped arrays are read chunk by chunk). Ties go to the lowest
-    reference index.
+    ``metric="pixel"``: Pearson correlation of the flattened values (a constant row has
+    similarity 0 to everything); ``metric="feature"``: cosine similarity. Both sides are
+    processed in chunks, so memory stays small however large the sets are. Ties go to the
+    lowest reference index.
     """
     if metric not in ("pixel", "feature"):
         raise ValueError(f"metric must be 'pixel' or 'feature', got {metric!r}")
     if len(reference) == 0:
         raise ValueError("the reference set is empty")
-    dq = int(np.prod(query.shape[1:]))
-    dr = int(np.prod(reference.shape[1:]))
+    dq, dr = int(np.prod(query.shape[1:])), int(np.prod(reference.shape[1:]))
     if dq != dr:
         raise ValueError(f"query rows have {dq} values but reference rows {dr}")
     centre = metric == "pixel"
@@ -416,74 +327,194 @@ def nearest_neighbours(query: np.ndarray, reference: np.ndarray, metric: str,
     return best_idx, best_sim
 
 
+def image_variants(images: np.ndarray) -> Iterator[np.ndarray]:
+    """The images, horizontally flipped or not, shifted by -1, 0 or 1 pixel in each direction
+    (18 variants; edges repeated). Searching all of them makes a neighbour search robust to
+    the small moves a near copy may have."""
+    _check_images(images)
+    padded = np.pad(np.asarray(images), ((0, 0), (1, 1), (1, 1)), mode="edge")
+    size = images.shape[-1]
+    for flip in (False, True):
+        base = padded[:, :, ::-1] if flip else padded
+        for dy in (-1, 0, 1):
+            for dx in (-1, 0, 1):
+                yield np.ascontiguousarray(base[:, 1 + dy: 1 + dy + size, 1 + dx: 1 + dx + size])
+
+
+@dataclass
+class Neighbours:
+    """Each query's nearest reference image by pixel correlation and by centred-feature
+    cosine (both the best over :func:`image_variants` of the query)."""
+
+    pixel_idx: np.ndarray
+    pixel_sim: np.ndarray
+    feature_idx: np.ndarray
+    feature_sim: np.ndarray
+
+
+def _interior(images: np.ndarray) -> np.ndarray:
+    """Pixels away from the 1-pixel border (which a shift fills by repetition)."""
+    return images[:, 1:-1, 1:-1]
+
+
+def robust_neighbours(query: np.ndarray, reference: np.ndarray, reference_features: np.ndarray,
+                      embed: FeatureFn, centre: np.ndarray) -> Neighbours:
+    """Nearest reference image of each query, robust to one-pixel shifts, flips and intensity.
+
+    Pixel space: Pearson correlation (invariant to brightness and contrast changes) of the
+    interior pixels. Feature space: cosine of ``embed(variant) - centre`` against
+    ``reference_features - centre`` (centring on the training mean removes the direction every
+    radiograph shares, which otherwise makes all cosines near 1). Each is maximised over the
+    18 variants of the query.
+    """
+    ref_pix, ref_feat = _interior(reference), reference_features - centre
+    best = Neighbours(np.zeros(len(query), np.int64), np.full(len(query), -np.inf, np.float32),
+                      np.zeros(len(query), np.int64), np.full(len(query), -np.inf, np.float32))
+    for variant in image_variants(query):
+        for space, (idx, sim) in (
+                ("pixel", nearest_neighbours(_interior(variant), ref_pix, "pixel")),
+                ("feature", nearest_neighbours(embed(variant) - centre, ref_feat, "feature"))):
+            old_sim = getattr(best, f"{space}_sim")
+            better = sim > old_sim
+            old_sim[better] = sim[better]
+            getattr(best, f"{space}_idx")[better] = idx[better]
+    return best
+
+
+def _rowwise_sim(a: np.ndarray, b: np.ndarray, centre_rows: bool) -> np.ndarray:
+    return (_unit_rows(a, centre_rows) * _unit_rows(b, centre_rows)).sum(axis=1)
+
+
+def source_similarity(query: np.ndarray, sources: np.ndarray, source_features: np.ndarray,
+                      embed: FeatureFn, centre: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel and centred-feature similarity of each query to its *own* source image (row i of
+    ``sources``), each the best over the query's :func:`image_variants`."""
+    pix = np.full(len(query), -np.inf, dtype=np.float32)
+    feat = np.full(len(query), -np.inf, dtype=np.float32)
+    for variant in image_variants(query):
+        pix = np.maximum(pix, _rowwise_sim(_interior(variant), _interior(sources), True))
+        feat = np.maximum(feat, _rowwise_sim(embed(variant) - centre, source_features - centre,
+                                             False))
+    return pix, feat
+
+
+def upper_bound(k: int, n: int, level: float = 0.95) -> float:
+    """One-sided Clopper-Pearson upper confidence bound of a share k / n."""
+    if n == 0:
+        return float("nan")
+    return 1.0 if k >= n else float(sps.beta.ppf(level, k + 1, n - k))
+
+
 @dataclass
 class MemorizationResult:
-    """Nearest-training-image similarities of synthetic images and the real-test baseline.
+    """Nearest training images of the audited synthetic images and of held-out real images,
+    the thresholds calibrated on the latter, and the flags."""
 
-    Per synthetic image: the index and similarity of its nearest training image by pixel
-    correlation and by judge-feature cosine, and whether it is flagged. Baseline: the same
-    similarities for each real test image. Thresholds are the baseline's ``quantile``.
-    """
-
-    syn_pixel_idx: np.ndarray
-    syn_pixel_sim: np.ndarray
-    syn_feature_idx: np.ndarray
-    syn_feature_sim: np.ndarray
-    test_pixel_idx: np.ndarray
-    test_pixel_sim: np.ndarray
-    test_feature_idx: np.ndarray
-    test_feature_sim: np.ndarray
-    quantile: float
+    synthetic: Neighbours
+    heldout: Neighbours
+    rate: float
     pixel_threshold: float
     feature_threshold: float
     flagged: np.ndarray
-    near_copy: float = NEAR_COPY_CORRELATION
+    heldout_flagged: np.ndarray
+    source_pixel_sim: np.ndarray | None = None
+    source_feature_sim: np.ndarray | None = None
+    source_index: np.ndarray | None = None
 
     @property
     def flag_count(self) -> int:
         """Number of flagged synthetic images."""
         return int(self.flagged.sum())
 
+    def summary(self) -> dict[str, float | int]:
+        """Counts, shares with one-sided 95% upper bounds, thresholds and the source check."""
+        n, k = len(self.flagged), self.flag_count
+        out: dict[str, float | int] = {
+            "audited": n, "flagged": k, "share": k / n if n else np.nan,
+            "share_upper95": upper_bound(k, n), "heldout": len(self.heldout_flagged),
+            "heldout_share_flagged": float(self.heldout_flagged.mean()),
+            "target_rate_per_space": self.rate, "pixel_threshold": self.pixel_threshold,
+            "feature_threshold": self.feature_threshold}
+        if self.source_index is not None:
+            known = self.source_index >= 0
+            copies = self.source_copy[known]
+            out.update(
+                with_source=int(known.sum()), source_copies=int(copies.sum()),
+                source_copy_upper95=upper_bound(int(copies.sum()), int(known.sum())),
+                nearest_is_source=float(
+                    (self.synthetic.pixel_idx[known] == self.source_index[known]).mean())
+                if known.any() else np.nan,
+                median_source_pixel_sim=float(np.median(self.source_pixel_sim[known]))
+                if known.any() else np.nan)
+        return out
+
+    @property
+    def source_copy(self) -> np.ndarray:
+        """Replicas closer to their own source than the calibrated thresholds allow."""
+        if self.source_index is None:
+            return np.zeros(len(self.flagged), dtype=bool)
+        return (((self.source_pixel_sim > self.pixel_threshold)
+                 | (self.source_feature_sim > self.feature_threshold)) & (self.source_index >= 0))
+
     def table(self) -> pd.DataFrame:
-        """One row per synthetic image: neighbours, similarities and the flag."""
-        return pd.DataFrame({
+        """One row per audited synthetic image: neighbours, similarities and the flags."""
+        out = pd.DataFrame({
             "syn_index": np.arange(len(self.flagged)),
-            "pixel_train_index": self.syn_pixel_idx, "pixel_similarity": self.syn_pixel_sim,
-            "feature_train_index": self.syn_feature_idx,
-            "feature_similarity": self.syn_feature_sim, "flagged": self.flagged,
-        })
+            "pixel_train_index": self.synthetic.pixel_idx,
+            "pixel_similarity": self.synthetic.pixel_sim,
+            "feature_train_index": self.synthetic.feature_idx,
+            "feature_similarity": self.synthetic.feature_sim, "flagged": self.flagged})
+        if self.source_index is not None:
+            out = out.assign(source_train_index=self.source_index,
+                             source_pixel_similarity=self.source_pixel_sim,
+                             source_feature_similarity=self.source_feature_sim,
+                             source_copy=self.source_copy)
+        return out
 
 
-def memorization_audit(syn_pixels: np.ndarray, syn_features: np.ndarray,
-                       train_pixels: np.ndarray, train_features: np.ndarray,
-                       test_pixels: np.ndarray, test_features: np.ndarray,
-                       quantile: float = 0.999,
-                       near_copy: float = NEAR_COPY_CORRELATION) -> MemorizationResult:
-    """Find synthetic images closer to a training image than real unseen images ever are.
+def memorization_audit(synthetic: np.ndarray, train: np.ndarray, train_features: np.ndarray,
+                       heldout: np.ndarray, embed: FeatureFn, rate: float = 0.01,
+                       source_index: np.ndarray | None = None) -> MemorizationResult:
+    """Flag synthetic images closer to a training image than unseen real images come.
 
-    Thresholds are the ``quantile`` of the test->train nearest-neighbour similarity in each
-    space (with a few hundred test images, 0.999 is close to their maximum). A synthetic image
-    is flagged when it is above both thresholds (closer than nearly every unseen real image,
-    in pixels *and* in what the judge sees), or when its pixel correlation is at least
-    ``near_copy`` (a copy up to intensity scaling).
+    ``heldout`` are real images the generator never saw (e.g. validation images), at least as
+    many as ``synthetic``, so that the calibration is no coarser than the audit. Thresholds are
+    the ``1 - rate`` quantile of the held-out images' nearest-training similarity in each space
+    (:func:`robust_neighbours`); a synthetic image is flagged when it exceeds either, so at
+    most about ``2 * rate`` of unseen images would be. ``embed`` maps uint8 images to features
+    (e.g. the judge's); ``source_index`` (index into ``train`` of each synthetic image's
+    source row, -1 where unknown) adds the replica-vs-own-source check.
     """
-    if not 0.0 < quantile <= 1.0:
-        raise ValueError(f"quantile must be in (0, 1], got {quantile}")
-    if len(test_pixels) == 0:
-        raise ValueError("the memorization baseline needs real test images")
-    for name, pix, feat in (("syn", syn_pixels, syn_features), ("train", train_pixels,
-                            train_features), ("test", test_pixels, test_features)):
-        if len(pix) != len(feat):
-            raise ValueError(f"{name}: {len(pix)} images but {len(feat)} feature rows")
-    sp_idx, sp_sim = nearest_neighbours(syn_pixels, train_pixels, "pixel")
-    sf_idx, sf_sim = nearest_neighbours(syn_features, train_features, "feature")
-    tp_idx, tp_sim = nearest_neighbours(test_pixels, train_pixels, "pixel")
-    tf_idx, tf_sim = nearest_neighbours(test_features, train_features, "feature")
-    pix_thr = float(np.quantile(tp_sim, quantile))
-    feat_thr = float(np.quantile(tf_sim, quantile))
-    flagged = ((sp_sim > pix_thr) & (sf_sim > feat_thr)) | (sp_sim >= near_copy)
-    return MemorizationResult(sp_idx, sp_sim, sf_idx, sf_sim, tp_idx, tp_sim, tf_idx, tf_sim,
-                              quantile, pix_thr, feat_thr, flagged, near_copy)
+    for name, images in (("synthetic", synthetic), ("train", train), ("heldout", heldout)):
+        _check_images(images, name)
+    if not 0.0 < rate < 0.5:
+        raise ValueError(f"rate must be in (0, 0.5), got {rate}")
+    if len(heldout) < len(synthetic):
+        raise ValueError(f"the held-out calibration set ({len(heldout)} images) must be at "
+                         f"least as large as the audited synthetic set ({len(synthetic)})")
+    if len(train_features) != len(train):
+        raise ValueError(f"{len(train)} training images but {len(train_features)} feature rows")
+    centre = np.asarray(train_features, dtype=np.float32).mean(axis=0)
+    syn = robust_neighbours(synthetic, train, train_features, embed, centre)
+    held = robust_neighbours(heldout, train, train_features, embed, centre)
+    pix_thr = float(np.quantile(held.pixel_sim, 1 - rate))
+    feat_thr = float(np.quantile(held.feature_sim, 1 - rate))
+
+    def flags(nb: Neighbours) -> np.ndarray:
+        return (nb.pixel_sim > pix_thr) | (nb.feature_sim > feat_thr)
+
+    result = MemorizationResult(syn, held, rate, pix_thr, feat_thr, flags(syn), flags(held))
+    if source_index is not None:
+        src = np.asarray(source_index, dtype=np.int64)
+        if len(src) != len(synthetic):
+            raise ValueError(f"{len(src)} source indices for {len(synthetic)} synthetic images")
+        safe = np.where(src >= 0, src, 0)
+        pix, feat = source_similarity(synthetic, train[safe],
+                                      np.asarray(train_features)[safe], embed, centre)
+        result.source_index = src
+        result.source_pixel_sim = np.where(src >= 0, pix, np.nan)
+        result.source_feature_sim = np.where(src >= 0, feat, np.nan)
+    return result
 
 
 def closest_pairs(result: MemorizationResult, k: int = 8) -> pd.DataFrame:
@@ -492,256 +523,9 @@ def closest_pairs(result: MemorizationResult, k: int = 8) -> pd.DataFrame:
     Columns: syn_index, train_index (its pixel neighbour), pixel_similarity,
     feature_similarity, flagged; most similar first.
     """
-    order = np.argsort(-result.syn_pixel_sim, kind="stable")[:k]
+    nb = result.synthetic
+    order = np.argsort(-nb.pixel_sim, kind="stable")[:k]
     return pd.DataFrame({
-        "syn_index": order, "train_index": result.syn_pixel_idx[order],
-        "pixel_similarity": result.syn_pixel_sim[order],
-        "feature_similarity": result.syn_feature_sim[order], "flagged": result.flagged[order],
-    })
-
-
-def memorization_figure(result: MemorizationResult) -> plt.Figure:
-    """Nearest-training-image similarity: synthetic vs real test images, in both spaces."""
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
-    spaces = (("pixel correlation", result.syn_pixel_sim, result.test_pixel_sim,
-               result.pixel_threshold),
-              ("judge-feature cosine", result.syn_feature_sim, result.test_feature_sim,
-               result.feature_threshold))
-    for ax, (name, syn, test, thr) in zip(axes, spaces, strict=True):
-        data = pd.concat([pd.DataFrame({"similarity": syn, "set": "synthetic -> train"}),
-                          pd.DataFrame({"similarity": test, "set": "real test -> train"})],
-                         ignore_index=True)
-        sns.histplot(data=data, x="similarity", hue="set", stat="density", common_norm=False,
-                     element="step", bins=40, ax=ax)
-        ax.axvline(thr, color="k", ls="--", lw=1)
-        ax.text(thr, 0.98, f" test q{result.quantile:g}", transform=ax.get_xaxis_transform(),
-                va="top", fontsize=8)
-        if name.startswith("pixel"):
-            ax.axvline(result.near_copy, color="red", ls=":", lw=1)
-        ax.set_xlabel(f"nearest-neighbour {name}")
-        ax.set_title(name)
-    fig.suptitle(f"Memorization audit: {result.flag_count} of {len(result.flagged)} synthetic "
-                 "images flagged")
-    fig.tight_layout()
-    return fig
-
-
-def closest_pairs_figure(syn_images: np.ndarray, train_images: np.ndarray,
-                         pairs: pd.DataFrame) -> plt.Figure:
-    """Each pair of :func:`closest_pairs` side by side: synthetic image, training neighbour."""
-    n = max(len(pairs), 1)
-    fig, axes = plt.subplots(n, 2, figsize=(4.2, 2.1 * n), squeeze=False)
-    for ax in axes.ravel():
-        ax.axis("off")
-    for i, row in enumerate(pairs.itertuples(index=False)):
-        axes[i, 0].imshow(syn_images[row.syn_index], cmap="gray", vmin=0, vmax=255)
-        axes[i, 0].set_title(f"synthetic {row.syn_index}"
-                             + (" (flagged)" if row.flagged else ""), fontsize=8)
-        axes[i, 1].imshow(train_images[row.train_index], cmap="gray", vmin=0, vmax=255)
-        axes[i, 1].set_title(f"train {row.train_index}: r={row.pixel_similarity:.3f}, "
-                             f"cos={row.feature_similarity:.3f}", fontsize=8)
-    fig.tight_layout()
-    return fig
-
-
-def fidelity_figure(per_label_auroc: pd.DataFrame) -> plt.Figure:
-    """Per-label AUROC bars (from :func:`conditional_fidelity`; several test sets side by side).
-
-    Labels without an AUROC (one class only) are marked "n/a"; the dashed line is chance.
-    """
-    table = per_label_auroc.copy()
-    if "test_set" not in table:
-        table["test_set"] = "synthetic"
-    order = [lab for lab in CHEXPERT_LABELS if lab in set(table["label"])]
-    order += [lab for lab in pd.unique(table["label"]) if lab not in order]
-    fig, ax = plt.subplots(figsize=(7, 0.8 + 0.35 * len(order)))
-    known = table.dropna(subset=["auroc"])
-    if len(known):
-        sns.barplot(data=known, y="label", x="auroc", hue="test_set", order=order, ax=ax,
-                    orient="h")
-    else:
-        ax.set_yticks(range(len(order)), order)
-        ax.set_ylim(len(order) - 0.5, -0.5)
-    missing = table.groupby("label")["auroc"].apply(lambda s: s.isna().all())
-    for i, lab in enumerate(order):
-        if missing.get(lab, False):
-            ax.text(0.51, i, "n/a", va="center", fontsize=8, color="grey")
-    ax.axvline(0.5, color="k", ls="--", lw=1)
-    ax.set_xlim(0.0, 1.0)
-    ax.set_xlabel("AUROC")
-    ax.set_ylabel("")
-    fig.tight_layout()
-    return fig
-
-
-# ---------------------------------------------------------------------------------------------
-# Running the audit for a run: the judge, the real reference sets, each synthetic cohort, and
-# the guidance sweep. The judge is the run's real-only classifier (saved under
-# <run>/classifiers/real_only), which the classifier experiments reuse as their baseline.
-
-
-@dataclass
-class AuditReference:
-    """The judge and the real images every synthetic set is compared with."""
-
-    judge: nn.Module
-    resolution: int
-    train_rows: pd.DataFrame  # all real training rows of the diffusion sites
-    train_images: np.ndarray
-    train_features: np.ndarray
-    test_rows: pd.DataFrame  # a sample of the internal test split
-    test_images: np.ndarray
-    test_features: np.ndarray
-    test_scores: np.ndarray
-
-    def test_halves(self) -> tuple[np.ndarray, np.ndarray]:
-        """Two disjoint halves of the real test sample: FID between them is the floor that
-        sampling noise alone gives (neither half was seen by the judge in training)."""
-        half = len(self.test_images) // 2
-        return self.test_images[:half], self.test_images[half: 2 * half]
-
-
-def sample_rows(rows: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
-    """At most ``n`` rows drawn without replacement (seeded), in their original order."""
-    if len(rows) <= n:
-        return rows.reset_index(drop=True)
-    pick = np.sort(np.random.default_rng(seed).choice(len(rows), n, replace=False))
-    return rows.iloc[pick].reset_index(drop=True)
-
-
-def audit_reference(params: Params, manifest: pd.DataFrame, cache: ImageCache, folder: Path,
-                    progress: bool = True) -> AuditReference:
-    """Train (or load) the judge on real training rows and embed the real reference sets."""
-    train = training_rows(params, manifest)
-    sites = set(train["site"])
-    val = manifest[manifest["site"].isin(sites) & (manifest["split"] == "val")]
-    test = manifest[manifest["site"].isin(sites) & (manifest["split"] == "test")]
-    judge_dir = folder / "classifiers" / "real_only"
-    judge = train_or_load(params.classifier, train, val, cache, judge_dir, params.run.seed,
-                          progress).model
-    # The judge's predictions on the whole internal test split, saved for later stages.
-    scores = predict_images(judge, cache.load(test["image_id"]))
-    atomic_write_parquet(predictions_frame(test, scores, "internal test"),
-                         judge_dir / "predictions_internal_test.parquet")
-    keep = sample_rows(test.assign(_i=np.arange(len(test))), params.sampling.audit_images,
-                       params.run.seed)
-    test_images = cache.load(keep["image_id"])
-    train_images = cache.load(train["image_id"])
-    return AuditReference(judge, params.data.resolution, train, train_images,
-                          judge_features(judge, train_images), keep.drop(columns="_i"),
-                          test_images, judge_features(judge, test_images),
-                          scores[keep["_i"].to_numpy()])
-
-
-@dataclass
-class SyntheticAudit:
-    """Every audit table for one synthetic cohort (and the real baselines beside them)."""
-
-    distance: pd.DataFrame
-    fidelity: pd.DataFrame
-    demographics: pd.DataFrame
-    diversity: pd.DataFrame
-    memorization: MemorizationResult
-    closest: pd.DataFrame
-    images: np.ndarray
-
-
-def audit_synthetic(ref: AuditReference, synth: pd.DataFrame, synth_cache: ImageCache,
-                    n_images: int, seed: int = 0) -> SyntheticAudit:
-    """Distance, conditional and demographic fidelity, diversity and memorization of a cohort."""
-    rows = sample_rows(synth, n_images, seed)
-    images = synth_cache.load(rows["image_id"])
-    feats = judge_features(ref.judge, images)
-    sample_train = sample_rows(ref.train_rows.assign(_i=np.arange(len(ref.train_rows))),
-                           len(ref.test_rows), seed)
-    half_a, half_b = ref.test_halves()
-    distance = fid_kid_with_baseline(ref.judge, half_a, half_b, images, ref.resolution,
-                                     seed=seed)
-    fidelity = conditional_fidelity(predict_images(ref.judge, images), rows).rename(
-        columns={"auroc": "synthetic (condition)"})
-    real = conditional_fidelity(ref.test_scores, ref.test_rows)
-    fidelity = fidelity.merge(real[["label", "auroc"]].rename(columns={"auroc": "real test"}),
-                              on="label")
-    demo = pd.DataFrame({
-        "synthetic (condition)": demographic_fidelity(ref.train_features, ref.train_rows,
-                                                      feats, rows),
-        "real test": demographic_fidelity(ref.train_features, ref.train_rows,
-                                          ref.test_features, ref.test_rows),
-    })
-    # Diversity: replicas of one source vs random pairs of different real training images.
-    groups = synth["source_image_id"].to_numpy()
-    multi = synth[pd.Series(groups).map(pd.Series(groups).value_counts()).to_numpy() > 1]
-    keep = multi["source_image_id"].drop_duplicates().iloc[: max(1, n_images // 4)]
-    reps = multi[multi["source_image_id"].isin(keep)]
-    div = ms_ssim_diversity(synth_cache.load(reps["image_id"]), reps["source_image_id"].to_numpy())
-    pair_ids = np.random.default_rng(seed).permutation(len(sample_train)) // 2
-    real_div = ms_ssim_diversity(ref.train_images[sample_train["_i"].to_numpy()], pair_ids)
-    diversity = pd.DataFrame({
-        "set": ["synthetic replicas of one condition", "real: random pairs of images"],
-        "groups": [len(div), len(real_div)],
-        "mean MS-SSIM": [div["ms_ssim"].mean() if len(div) else np.nan,
-                         real_div["ms_ssim"].mean()],
-    })
-    memo = memorization_audit(images, feats, ref.train_images, ref.train_features,
-                              ref.test_images, ref.test_features)
-    return SyntheticAudit(distance, fidelity, demo, diversity, memo, closest_pairs(memo),
-                          images)
-
-
-def guidance_sweep(params: Params, ref: AuditReference, model: ConditionalUNet,
-                   progress: bool = True) -> pd.DataFrame:
-    """Guidance scale x sampler x steps -> FID/KID to real test images, macro conditional
-    fidelity, sex-probe AUROC and seconds per image, on the same conditions and seeds."""
-    spec = params.sampling
-    rows = sample_rows(ref.train_rows, spec.sweep_images, params.run.seed + 1)
-    cond = encode_conditions(rows, params.diffusion.nan_label_value)
-    seeds = [image_seed(params.run.seed, f"sweep/{i}", 0) for i in range(len(rows))]
-    sched = noise_scheduler(params.diffusion)
-    half_a, half_b = ref.test_halves()
-    n = min(len(rows), len(half_a), len(half_b))
-    floor = fid_kid(ref.judge, half_a[:n], half_b[:n], ref.resolution)
-    out = [{"sampler": "real", "steps": 0, "guidance": np.nan, "fid": floor["fid"],
-            "kid": floor["kid_mean"], "fidelity_macro_auroc": np.nan, "sex_auroc": np.nan,
-            "sec_per_image": 0.0}]
-    grid = [(s, k, g) for s in spec.sweep_samplers for k in spec.sweep_steps
-            for g in spec.sweep_scales]
-    for sampler, steps, scale in tqdm(grid, desc="guidance sweep", disable=not progress):
-        images, sec = timed_generate(model, sched, cond, seeds, sampler, steps, scale,
-                                     spec.guidance_rescale, spec.batch_size)
-        dist = fid_kid(ref.judge, half_a[:n], images[:n], ref.resolution)
-        fid = conditional_fidelity(predict_images(ref.judge, images), rows)
-        demo = demographic_fidelity(ref.train_features, ref.train_rows,
-                                    judge_features(ref.judge, images), rows)
-        out.append({"sampler": sampler, "steps": steps, "guidance": scale, "fid": dist["fid"],
-                    "kid": dist["kid_mean"], "fidelity_macro_auroc": fid["auroc"].mean(),
-                    "sex_auroc": demo.get("sex_auroc", np.nan), "sec_per_image": sec})
-    return pd.DataFrame(out)
-
-
-def sweep_verdict(table: pd.DataFrame) -> str:
-    """Sentences, generated from the sweep's numbers, on which setting the data support."""
-    runs = table[table["sampler"] != "real"].copy()
-    floor = float(table.loc[table["sampler"] == "real", "fid"].iloc[0])
-    runs["rank"] = (runs["fid"].rank() + runs["fidelity_macro_auroc"].rank(ascending=False))
-    best = runs.sort_values(["rank", "sec_per_image"]).iloc[0]
-    close = runs[runs["fid"] <= 1.05 * runs["fid"].min()].sort_values("sec_per_image").iloc[0]
-    lines = [
-        f"Best balance of distance and conditional fidelity: {best['sampler']} with "
-        f"{int(best['steps'])} steps at guidance {best['guidance']:g} (FID {best['fid']:.3g}, "
-        f"macro fidelity AUROC {best['fidelity_macro_auroc']:.3f}, "
-        f"{best['sec_per_image']:.3f} s/image; real-vs-real FID at this size {floor:.3g}).",
-        f"Cheapest setting within 5% of the lowest FID ({runs['fid'].min():.3g}): "
-        f"{close['sampler']} with {int(close['steps'])} steps at guidance {close['guidance']:g} "
-        f"({close['sec_per_image']:.3f} s/image).",
-    ]
-    by_scale = runs.groupby("guidance")[["fid", "fidelity_macro_auroc"]].mean()
-    hi, lo = by_scale.index.max(), by_scale.index.min()
-    if hi != lo:
-        trend = "raises" if by_scale.loc[hi, "fidelity_macro_auroc"] > by_scale.loc[
-            lo, "fidelity_macro_auroc"] else "does not raise"
-        lines.append(
-            f"Averaged over samplers and steps, guidance {hi:g} {trend} conditional fidelity "
-            f"over guidance {lo:g} ({by_scale.loc[lo, 'fidelity_macro_auroc']:.3f} -> "
-            f"{by_scale.loc[hi, 'fidelity_macro_auroc']:.3f}) and moves FID from "
-            f"{by_scale.loc[lo, 'fid']:.3g} to {by_scale.loc[hi, 'fid']:.3g}.")
-    return " ".join(lines)
+        "syn_index": order, "train_index": nb.pixel_idx[order],
+        "pixel_similarity": nb.pixel_sim[order], "feature_similarity": nb.feature_sim[order],
+        "flagged": result.flagged[order]})

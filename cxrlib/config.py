@@ -368,16 +368,77 @@ class SamplingSpec(_Strict):
     sweep_images: PositiveInt = 128
 
 
-class StatsSpec(_Strict):
-    """Statistics (notebook 05): patient-level bootstrap, tests and subgroups."""
+class AuditSpec(_Strict):
+    """The audit of generated images (notebook 03, the sampler benchmark): its rules and sizes.
 
-    #: Bootstrap replicates (patients resampled with replacement) for CIs and the macro test.
+    Real reference images always come from the internal validation split, never the test split.
+    """
+
+    #: A label enters a macro AUROC only with at least this many positives and as many
+    #: negatives among the images scored (in the synthetic and the real set alike).
+    min_per_class: PositiveInt = 10
+    #: Patient-bootstrap replicates for the fidelity CIs.
+    n_boot: Annotated[int, Field(ge=100)] = 1000
+    #: Random equal-size splits of validation images behind the real-vs-real floor.
+    floor_splits: Annotated[int, Field(ge=2)] = 5
+    #: k of precision / recall / density / coverage (Naeem et al. 2020 use 5).
+    prdc_k: PositiveInt = 5
+    #: Share of unseen real images the memorization check may flag, per similarity space.
+    memorization_rate: Annotated[float, Field(gt=0, lt=0.5)] = 0.01
+    #: How much recall or coverage a sweep setting may lose against the most diverse setting
+    #: and still be chosen (the verdict never rewards lower diversity).
+    diversity_tolerance: Fraction = 0.05
+    #: A second, independent feature space, "xrv:<torchxrayvision weights>", read from local
+    #: weights only (never downloaded; absent weights are an error); null = off.
+    encoder: Annotated[str, Field(pattern=r"^xrv:[\w.-]+$")] | None = None
+    #: Folder holding the encoder's weights file (null = torchxrayvision's own cache).
+    encoder_cache: str | None = None
+
+
+#: Experiment kinds of the grid (:func:`cxrlib.grid.plan_grid`) the analysis plan can name.
+ExperimentKind = Literal["real_plus_synthetic", "synthetic_only", "real_plus_rebalanced",
+                         "real_repeated", "real_plus_shuffled", "external_plus_synthetic"]
+
+
+class PrimarySpec(_Strict):
+    """The pre-specified primary analysis (notebook 05), fixed before any test result is seen."""
+
+    #: Real-data fraction of the primary comparisons (None = the largest in the grid).
+    real_fraction: Annotated[float, Field(gt=0, le=1)] | None = None
+    #: Kinds whose every k at that fraction is compared with its real-only baseline: the
+    #: supplementation and its controls (real rows repeated; synthetic images, labels shuffled).
+    kinds: list[ExperimentKind] = Field(default_factory=lambda: [
+        "real_plus_synthetic", "real_repeated", "real_plus_shuffled"])
+    #: Supplementation families with a dose-response test (slope of delta on k).
+    dose_response_kinds: list[ExperimentKind] = Field(
+        default_factory=lambda: ["real_plus_synthetic"])
+    #: The subgroup analysis compares this kind at ``subgroup_k`` (None = its largest k) at the
+    #: primary fraction with its baseline.
+    subgroup_kind: ExperimentKind = "real_plus_synthetic"
+    subgroup_k: Annotated[int, Field(ge=1)] | None = None
+
+
+class StatsSpec(_Strict):
+    """Statistics (notebook 05): seeds as a random effect, patient-level bootstrap and
+    clustered DeLong, equivalence, the pre-specified primary analysis and subgroups."""
+
+    #: Patient-bootstrap replicates for the patient-level variance of every macro AUROC.
     n_boot: Annotated[int, Field(ge=100)] = 1000
     seed: int = 0
-    #: Significance level after Holm correction across the comparisons of one figure.
+    #: Significance level after Holm correction within a family of comparisons.
     alpha: Annotated[float, Field(gt=0, lt=1)] = 0.05
     subgroups: list[Literal["sex", "age_band", "race", "view"]] = Field(
         default_factory=lambda: ["sex", "age_band", "race", "view"])
+    #: A label enters any macro AUROC (every table) only with this many positives and as many
+    #: negatives in the (sub)set evaluated.
+    min_positives: Annotated[int, Field(ge=2)] = 10
+    #: TOST margin on macro AUROC: "matches" only when the 90% CI of delta lies inside it.
+    equivalence_margin: Annotated[float, Field(gt=0, lt=1)] = 0.02
+    #: Labels with a lower prevalence in a test set are "rare" (AUPRC shown beside AUROC).
+    rare_prevalence: Annotated[float, Field(gt=0, lt=1)] = 0.1
+    #: Equal-width bins of the expected calibration error.
+    calibration_bins: Annotated[int, Field(ge=2)] = 10
+    primary: PrimarySpec = Field(default_factory=PrimarySpec)
 
 
 class RunSpec(_Strict):
@@ -395,6 +456,7 @@ class Params(_Strict):
     data_check: DataCheckSpec = Field(default_factory=DataCheckSpec)
     diffusion: DiffusionSpec = Field(default_factory=DiffusionSpec)
     sampling: SamplingSpec = Field(default_factory=SamplingSpec)
+    audit: AuditSpec = Field(default_factory=AuditSpec)
     experiments: ExperimentSpec = Field(default_factory=ExperimentSpec)
     stats: StatsSpec = Field(default_factory=StatsSpec)
     #: The file these parameters were loaded from (relative paths are anchored next to it).

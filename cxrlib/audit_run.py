@@ -1,0 +1,313 @@
+"""Running the audit for a run (notebook 03, the sampler benchmark): the judge, the real
+reference images, each synthetic cohort, the guidance sweep and its verdict.
+
+The judge is the run's real-only classifier (saved under ``<run>/classifiers/real_only``, which
+the classifier experiments reuse as their baseline). Every real reference image comes from the
+internal **validation** split: the test split is never read here, so nothing chosen in the
+audit or the sweep is tuned on test images. (The judge early-stops on validation loss, so its
+AUROC on validation images is, if anything, slightly optimistic; the real baseline of the
+fidelity ratio is then a little high, never low.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from torch import nn
+from tqdm.auto import tqdm
+
+from cxrlib.audit import (
+    MemorizationResult,
+    closest_pairs,
+    distance_summary,
+    distance_with_floor,
+    judge_features,
+    memorization_audit,
+    ms_ssim_diversity,
+)
+from cxrlib.audit_fidelity import (
+    DemographicProbes,
+    FidelityResult,
+    fidelity_comparison,
+    fidelity_estimate,
+    macro_labels,
+)
+from cxrlib.classify import predict_images, train_or_load
+from cxrlib.condition import encode_conditions
+from cxrlib.config import AuditSpec, Params
+from cxrlib.diffusion import ConditionalUNet, noise_scheduler, training_rows
+from cxrlib.imagecache import ImageCache
+from cxrlib.sampling import image_seed, timed_generate
+
+
+def sample_rows(rows: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
+    """At most ``n`` rows drawn without replacement (seeded), in their original order."""
+    if len(rows) <= n:
+        return rows.reset_index(drop=True)
+    pick = np.sort(np.random.default_rng(seed).choice(len(rows), n, replace=False))
+    return rows.iloc[pick].reset_index(drop=True)
+
+
+@dataclass
+class AuditReference:
+    """The judge, its probes, the optional second encoder and the real reference images."""
+
+    judge: nn.Module
+    spec: AuditSpec
+    seed: int
+    train_rows: pd.DataFrame  # all real training rows of the diffusion sites
+    train_images: np.ndarray
+    train_features: np.ndarray
+    heldout_rows: pd.DataFrame  # a sample of the internal validation split
+    heldout_images: np.ndarray
+    heldout_features: np.ndarray
+    heldout_scores: np.ndarray
+    probes: DemographicProbes
+    encoder: Callable[[np.ndarray], np.ndarray] | None = None
+    heldout_encoded: np.ndarray | None = None
+
+    def embed(self, images: np.ndarray) -> np.ndarray:
+        """Judge features of uint8 images."""
+        return judge_features(self.judge, images)
+
+    def distance(self, images: np.ndarray, features: np.ndarray,
+                 n: int | None = None) -> pd.DataFrame:
+        """:func:`cxrlib.audit.distance_with_floor` in the judge's space and, when
+        ``audit.encoder`` is set, in the encoder's; a ``space`` column tells them apart."""
+        spec = self.spec
+        run = partial(distance_with_floor, n=n, splits=spec.floor_splits, k=spec.prdc_k,
+                      seed=self.seed)
+        parts = [run(self.heldout_features, features).assign(space="judge")]
+        if self.encoder is not None:
+            parts.append(run(self.heldout_encoded, self.encoder(images)).assign(
+                space=spec.encoder))
+        return pd.concat(parts, ignore_index=True)
+
+
+def audit_reference(params: Params, manifest: pd.DataFrame, cache: ImageCache, folder: Path,
+                    progress: bool = True) -> AuditReference:
+    """Train (or load) the judge, fit the probes, and embed the real reference images.
+
+    The held-out reference is up to ``2 * sampling.audit_images`` validation images of the
+    diffusion sites: two disjoint sets of the audited size for the real-vs-real floor, and a
+    memorization calibration set at least as large as the audited synthetic set. With
+    ``audit.encoder`` set, its weights must be in the local cache (an error otherwise).
+    """
+    from cxrlib.audit_encoders import load_encoder  # torchxrayvision only when asked for
+
+    train = training_rows(params, manifest)
+    sites = set(train["site"])
+    val = manifest[manifest["site"].isin(sites) & (manifest["split"] == "val")]
+    if len(val) < 2 * (params.audit.prdc_k + 1):
+        raise ValueError(f"the audit needs validation images of sites {sorted(sites)}; found "
+                         f"{len(val)} (set a val fraction in data.sites[].split)")
+    judge = train_or_load(params.classifier, train, val, cache,
+                          folder / "classifiers" / "real_only", params.run.seed,
+                          progress).model
+    heldout = sample_rows(val, 2 * params.sampling.audit_images, params.run.seed)
+    heldout_images = cache.load(heldout["image_id"])
+    train_images = cache.load(train["image_id"])
+    train_features = judge_features(judge, train_images)
+    encoder = encoded = None
+    if params.audit.encoder:
+        device = next(judge.parameters()).device
+        encoder = load_encoder(params.audit.encoder, params.audit.encoder_cache, device)
+        encoded = encoder(heldout_images)
+    return AuditReference(
+        judge, params.audit, params.run.seed, train, train_images, train_features, heldout,
+        heldout_images, judge_features(judge, heldout_images),
+        predict_images(judge, heldout_images),
+        DemographicProbes(train_features, train, params.run.seed), encoder, encoded)
+
+
+@dataclass
+class SyntheticAudit:
+    """Every audit table for one synthetic cohort (and the real baselines beside them)."""
+
+    distance: pd.DataFrame  # per split, space and comparison
+    fidelity: FidelityResult
+    diversity: pd.DataFrame
+    memorization: MemorizationResult
+    closest: pd.DataFrame
+    images: np.ndarray
+
+    @property
+    def distance_summary(self) -> pd.DataFrame:
+        """Mean and range over the floor's splits."""
+        return distance_summary(self.distance)
+
+
+def audit_synthetic(ref: AuditReference, synth: pd.DataFrame, synth_cache: ImageCache,
+                    n_images: int, seed: int = 0) -> SyntheticAudit:
+    """Distance, conditional and demographic fidelity, diversity and memorization of a cohort.
+
+    At most ``min(n_images, held-out images)`` synthetic images are audited, so that the
+    memorization calibration set is at least as large as the audited set.
+    """
+    rows = sample_rows(synth, min(n_images, len(ref.heldout_rows)), seed)
+    images = synth_cache.load(rows["image_id"])
+    feats = ref.embed(images)
+    spec = ref.spec
+    fidelity = fidelity_comparison(rows, predict_images(ref.judge, images), feats,
+                                   ref.heldout_rows, ref.heldout_scores, ref.heldout_features,
+                                   ref.probes, spec.min_per_class, spec.n_boot, seed)
+    # Diversity: replicas of one source vs random pairs of different real validation images.
+    counts = synth["source_image_id"].map(synth["source_image_id"].value_counts())
+    multi = synth[counts.to_numpy() > 1]
+    keep = multi["source_image_id"].drop_duplicates().iloc[: max(1, len(rows) // 4)]
+    reps = multi[multi["source_image_id"].isin(keep)]
+    div = ms_ssim_diversity(synth_cache.load(reps["image_id"]), reps["source_image_id"].to_numpy())
+    pair_ids = np.random.default_rng(seed).permutation(len(ref.heldout_images)) // 2
+    real_div = ms_ssim_diversity(ref.heldout_images, pair_ids)
+    diversity = pd.DataFrame({
+        "set": ["synthetic replicas of one condition", "real: random pairs of images"],
+        "groups": [len(div), len(real_div)],
+        "mean MS-SSIM": [div["ms_ssim"].mean() if len(div) else np.nan,
+                         real_div["ms_ssim"].mean()],
+    })
+    position = pd.Series(np.arange(len(ref.train_rows)), index=ref.train_rows["image_id"])
+    source = rows["source_image_id"].map(position).fillna(-1).to_numpy(dtype=np.int64)
+    memo = memorization_audit(images, ref.train_images, ref.train_features, ref.heldout_images,
+                              ref.embed, spec.memorization_rate, source)
+    return SyntheticAudit(ref.distance(images, feats), fidelity, diversity, memo,
+                          closest_pairs(memo), images)
+
+
+def score_setting(ref: AuditReference, rows: pd.DataFrame, images: np.ndarray,
+                  labels: list[str]) -> dict[str, float]:
+    """One generated set (the same conditions for every setting) scored for the sweep and the
+    sampler benchmark: distance (mean over the floor's splits, judge space), macro
+    conditional fidelity over ``labels`` with its CI, and the sex probe's AUROC."""
+    feats = ref.embed(images)
+    dist = distance_summary(ref.distance(images, feats).query("space == 'judge'"))
+    syn = dist[dist["comparison"] == "real vs synthetic"].iloc[0]
+    macro = fidelity_estimate("macro", rows, predict_images(ref.judge, images), labels,
+                              ref.spec.n_boot, ref.seed)
+    sex = fidelity_estimate("sex", rows, ref.probes.predict(feats, rows), (), ref.spec.n_boot,
+                            ref.seed)
+    return {"n": int(syn["n"]), "dim": int(syn["dim"]),
+            **{m: float(syn[m]) for m in ("fid", "kid_mean", "precision", "recall", "density",
+                                          "coverage")},
+            "fidelity_macro_auroc": macro.value, "fidelity_ci_low": macro.ci_low,
+            "fidelity_ci_high": macro.ci_high, "sex_auroc": sex.value}
+
+
+def real_row(ref: AuditReference, n: int, labels: list[str]) -> dict[str, float]:
+    """The sweep's reference row: the real-vs-real floor at ``n`` and the judge's macro AUROC
+    and sex-probe AUROC on the held-out real images."""
+    dist = distance_summary(distance_with_floor(
+        ref.heldout_features, ref.heldout_features, n=n, splits=ref.spec.floor_splits,
+        k=ref.spec.prdc_k, seed=ref.seed))
+    floor = dist[dist["comparison"] == "real vs real"].iloc[0]
+    macro = fidelity_estimate("macro", ref.heldout_rows, ref.heldout_scores, labels,
+                              ref.spec.n_boot, ref.seed)
+    sex = fidelity_estimate("sex", ref.heldout_rows,
+                            ref.probes.predict(ref.heldout_features, ref.heldout_rows), (),
+                            ref.spec.n_boot, ref.seed)
+    return {"sampler": "real", "steps": 0, "guidance": np.nan, "n": int(floor["n"]),
+            "dim": int(floor["dim"]),
+            **{m: float(floor[m]) for m in ("fid", "kid_mean", "precision", "recall",
+                                            "density", "coverage")},
+            "fidelity_macro_auroc": macro.value, "fidelity_ci_low": macro.ci_low,
+            "fidelity_ci_high": macro.ci_high, "sex_auroc": sex.value, "sec_per_image": 0.0}
+
+
+def sweep_conditions(params: Params, ref: AuditReference, n: int,
+                     key: str = "sweep") -> tuple[pd.DataFrame, np.ndarray, list[int], list[str]]:
+    """Conditions (real training rows), their vectors and seeds, and the macro's labels
+    (:func:`cxrlib.audit_fidelity.macro_labels` on these rows and the held-out images)."""
+    rows = sample_rows(ref.train_rows, min(n, len(ref.heldout_rows) // 2), params.run.seed + 1)
+    cond = encode_conditions(rows, params.diffusion.nan_label_value)
+    seeds = [image_seed(params.run.seed, f"{key}/{i}", 0) for i in range(len(rows))]
+    labels, _ = macro_labels(rows, ref.heldout_rows, min_per_class=ref.spec.min_per_class)
+    return rows, cond, seeds, labels
+
+
+def guidance_sweep(params: Params, ref: AuditReference, model: ConditionalUNet,
+                   progress: bool = True) -> pd.DataFrame:
+    """Guidance scale x sampler x steps on the same conditions and seeds, each scored by
+    :func:`score_setting` with its seconds per image; first row: the real reference."""
+    spec = params.sampling
+    rows, cond, seeds, labels = sweep_conditions(params, ref, spec.sweep_images)
+    sched = noise_scheduler(params.diffusion)
+    out = [real_row(ref, len(rows), labels)]
+    grid = [(s, k, g) for s in spec.sweep_samplers for k in spec.sweep_steps
+            for g in spec.sweep_scales]
+    for sampler, steps, scale in tqdm(grid, desc="guidance sweep", disable=not progress):
+        images, sec = timed_generate(model, sched, cond, seeds, sampler, steps, scale,
+                                     spec.guidance_rescale, spec.batch_size)
+        out.append({"sampler": sampler, "steps": steps, "guidance": scale,
+                    **score_setting(ref, rows, images, labels), "sec_per_image": sec})
+    table = pd.DataFrame(out)
+    table.attrs["labels"] = labels
+    return table
+
+
+def _setting(row: pd.Series) -> str:
+    return f"{row['sampler']} with {int(row['steps'])} steps at guidance {row['guidance']:g}"
+
+
+def sweep_verdict(table: pd.DataFrame, tolerance: float = 0.05) -> str:
+    """Which setting the data support, without rewarding lower diversity.
+
+    Eligible settings keep recall and coverage within ``tolerance`` of the most diverse setting
+    tried; among them the highest macro conditional fidelity wins (ties: the faster). Settings
+    with higher fidelity that lost diversity are named, not chosen. FID is reported with n and
+    the feature dimension beside its real-vs-real floor, but decides nothing.
+    """
+    real = table[table["sampler"] == "real"].iloc[0]
+    runs = table[table["sampler"] != "real"].copy()
+    best_recall, best_cov = runs["recall"].max(), runs["coverage"].max()
+    ok = (runs["recall"] >= best_recall - tolerance) & (runs["coverage"] >= best_cov - tolerance)
+    eligible = runs[ok]
+    lines = [f"Rule: among settings whose recall and coverage are within {tolerance:g} of the "
+             f"most diverse setting (recall {best_recall:.2f}, coverage {best_cov:.2f}; real "
+             f"vs real {real['recall']:.2f}, {real['coverage']:.2f}), pick the highest macro "
+             "conditional fidelity, then the fastest."
+             + (f" The macro averages {', '.join(table.attrs['labels'])}."
+                if table.attrs.get("labels") else "")]
+    if eligible["fidelity_macro_auroc"].notna().any():
+        best = eligible.sort_values(["fidelity_macro_auroc", "sec_per_image"],
+                                    ascending=[False, True]).iloc[0]
+        lines.append(
+            f"Chosen: {_setting(best)}: macro fidelity AUROC {best['fidelity_macro_auroc']:.3f} "
+            f"(95% CI {best['fidelity_ci_low']:.3f}-{best['fidelity_ci_high']:.3f}; the judge "
+            f"on real validation images {real['fidelity_macro_auroc']:.3f}), recall "
+            f"{best['recall']:.2f}, coverage {best['coverage']:.2f}, "
+            f"{best['sec_per_image']:.3f} s/image.")
+        within = eligible[eligible["fidelity_macro_auroc"] >= best["fidelity_ci_low"]]
+        cheap = within.sort_values("sec_per_image").iloc[0]
+        if cheap["sec_per_image"] < best["sec_per_image"]:
+            lines.append(f"Cheapest eligible setting inside that CI: {_setting(cheap)} "
+                         f"({cheap['fidelity_macro_auroc']:.3f}, "
+                         f"{cheap['sec_per_image']:.3f} s/image).")
+        passed = runs[~ok & (runs["fidelity_macro_auroc"] > best["fidelity_macro_auroc"])]
+        if len(passed):
+            lines.append("Passed over for lost diversity despite higher fidelity: "
+                         + "; ".join(f"{_setting(r)} ({r['fidelity_macro_auroc']:.3f}, recall "
+                                     f"{r['recall']:.2f}, coverage {r['coverage']:.2f})"
+                                     for _, r in passed.iterrows()) + ".")
+    else:
+        best = eligible.sort_values(["coverage", "sec_per_image"],
+                                    ascending=[False, True]).iloc[0]
+        lines.append(f"No label has at least the required positives and negatives among the "
+                     f"{int(real['n'])} sweep conditions and the validation images, so "
+                     f"conditional fidelity cannot decide; the most diverse setting is "
+                     f"{_setting(best)} (coverage {best['coverage']:.2f}).")
+    by_scale = runs.groupby("guidance")[["fidelity_macro_auroc", "coverage"]].mean()
+    hi, lo = by_scale.index.max(), by_scale.index.min()
+    if hi != lo:
+        lines.append(
+            f"Averaged over samplers and steps, guidance {lo:g} -> {hi:g} moves macro fidelity "
+            f"{by_scale.loc[lo, 'fidelity_macro_auroc']:.3f} -> "
+            f"{by_scale.loc[hi, 'fidelity_macro_auroc']:.3f} and coverage "
+            f"{by_scale.loc[lo, 'coverage']:.2f} -> {by_scale.loc[hi, 'coverage']:.2f}.")
+    lines.append(f"FID at n = {int(real['n'])} in d = {int(real['dim'])} judge dimensions "
+                 f"(rank-deficient when n < d, so it favours low-variance sets): real vs real "
+                 f"{real['fid']:.3g}, settings {runs['fid'].min():.3g}-{runs['fid'].max():.3g}.")
+    return " ".join(lines)
