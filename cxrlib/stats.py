@@ -1,47 +1,60 @@
-"""Statistics on per-image predictions: AUROC tables, DeLong and patient-bootstrap tests, Holm
-adjustment, subgroup AUROC, seed spread and findings written from the numbers.
+"""Statistics on per-image predictions: AUROC, DeLong (plain and patient-clustered), the
+patient bootstrap, training seeds as a random effect, Holm, equivalence, the pre-specified
+primary analysis, subgroups, calibration and compute. Sentences live in :mod:`cxrlib.findings`.
 
 Input is the long predictions frame: one row per (experiment, seed, test_set, label, image) with
 ``image_id``, ``patient_id``, ``target`` (1, 0, or NaN = unknown), ``score`` and the subgroup
-columns ``sex``, ``age``, ``race``, ``view``. Every experiment is scored on the same images of a
-test set, so all comparisons are paired. Policies followed by every function below:
+columns ``sex``, ``age``, ``race``, ``view``. Every model is scored on the same images of a test
+set, so all comparisons are paired. Rules followed by every function below:
 
-* Unknown targets (NaN) are left out for that label only.
-* Seeds: for every CI and test, an experiment's seeds are pooled by averaging each image's score
-  over its seeds (a seed ensemble). The spread across seeds (per-seed macro AUROC: mean, min,
-  max) is reported separately by :func:`seed_spread`.
-* Macro AUROC is the mean over the labels with both classes in the (sub)set evaluated; the others
-  are left out and named. In a bootstrap replicate where a used label lacks a class, that label's
-  value is NaN and the replicate's macro is the mean of the remaining labels (nanmean).
-* Bootstrap: patients, not images, are resampled with replacement, because a patient's images
-  are correlated. The draws are made once per test set from ``numpy.random.default_rng(seed)``
-  over all its patients and shared by every experiment and subgroup, so differences are paired
-  and results are reproducible. CIs are percentile intervals.
-* Paired bootstrap p-value for a difference d: ``2 * min(P(d* <= 0), P(d* >= 0))`` with each
-  probability estimated as ``(count + 1) / (n_boot + 1)``, clipped to 1.
-* Per-label comparisons use DeLong's paired test (fast algorithm of Sun & Xu, 2014); ``z > 0``
-  means the second score (the experiment) has the higher AUROC, like ``delta = b - a``.
-* Multiple comparisons: Holm within a family, by default one family per test set and level
-  (the macro comparisons of a test set; its per-label comparisons).
-* Subgroups: rows with a missing group value are left out, and race "Unknown"/"Other" are not
-  race groups. A label enters a group's macro only with at least ``min_per_class`` positives
-  and negatives in the group.
+* **One label rule.** A label enters a macro AUROC only with at least ``stats.min_positives``
+  positives and as many negatives (unknown targets left out) in the (sub)set evaluated
+  (:func:`label_rule`). The label set is fixed before resampling: a bootstrap replicate in which
+  a label of the set lacks a class is dropped, never averaged over fewer labels. Labels left
+  out are named in every table.
+* **Seeds are a random effect.** Seed s of an experiment is paired with seed s of its baseline
+  (each seed draws its own real subset, so the pair shares it). A contrast (a difference, a
+  trend, a difference-in-differences) is computed per seed on the same test images and
+  averaged over the seeds. Its variance has two levels (:func:`_estimate`): the variance
+  between the per-seed values over the number of seeds (training variance, seed-by-image
+  noise included), plus the patient-sampling variance the seeds share (the mean covariance
+  between seeds of the patient-bootstrap replicates, or of the clustered DeLong influence
+  values for one label). This is the method-of-moments fit of a crossed seed x test-set random
+  effects model. CIs and p-values use Student's t with Satterthwaite degrees of freedom, so 3
+  seeds give wide but calibrated intervals; a seed bootstrap cannot (3 seeds have 10 distinct
+  resamples, and their variance is 2/3 of the truth). With one seed, the training variance is
+  not estimated and the intervals cover test-set sampling only.
+* **Patients, not images, are resampled.** The bootstrap draws are made once per test set from
+  ``numpy.random.default_rng(stats.seed)`` over its patients and shared by every experiment,
+  seed and subgroup, so contrasts are paired and reproducible. Per-label tests use DeLong's
+  placements summed within patients (Obuchowski 1997), so a label's CI and p come from one
+  analytic variance.
+* **p-values are analytic** (t or normal), so they have no floor (``p_floor`` = 0) and can
+  reach p < 0.01 after Holm with any ``n_boot``; ``n_boot`` only sets how precisely the
+  patient-level variance is estimated (about 1/sqrt(2 n_boot) relative error).
+* **Equivalence** is TOST against ``stats.equivalence_margin``: "matches" only when the 90% CI
+  (1 - 2 alpha) of delta lies inside +/- margin.
+* **Holm** applies within a family: the primary comparisons of one test set; the dose-response
+  tests of one test set; the other comparisons of one baseline and test set; the labels of one
+  comparison; the subgroup contrasts of one test set.
 
 :func:`auroc_table` and :func:`macro_auroc` (used by the learnability check) are plain point
-estimates on a single set of predictions.
+estimates on a single set of predictions, without the label rule.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Hashable, Iterator, Sequence
+from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 from scipy import stats as sps
-from sklearn.metrics import roc_auc_score
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import average_precision_score, roc_auc_score
 
 from cxrlib.config import StatsSpec
 from cxrlib.grid import baseline_of
@@ -51,12 +64,17 @@ from cxrlib.labels import CHEXPERT_LABELS, RACE_GROUPS, RACE_OTHER, RACE_UNKNOWN
 MACRO = "macro"
 AGE_BANDS: tuple[str, ...] = ("<40", "40-59", "60-79", "80+")
 SUBGROUPS: tuple[str, ...] = ("sex", "age_band", "race", "view")
-#: Experiments trained on synthetic images only; :func:`findings` asks whether they match real.
-SYNTHETIC_ONLY_PREFIX = "synthetic_only"
+#: Power at which the minimum detectable effect is given.
+MDE_POWER = 0.8
+#: Columns of :func:`primary_analysis` that ``summary.json`` keeps (issue 11's schema).
+PRIMARY_COLUMNS: tuple[str, ...] = ("experiment", "baseline", "test_set", "delta", "ci_low",
+                                    "ci_high", "p", "mde")
 _GROUP_ORDER: dict[str, tuple[str, ...]] = {
     "sex": SEXES, "age_band": AGE_BANDS, "race": RACE_GROUPS, "view": VIEWS,
 }
 _ATTRIBUTES = ("sex", "age", "race", "view")
+_GRID_COLUMNS = ("kind", "k", "real_fraction", "train_site")
+_LOGIT_CLIP = 1e-6
 
 
 def auroc_table(predictions: pd.DataFrame) -> pd.DataFrame:
@@ -82,7 +100,8 @@ def macro_auroc(table: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
-# --- DeLong ---------------------------------------------------------------------------------
+
+# --- DeLong, plain and patient-clustered ---------------------------------------------------
 
 @dataclass(frozen=True)
 class DeLongResult:
@@ -104,6 +123,29 @@ def _binary_target(y_true: np.ndarray | Sequence[float]) -> np.ndarray:
     return y == 1
 
 
+def _placements(positive: np.ndarray,
+                scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """AUROCs of k score rows and DeLong's placement values (Sun & Xu's midrank algorithm).
+
+    Returns aucs (k,), v10 (k, positives): each positive's share of negatives ranked below it
+    (ties 1/2), and v01 (k, negatives): each negative's share of positives ranked above it.
+    """
+    s = np.atleast_2d(np.asarray(scores, dtype=float))
+    if s.ndim != 2 or s.shape[1] != positive.size:
+        raise ValueError(f"scores have shape {s.shape} but y_true has {positive.size} cases")
+    if not np.isfinite(s).all():
+        raise ValueError("scores must be finite")
+    m, n = int(positive.sum()), int((~positive).sum())
+    if m < 2 or n < 2:
+        raise ValueError(f"DeLong needs at least two positives and two negatives, got {m} and {n}")
+    pos, neg = s[:, positive], s[:, ~positive]
+    tx = sps.rankdata(pos, axis=1)
+    ty = sps.rankdata(neg, axis=1)
+    tz = sps.rankdata(np.hstack([pos, neg]), axis=1)
+    aucs = (tz[:, :m].sum(axis=1) - m * (m + 1) / 2) / (m * n)
+    return aucs, (tz[:, :m] - tx) / n, 1.0 - (tz[:, m:] - ty) / m
+
+
 def delong_covariance(y_true: np.ndarray | Sequence[float],
                       scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """AUROCs of k score vectors on the same cases and their DeLong covariance matrix.
@@ -111,43 +153,72 @@ def delong_covariance(y_true: np.ndarray | Sequence[float],
     ``scores`` is (k, n) or (n,). Uses the midrank algorithm of Sun & Xu (2014), O(k n log n),
     which equals DeLong's placement definition; needs at least two cases of each class.
     """
-    y = _binary_target(y_true)
-    s = np.atleast_2d(np.asarray(scores, dtype=float))
-    if s.ndim != 2 or s.shape[1] != y.size:
-        raise ValueError(f"scores have shape {s.shape} but y_true has {y.size} cases")
-    if not np.isfinite(s).all():
-        raise ValueError("scores must be finite")
-    m, n = int(y.sum()), int((~y).sum())
-    if m < 2 or n < 2:
-        raise ValueError(f"DeLong needs at least two positives and two negatives, got {m} and {n}")
-    pos, neg = s[:, y], s[:, ~y]
-    tx = sps.rankdata(pos, axis=1)
-    ty = sps.rankdata(neg, axis=1)
-    tz = sps.rankdata(np.hstack([pos, neg]), axis=1)
-    aucs = (tz[:, :m].sum(axis=1) - m * (m + 1) / 2) / (m * n)
-    v10 = (tz[:, :m] - tx) / n          # per positive: share of negatives ranked below it
-    v01 = 1.0 - (tz[:, m:] - ty) / m    # per negative: share of positives ranked above it
-    cov = np.atleast_2d(np.cov(v10)) / m + np.atleast_2d(np.cov(v01)) / n
-    return aucs, cov
+    positive = _binary_target(y_true)
+    aucs, v10, v01 = _placements(positive, scores)
+    m, n = v10.shape[1], v01.shape[1]
+    return aucs, np.atleast_2d(np.cov(v10)) / m + np.atleast_2d(np.cov(v01)) / n
+
+
+def clustered_influence(y_true: np.ndarray | Sequence[float], scores: np.ndarray,
+                        clusters: np.ndarray | Sequence[Hashable]) -> tuple[np.ndarray,
+                                                                            np.ndarray]:
+    """AUROCs of k score rows and each cluster's (patient's) influence on them.
+
+    Obuchowski (1997) in influence form: a cluster's value is its positives' placements minus
+    the AUROC, summed and divided by the number of positives, plus the same for its negatives.
+    The covariance of two AUROCs is ``c / (c - 1) * psi_a @ psi_b`` over the c clusters, so a
+    patient's images count as one sample; with one image per patient it is DeLong's.
+    Returns aucs (k,) and psi (k, clusters), clusters numbered in sorted order.
+    """
+    positive = _binary_target(y_true)
+    codes, uniques = pd.factorize(np.asarray(clusters), sort=True)
+    if codes.shape != positive.shape or (codes < 0).any():
+        raise ValueError("clusters must give one non-missing id per case")
+    aucs, v10, v01 = _placements(positive, scores)
+    m, n, c = v10.shape[1], v01.shape[1], len(uniques)
+    if c < 2:
+        raise ValueError("a clustered variance needs at least two clusters")
+    psi = np.empty((len(aucs), c))
+    for r, auc in enumerate(aucs):
+        psi[r] = (np.bincount(codes[positive], (v10[r] - auc) / m, minlength=c)
+                  + np.bincount(codes[~positive], (v01[r] - auc) / n, minlength=c))
+    return aucs, psi
+
+
+def _cluster_covariance(psi: np.ndarray) -> np.ndarray:
+    """Covariance matrix of the rows' estimates from cluster influence values (k, clusters)."""
+    c = psi.shape[1]
+    return c / (c - 1) * psi @ psi.T
+
+
+def _z_test(diff: float, var: float) -> tuple[float, float]:
+    """Two-sided normal test of a difference with variance ``var``: (z, p)."""
+    if diff == 0:
+        return 0.0, 1.0
+    if var <= 0:
+        return math.copysign(math.inf, diff), 0.0
+    z = diff / math.sqrt(var)
+    return float(z), float(2 * sps.norm.sf(abs(z)))
 
 
 def delong_test(y_true: np.ndarray | Sequence[float], score_a: np.ndarray | Sequence[float],
-                score_b: np.ndarray | Sequence[float]) -> DeLongResult:
-    """Two-sided paired DeLong test of AUROC(b) - AUROC(a) on the same cases."""
+                score_b: np.ndarray | Sequence[float],
+                clusters: np.ndarray | Sequence[Hashable] | None = None) -> DeLongResult:
+    """Two-sided paired DeLong test of AUROC(b) - AUROC(a) on the same cases.
+
+    With ``clusters`` (one patient id per case), the patient-clustered test of Obuchowski
+    (1997): correlated images of one patient are not counted as independent evidence.
+    """
     a, b = np.asarray(score_a, dtype=float), np.asarray(score_b, dtype=float)
     if a.ndim != 1 or a.shape != b.shape:
         raise ValueError(f"score_a and score_b must be 1-D of the same length, got shapes "
                          f"{a.shape} and {b.shape}")
-    aucs, cov = delong_covariance(y_true, np.vstack([a, b]))
-    diff = aucs[1] - aucs[0]
-    var = cov[0, 0] + cov[1, 1] - 2 * cov[0, 1]
-    if diff == 0:
-        z, p = 0.0, 1.0
-    elif var <= 0:
-        z, p = math.copysign(math.inf, diff), 0.0
+    if clusters is None:
+        aucs, cov = delong_covariance(y_true, np.vstack([a, b]))
     else:
-        z = float(diff / math.sqrt(var))
-        p = float(2 * sps.norm.sf(abs(z)))
+        aucs, psi = clustered_influence(y_true, np.vstack([a, b]), clusters)
+        cov = _cluster_covariance(psi)
+    z, p = _z_test(float(aucs[1] - aucs[0]), float(cov[0, 0] + cov[1, 1] - 2 * cov[0, 1]))
     return DeLongResult(float(aucs[0]), float(aucs[1]), z, p)
 
 
@@ -218,28 +289,6 @@ def patient_bootstrap_weights(patient_ids: np.ndarray | Sequence[Hashable], n_bo
     counts = np.bincount((draws + offsets).ravel(), minlength=n_boot * n_pat)
     by_patient = np.ascontiguousarray(counts.reshape(n_boot, n_pat).T, dtype=np.int32)
     return by_patient[codes].T
-
-
-def _nan_stat(func: Callable[..., np.ndarray], *args: object, **kwargs: object) -> np.ndarray:
-    """Apply a numpy nan-function; an all-NaN slice gives NaN quietly instead of a warning."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        return func(*args, **kwargs)
-
-
-def _percentile_ci(replicates: np.ndarray, alpha: float) -> tuple[np.ndarray, np.ndarray]:
-    """Percentile interval over axis 0, ignoring NaN replicates."""
-    low, high = _nan_stat(np.nanquantile, replicates, [alpha / 2, 1 - alpha / 2], axis=0)
-    return low, high
-
-
-def _bootstrap_p(deltas: np.ndarray) -> float:
-    """Two-sided bootstrap p-value of a difference: 2 min(P(d* <= 0), P(d* >= 0)), +1 corrected."""
-    d = deltas[np.isfinite(deltas)]
-    if d.size == 0:
-        return math.nan
-    tail = min(int((d <= 0).sum()), int((d >= 0).sum()))
-    return min(1.0, 2 * (tail + 1) / (d.size + 1))
 
 
 # --- Predictions as arrays ------------------------------------------------------------------
@@ -379,149 +428,177 @@ def _arrange(name: str, img: np.ndarray, lab: np.ndarray, key: np.ndarray, score
                     dict(zip(key_names, means, strict=True)), attributes)
 
 
-def _single_test_set(predictions: pd.DataFrame, what: str) -> _TestSet:
-    """Arrange predictions that must hold one experiment on one test set (seeds are pooled)."""
-    for col in ("experiment", "test_set"):
-        if col in predictions.columns and predictions[col].nunique() > 1:
-            raise ValueError(f"{what} must hold one {col}, got {predictions[col].nunique()}")
-    return next(_test_sets(predictions, ()))
+
+# --- The label rule and per-seed macro AUROC -----------------------------------------------
+
+def label_rule(targets: np.ndarray, min_positives: int) -> np.ndarray:
+    """Which labels (columns of an images x labels target matrix, NaN = unknown) may enter a
+    macro AUROC: at least ``min_positives`` positives and as many negatives."""
+    return (((targets == 1).sum(axis=0) >= min_positives)
+            & ((targets == 0).sum(axis=0) >= min_positives))
 
 
-# --- Evaluation of one score matrix ---------------------------------------------------------
-
-@dataclass(frozen=True)
-class _Evaluation:
-    """AUROC per label on the whole (sub)set and per bootstrap replicate."""
-
-    labels: tuple[str, ...]
-    auroc: np.ndarray       # (n_labels,)
-    replicates: np.ndarray  # (n_boot, n_labels)
-    used: np.ndarray        # (n_labels,) labels that enter the macro
-    n_pos: np.ndarray
-    n_neg: np.ndarray
-
-    @property
-    def macro(self) -> float:
-        return float(self.auroc[self.used].mean()) if self.used.any() else math.nan
-
-    @property
-    def macro_replicates(self) -> np.ndarray:
-        return _nan_stat(np.nanmean, self.replicates[:, self.used], axis=1)
-
-    @property
-    def left_out(self) -> str:
-        return ", ".join(lab for lab, u in zip(self.labels, self.used, strict=True) if not u) or "-"
+def _named(labels: tuple[str, ...], mask: np.ndarray) -> tuple[str, ...]:
+    return tuple(lab for lab, keep in zip(labels, mask, strict=True) if keep)
 
 
-def _evaluate(labels: tuple[str, ...], targets: np.ndarray, scores: np.ndarray,
-              weights: np.ndarray | None, weight_rows: np.ndarray | None = None,
-              min_per_class: int = 1) -> _Evaluation:
-    """AUROC per label, on the whole (sub)set and under each bootstrap replicate.
+def _macro(labels: tuple[str, ...], targets: np.ndarray, scores: np.ndarray, used: np.ndarray,
+           weights: np.ndarray | None,
+           weight_rows: np.ndarray | None = None) -> tuple[float, np.ndarray]:
+    """Macro AUROC over the ``used`` labels on the whole (sub)set and per bootstrap replicate.
 
-    ``weights`` are the test set's replicate weights as (n_boot, n_images); case i of
+    ``weights`` are the test set's replicate weights (n_boot, n_images); case i of
     targets/scores is image ``weight_rows[i]`` (the identity when None), so subgroups reuse the
-    test set's draws without copying them.
+    test set's draws. A replicate where a used label lacks a class is NaN (label set fixed).
     """
-    n_pos = (targets == 1).sum(axis=0)
-    n_neg = (targets == 0).sum(axis=0)
-    used = (n_pos >= max(min_per_class, 1)) & (n_neg >= max(min_per_class, 1))
     n_boot = 0 if weights is None else len(weights)
-    auroc = np.full(len(labels), np.nan)
-    replicates = np.full((n_boot, len(labels)), np.nan)
-    for j in np.flatnonzero(used):
+    columns = np.flatnonzero(used)
+    if columns.size == 0:
+        return math.nan, np.full(n_boot, np.nan)
+    point, reps = np.empty(columns.size), np.empty((columns.size, n_boot))
+    for i, j in enumerate(columns):
         known = np.flatnonzero(~np.isnan(targets[:, j]))
         positive, score = targets[known, j] == 1, scores[known, j]
-        auroc[j] = _auroc_columns(score, positive)[0]
+        point[i] = _auroc_columns(score, positive)[0]
         if weights is not None:
             rows = known if weight_rows is None else weight_rows[known]
-            replicates[:, j] = _auroc_columns(score, positive, weights.T, rows)
-    return _Evaluation(labels, auroc, replicates, used, n_pos, n_neg)
+            reps[i] = _auroc_columns(score, positive, weights.T, rows)
+    return float(point.mean()), reps.mean(axis=0)
 
 
 @dataclass(frozen=True)
-class PairedBootstrapResult:
-    """Macro AUROC of b minus a on the same images, with a patient-bootstrap CI and p-value."""
+class SeedMacros:
+    """Per-seed macro AUROC of every key (an experiment, or an experiment and a subgroup) on
+    one test set, on the whole set and under each shared patient-bootstrap replicate."""
 
-    macro_a: float
-    macro_b: float
-    delta: float
+    test_set: str
+    labels: tuple[str, ...]                    # the labels in every macro (the label rule)
+    left_out: tuple[str, ...]
+    n_images: int
+    n_patients: int
+    point: dict[Hashable, dict[Hashable, float]]            # key -> seed -> macro
+    replicates: dict[Hashable, dict[Hashable, np.ndarray]]  # key -> seed -> (n_boot,)
+    ensemble: dict[Hashable, float]            # key -> macro of the seed-averaged scores
+
+
+def _seed_macros(ts: _TestSet, used: np.ndarray, weights: np.ndarray,
+                 members: np.ndarray | None = None, tag: Hashable = None) -> SeedMacros:
+    """:class:`SeedMacros` of a test set whose scores are keyed (experiment, seed), on the
+    images ``members`` (all when None); keys become (experiment, tag) when a tag is given."""
+    rows = np.arange(len(ts.image_ids)) if members is None else members
+    targets = ts.targets[rows]
+    point: dict[Hashable, dict[Hashable, float]] = {}
+    reps: dict[Hashable, dict[Hashable, np.ndarray]] = {}
+    pooled: dict[Hashable, list[np.ndarray]] = {}
+    for (experiment, seed), scores in ts.scores.items():
+        key = experiment if tag is None else (experiment, tag)
+        value, replicates = _macro(ts.labels, targets, scores[rows], used, weights, rows)
+        point.setdefault(key, {})[seed] = value
+        reps.setdefault(key, {})[seed] = replicates
+        pooled.setdefault(key, []).append(scores[rows])
+    ensemble = {key: _macro(ts.labels, targets, np.mean(s, axis=0), used, None)[0]
+                for key, s in pooled.items()}
+    return SeedMacros(ts.name, _named(ts.labels, used), _named(ts.labels, ~used), len(rows),
+                      len(pd.unique(ts.patient_ids[rows])), point, reps, ensemble)
+
+
+def seed_macros(predictions: pd.DataFrame, spec: StatsSpec) -> dict[str, SeedMacros]:
+    """:class:`SeedMacros` per test set: every experiment and seed, the label rule of ``spec``
+    and ``spec.n_boot`` patient-bootstrap replicates drawn with ``spec.seed``."""
+    if "seed" not in predictions.columns:
+        raise ValueError("predictions lack the column 'seed'")
+    out = {}
+    for ts in _test_sets(predictions, ("experiment", "seed")):
+        weights = patient_bootstrap_weights(ts.patient_ids, spec.n_boot, spec.seed)
+        out[ts.name] = _seed_macros(ts, label_rule(ts.targets, spec.min_positives), weights)
+    return out
+
+
+# --- Estimates with seeds as a random effect ------------------------------------------------
+
+@dataclass(frozen=True)
+class Estimate:
+    """A contrast averaged over seeds with its two-level standard error (see the module notes).
+
+    ``ci_*`` is the (1 - alpha) t interval, ``ci90_*`` the (1 - 2 alpha) one used by TOST;
+    ``seed_se`` is NaN with one seed (training variance not estimated); ``mde`` is the minimum
+    detectable effect at 80% power and level alpha, (z_{1-alpha/2} + z_{0.8}) * se.
+    """
+
+    estimate: float
+    se: float
+    df: float
     ci_low: float
     ci_high: float
-    p_value: float
-    labels_used: tuple[str, ...]
+    ci90_low: float
+    ci90_high: float
+    p: float
+    n_seeds: int
+    seed_sd: float
+    seed_se: float
+    patient_se: float
+    mde: float
+
+    def equivalence_p(self, margin: float) -> float:
+        """TOST p: the larger one-sided p of delta > -margin and delta < +margin."""
+        if self.se == 0:
+            return 0.0 if abs(self.estimate) < margin else 1.0
+        lower = sps.t.sf((self.estimate + margin) / self.se, self.df)
+        upper = sps.t.cdf((self.estimate - margin) / self.se, self.df)
+        return float(max(lower, upper))
 
 
-def _paired(a: _Evaluation, b: _Evaluation, alpha: float) -> PairedBootstrapResult:
-    """Paired macro difference b - a from evaluations made with the same bootstrap weights."""
-    deltas = b.macro_replicates - a.macro_replicates
-    low, high = _percentile_ci(deltas, alpha)
-    used = tuple(lab for lab, u in zip(a.labels, a.used, strict=True) if u)
-    return PairedBootstrapResult(a.macro, b.macro, b.macro - a.macro, float(low), float(high),
-                                 _bootstrap_p(deltas), used)
+def _t_p(estimate: float, se: float, df: float) -> float:
+    """Two-sided p of ``estimate`` / ``se`` under Student's t with ``df`` (normal when inf)."""
+    if se == 0:
+        return 1.0 if estimate == 0 else 0.0
+    return float(2 * sps.t.sf(abs(estimate) / se, df))
 
 
-# --- Public bootstrap API ---------------------------------------------------------------------
+def _estimate(values: np.ndarray, patient_cov: np.ndarray, alpha: float) -> Estimate:
+    """Combine per-seed values (S,) and their patient-level covariance (S, S) into an estimate.
 
-def bootstrap_ci(predictions: pd.DataFrame, n_boot: int = 1000, seed: int = 0,
-                 alpha: float = 0.05) -> pd.DataFrame:
-    """Per-label and macro AUROC with patient-bootstrap CIs, for one experiment on one test set.
-
-    Columns: label, auroc, ci_low, ci_high, n_pos, n_neg, in_macro; the last row is the macro
-    (label ``"macro"``, n_pos/n_neg/in_macro NA). Labels without both classes have in_macro False.
+    Variance = var(values) / S (between seeds) + the mean off-diagonal patient covariance (the
+    test-set sampling that all seeds share); one seed: its patient variance alone. Degrees of
+    freedom by Satterthwaite, the seed term having S - 1.
     """
-    ts = _single_test_set(predictions, "bootstrap_ci predictions")
-    weights = patient_bootstrap_weights(ts.patient_ids, n_boot, seed)
-    ev = _evaluate(ts.labels, ts.targets, next(iter(ts.scores.values())), weights)
-    low, high = _percentile_ci(ev.replicates, alpha)
-    m_low, m_high = _percentile_ci(ev.macro_replicates, alpha)
-    return pd.DataFrame({
-        "label": [*ts.labels, MACRO],
-        "auroc": [*ev.auroc, ev.macro],
-        "ci_low": [*low, m_low],
-        "ci_high": [*high, m_high],
-        "n_pos": pd.array([*ev.n_pos, pd.NA], dtype="Int64"),
-        "n_neg": pd.array([*ev.n_neg, pd.NA], dtype="Int64"),
-        "in_macro": pd.array([*ev.used, pd.NA], dtype="boolean"),
-    })
+    n = len(values)
+    estimate = float(np.mean(values))
+    if n > 1:
+        seed_var = float(np.var(values, ddof=1)) / n
+        patient_var = max(float(patient_cov[~np.eye(n, dtype=bool)].mean()), 0.0)
+        total = seed_var + patient_var
+        df = math.inf if seed_var == 0 else total ** 2 / (seed_var ** 2 / (n - 1))
+        seed_sd = float(np.std(values, ddof=1))
+    else:
+        seed_var, seed_sd = math.nan, math.nan
+        patient_var = total = max(float(patient_cov[0, 0]), 0.0)
+        df = math.inf
+    se = math.sqrt(total)
+    p = _t_p(estimate, se, df)
+    half, half90 = sps.t.ppf(1 - alpha / 2, df) * se, sps.t.ppf(1 - alpha, df) * se
+    mde = (sps.norm.ppf(1 - alpha / 2) + sps.norm.ppf(MDE_POWER)) * se
+    return Estimate(estimate, se, df, estimate - half, estimate + half, estimate - half90,
+                    estimate + half90, p, n, seed_sd, math.sqrt(seed_var), math.sqrt(patient_var),
+                    float(mde))
 
 
-def paired_bootstrap_test(preds_a: pd.DataFrame, preds_b: pd.DataFrame, n_boot: int = 1000,
-                          seed: int = 0, alpha: float = 0.05) -> PairedBootstrapResult:
-    """Paired patient-bootstrap test of macro AUROC(b) - AUROC(a) on the same test images."""
-    a = _single_test_set(preds_a, "preds_a")
-    b = _single_test_set(preds_b, "preds_b")
-    if not (np.array_equal(a.image_ids, b.image_ids) and a.labels == b.labels
-            and np.array_equal(a.patient_ids, b.patient_ids)):
-        raise ValueError("preds_a and preds_b must cover the same images, patients and labels")
-    if not np.array_equal(a.targets, b.targets, equal_nan=True):
-        raise ValueError("preds_a and preds_b have different targets for the same images")
-    weights = patient_bootstrap_weights(a.patient_ids, n_boot, seed)
-    return _paired(_evaluate(a.labels, a.targets, next(iter(a.scores.values())), weights),
-                   _evaluate(b.labels, b.targets, next(iter(b.scores.values())), weights), alpha)
+def contrast(sm: SeedMacros, weights: dict[Hashable, float], alpha: float) -> Estimate:
+    """Sum of ``weight * macro`` over keys, per seed (seeds paired across keys), averaged over
+    the seeds all keys have, with its two-level SE: e.g. {experiment: 1, baseline: -1}."""
+    seeds = sorted(set.intersection(*(set(sm.point[k]) for k in weights)), key=str)
+    if not seeds:
+        raise ValueError(f"test set {sm.test_set!r}: {list(weights)} share no training seed")
+    values = np.array([sum(w * sm.point[k][s] for k, w in weights.items()) for s in seeds])
+    reps = np.vstack([sum(w * sm.replicates[k][s] for k, w in weights.items()) for s in seeds])
+    reps = reps[:, np.isfinite(reps).all(axis=0)]
+    if not np.isfinite(values).all() or reps.shape[1] < 2:
+        nan = math.nan
+        return Estimate(nan, nan, nan, nan, nan, nan, nan, nan, len(seeds), nan, nan, nan, nan)
+    return _estimate(values, np.atleast_2d(np.cov(reps)), alpha)
 
 
-def macro_summary(predictions: pd.DataFrame, n_boot: int = 1000, seed: int = 0,
-                  alpha: float = 0.05) -> pd.DataFrame:
-    """Macro AUROC with patient-bootstrap CI per experiment and test set (seeds pooled).
-
-    Columns: experiment, test_set, macro_auroc, ci_low, ci_high, labels_used, left_out,
-    n_images, n_patients.
-    """
-    rows = []
-    for ts in _test_sets(predictions):
-        weights = patient_bootstrap_weights(ts.patient_ids, n_boot, seed)
-        for experiment, scores in ts.scores.items():
-            ev = _evaluate(ts.labels, ts.targets, scores, weights)
-            low, high = _percentile_ci(ev.macro_replicates, alpha)
-            rows.append({"experiment": experiment, "test_set": ts.name, "macro_auroc": ev.macro,
-                         "ci_low": float(low), "ci_high": float(high),
-                         "labels_used": int(ev.used.sum()), "left_out": ev.left_out,
-                         "n_images": len(ts.image_ids),
-                         "n_patients": len(pd.unique(ts.patient_ids))})
-    return pd.DataFrame(rows)
-
-
-# --- Multiple comparisons and comparisons to a baseline -------------------------------------
+# --- Multiple comparisons -------------------------------------------------------------------
 
 def holm(p_values: np.ndarray | Sequence[float]) -> np.ndarray:
     """Holm-Bonferroni step-down adjusted p-values (monotone, at most 1); NaN stays NaN."""
@@ -541,98 +618,252 @@ def holm(p_values: np.ndarray | Sequence[float]) -> np.ndarray:
     return out
 
 
-def adjust_holm(table: pd.DataFrame, by: Sequence[str] = ("comparison_family",),
-                p_column: str = "p_value") -> pd.DataFrame:
-    """Copy of ``table`` with ``p_adjusted``: Holm applied within each group of ``by``."""
+def adjust_holm(table: pd.DataFrame, by: Sequence[str] = ("family",),
+                p_column: str = "p") -> pd.DataFrame:
+    """Copy of ``table`` with ``p_holm``: Holm applied within each group of ``by``."""
     out = table.copy()
     adjusted = np.full(len(out), np.nan)
     p = out[p_column].to_numpy(dtype=float)
     for positions in out.groupby(list(by), sort=False, dropna=False).indices.values():
         adjusted[positions] = holm(p[positions])
-    out["p_adjusted"] = adjusted
+    out["p_holm"] = adjusted
     return out
 
 
-def compare_to_baseline(predictions: pd.DataFrame, baseline: str, n_boot: int = 1000,
-                        seed: int = 0, alpha: float = 0.05) -> pd.DataFrame:
-    """Every experiment against ``baseline`` on every test set, macro and per label.
 
-    Macro rows (level "macro", label "macro"): p from the paired patient bootstrap. Label rows
-    (level "label"): AUROC and delta CIs from the same bootstrap, p from DeLong's paired test
-    (NaN when a class has fewer than two cases). ``p_adjusted`` is Holm within
-    ``comparison_family`` ("<test_set>: macro" / "<test_set>: label"); call
-    :func:`adjust_holm` with another ``by`` to choose other families. The smallest bootstrap p
-    is 2 / (n_boot + 1), so with k macro comparisons per family the smallest adjusted p is
-    2k / (n_boot + 1): 14 experiments need n_boot >= 560 to reach 0.05 at all.
-    """
+# --- The study: levels, comparisons, the primary analysis ----------------------------------
+
+def experiment_info(grid: pd.DataFrame) -> pd.DataFrame:
+    """One row per experiment of :func:`cxrlib.grid.grid_results` with its recipe columns
+    (kind, k, real_fraction, train_site, and n_real/n_synthetic where present), and its
+    baseline (:func:`cxrlib.grid.baseline_of`)."""
+    extra = [c for c in ("n_real", "n_synthetic") if c in grid.columns]
+    info = grid.drop_duplicates("experiment")[["experiment", *_GRID_COLUMNS, *extra]]
+    return info.assign(baseline=info["experiment"].map(baseline_of)).reset_index(drop=True)
+
+
+def primary_fraction(info: pd.DataFrame, spec: StatsSpec) -> float:
+    """The real-data fraction of the primary analysis: ``stats.primary.real_fraction``, or the
+    largest fraction with a real-only baseline."""
+    fractions = info.loc[info["kind"] == "real_only", "real_fraction"].astype(float)
+    if fractions.empty:
+        raise ValueError("the grid has no real_only experiment, so no primary baseline")
+    wanted = spec.primary.real_fraction
+    if wanted is None:
+        return float(fractions.max())
+    if not np.isclose(fractions, wanted).any():
+        raise ValueError(f"stats.primary.real_fraction {wanted} is not a real fraction of the "
+                         f"grid ({sorted(fractions)})")
+    return float(wanted)
+
+
+def primary_experiments(info: pd.DataFrame, spec: StatsSpec) -> list[str]:
+    """The pre-specified primary experiments: every k of ``stats.primary.kinds`` at the primary
+    fraction (the supplementation and its controls), in grid order."""
+    at = np.isclose(info["real_fraction"].astype(float), primary_fraction(info, spec))
+    return info.loc[at & info["kind"].isin(spec.primary.kinds), "experiment"].tolist()
+
+
+def experiment_summary(macros: dict[str, SeedMacros], grid: pd.DataFrame,
+                       spec: StatsSpec) -> pd.DataFrame:
+    """Macro AUROC per experiment and test set: the mean over seeds of each seed's macro with
+    its two-level CI, the seed SD, and, secondary and labelled as such, the macro AUROC of the
+    seed ensemble (scores averaged over seeds). Columns for the figures: macro_auroc, ci_low,
+    ci_high, and the grid's kind, k, real_fraction, train_site."""
     rows = []
-    for ts in _test_sets(predictions):
-        if baseline not in ts.scores:
-            raise ValueError(f"baseline {baseline!r} has no predictions on test set {ts.name!r}")
-        weights = patient_bootstrap_weights(ts.patient_ids, n_boot, seed)
-        base = _evaluate(ts.labels, ts.targets, ts.scores[baseline], weights)
-        b_low, b_high = _percentile_ci(base.replicates, alpha)
-        bm_low, bm_high = _percentile_ci(base.macro_replicates, alpha)
-        for experiment, scores in ts.scores.items():
-            if experiment == baseline:
+    for sm in macros.values():
+        for experiment in sm.point:
+            est = contrast(sm, {experiment: 1.0}, spec.alpha)
+            rows.append({"experiment": experiment, "test_set": sm.test_set,
+                         "macro_auroc": est.estimate, "ci_low": est.ci_low,
+                         "ci_high": est.ci_high, "n_seeds": est.n_seeds, "seed_sd": est.seed_sd,
+                         "ensemble_macro_auroc (secondary)": sm.ensemble[experiment],
+                         "labels_used": len(sm.labels), "left_out": ", ".join(sm.left_out) or "-",
+                         "n_images": sm.n_images, "n_patients": sm.n_patients})
+    return pd.DataFrame(rows).merge(experiment_info(grid), on="experiment", how="left")
+
+
+def internal_baseline(summary: pd.DataFrame, internal_sites: Sequence[str]) -> pd.Series:
+    """The :func:`experiment_summary` row of the real-only baseline at the largest real
+    fraction on the first internal site's test set (named ``"<site> (internal)"`` by
+    :func:`cxrlib.experiments.test_sets`): the run's headline baseline."""
+    real = summary[(summary["kind"] == "real_only")
+                   & (summary["test_set"] == f"{internal_sites[0]} (internal)")]
+    if real.empty:
+        raise ValueError(f"no real_only result on the internal test set of {internal_sites[0]}")
+    return real.loc[real["real_fraction"].astype(float).idxmax()]
+
+
+def _verdict(row: dict, alpha: float, margin: float) -> str:
+    """better / worse (Holm-adjusted p < alpha), else matches (90% CI inside +/- margin), else
+    not shown equivalent."""
+    if not np.isfinite(row["p_holm"]):
+        return "n/a"
+    inside = -margin < row["ci90_low"] and row["ci90_high"] < margin
+    if row["p_holm"] < alpha:
+        word = "better" if row["delta"] > 0 else "worse"
+        return word + (" (within the equivalence margin)" if inside else "")
+    return "matches" if inside else "not shown equivalent"
+
+
+def _comparison_row(sm: SeedMacros, experiment: str, baseline: str, spec: StatsSpec) -> dict:
+    """One experiment against its baseline on one test set (per-seed paired macro deltas)."""
+    est = contrast(sm, {experiment: 1.0, baseline: -1.0}, spec.alpha)
+    level = contrast(sm, {experiment: 1.0}, spec.alpha).estimate
+    base = contrast(sm, {baseline: 1.0}, spec.alpha).estimate
+    return {"experiment": experiment, "baseline": baseline, "test_set": sm.test_set,
+            "auroc": level, "baseline_auroc": base, "delta": est.estimate,
+            "ci_low": est.ci_low, "ci_high": est.ci_high, "ci90_low": est.ci90_low,
+            "ci90_high": est.ci90_high, "se": est.se, "df": est.df, "p": est.p,
+            "p_floor": 0.0, "p_equivalence": est.equivalence_p(spec.equivalence_margin),
+            "mde": est.mde, "n_seeds": est.n_seeds, "seed_sd": est.seed_sd,
+            "seed_se": est.seed_se, "patient_se": est.patient_se,
+            "ensemble_delta (secondary)": sm.ensemble[experiment] - sm.ensemble[baseline],
+            "labels_used": len(sm.labels), "left_out": ", ".join(sm.left_out) or "-"}
+
+
+def compare_to_baseline(macros: dict[str, SeedMacros], baseline: str,
+                        experiments: Sequence[str], spec: StatsSpec,
+                        family: str | None = None) -> pd.DataFrame:
+    """``experiments`` against ``baseline`` on every test set: per-seed paired macro deltas
+    with two-level CIs, analytic p, Holm within ``family`` + test set (default: the baseline),
+    TOST p and the verdict (better, worse, matches, not shown equivalent)."""
+    rows = []
+    for sm in macros.values():
+        if baseline not in sm.point:
+            raise ValueError(f"baseline {baseline!r} has no predictions on test set "
+                             f"{sm.test_set!r}; finish the grid (notebook 04) first")
+        for experiment in experiments:
+            row = _comparison_row(sm, experiment, baseline, spec)
+            rows.append({**row, "family": f"{family or baseline}: {sm.test_set}"})
+    if not rows:
+        raise ValueError(f"no experiment to compare with {baseline!r}")
+    return _judge(pd.DataFrame(rows), spec)
+
+
+def _judge(table: pd.DataFrame, spec: StatsSpec) -> pd.DataFrame:
+    """Holm within each ``family``, then each comparison's verdict from its adjusted p."""
+    table = adjust_holm(table)
+    table["verdict"] = [_verdict(r, spec.alpha, spec.equivalence_margin)
+                        for r in table.to_dict("records")]
+    return table
+
+
+def compare_experiments(macros: dict[str, SeedMacros], grid: pd.DataFrame,
+                        spec: StatsSpec) -> pd.DataFrame:
+    """Every experiment against its baseline (:func:`cxrlib.grid.baseline_of`), with
+    ``primary`` marking the pre-specified comparisons. Holm families: the primary comparisons
+    of one test set; the others of one baseline and test set."""
+    info = experiment_info(grid)
+    primary = set(primary_experiments(info, spec))
+    present = set().union(*(sm.point for sm in macros.values()))
+    info = info[info["experiment"].isin(present) & (info["experiment"] != info["baseline"])]
+    parts = []
+    for baseline, group in info.groupby("baseline", sort=False):
+        for is_primary, members in group.groupby(group["experiment"].isin(primary), sort=False):
+            parts.append(compare_to_baseline(
+                macros, str(baseline), members["experiment"].tolist(), spec,
+                "primary" if is_primary else None).assign(primary=is_primary))
+    if not parts:
+        raise ValueError("the grid has no experiment to compare with a baseline")
+    table = pd.concat(parts, ignore_index=True)
+    table = table.merge(info[["experiment", *_GRID_COLUMNS]], on="experiment", how="left")
+    return _judge(table, spec)  # a family may span baselines: adjust within each again
+
+
+def primary_analysis(data: pd.DataFrame | dict[str, SeedMacros], grid: pd.DataFrame,
+                     spec: StatsSpec) -> pd.DataFrame:
+    """The pre-specified primary comparisons, one row each: every k of the primary kinds
+    (real + synthetic and its controls) at the primary fraction against its real-only baseline
+    on every test set. ``data`` is the predictions frame or :func:`seed_macros`' result.
+
+    Columns include experiment, baseline, test_set, delta, ci_low, ci_high, p (unadjusted,
+    analytic), p_holm (Holm over the primary comparisons of the test set), mde (the minimum
+    detectable effect at 80% power and level alpha from this comparison's two-level SE),
+    n_seeds, verdict, kind and k.
+    """
+    info = experiment_info(grid)
+    wanted = primary_experiments(info, spec)
+    if not wanted:
+        raise ValueError(f"the grid has no experiment of the primary kinds {spec.primary.kinds} "
+                         f"at real fraction {primary_fraction(info, spec)}")
+    if isinstance(data, pd.DataFrame):
+        keep = set(wanted) | {baseline_of(e) for e in wanted}
+        data = seed_macros(data[data["experiment"].isin(keep)], spec)
+    parts = [compare_to_baseline(data, str(b), g["experiment"].tolist(), spec, "primary")
+             for b, g in info[info["experiment"].isin(wanted)].groupby("baseline", sort=False)]
+    table = _judge(pd.concat(parts, ignore_index=True), spec).assign(primary=True)
+    return table.merge(info[["experiment", *_GRID_COLUMNS]], on="experiment", how="left")
+
+
+def dose_response(macros: dict[str, SeedMacros], grid: pd.DataFrame,
+                  spec: StatsSpec) -> pd.DataFrame:
+    """Trend of macro AUROC on k for each family of ``stats.primary.dose_response_kinds`` at
+    each real fraction with two or more k: the least-squares slope over the grid's k values
+    (per +1 k, i.e. per 100% synthetic), a per-seed contrast with the two-level SE. The
+    baseline cancels from a slope of deltas, so this asks only whether more helps more.
+    ``primary`` marks the primary fraction; Holm within the test set."""
+    info = experiment_info(grid)
+    fraction = primary_fraction(info, spec)
+    rows = []
+    for (kind, f), fam in info[info["kind"].isin(spec.primary.dose_response_kinds)].groupby(
+            ["kind", "real_fraction"], sort=False):
+        ks = fam["k"].to_numpy(dtype=float)
+        if len(np.unique(ks)) < 2:
+            continue
+        w = (ks - ks.mean()) / ((ks - ks.mean()) ** 2).sum()
+        for sm in macros.values():
+            if not set(fam["experiment"]) <= set(sm.point):
                 continue
-            ev = _evaluate(ts.labels, ts.targets, scores, weights)
-            paired = _paired(base, ev, alpha)
-            m_low, m_high = _percentile_ci(ev.macro_replicates, alpha)
-            common = {"experiment": experiment, "baseline": baseline, "test_set": ts.name,
-                      "ci_level": 1 - alpha}
-            rows.append({**common, "level": MACRO, "label": MACRO, "auroc": ev.macro,
-                         "ci_low": float(m_low), "ci_high": float(m_high),
-                         "baseline_auroc": base.macro, "baseline_ci_low": float(bm_low),
-                         "baseline_ci_high": float(bm_high), "delta": paired.delta,
-                         "delta_ci_low": paired.ci_low, "delta_ci_high": paired.ci_high,
-                         "p_value": paired.p_value, "test": "paired patient bootstrap",
-                         "n_pos": math.nan, "n_neg": math.nan})
-            low, high = _percentile_ci(ev.replicates, alpha)
-            d_low, d_high = _percentile_ci(ev.replicates - base.replicates, alpha)
-            for j, label in enumerate(ts.labels):
-                p = math.nan
-                if ev.n_pos[j] >= 2 and ev.n_neg[j] >= 2:
-                    known = ~np.isnan(ts.targets[:, j])
-                    p = delong_test(ts.targets[known, j], ts.scores[baseline][known, j],
-                                    scores[known, j]).p_value
-                rows.append({**common, "level": "label", "label": label, "auroc": ev.auroc[j],
-                             "ci_low": low[j], "ci_high": high[j],
-                             "baseline_auroc": base.auroc[j], "baseline_ci_low": b_low[j],
-                             "baseline_ci_high": b_high[j], "delta": ev.auroc[j] - base.auroc[j],
-                             "delta_ci_low": d_low[j], "delta_ci_high": d_high[j],
-                             "p_value": p, "test": "DeLong", "n_pos": int(ev.n_pos[j]),
-                             "n_neg": int(ev.n_neg[j])})
+            est = contrast(sm, dict(zip(fam["experiment"], w, strict=True)), spec.alpha)
+            rows.append({"kind": kind, "real_fraction": f, "test_set": sm.test_set,
+                         "k_values": ", ".join(str(int(k)) for k in sorted(ks)),
+                         "slope_per_k": est.estimate, "ci_low": est.ci_low,
+                         "ci_high": est.ci_high, "p": est.p, "p_floor": 0.0,
+                         "n_seeds": est.n_seeds, "primary": bool(np.isclose(f, fraction)),
+                         "family": f"dose-response: {sm.test_set}"})
     table = pd.DataFrame(rows)
-    if table.empty:
-        raise ValueError(f"no experiment besides the baseline {baseline!r} to compare")
-    order = ["experiment", "baseline", "test_set", "level", "label", "auroc", "ci_low", "ci_high",
-             "baseline_auroc", "baseline_ci_low", "baseline_ci_high", "delta", "delta_ci_low",
-             "delta_ci_high", "p_value", "test", "n_pos", "n_neg", "ci_level"]
-    table = table[order]
-    table["comparison_family"] = table["test_set"] + ": " + table["level"]
-    return adjust_holm(table)
+    return adjust_holm(table) if len(table) else table
 
 
-def seed_spread(predictions: pd.DataFrame) -> pd.DataFrame:
-    """Spread of the per-seed macro AUROC per experiment and test set (no bootstrap).
-
-    Columns: experiment, test_set, n_seeds, macro_auroc_mean, macro_auroc_min, macro_auroc_max.
-    """
-    if "seed" not in predictions.columns:
-        raise ValueError("predictions lack the column 'seed'")
+def compare_labels(predictions: pd.DataFrame, pairs: Sequence[tuple[str, str]],
+                   spec: StatsSpec) -> pd.DataFrame:
+    """Per-label AUROC deltas of each (experiment, baseline) pair on every test set, for the
+    labels that pass the label rule. Per seed paired deltas; the patient level is the
+    clustered DeLong variance (Obuchowski 1997) the seeds share, so each label's CI and p come
+    from one method. Holm over the labels of one comparison and test set."""
+    needed = {e for pair in pairs for e in pair}
     rows = []
-    for ts in _test_sets(predictions, keys=("experiment", "seed")):
-        per_experiment: dict[Hashable, list[float]] = {}
-        for (experiment, _seed), scores in ts.scores.items():
-            macro = _evaluate(ts.labels, ts.targets, scores, None).macro
-            per_experiment.setdefault(experiment, []).append(macro)
-        for experiment, macros in per_experiment.items():
-            values = np.asarray(macros)
-            rows.append({"experiment": experiment, "test_set": ts.name, "n_seeds": len(values),
-                         "macro_auroc_mean": values.mean(), "macro_auroc_min": values.min(),
-                         "macro_auroc_max": values.max()})
-    return pd.DataFrame(rows)
+    for ts in _test_sets(predictions[predictions["experiment"].isin(needed)],
+                         ("experiment", "seed")):
+        used = label_rule(ts.targets, spec.min_positives)
+        seeds: dict[str, set] = {}
+        for experiment, seed in ts.scores:
+            seeds.setdefault(experiment, set()).add(seed)
+        for experiment, baseline in pairs:
+            common = sorted(seeds.get(experiment, set()) & seeds.get(baseline, set()), key=str)
+            if not common:
+                raise ValueError(f"{experiment} and {baseline} share no seed on {ts.name!r}")
+            for j in np.flatnonzero(used):
+                known = ~np.isnan(ts.targets[:, j])
+                stack = np.vstack([ts.scores[(e, s)][known, j]
+                                   for s in common for e in (experiment, baseline)])
+                aucs, psi = clustered_influence(ts.targets[known, j], stack,
+                                                ts.patient_ids[known])
+                values = aucs[0::2] - aucs[1::2]
+                est = _estimate(values, _cluster_covariance(psi[0::2] - psi[1::2]), spec.alpha)
+                rows.append({"experiment": experiment, "baseline": baseline,
+                             "test_set": ts.name, "label": ts.labels[j],
+                             "n_pos": int((ts.targets[known, j] == 1).sum()),
+                             "n_neg": int((ts.targets[known, j] == 0).sum()),
+                             "auroc": float(aucs[0::2].mean()),
+                             "baseline_auroc": float(aucs[1::2].mean()), "delta": est.estimate,
+                             "ci_low": est.ci_low, "ci_high": est.ci_high, "p": est.p,
+                             "p_floor": 0.0, "n_seeds": est.n_seeds,
+                             "test": "clustered DeLong + seeds",
+                             "family": f"{experiment}: {ts.name}"})
+    table = pd.DataFrame(rows)
+    return adjust_holm(table) if len(table) else table
 
 
 # --- Subgroups ------------------------------------------------------------------------------
@@ -659,234 +890,202 @@ def _group_values(ts: _TestSet, by: str) -> tuple[pd.Series, list[str]]:
     return values, order
 
 
-def subgroup_auroc(predictions: pd.DataFrame, by: str | Sequence[str], n_boot: int = 1000,
-                   seed: int = 0, alpha: float = 0.05, min_per_class: int = 5,
-                   keep_replicates: bool = False) -> pd.DataFrame:
-    """Macro AUROC with patient-bootstrap CI per experiment, test set and subgroup.
+def _common_labels(ts: _TestSet, members: dict[str, np.ndarray],
+                   min_positives: int) -> tuple[np.ndarray, list[str], list[str]]:
+    """The label set shared by the groups of one attribute: labels passing the rule in every
+    group kept. Groups are dropped smallest first until at least one label is common.
+    Returns the label mask, the groups kept (display order) and the groups dropped."""
+    kept = list(members)
+    while len(kept) >= 2:
+        used = np.logical_and.reduce([label_rule(ts.targets[members[g]], min_positives)
+                                      for g in kept])
+        if used.any():
+            return used, kept, [g for g in members if g not in kept]
+        kept.remove(min(kept, key=lambda g: len(members[g])))
+    return np.zeros(len(ts.labels), dtype=bool), [], list(members)
 
-    ``by`` is one or more of "sex", "age_band", "race", "view". A label enters a group's macro
-    only with ``min_per_class`` positives and negatives there; a group with no such label gets
-    NaN. Columns: experiment, test_set, by, group, macro_auroc, ci_low, ci_high, n_images,
-    n_patients, labels_used, left_out, plus ``replicates`` (the bootstrap macro values, for
-    :func:`subgroup_gap`'s CI) when ``keep_replicates``.
+
+def subgroup_analysis(predictions: pd.DataFrame, experiment: str, baseline: str,
+                      spec: StatsSpec) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The pre-specified subgroup comparison: ``experiment`` against ``baseline`` within each
+    group of ``stats.subgroups``, and difference-in-differences between groups.
+
+    Per test set and attribute, every group's macro uses one common label set
+    (:func:`_common_labels`). The reference group is the largest; for each other group the
+    contrast is (experiment - baseline in the group) - (experiment - baseline in the
+    reference), per seed, with the two-level SE and Holm over the test set's contrasts.
+    Returns (groups, did): groups has experiment, test_set, by, group, macro_auroc, ci_low,
+    ci_high (two-level), n_images, n_patients, labels_used, left_out, dropped_groups.
     """
-    bys = [by] if isinstance(by, str) else list(by)
-    unknown = [b for b in bys if b not in SUBGROUPS]
+    unknown = [b for b in spec.subgroups if b not in SUBGROUPS]
     if unknown:
         raise ValueError(f"unknown subgroup(s) {unknown}; choose from {SUBGROUPS}")
+    pair = predictions[predictions["experiment"].isin([experiment, baseline])]
+    groups, did = [], []
+    for ts in _test_sets(pair, ("experiment", "seed")):
+        weights = patient_bootstrap_weights(ts.patient_ids, spec.n_boot, spec.seed)
+        for by in spec.subgroups:
+            values, order = _group_values(ts, by)
+            members = {g: np.flatnonzero((values == g).to_numpy()) for g in order}
+            used, kept, dropped = _common_labels(ts, members, spec.min_positives)
+            if not kept:
+                continue
+            parts = [_seed_macros(ts, used, weights, members[g], g) for g in kept]
+            sm = SeedMacros(ts.name, parts[0].labels, parts[0].left_out, len(ts.image_ids),
+                            len(pd.unique(ts.patient_ids)),
+                            {k: v for p in parts for k, v in p.point.items()},
+                            {k: v for p in parts for k, v in p.replicates.items()},
+                            {k: v for p in parts for k, v in p.ensemble.items()})
+            common = {"test_set": ts.name, "by": by, "labels_used": len(sm.labels),
+                      "left_out": ", ".join(sm.left_out) or "-",
+                      "dropped_groups": ", ".join(dropped) or "-"}
+            for g, part in zip(kept, parts, strict=True):
+                for e in (baseline, experiment):
+                    est = contrast(sm, {(e, g): 1.0}, spec.alpha)
+                    groups.append({"experiment": e, "group": g, "macro_auroc": est.estimate,
+                                   "ci_low": est.ci_low, "ci_high": est.ci_high,
+                                   "n_images": part.n_images, "n_patients": part.n_patients,
+                                   **common})
+            ref = max(kept, key=lambda g: len(members[g]))
+            for g in kept:
+                if g == ref:
+                    continue
+                delta_g = contrast(sm, {(experiment, g): 1.0, (baseline, g): -1.0}, spec.alpha)
+                delta_r = contrast(sm, {(experiment, ref): 1.0, (baseline, ref): -1.0},
+                                   spec.alpha)
+                est = contrast(sm, {(experiment, g): 1.0, (baseline, g): -1.0,
+                                    (experiment, ref): -1.0, (baseline, ref): 1.0}, spec.alpha)
+                did.append({"experiment": experiment, "baseline": baseline, "group": g,
+                            "reference": ref, "delta_group": delta_g.estimate,
+                            "delta_reference": delta_r.estimate, "did": est.estimate,
+                            "ci_low": est.ci_low, "ci_high": est.ci_high, "p": est.p,
+                            "p_floor": 0.0, "n_seeds": est.n_seeds,
+                            "family": f"subgroups: {ts.name}", **common})
+    did_table = pd.DataFrame(did)
+    return pd.DataFrame(groups), adjust_holm(did_table) if len(did_table) else did_table
+
+
+def subgroup_pair(grid: pd.DataFrame, spec: StatsSpec) -> tuple[str, str]:
+    """The pre-specified (experiment, baseline) of the subgroup analysis:
+    ``stats.primary.subgroup_kind`` at ``subgroup_k`` (None = its largest k) at the primary
+    fraction, never a choice made on test results."""
+    info = experiment_info(grid)
+    at = np.isclose(info["real_fraction"].astype(float), primary_fraction(info, spec))
+    pool = info[at & (info["kind"] == spec.primary.subgroup_kind)]
+    k = spec.primary.subgroup_k
+    chosen = pool[pool["k"] == (pool["k"].max() if k is None else k)]
+    if chosen.empty:
+        raise ValueError(f"the grid has no {spec.primary.subgroup_kind} experiment with "
+                         f"k = {k} at the primary real fraction")
+    row = chosen.iloc[0]
+    return str(row["experiment"]), str(row["baseline"])
+
+
+# --- Calibration, per-label metrics, seeds and compute -------------------------------------
+
+def calibration_metrics(y: np.ndarray, p: np.ndarray, bins: int) -> tuple[float, float, float]:
+    """Brier score, expected calibration error (``bins`` equal-width bins, weighted by their
+    share of cases) and calibration slope (logistic regression of y on logit p; 1 = ideal,
+    < 1 = overconfident) of probabilities ``p`` for binary targets ``y``."""
+    y, p = np.asarray(y, dtype=float), np.asarray(p, dtype=float)
+    brier = float(np.mean((p - y) ** 2))
+    which = np.minimum((p * bins).astype(int), bins - 1)
+    count = np.bincount(which, minlength=bins)
+    gap = np.abs(np.bincount(which, y, bins) - np.bincount(which, p, bins))
+    ece = float(gap.sum() / count.sum())
+    logit = np.log(np.clip(p, _LOGIT_CLIP, 1 - _LOGIT_CLIP) / np.clip(1 - p, _LOGIT_CLIP, 1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        fit = LogisticRegression(C=np.inf).fit(logit[:, None], y)
+    return brier, ece, float(fit.coef_[0, 0])
+
+
+def calibration_table(predictions: pd.DataFrame, spec: StatsSpec) -> pd.DataFrame:
+    """Calibration per experiment and test set over the labels passing the label rule: Brier
+    and ECE averaged over labels, the calibration slope's median over labels (a slope can be
+    huge on a nearly separable label), each the mean over seeds (the seed's own model)."""
     rows = []
-    for ts in _test_sets(predictions):
-        weights = patient_bootstrap_weights(ts.patient_ids, n_boot, seed)
-        for b in bys:
-            values, groups = _group_values(ts, b)
-            for group in groups:
-                members = np.flatnonzero((values == group).to_numpy())
-                for experiment, scores in ts.scores.items():
-                    ev = _evaluate(ts.labels, ts.targets[members], scores[members], weights,
-                                   members, min_per_class)
-                    reps = ev.macro_replicates
-                    low, high = _percentile_ci(reps, alpha)
-                    row = {"experiment": experiment, "test_set": ts.name, "by": b, "group": group,
-                           "macro_auroc": ev.macro, "ci_low": float(low), "ci_high": float(high),
-                           "n_images": len(members),
-                           "n_patients": len(pd.unique(ts.patient_ids[members])),
-                           "labels_used": int(ev.used.sum()), "left_out": ev.left_out}
-                    if keep_replicates:
-                        row["replicates"] = reps
-                    rows.append(row)
+    for ts in _test_sets(predictions, ("experiment", "seed")):
+        used = np.flatnonzero(label_rule(ts.targets, spec.min_positives))
+        per_seed: dict[Hashable, list[tuple[float, float, float]]] = {}
+        for (experiment, _seed), scores in ts.scores.items():
+            metrics = []
+            for j in used:
+                known = ~np.isnan(ts.targets[:, j])
+                metrics.append(calibration_metrics(ts.targets[known, j], scores[known, j],
+                                                   spec.calibration_bins))
+            m = np.array(metrics).reshape(-1, 3)
+            summary = (m[:, 0].mean(), m[:, 1].mean(), np.median(m[:, 2])) if len(m) else (
+                math.nan,) * 3
+            per_seed.setdefault(experiment, []).append(summary)
+        for experiment, values in per_seed.items():
+            brier, ece, slope = np.mean(values, axis=0)
+            rows.append({"experiment": experiment, "test_set": ts.name, "brier": brier,
+                         "ece": ece, "calibration_slope (median)": slope,
+                         "n_seeds": len(values), "labels_used": len(used)})
     return pd.DataFrame(rows)
 
 
-def _gap_replicates(table: pd.DataFrame, groups: list[str]) -> np.ndarray:
-    """Per-replicate max - min group macro AUROC over ``groups`` (table indexed by group)."""
-    reps = np.column_stack([table.at[g, "replicates"] for g in groups])
-    return _nan_stat(np.nanmax, reps, axis=1) - _nan_stat(np.nanmin, reps, axis=1)
-
-
-def subgroup_gap(sub_table: pd.DataFrame, baseline: str, tolerance: float = 0.005,
-                 alpha: float = 0.05) -> pd.DataFrame:
-    """Gap between the best and worst subgroup, per experiment, against the baseline's gap.
-
-    Uses the groups with a macro AUROC for both. ``change`` = gap - baseline_gap (negative =
-    narrower); ``direction`` is "unchanged" when |change| < ``tolerance``, "n/a" with fewer than
-    two groups. With a ``replicates`` column (``subgroup_auroc(..., keep_replicates=True)``) the
-    change gets a paired percentile CI (rough: max - min is biased upwards); else it is NaN.
-    Columns: experiment, test_set, by, n_groups, best_group, worst_group, gap, baseline_gap,
-    change, direction, change_ci_low, change_ci_high.
-    """
-    if baseline not in set(sub_table["experiment"]):
-        raise ValueError(f"baseline {baseline!r} is not in the subgroup table")
+def label_metrics(predictions: pd.DataFrame, spec: StatsSpec) -> pd.DataFrame:
+    """AUROC and AUPRC per experiment, test set and label (means over seeds), with the
+    label's counts, prevalence, whether it enters the macro and whether it is rare
+    (prevalence below ``stats.rare_prevalence``; AUPRC's chance level is the prevalence)."""
     rows = []
-    for (test_set, b), g in sub_table.groupby(["test_set", "by"], sort=False):
-        base = g[g["experiment"] == baseline].set_index("group")
-        if base.empty:
-            raise ValueError(f"baseline {baseline!r} has no {b} groups on test set {test_set!r}")
-        for experiment, e in g[g["experiment"] != baseline].groupby("experiment", sort=False):
-            e = e.set_index("group")
-            groups = [x for x in e.index if x in base.index
-                      and np.isfinite(e.at[x, "macro_auroc"])
-                      and np.isfinite(base.at[x, "macro_auroc"])]
-            row = {"experiment": experiment, "test_set": test_set, "by": b,
-                   "n_groups": len(groups), "best_group": None, "worst_group": None,
-                   "gap": math.nan, "baseline_gap": math.nan, "change": math.nan,
-                   "direction": "n/a", "change_ci_low": math.nan, "change_ci_high": math.nan}
-            if len(groups) >= 2:
-                auc, base_auc = e.loc[groups, "macro_auroc"], base.loc[groups, "macro_auroc"]
-                gap = float(auc.max() - auc.min())
-                base_gap = float(base_auc.max() - base_auc.min())
-                change = gap - base_gap
-                direction = ("unchanged" if abs(change) < tolerance
-                             else "narrower" if change < 0 else "wider")
-                row.update(best_group=auc.idxmax(), worst_group=auc.idxmin(), gap=gap,
-                           baseline_gap=base_gap, change=change, direction=direction)
-                if "replicates" in e.columns:
-                    low, high = _percentile_ci(
-                        _gap_replicates(e, groups) - _gap_replicates(base, groups), alpha)
-                    row.update(change_ci_low=float(low), change_ci_high=float(high))
-            rows.append(row)
+    for ts in _test_sets(predictions, ("experiment", "seed")):
+        used = label_rule(ts.targets, spec.min_positives)
+        cells: dict[tuple[Hashable, int], list[tuple[float, float]]] = {}
+        for (experiment, _seed), scores in ts.scores.items():
+            for j in range(len(ts.labels)):
+                known = ~np.isnan(ts.targets[:, j])
+                y = ts.targets[known, j]
+                if 0 < y.sum() < len(y):
+                    cells.setdefault((experiment, j), []).append(
+                        (roc_auc_score(y, scores[known, j]),
+                         average_precision_score(y, scores[known, j])))
+        for (experiment, j), values in cells.items():
+            known = ts.targets[~np.isnan(ts.targets[:, j]), j]
+            prevalence = float(known.mean())
+            auroc, auprc = np.mean(values, axis=0)
+            rows.append({"experiment": experiment, "test_set": ts.name, "label": ts.labels[j],
+                         "n_pos": int(known.sum()), "n_neg": int(len(known) - known.sum()),
+                         "prevalence": prevalence, "in_macro": bool(used[j]),
+                         "rare": prevalence < spec.rare_prevalence, "auroc": auroc,
+                         "auprc": auprc, "n_seeds": len(values)})
     return pd.DataFrame(rows)
 
 
-# --- Findings -------------------------------------------------------------------------------
+def seed_spread(predictions: pd.DataFrame, min_positives: int = 1) -> pd.DataFrame:
+    """Spread of the per-seed macro AUROC per experiment and test set (no bootstrap), over the
+    labels with ``min_positives`` positives and negatives (notebook 05 passes the stats rule).
 
-def _p_text(p: float) -> str:
-    return "p < 0.001" if p < 0.001 else f"p = {p:.3f}"
-
-
-def _delta_text(row: dict, ci: str) -> str:
-    """'+0.014, 95% CI +0.004 to +0.024, Holm-adjusted p = 0.003' for a comparison row."""
-    return (f"{row['delta']:+.3f}, {ci} {row['delta_ci_low']:+.3f} to "
-            f"{row['delta_ci_high']:+.3f}, Holm-adjusted {_p_text(row['p_adjusted'])}")
-
-
-def _synthetic_only_sentence(row: dict, where: str, ci: str, alpha: float,
-                             margin: float) -> str:
-    """Whether a synthetic-only experiment matches the baseline, with the rule spelled out."""
-    overlap = row["ci_low"] <= row["baseline_ci_high"] and row["baseline_ci_low"] <= row["ci_high"]
-    close = abs(row["delta"]) < margin and row["p_adjusted"] >= alpha
-    reasons = (["the CIs overlap"] if overlap else []) + (
-        [f"|delta| = {abs(row['delta']):.3f} with Holm-adjusted {_p_text(row['p_adjusted'])}"]
-        if close else [])
-    verdict = "matched" if reasons else "did not match"
-    because = " and ".join(reasons) if reasons else "neither holds"
-    return (f"{where}, {row['experiment']} (synthetic training images only) {verdict} "
-            f"{row['baseline']}: macro AUROC {row['auroc']:.3f} ({ci} {row['ci_low']:.3f} to "
-            f"{row['ci_high']:.3f}) vs {row['baseline_auroc']:.3f} ({ci} "
-            f"{row['baseline_ci_low']:.3f} to {row['baseline_ci_high']:.3f}), delta "
-            f"{_delta_text(row, ci)}; a match means the {ci}s overlap or |delta| < {margin:g} "
-            f"with Holm-adjusted p >= {alpha:g}, and here {because}.")
-
-
-def findings(comparison: pd.DataFrame, alpha: float = 0.05,
-             match_margin: float = 0.01) -> list[str]:
-    """Sentences generated from the macro rows of :func:`compare_to_baseline`, per test set.
-
-    Per test set: how many experiments beat / fall below the baseline (Holm-adjusted p <
-    ``alpha``), one sentence per significant difference (largest first), the largest gain, and
-    whether each synthetic-only experiment (name starts with "synthetic_only") matches the
-    baseline: its CI overlaps the baseline's, or |delta| < ``match_margin`` with adjusted
-    p >= ``alpha``.
+    Columns: experiment, test_set, n_seeds, macro_auroc_mean, macro_auroc_min, macro_auroc_max.
     """
-    table = comparison if "p_adjusted" in comparison.columns else adjust_holm(comparison)
-    macro = table[(table["level"] == MACRO) & table["delta"].notna()]
-    out = []
-    for test_set, g in macro.groupby("test_set", sort=False):
-        first = g.iloc[0]
-        baseline, where = first["baseline"], f"On {test_set} test"
-        ci = f"{round(100 * first['ci_level'])}% CI"
-        significant = g["p_adjusted"] < alpha
-        up = g[significant & (g["delta"] > 0)].sort_values("delta", ascending=False)
-        down = g[significant & (g["delta"] < 0)].sort_values("delta")
-        out.append(f"{where}, {len(up)} of {len(g)} experiments significantly beat {baseline} "
-                   f"(macro AUROC {first['baseline_auroc']:.3f}) and {len(down)} fell below it "
-                   f"(Holm-adjusted p < {alpha:g}).")
-        for verb, rows in (("raised", up), ("lowered", down)):
-            for row in rows.to_dict("records"):
-                out.append(f"{where}, {row['experiment']} {verb} macro AUROC from "
-                           f"{row['baseline_auroc']:.3f} to {row['auroc']:.3f} "
-                           f"({_delta_text(row, ci)}).")
-        best = g.loc[g["delta"].idxmax()].to_dict()
-        if best["delta"] > 0:
-            out.append(f"{where}, the largest gain over {baseline} was {best['experiment']}'s "
-                       f"({_delta_text(best, ci)}).")
-        else:
-            out.append(f"{where}, no experiment had a higher macro AUROC than {baseline} "
-                       f"({first['baseline_auroc']:.3f}).")
-        synthetic = g[g["experiment"].astype(str).str.startswith(SYNTHETIC_ONLY_PREFIX)]
-        for row in synthetic.to_dict("records"):
-            out.append(_synthetic_only_sentence(row, where, ci, alpha, match_margin))
-    return out
+    if "seed" not in predictions.columns:
+        raise ValueError("predictions lack the column 'seed'")
+    rows = []
+    for ts in _test_sets(predictions, keys=("experiment", "seed")):
+        used = label_rule(ts.targets, min_positives)
+        per_experiment: dict[Hashable, list[float]] = {}
+        for (experiment, _seed), scores in ts.scores.items():
+            macro = _macro(ts.labels, ts.targets, scores, used, None)[0]
+            per_experiment.setdefault(experiment, []).append(macro)
+        for experiment, macros in per_experiment.items():
+            values = np.asarray(macros)
+            rows.append({"experiment": experiment, "test_set": ts.name, "n_seeds": len(values),
+                         "macro_auroc_mean": values.mean(), "macro_auroc_min": values.min(),
+                         "macro_auroc_max": values.max()})
+    return pd.DataFrame(rows)
 
 
-# --- The study: families of comparisons, summaries and findings for notebook 05 ------------
-
-def experiment_summary(predictions: pd.DataFrame, grid: pd.DataFrame,
-                       spec: StatsSpec) -> pd.DataFrame:
-    """:func:`macro_summary` with each experiment's recipe from the grid (kind, k,
-    real_fraction, train_site, n_real, n_synthetic), for the figures."""
-    info = grid.drop_duplicates("experiment")[
-        ["experiment", "kind", "k", "real_fraction", "train_site", "n_real", "n_synthetic"]]
-    return macro_summary(predictions, spec.n_boot, spec.seed, spec.alpha).merge(
-        info, on="experiment", how="left")
-
-
-def compare_families(predictions: pd.DataFrame, spec: StatsSpec) -> pd.DataFrame:
-    """Every experiment against its own baseline (:func:`cxrlib.grid.baseline_of`:
-    real only at the same real fraction, or the external site alone). Holm applies within one
-    baseline, test set and level, i.e. across the comparisons of one figure panel."""
-    names = list(dict.fromkeys(predictions["experiment"]))
-    parts = []
-    for baseline in dict.fromkeys(baseline_of(n) for n in names):
-        members = [n for n in names if baseline_of(n) == baseline]
-        if baseline not in names:
-            raise ValueError(f"experiments {members} have no baseline predictions "
-                             f"({baseline}); finish the grid (notebook 04) first")
-        if len(members) > 1:
-            parts.append(compare_to_baseline(predictions[predictions["experiment"].isin(members)],
-                                             baseline, spec.n_boot, spec.seed, spec.alpha))
-    if not parts:
-        raise ValueError("the grid has no experiment to compare with a baseline")
-    table = pd.concat(parts, ignore_index=True)
-    table["comparison_family"] = table["baseline"] + " / " + table["comparison_family"]
-    return adjust_holm(table)
-
-
-def best_experiment(comparisons: pd.DataFrame, kind_prefix: str = "real_plus_synthetic") -> str:
-    """The experiment named ``kind_prefix...`` with the largest macro AUROC gain over its
-    baseline on the internal test set (the first test set when none is marked internal)."""
-    macro = comparisons[(comparisons["level"] == MACRO)
-                        & comparisons["experiment"].str.startswith(kind_prefix)]
-    if macro.empty:
-        raise ValueError(f"no experiment starting with {kind_prefix!r} was compared")
-    internal = macro[macro["test_set"].str.contains("internal")]
-    pool = internal if len(internal) else macro[macro["test_set"] == macro["test_set"].iloc[0]]
-    return str(pool.loc[pool["delta"].idxmax(), "experiment"])
-
-
-def gap_sentences(gaps: pd.DataFrame, alpha: float = 0.05) -> list[str]:
-    """One sentence per experiment, test set and attribute with at least two groups: did the
-    gap between the best and the worst subgroup narrow or widen against the baseline?"""
-    ci = f"{round(100 * (1 - alpha))}% CI"
-    out = []
-    for row in gaps[gaps["direction"] != "n/a"].to_dict("records"):
-        interval = ""
-        if np.isfinite(row["change_ci_low"]):
-            unclear = row["change_ci_low"] <= 0 <= row["change_ci_high"]
-            interval = (f"; {ci} of the change {row['change_ci_low']:+.3f} to "
-                        f"{row['change_ci_high']:+.3f}"
-                        + (", which includes 0: no clear change" if unclear else ""))
-        out.append(f"Subgroups by {row['by']} on {row['test_set']} test: {row['experiment']} "
-                   f"{'left' if row['direction'] == 'unchanged' else 'made'} the gap between "
-                   f"the best ({row['best_group']}) and worst ({row['worst_group']}) group "
-                   f"{row['direction']}: {row['gap']:.3f} against {row['baseline_gap']:.3f} "
-                   f"for the baseline ({row['change']:+.3f}{interval}).")
-    return out
-
-
-def study_findings(comparisons: pd.DataFrame, gaps: pd.DataFrame,
-                   spec: StatsSpec) -> list[str]:
-    """:func:`findings` for every family of comparisons, then :func:`gap_sentences`."""
-    out = []
-    for _, family in comparisons.groupby("baseline", sort=False):
-        out += findings(family, spec.alpha)
-    return out + gap_sentences(gaps, spec.alpha)
+def compute_table(grid: pd.DataFrame) -> pd.DataFrame:
+    """Compute per experiment from :func:`cxrlib.grid.grid_results`: seeds, and the mean per
+    seed of optimizer steps, images seen and training wall time (NaN where older runs did not
+    record a column), with the wall time of all seeds together."""
+    columns = ("optimizer_steps", "images_seen", "train_seconds")
+    frame = grid.assign(**{c: grid[c] if c in grid.columns else np.nan for c in columns})
+    table = frame.groupby("experiment", sort=False).agg(
+        kind=("kind", "first"), k=("k", "first"), real_fraction=("real_fraction", "first"),
+        n_seeds=("seed", "nunique"), optimizer_steps=("optimizer_steps", "mean"),
+        images_seen=("images_seen", "mean"), train_seconds=("train_seconds", "mean"),
+        train_seconds_all_seeds=("train_seconds", "sum"))
+    return table.reset_index()

@@ -1,77 +1,70 @@
-"""Statistics: DeLong, weighted AUROC, the patient bootstrap, Holm, subgroups and findings."""
+"""Statistics: DeLong (plain and patient-clustered), the patient bootstrap, seeds as a random
+effect, the label rule, TOST, the primary analysis, dose-response, subgroups, calibration,
+compute and the generated findings."""
 
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
 import pytest
+from scipy import stats as sps
 from sklearn.metrics import roc_auc_score
 
-from cxrlib import stats
-from cxrlib.config import StatsSpec
+from cxrlib import findings, stats
+from cxrlib.config import PrimarySpec, StatsSpec
 from cxrlib.stats import (
+    SeedMacros,
     adjust_holm,
     age_band,
-    bootstrap_ci,
-    compare_to_baseline,
+    clustered_influence,
+    contrast,
     delong_covariance,
     delong_test,
-    findings,
     holm,
-    macro_summary,
-    paired_bootstrap_test,
+    label_rule,
     patient_bootstrap_weights,
-    seed_spread,
-    subgroup_auroc,
-    subgroup_gap,
+    seed_macros,
     weighted_auroc,
 )
 
-LABELS = ("Cardiomegaly", "Edema", "Pleural Effusion", "Fracture")
+LABELS = tuple(f"Label{j}" for j in range(10))
 
 
-def make_predictions(signals: dict[str, float], n_patients: int = 80,
-                     images_per_patient: int = 2, seeds: tuple[int, ...] = (0, 1),
-                     test_sets: tuple[str, ...] = ("internal",), seed: int = 0) -> pd.DataFrame:
-    """Long predictions: score = signal * target + shared image difficulty + per-seed noise."""
-    rng = np.random.default_rng(seed)
+def make_study(rng: np.random.Generator, signals: dict[str, float], n_patients: int = 150,
+               per_patient: int = 2, seeds: tuple[int, ...] = (0, 1, 2), seed_sd: float = 0.14,
+               test_set: str = "internal", groups: dict[str, float] | None = None
+               ) -> pd.DataFrame:
+    """Long predictions: score = (signal + seed effect) * target + image difficulty + noise.
+
+    Each (experiment, seed, label) draws its own signal around the experiment's (a training
+    run's luck: 0.14 moves a label's AUROC by about 0.025); difficulty is shared by all models;
+    ``groups`` adds a signal shift for the experiments named, in the "Female" patients only.
+    """
+    n, n_lab = n_patients * per_patient, len(LABELS)
+    target = (rng.random((n, n_lab)) < 0.3).astype(float)
+    difficulty = rng.normal(size=(n, n_lab))
+    sex = np.repeat(rng.choice(["Male", "Female"], n_patients), per_patient)
+    base = pd.DataFrame({
+        "image_id": np.repeat([f"{test_set}-i{i:04d}" for i in range(n)], n_lab),
+        "patient_id": np.repeat(np.repeat([f"p{i:03d}" for i in range(n_patients)],
+                                          per_patient), n_lab),
+        "label": np.tile(LABELS, n), "target": target.ravel(), "test_set": test_set,
+        "sex": np.repeat(sex, n_lab)})
     parts = []
-    for test_set in test_sets:
-        n = n_patients * images_per_patient
-        per_patient = {
-            "patient_id": [f"{test_set}-p{i:03d}" for i in range(n_patients)],
-            "sex": rng.choice(["Male", "Female"], n_patients),
-            "age": rng.uniform(20, 95, n_patients),
-            "race": rng.choice(["White", "Asian", "Black/African American", "Unknown"],
-                               n_patients),
-        }
-        images = pd.DataFrame({k: np.repeat(v, images_per_patient) for k, v in per_patient.items()})
-        images["image_id"] = [f"{test_set}-i{i:04d}" for i in range(n)]
-        images["view"] = rng.choice(["AP", "PA"], n)
-        targets = (rng.random((n, len(LABELS))) < 0.3).astype(float)
-        targets[rng.random(targets.shape) < 0.05] = np.nan
-        difficulty = rng.normal(size=targets.shape)
-        for experiment, signal in signals.items():
-            for s in seeds:
-                scores = signal * np.nan_to_num(targets) + difficulty + 0.5 * rng.normal(
-                    size=targets.shape)
-                for j, label in enumerate(LABELS):
-                    parts.append(images.assign(experiment=experiment, seed=s, test_set=test_set,
-                                               label=label, target=targets[:, j],
-                                               score=scores[:, j]))
+    for experiment, signal in signals.items():
+        shift = (groups or {}).get(experiment, 0.0) * (sex == "Female")[:, None]
+        for s in seeds:
+            strength = signal + seed_sd * rng.normal(size=n_lab) + shift
+            score = strength * target + difficulty + 0.7 * rng.normal(size=(n, n_lab))
+            parts.append(base.assign(experiment=experiment, seed=s, score=score.ravel()))
     return pd.concat(parts, ignore_index=True)
 
 
-def pooled(frame: pd.DataFrame, label: str) -> pd.DataFrame:
-    """Seed-averaged score and target per image for one label, known targets only."""
-    g = frame[(frame["label"] == label) & frame["target"].notna()]
-    return g.groupby("image_id").agg(target=("target", "first"), score=("score", "mean"))
-
-
-def sklearn_auroc(frame: pd.DataFrame, label: str) -> float:
-    """Reference AUROC of the seed-averaged scores."""
-    p = pooled(frame, label)
-    return roc_auc_score(p["target"], p["score"])
+def grid_of(experiments: dict[str, tuple[str, int, float]]) -> pd.DataFrame:
+    """A grid_results-like frame: experiment -> (kind, k, real_fraction), one seed row each."""
+    return pd.DataFrame([{"experiment": e, "kind": kind, "k": k, "real_fraction": f,
+                          "train_site": "chexpert", "seed": 0, "train_seconds": 2.0}
+                         for e, (kind, k, f) in experiments.items()])
 
 
 # --- DeLong ---------------------------------------------------------------------------------
@@ -169,141 +162,287 @@ def test_bootstrap_weights_are_per_patient():
     np.testing.assert_array_equal(again, weights[:, shuffled])  # independent of row order
 
 
-def test_bootstrap_ci_is_reproducible_by_seed():
-    frame = make_predictions({"real_only": 1.0})
-    one, two = bootstrap_ci(frame, n_boot=200, seed=5), bootstrap_ci(frame, n_boot=200, seed=5)
-    pd.testing.assert_frame_equal(one, two)
-    other = bootstrap_ci(frame, n_boot=200, seed=6)
-    assert not np.allclose(one["ci_low"], other["ci_low"])
-    pd.testing.assert_series_equal(one["auroc"], other["auroc"])
-
-
-def test_bootstrap_resamples_patients_not_images():
-    rng = np.random.default_rng(8)
-    n_patients, per_patient = 40, 10
-    target = np.repeat(rng.integers(0, 2, n_patients), per_patient).astype(float)
-    score = np.repeat(rng.normal(size=n_patients), per_patient) + target
-    frame = pd.DataFrame({"image_id": np.arange(n_patients * per_patient),
-                          "patient_id": np.repeat(np.arange(n_patients), per_patient),
-                          "test_set": "t", "label": "Edema", "target": target, "score": score})
-    by_patient = bootstrap_ci(frame, n_boot=300, seed=0).iloc[-1]
-    by_image = bootstrap_ci(frame.assign(patient_id=frame["image_id"]), n_boot=300,
-                            seed=0).iloc[-1]
-    assert by_patient["auroc"] == by_image["auroc"]
-    width = by_patient["ci_high"] - by_patient["ci_low"]
-    assert width > 2 * (by_image["ci_high"] - by_image["ci_low"])  # ~sqrt(10) expected
-
-
-def test_macro_leaves_out_a_label_without_positives_and_names_it():
-    frame = make_predictions({"real_only": 1.0})
-    frame.loc[frame["label"] == "Fracture", "target"] = 0.0
-    table = bootstrap_ci(frame, n_boot=100).set_index("label")
-    expected = {lab: sklearn_auroc(frame, lab) for lab in LABELS[:3]}
-    for lab, auc in expected.items():
-        assert table.at[lab, "auroc"] == pytest.approx(auc, abs=1e-12)
-        assert table.at[lab, "ci_low"] < auc < table.at[lab, "ci_high"]
-    assert not table.at["Fracture", "in_macro"] and np.isnan(table.at["Fracture", "auroc"])
-    assert table.at["macro", "auroc"] == pytest.approx(np.mean(list(expected.values())))
-    summary = macro_summary(frame, n_boot=100).iloc[0]
-    assert (summary["labels_used"], summary["left_out"]) == (3, "Fracture")
-    assert summary["macro_auroc"] == pytest.approx(table.at["macro", "auroc"])
-
-
-def test_paired_bootstrap_test():
-    frame = make_predictions({"real_only": 0.8, "better": 2.0})
-    a, b = (frame[frame["experiment"] == e] for e in ("real_only", "better"))
-    same = paired_bootstrap_test(a, a, n_boot=200)
-    assert (same.delta, same.p_value, same.ci_low, same.ci_high) == (0.0, 1.0, 0.0, 0.0)
-    gain = paired_bootstrap_test(a, b, n_boot=200, seed=1)
-    assert gain.delta == pytest.approx(gain.macro_b - gain.macro_a) and gain.delta > 0
-    assert 0 < gain.ci_low < gain.delta < gain.ci_high
-    assert gain.p_value == pytest.approx(2 / 201)  # no replicate at or below zero
-    loss = paired_bootstrap_test(b, a, n_boot=200, seed=1)
-    assert loss.delta == pytest.approx(-gain.delta) and loss.p_value == gain.p_value
-    with pytest.raises(ValueError, match="same images"):
-        paired_bootstrap_test(a, b[b["image_id"] != "internal-i0000"], n_boot=10)
-
-
-def test_predictions_are_checked():
-    frame = make_predictions({"real_only": 1.0, "other": 1.0}, n_patients=20)
-    with pytest.raises(ValueError, match="other has between 1 and 2 rows"):
-        macro_summary(frame.drop(index=frame.index[-1]), n_boot=10)
-    one_seed = frame[frame["seed"] == 0]
-    with pytest.raises(ValueError, match="other lacks scores for 1 of"):
-        macro_summary(one_seed.drop(index=one_seed.index[-1]), n_boot=10)
-    changed = frame.copy()
-    changed.loc[changed.index[-1], "target"] = 1 - np.nan_to_num(changed["target"].iloc[-1])
-    with pytest.raises(ValueError, match="different targets"):
-        macro_summary(changed, n_boot=10)
-    with pytest.raises(ValueError, match="must hold one experiment"):
-        bootstrap_ci(frame, n_boot=10)
-    with pytest.raises(ValueError, match="baseline 'missing'"):
-        compare_to_baseline(frame, "missing", n_boot=10)
-
-
-# --- Holm and comparisons -------------------------------------------------------------------
-
 def test_holm_against_a_hand_computed_example():
     # sorted 0.005, 0.01, 0.03, 0.04 -> 4x, 3x, 2x, 1x = 0.02, 0.03, 0.06, 0.04 -> monotone 0.06
     np.testing.assert_allclose(holm([0.01, 0.04, 0.03, 0.005]), [0.03, 0.06, 0.06, 0.02])
     np.testing.assert_allclose(holm([0.01, np.nan, 0.04]), [0.02, np.nan, 0.04])
     np.testing.assert_allclose(holm([0.5, 0.6]), [1.0, 1.0])
-    table = pd.DataFrame({"family": ["x", "y", "x"], "p_value": [0.01, 0.01, 0.04]})
-    np.testing.assert_allclose(adjust_holm(table, by=["family"])["p_adjusted"], [0.02, 0.01, 0.04])
+    table = pd.DataFrame({"family": ["x", "y", "x"], "p": [0.01, 0.01, 0.04]})
+    np.testing.assert_allclose(adjust_holm(table)["p_holm"], [0.02, 0.01, 0.04])
+
+
+# --- Patient-clustered DeLong ---------------------------------------------------------------
+
+def test_clustered_delong_counts_a_patient_once():
+    rng = np.random.default_rng(5)
+    y = np.repeat([0, 1], 40)
+    a, b = rng.normal(size=80) + 0.8 * y, rng.normal(size=80) + 1.2 * y
+    single = delong_test(y, a, b, clusters=np.arange(80))
+    plain = delong_test(y, a, b)
+    assert single.z == pytest.approx(plain.z, rel=0.03)  # singletons: DeLong up to n/(n-1)
+    # Three exact copies of every patient's image: plain DeLong triples its evidence, the
+    # clustered test is unchanged (a patient's copies carry one image's information).
+    copies = delong_test(np.tile(y, 3), np.tile(a, 3), np.tile(b, 3),
+                         clusters=np.tile(np.arange(80), 3))
+    assert copies.z == pytest.approx(single.z, rel=1e-9)
+    assert delong_test(np.tile(y, 3), np.tile(a, 3), np.tile(b, 3)).z == pytest.approx(
+        np.sqrt(3) * plain.z, rel=0.03)
+    aucs, psi = clustered_influence(y, np.vstack([a, b]), np.arange(80))
+    np.testing.assert_allclose(aucs, delong_covariance(y, np.vstack([a, b]))[0])
+    np.testing.assert_allclose(psi.sum(axis=1), 0, atol=1e-12)  # influence values centre
+
+
+def test_clustered_variance_agrees_with_the_patient_bootstrap():
+    rng = np.random.default_rng(6)
+    patients = np.repeat(np.arange(120), 3)
+    y = (rng.random(360) < 0.4).astype(float)
+    shared = np.repeat(rng.normal(size=120), 3)           # patient-level correlation
+    score = 1.0 * y + shared + 0.5 * rng.normal(size=360)
+    _, psi = clustered_influence(y, score, patients)
+    analytic = stats._cluster_covariance(psi)[0, 0]
+    reps = weighted_auroc(y, score, patient_bootstrap_weights(patients, 2000, 0))
+    assert analytic == pytest.approx(np.var(reps), rel=0.15)
+
+
+# --- The label rule, seeds as a random effect ------------------------------------------------
+
+def test_label_rule_is_one_rule_and_names_the_labels_left_out():
+    targets = np.array([[1, 0, 1], [1, 0, 0], [0, 1, np.nan], [0, 1, np.nan], [0, 0, np.nan]])
+    np.testing.assert_array_equal(label_rule(targets, 2), [True, True, False])
+    frame = make_study(np.random.default_rng(0), {"real_only": 1.2}, seeds=(0,))
+    rare = frame["label"] == "Label9"
+    frame.loc[rare, "target"] = np.where(frame.loc[rare, "image_id"] < "internal-i0009", 1.0, 0.0)
+    sm = seed_macros(frame, StatsSpec(n_boot=100, min_positives=10))["internal"]
+    assert sm.left_out == ("Label9",) and len(sm.labels) == 9
+    assert sm.point["real_only"][0] == pytest.approx(np.mean([roc_auc_score(
+        g["target"], g["score"]) for lab, g in frame.groupby("label") if lab != "Label9"]))
+    # Nine positives pass a rule of nine: one label set for the point and every replicate.
+    nine = seed_macros(frame, StatsSpec(n_boot=100, min_positives=9))["internal"]
+    assert nine.left_out == () and np.isnan(nine.replicates["real_only"][0]).any()
+
+
+def hand_macros(points: dict[str, list[float]], reps: dict[str, np.ndarray]) -> SeedMacros:
+    """SeedMacros with given per-seed values and replicates (seeds 0..n-1)."""
+    return SeedMacros("t", ("L",), (), 10, 10,
+                      {k: dict(enumerate(v)) for k, v in points.items()},
+                      {k: dict(enumerate(r)) for k, r in reps.items()},
+                      {k: float(np.mean(v)) for k, v in points.items()})
+
+
+def test_contrast_two_level_variance_by_hand():
+    rng = np.random.default_rng(1)
+    shared = rng.normal(0, 0.01, 4000)                     # patient sampling all seeds share
+    reps_b = np.vstack([0.80 + shared + rng.normal(0, 0.002, 4000) for _ in range(3)])
+    sm = hand_macros({"b": [0.80, 0.80, 0.80], "e": [0.83, 0.81, 0.82]},
+                     {"b": reps_b, "e": reps_b + 0.5 * shared})
+    est = contrast(sm, {"e": 1.0, "b": -1.0}, 0.05)
+    seed_var = np.var([0.03, 0.01, 0.02], ddof=1) / 3      # 0.0001 / 3
+    assert est.estimate == pytest.approx(0.02)
+    assert est.seed_se == pytest.approx(np.sqrt(seed_var))
+    assert est.patient_se == pytest.approx(0.005, rel=0.1)  # sd of 0.5 * shared
+    assert est.se ** 2 == pytest.approx(seed_var + est.patient_se ** 2)
+    assert est.df == pytest.approx(est.se ** 4 / (seed_var ** 2 / 2))
+    half = sps.t.ppf(0.975, est.df) * est.se
+    assert (est.ci_low, est.ci_high) == pytest.approx((0.02 - half, 0.02 + half))
+    assert est.p == pytest.approx(2 * sps.t.sf(0.02 / est.se, est.df))
+    assert est.mde == pytest.approx((1.959964 + 0.841621) * est.se, rel=1e-5)
+    one = contrast(hand_macros({"b": [0.8], "e": [0.83]}, {"b": reps_b[:1],
+                                                          "e": reps_b[:1] + 0.5 * shared}),
+                   {"e": 1.0, "b": -1.0}, 0.05)
+    assert one.n_seeds == 1 and np.isnan(one.seed_se) and one.df == np.inf
+    assert one.se == pytest.approx(0.005, rel=0.1)
+
+
+def rejection_rate(shift: float, n_studies: int, seed: int) -> float:
+    """Share of simulated studies (3 seeds per arm) whose macro comparison has p < 0.05."""
+    rng = np.random.default_rng(seed)
+    spec = StatsSpec(n_boot=100)
+    rejected = 0
+    for _ in range(n_studies):
+        sm = seed_macros(make_study(rng, {"base": 1.2, "exp": 1.2 + shift}), spec)["internal"]
+        rejected += contrast(sm, {"exp": 1.0, "base": -1.0}, 0.05).p < 0.05
+    return rejected / n_studies
+
+
+def test_seed_variation_alone_is_rejected_at_the_nominal_rate_and_a_real_gain_is_found():
+    # Arms differ only by training-seed luck (per-label AUROC seed SD about 0.025): the
+    # pooled ensemble test rejected about a quarter of such studies; this one about 5%.
+    assert 0.01 <= rejection_rate(0.0, 120, seed=1) <= 0.10
+    # A signal shift of 0.166 raises every label's AUROC by about 0.03.
+    assert rejection_rate(0.166, 120, seed=2) >= 0.45
+
+
+# --- Comparisons, TOST and the primary analysis ----------------------------------------------
+
+def test_verdicts_follow_tost_and_holm():
+    spec = StatsSpec(equivalence_margin=0.02)
+    row = {"p_holm": 0.4, "delta": 0.004, "ci90_low": -0.01, "ci90_high": 0.018}
+    assert stats._verdict(row, spec.alpha, 0.02) == "matches"
+    assert stats._verdict({**row, "ci90_high": 0.021}, spec.alpha, 0.02) == "not shown equivalent"
+    assert stats._verdict({**row, "p_holm": 0.01}, spec.alpha, 0.02) == (
+        "better (within the equivalence margin)")
+    assert stats._verdict({**row, "p_holm": 0.01, "delta": -0.03, "ci90_low": -0.05},
+                          spec.alpha, 0.02) == "worse"
+
+
+GRID = {"real_only.f100": ("real_only", 0, 1.0),
+        "real_plus_synthetic_x1.f100": ("real_plus_synthetic", 1, 1.0),
+        "real_plus_synthetic_x2.f100": ("real_plus_synthetic", 2, 1.0),
+        "real_repeated_x2.f100": ("real_repeated", 2, 1.0),
+        "synthetic_only_x1.f100": ("synthetic_only", 1, 1.0),
+        "real_only.f50": ("real_only", 0, 0.5),
+        "real_plus_synthetic_x2.f50": ("real_plus_synthetic", 2, 0.5)}
 
 
 @pytest.fixture(scope="module")
-def experiments():
-    frame = make_predictions({"real_only": 0.8, "real_plus_synthetic_x2": 2.0,
-                              "synthetic_only_x1": 0.75}, test_sets=("internal", "external"))
-    copy = frame[frame["experiment"] == "real_only"].assign(experiment="copy_of_real")
-    return pd.concat([frame, copy], ignore_index=True)
+def study():
+    rng = np.random.default_rng(3)
+    signals = {"real_only.f100": 1.2, "real_plus_synthetic_x1.f100": 1.4,
+               "real_plus_synthetic_x2.f100": 2.2, "real_repeated_x2.f100": 1.2,
+               "synthetic_only_x1.f100": 1.19, "real_only.f50": 1.0,
+               "real_plus_synthetic_x2.f50": 1.0}
+    frame = make_study(rng, signals, n_patients=400)
+    spec = StatsSpec(n_boot=200)
+    return frame, grid_of(GRID), spec, seed_macros(frame, spec)
 
 
-@pytest.fixture(scope="module")
-def comparison(experiments):
-    # 200 replicates: the smallest p is 2/201, below 0.05 / 3 for Holm over three experiments
-    return compare_to_baseline(experiments, "real_only", n_boot=200)
+def test_primary_analysis_is_the_prespecified_set(study):
+    frame, grid, spec, macros = study
+    primary = stats.primary_analysis(frame, grid, spec)
+    assert set(stats.PRIMARY_COLUMNS) <= set(primary.columns)
+    assert primary["experiment"].tolist() == ["real_plus_synthetic_x1.f100",
+                                              "real_plus_synthetic_x2.f100",
+                                              "real_repeated_x2.f100"]
+    assert (primary["baseline"] == "real_only.f100").all()
+    np.testing.assert_allclose(primary["mde"], (1.959964 + 0.841621) * primary["se"], rtol=1e-5)
+    np.testing.assert_allclose(primary["p_holm"], holm(primary["p"]))
+    big = primary.set_index("experiment").loc["real_plus_synthetic_x2.f100"]
+    assert big["delta"] > 0.05 and big["p_holm"] < 0.05 and big["verdict"] == "better"
+    assert primary.set_index("experiment").loc["real_repeated_x2.f100", "verdict"] in (
+        "matches", "not shown equivalent")
+    # The same rows, to the last digit, inside the table of all comparisons.
+    every = stats.compare_experiments(macros, grid, spec)
+    pd.testing.assert_frame_equal(
+        every[every["primary"]].reset_index(drop=True)[primary.columns], primary)
+    at_half = stats.primary_analysis(frame, grid, spec.model_copy(
+        update={"primary": PrimarySpec(real_fraction=0.5)}))
+    assert at_half["experiment"].tolist() == ["real_plus_synthetic_x2.f50"]
+    with pytest.raises(ValueError, match="not a real fraction"):
+        stats.primary_analysis(frame, grid, spec.model_copy(
+            update={"primary": PrimarySpec(real_fraction=0.25)}))
 
 
-def test_compare_to_baseline(experiments, comparison):
-    table = comparison
-    macro = table[table["level"] == "macro"].set_index(["test_set", "experiment"])
-    assert len(macro) == 6 and "real_only" not in macro.index.get_level_values("experiment")
-    np.testing.assert_allclose(macro["delta"], macro["auroc"] - macro["baseline_auroc"])
-    summary = macro_summary(experiments, n_boot=200).set_index(["test_set", "experiment"])
-    np.testing.assert_allclose(macro["auroc"], summary.loc[macro.index, "macro_auroc"])
-    np.testing.assert_allclose(macro["ci_low"], summary.loc[macro.index, "ci_low"])
-    gain = macro.loc[("internal", "real_plus_synthetic_x2")]
-    assert gain["delta"] > 0 and gain["p_adjusted"] < 0.05
-    assert macro.loc[("internal", "copy_of_real"), ["delta", "p_value"]].tolist() == [0.0, 1.0]
-    assert (table["p_adjusted"] >= table["p_value"] - 1e-12).all()
-    assert set(table["comparison_family"]) == {"internal: macro", "internal: label",
-                                               "external: macro", "external: label"}
-    row = table[(table["test_set"] == "external") & (table["label"] == "Edema")
-                & (table["experiment"] == "synthetic_only_x1")].iloc[0]
-    frame = experiments[experiments["test_set"] == "external"]
-    base = pooled(frame[frame["experiment"] == "real_only"], "Edema")
-    other = pooled(frame[frame["experiment"] == "synthetic_only_x1"], "Edema")
-    expected = delong_test(base["target"], base["score"], other["score"])
-    assert row["p_value"] == pytest.approx(expected.p_value)
-    assert row["auroc"] == pytest.approx(expected.auroc_b)
+def test_secondary_comparisons_and_synthetic_only_equivalence(study):
+    _, grid, spec, macros = study
+    every = stats.compare_experiments(macros, grid, spec).set_index("experiment")
+    synthetic = every.loc["synthetic_only_x1.f100"]
+    assert not synthetic["primary"] and synthetic["family"] == "real_only.f100: internal"
+    assert abs(synthetic["delta"]) < 0.02
+    wide = spec.model_copy(update={"equivalence_margin": 0.5})
+    relaxed = stats.compare_experiments(macros, grid, wide).set_index("experiment")
+    assert relaxed.loc["synthetic_only_x1.f100", "verdict"] == "matches"
+    assert synthetic["p_equivalence"] > relaxed.loc["synthetic_only_x1.f100", "p_equivalence"]
+    assert every.loc["real_plus_synthetic_x2.f50", "baseline"] == "real_only.f50"
 
 
-def test_seed_spread(experiments):
-    spread = seed_spread(experiments).set_index(["test_set", "experiment"])
-    frame = experiments[(experiments["test_set"] == "internal")
-                        & (experiments["experiment"] == "synthetic_only_x1")]
-    per_seed = [np.mean([sklearn_auroc(frame[frame["seed"] == s], lab) for lab in LABELS])
-                for s in (0, 1)]
-    row = spread.loc[("internal", "synthetic_only_x1")]
-    assert row["n_seeds"] == 2
-    assert row["macro_auroc_mean"] == pytest.approx(np.mean(per_seed))
-    assert (row["macro_auroc_min"], row["macro_auroc_max"]) == pytest.approx(
-        (min(per_seed), max(per_seed)))
+def test_dose_response_slope(study):
+    _, grid, spec, macros = study
+    dose = stats.dose_response(macros, grid, spec).set_index("real_fraction")
+    assert list(dose.index) == [1.0]             # 50% has one k: no trend to test
+    row = dose.loc[1.0]
+    sm = macros["internal"]
+    mean = {e: np.mean(list(sm.point[e].values())) for e in GRID}
+    expected = mean["real_plus_synthetic_x2.f100"] - mean["real_plus_synthetic_x1.f100"]
+    assert row["slope_per_k"] == pytest.approx(expected)
+    assert row["slope_per_k"] > 0 and row["primary"] and row["k_values"] == "1, 2"
 
 
-# --- Subgroups ------------------------------------------------------------------------------
+def test_compare_labels_with_seeds(study):
+    frame, _, spec, _ = study
+    pair = ("real_plus_synthetic_x2.f100", "real_only.f100")
+    labels = stats.compare_labels(frame, [pair], spec)
+    assert len(labels) == len(LABELS) and (labels["test"] == "clustered DeLong + seeds").all()
+    row = labels[labels["label"] == "Label0"].iloc[0]
+    sub = frame[(frame["label"] == "Label0")]
+    per_seed = [roc_auc_score(g["target"], g["score"]) for _, g in
+                sub[sub["experiment"] == pair[0]].groupby("seed")]
+    assert row["auroc"] == pytest.approx(np.mean(per_seed))
+    assert row["ci_low"] < row["delta"] < row["ci_high"]
+    assert (labels["p_holm"] >= labels["p"]).all() and (labels["delta"] > 0).mean() > 0.8
+
+
+def test_subgroups_difference_in_differences():
+    rng = np.random.default_rng(4)
+    frame = make_study(rng, {"base": 1.2, "exp": 1.2}, n_patients=400,
+                       groups={"exp": 0.6})      # the experiment helps Female patients only
+    spec = StatsSpec(n_boot=200, subgroups=["sex"])
+    groups, did = stats.subgroup_analysis(frame, "exp", "base", spec)
+    assert set(groups["group"]) == {"Male", "Female"} and len(groups) == 4
+    row = did.iloc[0]
+    assert row["group"] != row["reference"]
+    sign = 1 if row["group"] == "Female" else -1
+    assert sign * row["did"] > 0.05 and row["p_holm"] < 0.01
+    assert row["did"] == pytest.approx(row["delta_group"] - row["delta_reference"])
+    null = stats.subgroup_analysis(make_study(rng, {"base": 1.2, "exp": 1.2}, n_patients=400),
+                                   "exp", "base", spec)[1].iloc[0]
+    assert null["ci_low"] < 0 < null["ci_high"]
+
+
+def test_subgroup_pair_is_prespecified():
+    grid = grid_of(GRID)
+    assert stats.subgroup_pair(grid, StatsSpec()) == ("real_plus_synthetic_x2.f100",
+                                                     "real_only.f100")
+    chosen = StatsSpec(primary=PrimarySpec(subgroup_k=1))
+    assert stats.subgroup_pair(grid, chosen)[0] == "real_plus_synthetic_x1.f100"
+
+
+# --- Calibration, AUPRC, seeds and compute ---------------------------------------------------
+
+def test_calibration_metrics_by_hand():
+    y = np.array([0, 0, 1, 1])
+    p = np.array([0.1, 0.3, 0.6, 0.9])
+    brier, ece, _ = stats.calibration_metrics(y, p, bins=2)
+    assert brier == pytest.approx((0.01 + 0.09 + 0.16 + 0.01) / 4)
+    assert ece == pytest.approx((2 * abs(0 - 0.2) + 2 * abs(1 - 0.75)) / 4)
+    rng = np.random.default_rng(7)
+    prob = rng.uniform(0.02, 0.98, 20000)
+    outcome = (rng.random(20000) < prob).astype(float)
+    assert stats.calibration_metrics(outcome, prob, 10)[2] == pytest.approx(1.0, abs=0.08)
+    sharp = 1 / (1 + np.exp(-3 * np.log(prob / (1 - prob))))   # overconfident: slope 1/3
+    assert stats.calibration_metrics(outcome, sharp, 10)[2] == pytest.approx(1 / 3, abs=0.05)
+
+
+def test_calibration_table_and_label_metrics(study):
+    frame, _, spec, _ = study
+    probs = frame.assign(score=1 / (1 + np.exp(-frame["score"])))
+    table = stats.calibration_table(probs, spec).set_index("experiment")
+    assert table.loc["real_only.f100", "n_seeds"] == 3
+    base = probs[probs["experiment"] == "real_only.f100"]
+    brier = base.assign(sq=(base["score"] - base["target"]) ** 2).groupby(["seed", "label"])[
+        "sq"].mean().groupby("seed").mean().mean()
+    assert table.loc["real_only.f100", "brier"] == pytest.approx(brier)
+    labels = stats.label_metrics(probs, spec)
+    row = labels[(labels["experiment"] == "real_only.f100") & (labels["label"] == "Label0")]
+    sub = probs[(probs["experiment"] == "real_only.f100") & (probs["label"] == "Label0")]
+    from sklearn.metrics import average_precision_score
+    expected = np.mean([average_precision_score(g["target"], g["score"])
+                        for _, g in sub.groupby("seed")])
+    assert row["auprc"].iloc[0] == pytest.approx(expected)
+    assert not row["rare"].iloc[0] and row["in_macro"].iloc[0]
+
+
+def test_seed_spread_and_compute_table(study):
+    frame, grid, spec, macros = study
+    spread = stats.seed_spread(frame, spec.min_positives).set_index("experiment")
+    values = list(macros["internal"].point["real_only.f100"].values())
+    assert spread.loc["real_only.f100", "macro_auroc_mean"] == pytest.approx(np.mean(values))
+    assert spread.loc["real_only.f100", "macro_auroc_min"] == pytest.approx(min(values))
+    old = stats.compute_table(grid)           # a run from before the compute columns
+    assert old["optimizer_steps"].isna().all() and (old["train_seconds"] == 2.0).all()
+    new = stats.compute_table(grid.assign(optimizer_steps=[10, 20, 30, 40, 50, 60, 70],
+                                          images_seen=320))
+    assert new.set_index("experiment").loc["real_only.f50", "optimizer_steps"] == 60
+
 
 def test_age_band():
     bands = age_band([12, 39.9, 40, 59.5, 60, 79, 80, 101, np.nan])
@@ -312,143 +451,28 @@ def test_age_band():
     assert pd.isna(bands.iloc[8])
 
 
-def test_subgroup_auroc(experiments):
-    frame = experiments[experiments["test_set"] == "internal"].copy()
-    frame.loc[(frame["view"] == "AP") & (frame["label"] == "Edema"), "target"] = 0.0
-    table = subgroup_auroc(frame, ["sex", "race", "view"], n_boot=100, min_per_class=3)
-    assert "Unknown" not in set(table["group"])
-    assert set(table.loc[table["by"] == "race", "group"]) == {
-        "White", "Asian", "Black/African American"}
-    row = table[(table["experiment"] == "real_only") & (table["group"] == "Female")].iloc[0]
-    female = frame[(frame["sex"] == "Female") & (frame["experiment"] == "real_only")]
-    expected = np.mean([sklearn_auroc(female, lab) for lab in LABELS])
-    assert row["macro_auroc"] == pytest.approx(expected)
-    assert row["ci_low"] < expected < row["ci_high"]
-    assert row["n_images"] == female["image_id"].nunique()
-    ap = table[(table["group"] == "AP")].iloc[0]
-    assert ap["labels_used"] == 3 and ap["left_out"] == "Edema"
-    none = subgroup_auroc(frame, "sex", n_boot=20, min_per_class=1000)
-    assert none["macro_auroc"].isna().all() and (none["labels_used"] == 0).all()
+# --- Findings ---------------------------------------------------------------------------------
 
-
-def test_subgroup_gap_numbers_and_words():
-    rows = [("real_only", "A", 0.80), ("real_only", "B", 0.70), ("real_only", "C", 0.75),
-            ("narrow", "A", 0.80), ("narrow", "B", 0.78), ("narrow", "C", 0.79),
-            ("wide", "A", 0.90), ("wide", "B", 0.70), ("wide", "C", np.nan),
-            ("same", "A", 0.802), ("same", "B", 0.70), ("same", "C", 0.75)]
-    sub = pd.DataFrame(rows, columns=["experiment", "group", "macro_auroc"]).assign(
-        test_set="internal", by="sex")
-    gap = subgroup_gap(sub, "real_only").set_index("experiment")
-    assert gap.loc["narrow", ["gap", "baseline_gap", "change"]].tolist() == pytest.approx(
-        [0.02, 0.10, -0.08])
-    assert gap.loc["narrow", ["direction", "best_group", "worst_group"]].tolist() == [
-        "narrower", "A", "B"]
-    assert gap.loc["wide", "n_groups"] == 2 and gap.loc["wide", "direction"] == "wider"
-    assert gap.loc["wide", "change"] == pytest.approx(0.10)
-    assert gap.loc["same", "direction"] == "unchanged"
-    assert np.isnan(gap.loc["narrow", "change_ci_low"])
-
-
-def test_subgroup_gap_ci_from_replicates(experiments):
-    table = subgroup_auroc(experiments, "sex", n_boot=100, min_per_class=3, keep_replicates=True)
-    gap = subgroup_gap(table, "real_only")
-    assert len(gap) == 6
-    assert (gap["change_ci_low"] <= gap["change_ci_high"]).all()
-    copy = gap[gap["experiment"] == "copy_of_real"]
-    assert (copy["change"] == 0).all() and (copy["direction"] == "unchanged").all()
-    assert (copy[["change_ci_low", "change_ci_high"]] == 0).all().all()
-
-
-# --- Findings -------------------------------------------------------------------------------
-
-def comparison_rows() -> pd.DataFrame:
-    base = {"baseline": "real_only", "level": "macro", "label": "macro", "ci_level": 0.95,
-            "baseline_auroc": 0.781, "baseline_ci_low": 0.770, "baseline_ci_high": 0.792}
-    rows = [
-        ("chexpert (internal)", "real_plus_synthetic_x2", 0.795, 0.784, 0.806,
-         0.014, 0.004, 0.024, 0.003),
-        ("chexpert (internal)", "real_plus_synthetic_x5", 0.770, 0.759, 0.781,
-         -0.011, -0.020, -0.002, 0.020),
-        ("chexpert (internal)", "synthetic_only_x1", 0.776, 0.765, 0.787,
-         -0.005, -0.015, 0.005, 0.400),
-        ("chexpert (internal)", "synthetic_only_x2", 0.700, 0.690, 0.710,
-         -0.081, -0.090, -0.072, 0.0004),
-        ("mimic (external)", "real_plus_synthetic_x2", 0.779, 0.768, 0.790,
-         -0.002, -0.010, 0.006, 0.700),
-    ]
-    cols = ["test_set", "experiment", "auroc", "ci_low", "ci_high", "delta", "delta_ci_low",
-            "delta_ci_high", "p_adjusted"]
-    return pd.DataFrame(rows, columns=cols).assign(**base)
-
-
-def test_findings_sentences_carry_the_numbers():
-    text = findings(comparison_rows())
-    assert text[0] == ("On chexpert (internal) test, 1 of 4 experiments significantly beat "
-                       "real_only (macro AUROC 0.781) and 2 fell below it "
-                       "(Holm-adjusted p < 0.05).")
-    assert ("On chexpert (internal) test, real_plus_synthetic_x2 raised macro AUROC from 0.781 "
-            "to 0.795 (+0.014, 95% CI +0.004 to +0.024, Holm-adjusted p = 0.003).") in text
-    lowered = [s for s in text if " lowered " in s]
-    assert len(lowered) == 2 and "synthetic_only_x2" in lowered[0]
-    assert "Holm-adjusted p < 0.001" in lowered[0]
-    assert any(s.startswith("On chexpert (internal) test, the largest gain over real_only was "
-                            "real_plus_synthetic_x2's (+0.014") for s in text)
-    matched = [s for s in text if "synthetic_only_x1 (synthetic training images only) matched"
-               in s]
-    assert len(matched) == 1
-    assert "0.776 (95% CI 0.765 to 0.787) vs 0.781 (95% CI 0.770 to 0.792)" in matched[0]
-    assert "a match means the 95% CIs overlap or |delta| < 0.01" in matched[0]
-    assert matched[0].endswith("here the CIs overlap and |delta| = 0.005 with Holm-adjusted "
-                               "p = 0.400.")
-    assert any("synthetic_only_x2 (synthetic training images only) did not match" in s
-               and s.endswith("neither holds.") for s in text)
-    assert "On mimic (external) test, 0 of 1 experiments significantly beat" in " ".join(text)
-    assert ("On mimic (external) test, no experiment had a higher macro AUROC than real_only "
-            "(0.781).") in text
-
-
-def test_findings_from_a_real_comparison(comparison):
-    table = comparison
-    text = findings(table)
-    gain = table[(table["level"] == "macro") & (table["test_set"] == "internal")
-                 & (table["experiment"] == "real_plus_synthetic_x2")].iloc[0]
-    sentence = next(s for s in text if "real_plus_synthetic_x2 raised" in s
-                    and s.startswith("On internal"))
-    assert f"from {gain['baseline_auroc']:.3f} to {gain['auroc']:.3f}" in sentence
-    assert f"({gain['delta']:+.3f}, 95% CI {gain['delta_ci_low']:+.3f}" in sentence
-    assert sum("synthetic_only_x1 (synthetic training images only)" in s for s in text) == 2
-
-
-# --- The study layer: families of comparisons and the generated sentences ------------------
-
-def test_compare_families_pairs_each_experiment_with_its_own_baseline():
-    preds = make_predictions({"real_only.f50": 0.8, "real_plus_synthetic_x1.f50": 1.4,
-                              "real_only.f100": 1.0, "synthetic_only_x1.f100": 0.9},
-                             n_patients=40, seeds=(0,))
-    spec = StatsSpec(n_boot=200)
-    table = stats.compare_families(preds, spec)
-    macro = table[table["level"] == stats.MACRO].set_index("experiment")
-    assert macro.loc["real_plus_synthetic_x1.f50", "baseline"] == "real_only.f50"
-    assert macro.loc["synthetic_only_x1.f100", "baseline"] == "real_only.f100"
-    assert set(table["comparison_family"]) == {
-        "real_only.f50 / internal: macro", "real_only.f50 / internal: label",
-        "real_only.f100 / internal: macro", "real_only.f100 / internal: label"}
-    # One comparison per macro family: Holm leaves its p as it is.
-    assert np.allclose(macro["p_adjusted"], macro["p_value"])
-    assert stats.best_experiment(table) == "real_plus_synthetic_x1.f50"
-    with pytest.raises(ValueError, match="no baseline predictions"):
-        stats.compare_families(preds[preds["experiment"] != "real_only.f50"], spec)
-
-
-def test_gap_sentences_say_when_the_change_is_unclear():
-    gaps = pd.DataFrame([
-        {"experiment": "e", "test_set": "t", "by": "sex", "n_groups": 2, "best_group": "Female",
-         "worst_group": "Male", "gap": 0.05, "baseline_gap": 0.08, "change": -0.03,
-         "direction": "narrower", "change_ci_low": -0.06, "change_ci_high": 0.01},
-        {"experiment": "e", "test_set": "t", "by": "view", "n_groups": 1, "best_group": None,
-         "worst_group": None, "gap": np.nan, "baseline_gap": np.nan, "change": np.nan,
-         "direction": "n/a", "change_ci_low": np.nan, "change_ci_high": np.nan}])
-    sentences = stats.gap_sentences(gaps)
-    assert len(sentences) == 1  # the attribute with a single group says nothing
-    assert "narrower: 0.050 against 0.080" in sentences[0]
-    assert "-0.030" in sentences[0] and "includes 0: no clear change" in sentences[0]
+def test_findings_state_numbers_and_rules(study):
+    frame, grid, spec, macros = study
+    summary = stats.experiment_summary(macros, grid, spec)
+    primary = stats.primary_analysis(macros, grid, spec)
+    every = stats.compare_experiments(macros, grid, spec)
+    dose = stats.dose_response(macros, grid, spec)
+    _, did = stats.subgroup_analysis(frame, *stats.subgroup_pair(grid, spec),
+                                     spec.model_copy(update={"subgroups": ["sex"]}))
+    text = findings.study_findings(summary, primary, dose, every, did, spec)
+    assert any("at least 10 positives and 10 negatives" in s and "left out: -" in s
+               for s in text)
+    big = primary.set_index("experiment").loc["real_plus_synthetic_x2.f100"]
+    sentence = next(s for s in text if s.startswith(
+        "On internal, real_plus_synthetic_x2.f100 vs real_only.f100"))
+    assert f"delta {big['delta']:+.3f}" in sentence and f"MDE {big['mde']:.3f}" in sentence
+    assert "3 seeds paired by seed" in sentence and "better (Holm-adjusted p" in sentence
+    control = text.index(next(s for s in text if "real_repeated_x2.f100 (the real rows" in s))
+    assert control == text.index(sentence) + 1          # the control sits beside k = 2
+    assert any("synthetic_only_x1.f100 (synthetic training images only)" in s
+               and ("not shown equivalent" in s or "matches (TOST" in s) for s in text)
+    assert any("difference-in-differences" in s for s in text)
+    one_seed = findings.design_sentences(summary.assign(n_seeds=1), spec)
+    assert "training variance is not estimated" in one_seed[1]
