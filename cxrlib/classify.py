@@ -31,6 +31,7 @@ from torch import nn
 
 from cxrlib.augment import augment_batch
 from cxrlib.config import ClassifierSpec, diff_keys
+from cxrlib.hardware import resolve_precision
 from cxrlib.imagecache import CombinedCache, ImageCache, to_model_input
 from cxrlib.labels import CHEXPERT_LABELS
 from cxrlib.progress import tqdm
@@ -141,7 +142,8 @@ def _eval_loss(model: nn.Module, loader: torch.utils.data.DataLoader,
 
 def _accelerator(spec: ClassifierSpec) -> Accelerator:
     cuda = torch.cuda.is_available()
-    return Accelerator(mixed_precision=spec.mixed_precision if cuda else "no", cpu=not cuda)
+    return Accelerator(mixed_precision=resolve_precision(spec.mixed_precision, cuda),
+                       cpu=not cuda)
 
 
 def train_classifier(spec: ClassifierSpec, train: pd.DataFrame, val: pd.DataFrame,

@@ -203,7 +203,8 @@ class ClassifierSpec(_Strict):
     grad_clip: Annotated[float, Field(gt=0)] = 1.0
     #: EMA decay of the weights used for validation and evaluation (0 = no EMA).
     ema_decay: Annotated[float, Field(ge=0, lt=1)] = 0.0
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    #: ``auto`` as for the diffusion model (:func:`cxrlib.hardware.resolve_precision`).
+    mixed_precision: Literal["no", "fp16", "bf16", "auto"] = "no"
     #: DataLoader worker processes reading the image cache (0 = in the training process).
     loader_workers: Annotated[int, Field(ge=0)] = 0
     augment: AugmentSpec = Field(default_factory=AugmentSpec)
@@ -290,7 +291,16 @@ class DiffusionSpec(_Strict):
     #: Images per process per step (the global batch is this times the number of processes).
     batch_size: PositiveInt = 16
     max_steps: PositiveInt = 1000
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    #: ``auto``: bf16 autocast on GPUs and on CPUs with bf16 units (AMX, AVX512-BF16), fp32 on
+    #: other CPUs (:func:`cxrlib.hardware.resolve_precision`).
+    mixed_precision: Literal["no", "fp16", "bf16", "auto"] = "no"
+    #: NHWC memory layout for the UNet's convolutions (faster with oneDNN and on tensor cores).
+    channels_last: bool = False
+    #: ``torch.compile`` the UNet for training (compiles once per process, then runs faster).
+    compile: bool = False
+    #: Min-SNR-gamma loss weighting (Hang et al. 2023): each timestep's loss is weighted by
+    #: min(SNR, gamma) / (SNR + 1) for v targets (/ SNR for eps); None = plain MSE.
+    snr_gamma: Annotated[float, Field(gt=0)] | None = None
     checkpoint_every: PositiveInt = 250
     keep_checkpoints: PositiveInt = 2
     resume: Literal["auto", "never"] = "auto"
@@ -317,7 +327,7 @@ class DiffusionSpec(_Strict):
     #: Keys that do not change what a checkpoint holds (a resumed run may change them).
     RUN_LENGTH_KEYS: ClassVar[tuple[str, ...]] = (
         "max_steps", "checkpoint_every", "keep_checkpoints", "resume", "sample_every",
-        "sample_steps", "sample_guidance", "guidance_rescale",
+        "sample_steps", "sample_guidance", "guidance_rescale", "channels_last", "compile",
     )
 
 

@@ -39,12 +39,13 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 from diffusers.optimization import get_scheduler
-from diffusers.training_utils import EMAModel
+from diffusers.training_utils import EMAModel, compute_snr
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from cxrlib.condition import ConditionEmbedding, dropout_mask, encode_conditions
 from cxrlib.config import DiffusionSpec, Params, atomic_write_text, diff_keys
+from cxrlib.hardware import describe_precision, resolve_precision
 from cxrlib.imagecache import ImageCache, to_model_input
 from cxrlib.labels import CHEXPERT_LABELS
 from cxrlib.progress import tqdm
@@ -383,6 +384,20 @@ class TrainingOutcome:
     is_main_process: bool = True
 
 
+def diffusion_loss(pred: torch.Tensor, target: torch.Tensor, t: torch.Tensor,
+                   scheduler: DDPMScheduler, spec: DiffusionSpec) -> torch.Tensor:
+    """MSE against the target, optionally Min-SNR-gamma weighted per image (Hang et al. 2023,
+    eq. 10 and its v form): w(t) = min(SNR(t), gamma) / SNR(t) for eps targets and
+    min(SNR(t), gamma) / (SNR(t) + 1) for v targets, where SNR = alpha_t^2 / sigma_t^2. Easy,
+    low-noise steps then stop dominating the gradient, which speeds up convergence."""
+    per_image = (pred.float() - target.float()).pow(2).flatten(1).mean(1)
+    if spec.snr_gamma is None:
+        return per_image.mean()
+    snr = compute_snr(scheduler, t)
+    denom = snr + 1 if spec.prediction_type == "v_prediction" else snr.clamp(min=1e-8)
+    return (per_image * snr.clamp(max=spec.snr_gamma) / denom).mean()
+
+
 class _CachedRows(torch.utils.data.Dataset):
     """Training images (from the memory-mapped cache) and their condition vectors."""
 
@@ -428,8 +443,10 @@ def train_diffusion(params: Params, manifest: pd.DataFrame, cache: ImageCache, f
     if start is not None:
         check_identity(start, identity)
 
-    accelerator = Accelerator(mixed_precision=spec.mixed_precision,
-                              cpu=not torch.cuda.is_available())
+    precision = resolve_precision(spec.mixed_precision)
+    accelerator = Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
+    if progress and accelerator.is_main_process:
+        print(describe_precision(spec.mixed_precision, precision))
     torch.manual_seed(params.run.seed)
     model = ConditionalUNet(identity["unet"])
     if start is not None:
@@ -464,6 +481,10 @@ def train_diffusion(params: Params, manifest: pd.DataFrame, cache: ImageCache, f
         torch.set_rng_state(rng["torch_cpu"])
         if torch.cuda.is_available() and "cuda" in rng:
             torch.cuda.set_rng_state(rng["cuda"])
+    layout = torch.channels_last if spec.channels_last else torch.contiguous_format
+    model = model.to(memory_format=layout)
+    if spec.compile:
+        model.compile()  # in place: parameter names, and so checkpoints, stay as they are
     model, optimizer = accelerator.prepare(model, optimizer)
     if start is not None and state.get("grad_scaler") and accelerator.scaler is not None:
         accelerator.scaler.load_state_dict(state["grad_scaler"])
@@ -485,12 +506,12 @@ def train_diffusion(params: Params, manifest: pd.DataFrame, cache: ImageCache, f
         t = torch.randint(0, spec.num_train_timesteps, (x0.shape[0],), generator=gen)
         drop = dropout_mask(x0.shape[0], spec.cond_dropout, gen)
         x0, noise, t, cond, drop = (v.to(accelerator.device) for v in (x0, noise, t, cond, drop))
-        xt = scheduler.add_noise(x0, noise, t)
+        xt = scheduler.add_noise(x0, noise, t).contiguous(memory_format=layout)
         target = (scheduler.get_velocity(x0, noise, t) if spec.prediction_type == "v_prediction"
                   else noise)
         with accelerator.autocast():
             pred = model(xt, t, cond, drop)
-        loss = nn.functional.mse_loss(pred.float(), target.float())
+        loss = diffusion_loss(pred, target, t, scheduler, spec)
         accelerator.backward(loss)
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), spec.grad_clip)
         optimizer.step()

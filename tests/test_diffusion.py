@@ -166,3 +166,55 @@ def test_two_processes_through_accelerate(smoke, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "processes: 2" in proc.stdout
     assert (tmp_path / "ddp" / "checkpoints" / "step-0000004" / "model.safetensors").exists()
+
+
+def test_min_snr_weights_follow_the_paper():
+    """Hang et al. 2023: v targets weigh each image by min(SNR, gamma) / (SNR + 1)."""
+    from diffusers.training_utils import compute_snr
+
+    from cxrlib.config import DiffusionSpec
+    from cxrlib.diffusion import diffusion_loss, noise_scheduler
+
+    spec = DiffusionSpec(preset="demo", snr_gamma=5.0)
+    sched = noise_scheduler(spec)
+    t = torch.tensor([10, 500, 999])  # high, middle and zero SNR (zero terminal SNR)
+    pred, target = torch.zeros(3, 1, 4, 4), torch.ones(3, 1, 4, 4)  # per-image MSE = 1
+    snr = compute_snr(sched, t)
+    assert snr[0] > 5 > snr[1] and snr[2] == 0
+    expected = (torch.clamp(snr, max=5.0) / (snr + 1)).mean()
+    assert torch.isclose(diffusion_loss(pred, target, t, sched, spec), expected)
+    plain = spec.model_copy(update={"snr_gamma": None})
+    assert diffusion_loss(pred, target, t, sched, plain) == 1.0
+
+
+def test_precision_auto_follows_the_cpu(tmp_path, monkeypatch):
+    from cxrlib import hardware
+
+    amx, plain = tmp_path / "amx", tmp_path / "plain"
+    amx.write_text("flags\t: fpu sse2 avx512f amx_bf16 amx_tile\n")
+    plain.write_text("flags\t: fpu sse2 avx2\n")
+    assert hardware.cpu_bf16_units(amx) == ("amx_bf16",)
+    assert hardware.cpu_bf16_units(plain) == ()
+    for cpuinfo, auto in ((amx, "bf16"), (plain, "no")):
+        monkeypatch.setattr(hardware, "cpu_bf16_units", lambda c=cpuinfo: hardware.BF16_CPU_FLAGS
+                            if "amx" in c.read_text() else ())
+        assert hardware.resolve_precision("auto", cuda=False) == auto
+        assert hardware.resolve_precision("bf16", cuda=False) == auto  # no emulated bf16
+        assert hardware.resolve_precision("fp16", cuda=False) == "no"
+        assert hardware.resolve_precision("no", cuda=False) == "no"
+    assert hardware.resolve_precision("fp16", cuda=True) == "fp16"
+
+
+def test_channels_last_trains_the_same_model(smoke, tmp_path):
+    """channels_last changes the memory layout, not the arithmetic: same losses and weights
+    up to float rounding, and checkpoints keep the parameter names."""
+    params, manifest, cache, _ = smoke
+    nhwc = params.model_copy(update={"diffusion": params.diffusion.model_copy(
+        update={"channels_last": True})})
+    a = train_diffusion(params, manifest, cache, tmp_path / "nchw", progress=False)
+    b = train_diffusion(nhwc, manifest, cache, tmp_path / "nhwc", progress=False)
+    np.testing.assert_allclose(a.history["loss"], b.history["loss"], rtol=1e-3)
+    wa, wb = _weights(a.checkpoint), _weights(b.checkpoint)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-2, atol=1e-3)  # AdamW, 4 steps
