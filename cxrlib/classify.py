@@ -12,10 +12,12 @@ improvement. One trainer serves the audit's judge (notebook 03) and the experime
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import time
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,14 +106,39 @@ def epoch_plan(n: int, batch_size: int, rng: np.random.Generator | None, rank: i
             if len(order[s: s + step]) >= world]
 
 
+def round_plans(n: int, spec: ClassifierSpec, rng: np.random.Generator, rank: int = 0,
+                world: int = 1) -> Iterator[list[np.ndarray]]:
+    """The batches of each validation round. Without a step budget a round is one epoch.
+    With ``spec.max_steps``, the budget is cut into ``spec.epochs`` rounds of equal steps,
+    drawn from consecutive epochs (seeded permutations) of full batches, so every training
+    set, small or large, gets the same number of optimizer steps and of validations."""
+    if spec.max_steps is None:
+        for _ in range(spec.epochs):
+            yield epoch_plan(n, spec.batch_size, rng, rank, world)
+        return
+    full = n >= spec.batch_size * world  # a set smaller than one batch keeps its only batch
+    per_round, left, pending = math.ceil(spec.max_steps / spec.epochs), spec.max_steps, []
+    while left > 0:
+        take = min(per_round, left)
+        while len(pending) < take:
+            pending += [b for b in epoch_plan(n, spec.batch_size, rng, rank, world)
+                        if not full or len(b) == spec.batch_size]
+        yield pending[:take]
+        pending, left = pending[take:], left - take
+
+
 @dataclass
 class TrainResult:
-    """A trained classifier and how training went."""
+    """A trained classifier and how training went: the rounds (epochs) and optimizer steps
+    run, and the round and step whose weights were kept."""
 
     model: nn.Module
     history: pd.DataFrame
     best_epoch: int
     stopped_early: bool
+    steps: int = 0
+    best_step: int = 0
+    images_seen: int = 0
 
 
 def _label_matrix(df: pd.DataFrame) -> np.ndarray:
@@ -177,13 +204,15 @@ def train_classifier(spec: ClassifierSpec, train: pd.DataFrame, val: pd.DataFram
     val_set = BatchDataset(cache, cache.rows_for(val["image_id"]), _label_matrix(val))
     val_set.plan = epoch_plan(len(val), spec.batch_size, None, rank, world)
     pin = accelerator.device.type == "cuda"
-    best_loss, best_epoch, best_state, waited = np.inf, 0, None, 0
-    history = []
-    bar = tqdm(range(1, spec.epochs + 1), desc="classifier epochs",
+    best_loss, best_epoch, best_step, best_state, waited = np.inf, 0, 0, None, 0
+    history, seen = [], 0
+    rounds = spec.epochs
+    bar = tqdm(enumerate(round_plans(len(train), spec, rng, rank, world), start=1),
+               total=rounds, desc="classifier epochs",
                disable=not (progress and accelerator.is_main_process))
-    for epoch in bar:
+    for epoch, plan in bar:
         started = time.perf_counter()
-        train_set.plan = epoch_plan(len(train), spec.batch_size, rng, rank, world)
+        train_set.plan = plan
         model.train()
         losses = []
         for x, y in _loader(train_set, spec.loader_workers, pin):
@@ -197,21 +226,22 @@ def train_classifier(spec: ClassifierSpec, train: pd.DataFrame, val: pd.DataFram
             opt.step()
             opt.zero_grad(set_to_none=True)
             step += 1
+            seen += len(x) * world
             if ema is not None:
                 ema.update(accelerator.unwrap_model(model), step)
             losses.append(loss.item())
         scored = ema.module if ema is not None else model
         val_loss = _eval_loss(scored, _loader(val_set, spec.loader_workers, pin), accelerator)
-        history.append({"epoch": epoch, "train_loss": float(np.mean(losses)),
-                        "val_loss": val_loss, "seconds": time.perf_counter() - started,
-                        "train_images": len(train)})
+        history.append({"epoch": epoch, "step": step, "images_seen": seen,
+                        "train_loss": float(np.mean(losses)), "val_loss": val_loss,
+                        "seconds": time.perf_counter() - started, "train_images": len(train)})
         bar.set_postfix(train=f"{np.mean(losses):.3f}", val=f"{val_loss:.3f}")
         if not np.isfinite(val_loss):
             raise ValueError(f"classifier training diverged at epoch {epoch} (validation loss "
                              f"{val_loss}); lower classifier.lr ({spec.lr}) or check the data "
                              f"(backbone {spec.backbone})")
         if val_loss < best_loss:
-            best_loss, best_epoch, waited = val_loss, epoch, 0
+            best_loss, best_epoch, best_step, waited = val_loss, epoch, step, 0
             best_state = {k: v.detach().clone()
                           for k, v in accelerator.unwrap_model(scored).state_dict().items()}
         else:
@@ -223,7 +253,8 @@ def train_classifier(spec: ClassifierSpec, train: pd.DataFrame, val: pd.DataFram
     final.load_state_dict(best_state)
     final.to(accelerator.device).eval()
     return TrainResult(final, pd.DataFrame(history), best_epoch,
-                       stopped_early=len(history) < spec.epochs)
+                       stopped_early=len(history) < rounds, steps=step, best_step=best_step,
+                       images_seen=seen)
 
 
 @torch.no_grad()
@@ -257,7 +288,8 @@ def save_classifier(result: TrainResult, spec: ClassifierSpec, folder: Path,
     save_file({k: v.detach().cpu().contiguous() for k, v in result.model.state_dict().items()},
               tmp / "model.safetensors")
     meta = {"spec": spec.model_dump(), "best_epoch": result.best_epoch,
-            "stopped_early": result.stopped_early, **(extra or {})}
+            "stopped_early": result.stopped_early, "steps": result.steps,
+            "best_step": result.best_step, "images_seen": result.images_seen, **(extra or {})}
     (tmp / "classifier.json").write_text(json.dumps(meta, indent=1))
     result.history.to_csv(tmp / "history.csv", index=False)
     aside = folder.with_name(f".{folder.name}.old-{os.getpid()}")
@@ -281,7 +313,8 @@ def load_classifier(folder: Path, spec: ClassifierSpec | None = None) -> TrainRe
     model.load_state_dict(load_file(folder / "model.safetensors"))
     model.to(pick_device()).eval()
     return TrainResult(model, pd.read_csv(folder / "history.csv"), meta["best_epoch"],
-                       meta["stopped_early"])
+                       meta["stopped_early"], meta.get("steps", 0), meta.get("best_step", 0),
+                       meta.get("images_seen", 0))
 
 
 def train_or_load(spec: ClassifierSpec, train: pd.DataFrame, val: pd.DataFrame,

@@ -193,7 +193,12 @@ class ClassifierSpec(_Strict):
 
     backbone: str = "resnet18"
     pretrained: bool = False
+    #: Passes over the training set; with ``max_steps``, the number of validation rounds.
     epochs: PositiveInt = 10
+    #: Optimizer-step budget (None = ``epochs`` passes over the data). Set, every training set
+    #: gets the same number of steps whatever its size, validated every max_steps / epochs
+    #: steps, so arms of a grid compare data, not compute; early stopping may end one sooner.
+    max_steps: PositiveInt | None = None
     batch_size: PositiveInt = 64
     lr: Annotated[float, Field(gt=0)] = 1e-3
     weight_decay: Annotated[float, Field(ge=0)] = 1e-4
@@ -237,8 +242,15 @@ class ExperimentSpec(_Strict):
         default_factory=lambda: [1])
     #: Real + as many rebalanced synthetic images as ``real + k x replicas`` (0 = off).
     rebalance_k: Annotated[int, Field(ge=0, le=10)] = 0
+    #: Control: the real rows repeated 1 + k times (as many rows as real + k replicas, same
+    #: augmentations): what extra passes over the real data alone buy.
+    repeated_k: list[Annotated[int, Field(ge=1, le=10)]] = Field(default_factory=list)
+    #: Control: real + k replicas whose 14-label vectors are permuted across the synthetic
+    #: rows: whether the gain comes from images that carry their conditions.
+    shuffled_k: list[Annotated[int, Field(ge=1, le=10)]] = Field(default_factory=list)
     external: list[ExternalExperimentSpec] = Field(default_factory=list)
-    #: Training seeds per cell of the grid.
+    #: Training seeds per cell of the grid; each seed also draws its own real subset (inside the
+    #: rows that have synthetic replicas), since the draw is part of a recipe's variance.
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
 
 
@@ -476,7 +488,8 @@ class Params(_Strict):
     def _experiments_fit(self) -> Params:
         grid = self.experiments
         needed = max([*grid.supplement_k, *grid.synthetic_only_k, grid.rebalance_k,
-                      *(k for e in grid.external for k in e.synthetic_k)], default=0)
+                      *grid.shuffled_k, *(k for e in grid.external for k in e.synthetic_k)],
+                     default=0)
         if needed > self.sampling.replicas:
             raise ValueError(f"experiments ask for {needed} synthetic replicas but "
                              f"sampling.replicas is {self.sampling.replicas}; raise it or lower "

@@ -26,6 +26,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from accelerate import PartialState
 
@@ -39,7 +40,9 @@ from cxrlib.config import Params, atomic_write_parquet, atomic_write_text
 from cxrlib.data import DataError, load_cohort, patient_subset
 from cxrlib.grid import Experiment, grid_results, plan_grid
 from cxrlib.imagecache import CombinedCache, ImageCache
+from cxrlib.labels import CHEXPERT_LABELS
 from cxrlib.progress import tqdm
+from cxrlib.sampling import source_rows
 
 
 class LeakageError(DataError):
@@ -107,6 +110,33 @@ def _replicas_of(synthetic: pd.DataFrame, sources: pd.Series, k: int) -> pd.Data
                      & (synthetic["replica"] < k)]
 
 
+def real_subset(params: Params, manifest: pd.DataFrame, fraction: float,
+                seed: int) -> pd.DataFrame:
+    """The real training rows of an internal experiment at one training seed: a seeded draw
+    of ``fraction`` of the internal training patients, made inside the rows that have
+    synthetic replicas (:func:`cxrlib.sampling.source_rows`, ``sampling.source_fraction``).
+    Each training seed draws its own subset, because the draw is part of a recipe's
+    variance; for one seed, smaller fractions lie inside larger ones."""
+    sources = source_rows(params, manifest)
+    share = fraction / params.sampling.source_fraction
+    if share > 1 + 1e-9:
+        raise DataError(f"experiments.real_fractions has {fraction} but only "
+                        f"sampling.source_fraction {params.sampling.source_fraction} of the "
+                        "training patients have synthetic replicas; use real fractions no "
+                        "larger than the source fraction, or generate more")
+    return patient_subset(sources, min(share, 1.0), params.run.seed + 7919 * (seed + 1))
+
+
+def shuffled_labels(rows: pd.DataFrame, seed: int) -> pd.DataFrame:
+    """The rows with their 14-label vectors permuted across rows (a seeded permutation of
+    whole vectors; images, demographics and patients stay): the shuffled-conditions control."""
+    order = np.random.default_rng([seed, 31337]).permutation(len(rows))
+    labels = list(CHEXPERT_LABELS)
+    out = rows.copy()
+    out[labels] = rows[labels].to_numpy()[order]
+    return out
+
+
 def training_set(exp: Experiment, params: Params, data: GridData) -> pd.DataFrame:
     """The training rows of one experiment (real and synthetic manifest rows, with a
     ``source`` column saying which); an error names what is missing for a recipe."""
@@ -119,19 +149,20 @@ def training_set(exp: Experiment, params: Params, data: GridData) -> pd.DataFram
         synth = data.synthetic["replicas"]
         synth = synth[synth["replica"] < exp.k]
     else:
-        internal = _split_rows(manifest, params.internal_sites(), "train")
-        real = patient_subset(internal, exp.real_fraction, params.run.seed)
+        real = real_subset(params, manifest, exp.real_fraction, exp.seed)
         synth = data.synthetic["replicas"].iloc[:0]  # no synthetic rows, but their columns
-        if exp.kind in ("real_plus_synthetic", "synthetic_only"):
+        if exp.kind in ("real_plus_synthetic", "synthetic_only", "real_plus_shuffled"):
             synth = _replicas_of(data.synthetic["replicas"], real["image_id"], exp.k)
             missing = len(real) * exp.k - len(synth)
             if missing:
                 raise DataError(
                     f"experiment {exp.name}: {missing} of {len(real) * exp.k} synthetic "
-                    f"replicas are missing (sampling.source_fraction "
-                    f"{params.sampling.source_fraction}, sampling.replicas "
-                    f"{params.sampling.replicas}); use experiments.real_fractions no larger "
-                    "than sampling.source_fraction, or generate more")
+                    f"replicas are missing (sampling.replicas {params.sampling.replicas}); "
+                    "generate more (notebook 03) or lower the k values in experiments")
+            if exp.kind == "real_plus_shuffled":
+                synth = shuffled_labels(synth, exp.seed)
+        elif exp.kind == "real_repeated":
+            real = pd.concat([real] * (1 + exp.k), ignore_index=True)
         elif exp.kind == "real_plus_rebalanced":
             pool = data.synthetic["rebalance"]
             pool = pool[pool["patient_id"].isin(set(real["patient_id"]))]
@@ -194,7 +225,8 @@ def run_experiment(exp: Experiment, params: Params, data: GridData, train: pd.Da
     if PartialState().is_main_process:
         config = {**_config(exp, params, train), "best_epoch": result.best_epoch,
                   "epochs_run": len(result.history), "stopped_early": result.stopped_early,
-                  "train_seconds": round(seconds, 1)}
+                  "optimizer_steps": result.steps, "best_step": result.best_step,
+                  "images_seen": result.images_seen, "train_seconds": round(seconds, 1)}
         atomic_write_text(out / "config.json", json.dumps(config, indent=1))
         result.history.assign(experiment=exp.name, seed=exp.seed).to_csv(
             out / "history.csv", index=False)

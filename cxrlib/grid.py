@@ -17,7 +17,9 @@ from cxrlib.config import Params
 
 @dataclass(frozen=True)
 class Experiment:
-    """One training-set recipe of the grid at one seed."""
+    """One training-set recipe of the grid at one seed, and the experiment it is compared
+    with (its ``baseline``: the real-only model at the same fraction and seed, or the
+    external site's real data alone)."""
 
     name: str
     kind: str
@@ -25,6 +27,7 @@ class Experiment:
     real_fraction: float
     train_site: str
     seed: int
+    baseline: str
 
     @property
     def folder(self) -> str:
@@ -39,24 +42,25 @@ def fraction_tag(fraction: float) -> str:
 def plan_grid(params: Params) -> list[Experiment]:
     """Every experiment x seed of ``params.experiments``, baselines first."""
     grid, internal = params.experiments, "+".join(params.internal_sites())
-    recipes: list[tuple[str, str, int, float, str]] = []
+    recipes: list[tuple[str, str, int, float, str, str]] = []
     for f in grid.real_fractions:
         tag = fraction_tag(f)
-        recipes.append((f"real_only.{tag}", "real_only", 0, f, internal))
-        recipes += [(f"real_plus_synthetic_x{k}.{tag}", "real_plus_synthetic", k, f, internal)
-                    for k in grid.supplement_k]
-        recipes += [(f"synthetic_only_x{k}.{tag}", "synthetic_only", k, f, internal)
-                    for k in grid.synthetic_only_k]
-        if grid.rebalance_k:
-            recipes.append((f"real_plus_rebalanced_x{grid.rebalance_k}.{tag}",
-                            "real_plus_rebalanced", grid.rebalance_k, f, internal))
+        base = f"real_only.{tag}"
+        recipes.append((base, "real_only", 0, f, internal, base))
+        for kind, ks in (("real_plus_synthetic", grid.supplement_k),
+                         ("real_repeated", grid.repeated_k),
+                         ("real_plus_shuffled", grid.shuffled_k),
+                         ("synthetic_only", grid.synthetic_only_k),
+                         ("real_plus_rebalanced", [grid.rebalance_k] if grid.rebalance_k else [])):
+            recipes += [(f"{kind}_x{k}.{tag}", kind, k, f, internal, base) for k in ks]
     for ext in grid.external:
+        base = f"{ext.site}_only"
         for k in sorted(ext.synthetic_k):
-            name = f"{ext.site}_only" if k == 0 else f"{ext.site}_plus_synthetic_x{k}"
+            name = base if k == 0 else f"{ext.site}_plus_synthetic_x{k}"
             kind = "external_only" if k == 0 else "external_plus_synthetic"
-            recipes.append((name, kind, k, 1.0, ext.site))
-    return [Experiment(name, kind, k, f, site, seed)
-            for seed in grid.seeds for name, kind, k, f, site in recipes]
+            recipes.append((name, kind, k, 1.0, ext.site, base))
+    return [Experiment(name, kind, k, f, site, seed, base)
+            for seed in grid.seeds for name, kind, k, f, site, base in recipes]
 
 
 def baseline_of(experiment: str) -> str:
@@ -89,9 +93,11 @@ def grid_results(folder: Path) -> pd.DataFrame:
     rows = []
     for path in sorted(folder.glob("*/seed-*/predictions.parquet")):
         config = json.loads((path.parent / "config.json").read_text())
-        rows.append({k: config[k] for k in (
-            "name", "kind", "k", "real_fraction", "train_site", "seed", "n_real", "n_synthetic",
-            "best_epoch", "epochs_run", "stopped_early", "train_seconds")})
+        rows.append({k: config.get(k) for k in (
+            "name", "kind", "k", "real_fraction", "train_site", "seed", "baseline", "n_real",
+            "n_synthetic",
+            "best_epoch", "epochs_run", "stopped_early", "optimizer_steps", "best_step",
+            "images_seen", "train_seconds")})
     table = pd.DataFrame(rows).rename(columns={"name": "experiment"})
     if len(table):
         table["synthetic %"] = (100 * table["n_synthetic"] / table["n_real"].where(

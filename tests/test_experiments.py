@@ -21,14 +21,22 @@ import torch
 
 from cxrlib import classify
 from cxrlib.augment import augment_batch, mix_batch, random_affine
-from cxrlib.classify import epoch_plan, masked_bce
-from cxrlib.config import AugmentSpec, ParamsError, atomic_write_parquet, load_params, run_dir
-from cxrlib.data import patient_subset, prepare_cohort
+from cxrlib.classify import epoch_plan, masked_bce, round_plans
+from cxrlib.config import (
+    AugmentSpec,
+    ClassifierSpec,
+    ParamsError,
+    atomic_write_parquet,
+    load_params,
+    run_dir,
+)
+from cxrlib.data import DataError, patient_subset, prepare_cohort
 from cxrlib.experiments import (
     GridData,
     LeakageError,
     check_grid_leakage,
     grid_data,
+    real_subset,
     run_grid,
     training_set,
     training_sets,
@@ -157,15 +165,22 @@ def grid_run(tmp_path_factory):
 
 def test_plan_names_recipes_and_baselines(grid_run):
     params, _, _ = grid_run
-    names = [e.name for e in plan_grid(params)]
+    plan = plan_grid(params)
+    names = [e.name for e in plan]
     assert names == ["real_only.f100", "real_plus_synthetic_x1.f100",
-                     "real_plus_synthetic_x2.f100", "synthetic_only_x1.f100",
+                     "real_plus_synthetic_x2.f100", "real_repeated_x1.f100",
+                     "real_plus_shuffled_x1.f100", "synthetic_only_x1.f100",
                      "real_plus_rebalanced_x1.f100", "real_only.f50",
                      "real_plus_synthetic_x1.f50", "real_plus_synthetic_x2.f50",
+                     "real_repeated_x1.f50", "real_plus_shuffled_x1.f50",
                      "synthetic_only_x1.f50", "real_plus_rebalanced_x1.f50",
                      "nih_only", "nih_plus_synthetic_x1"]
-    assert baseline_of("synthetic_only_x1.f50") == "real_only.f50"
-    assert baseline_of("nih_plus_synthetic_x1") == "nih_only"
+    baselines = {e.name: e.baseline for e in plan}
+    assert baselines["synthetic_only_x1.f50"] == baseline_of("synthetic_only_x1.f50") \
+        == "real_only.f50"
+    assert baselines["real_plus_shuffled_x1.f100"] == "real_only.f100"
+    assert baselines["nih_plus_synthetic_x1"] == baseline_of("nih_plus_synthetic_x1") \
+        == "nih_only"
 
 
 def test_training_sets_have_the_recipe_sizes(grid_run):
@@ -183,6 +198,47 @@ def test_training_sets_have_the_recipe_sizes(grid_run):
     assert set(sets["real_only.f50"]["patient_id"]) < set(real["patient_id"])  # nested
     nih = sets["nih_plus_synthetic_x1"]
     assert set(nih.loc[nih["source"] == "real", "site"]) == {"nih"}
+    # Controls: as many rows as real + 1 replica; real rows twice, or labels shuffled.
+    repeated = sets["real_repeated_x1.f100"]
+    assert (repeated["source"] == "real").all() and len(repeated) == 2 * len(real)
+    assert (repeated["image_id"].value_counts() == 2).all()
+    shuffled, plus1 = sets["real_plus_shuffled_x1.f100"], sets["real_plus_synthetic_x1.f100"]
+    syn_s = shuffled[shuffled["source"] == "synthetic"].set_index("image_id")
+    syn_p = plus1[plus1["source"] == "synthetic"].set_index("image_id").loc[syn_s.index]
+    labels = list(CHEXPERT_LABELS)
+    assert syn_s[["sex", "age", "patient_id"]].equals(syn_p[["sex", "age", "patient_id"]])
+    for lab in labels:  # the same labels, permuted across the synthetic rows
+        assert sorted(syn_s[lab].fillna(-9)) == sorted(syn_p[lab].fillna(-9))
+    moved = (syn_s[labels].fillna(-9).to_numpy() != syn_p[labels].fillna(-9).to_numpy())
+    assert moved.any(axis=1).mean() > 0.3
+    real_s = shuffled[shuffled["source"] == "real"].reset_index(drop=True)
+    assert real_s[labels].equals(real[labels].reset_index(drop=True))  # real rows untouched
+
+
+def test_each_seed_draws_its_own_real_subset_inside_the_sources(grid_run):
+    params, _, data = grid_run
+    half = params.sampling.model_copy(update={"source_fraction": 0.5})
+    p = params.model_copy(update={"sampling": half})
+    sources = set(source_rows(p, data.manifest)["patient_id"])
+    draws = {s: set(real_subset(p, data.manifest, 0.25, s)["patient_id"]) for s in (0, 1)}
+    assert draws[0] <= sources and draws[1] <= sources
+    assert draws[0] != draws[1]
+    assert draws[0] <= set(real_subset(p, data.manifest, 0.4, 0)["patient_id"])  # nested
+    same = [set(real_subset(p, data.manifest, 0.5, s)["patient_id"]) for s in (0, 1)]
+    assert same[0] == same[1] == sources  # the whole source set leaves nothing to draw
+    with pytest.raises(DataError, match="experiments.real_fractions"):
+        real_subset(p, data.manifest, 0.75, 0)
+
+
+def test_a_step_budget_gives_every_training_set_the_same_steps():
+    spec = ClassifierSpec(batch_size=8, epochs=4, max_steps=30)
+    for n in (20, 50, 333):
+        rounds = list(round_plans(n, spec, np.random.default_rng(0)))
+        assert len(rounds) == 4 and sum(len(r) for r in rounds) == 30
+        assert all(len(b) == 8 for r in rounds for b in r)  # full batches only
+    per_epoch = list(round_plans(50, spec.model_copy(update={"max_steps": None}),
+                                 np.random.default_rng(0)))
+    assert len(per_epoch) == 4 and all(len(r) == 7 for r in per_epoch)  # 6 full + 1 of 2
 
 
 def test_synthetic_rows_never_come_from_validation_or_test_sources(grid_run):
@@ -212,16 +268,23 @@ def test_leakage_check_fails_loudly_on_a_test_patient(grid_run):
 def test_fractions_beyond_the_synthetic_sources_are_refused(grid_run):
     params, _, data = grid_run
     partial = params.sampling.model_copy(update={"source_fraction": 0.5})
-    few = source_rows(params.model_copy(update={"sampling": partial}), data.manifest)
+    p = params.model_copy(update={"sampling": partial})
+    few = source_rows(p, data.manifest)
     replicas = data.synthetic["replicas"]
     some = replicas[replicas["source_image_id"].isin(set(few["image_id"]))]
     thin = GridData(data.manifest, data.cache, {**data.synthetic, "replicas": some},
                     data.synthetic_caches)
-    exp = next(e for e in plan_grid(params) if e.name == "real_plus_synthetic_x1.f100")
+    exp = next(e for e in plan_grid(p) if e.name == "real_plus_synthetic_x1.f100")
     with pytest.raises(ValueError, match="experiments.real_fractions"):
-        training_set(exp, params, thin)
-    half = next(e for e in plan_grid(params) if e.name == "real_plus_synthetic_x1.f50")
-    assert len(training_set(half, params, thin))  # the nested 50% draw is covered
+        training_set(exp, p, thin)
+    half = next(e for e in plan_grid(p) if e.name == "real_plus_synthetic_x1.f50")
+    assert len(training_set(half, p, thin))  # the 50% draw lies inside the sources
+    two = exp.__class__(**{**exp.__dict__, "k": 2, "real_fraction": 0.5})
+    fewer = GridData(data.manifest, data.cache,
+                     {**data.synthetic, "replicas": some[some["replica"] < 1]},
+                     data.synthetic_caches)
+    with pytest.raises(ValueError, match="replicas are missing"):
+        training_set(two, p, fewer)
 
 
 def test_patient_subsets_are_nested_and_whole_patients(grid_run):
