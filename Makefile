@@ -21,7 +21,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m ruff check cxrlib tests benchmarks
-	$(PY) -m pytest --nbval-lax tests notebooks
+	$(PY) -m pytest --durations=15 tests
 
 lint: $(STAMP)
 	$(PY) -m ruff check cxrlib tests benchmarks
