@@ -24,7 +24,15 @@ from nbconvert import HTMLExporter
 
 from cxrlib.config import Params, atomic_write_text, load_params, run_dir
 from cxrlib.progress import PROGRESS_ENV
-from cxrlib.summary import SUMMARY_FILE, read_summary, summary_path, update_summary
+from cxrlib.summary import (
+    NESTED,
+    PRIMARY_KEYS,
+    SCHEMA,
+    SUMMARY_FILE,
+    read_summary,
+    summary_path,
+    update_summary,
+)
 
 NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 STAGES: tuple[str, ...] = ("01_data_prep", "02_diffusion_training", "03_sampling_explorer",
@@ -150,28 +158,22 @@ def _number(value: Any) -> str:
 
 
 def summary_html(summary: dict[str, Any]) -> str:
-    """The summary's headline numbers as HTML: scalars and one level of nested entries in one
-    table, the primary comparisons in another (stage times are in the list of pages)."""
-    if not summary:
+    """The summary's key numbers (its schema's scalar and nested entries, then the primary
+    comparisons) as HTML; stage times are already in the list of pages."""
+    rows = [(key, summary[key]) for key, kind in SCHEMA.items()
+            if kind not in (dict, list) and key in summary]
+    rows += [(f"{key}.{sub}", summary[key][sub]) for key, inner in NESTED.items()
+             for sub in inner if sub in (summary.get(key) or {})]
+    if not rows:
         return ""
-    rows = []
-    for key, value in sorted(summary.items()):
-        if key in ("minutes_per_stage", "primary"):
-            continue
-        entries = value.items() if isinstance(value, dict) else [("", value)]
-        for sub, val in entries:
-            if isinstance(val, (dict, list)):
-                continue
-            name = f"{key}.{sub}" if sub else key
-            rows.append(f"<tr><td><code>{html.escape(name)}</code></td>"
-                        f"<td>{_number(val)}</td></tr>")
-    out = (f"<h2>Headline numbers</h2><p>From <a href='{SUMMARY_FILE}'>{SUMMARY_FILE}</a>."
-           f"</p><table>{''.join(rows)}</table>")
+    cells = "".join(f"<tr><td><code>{html.escape(k)}</code></td><td>{_number(v)}</td></tr>"
+                    for k, v in rows)
+    out = (f"<h2>Key numbers</h2><p>From <a href='{SUMMARY_FILE}'>{SUMMARY_FILE}</a>.</p>"
+           f"<table>{cells}</table>")
     primary = summary.get("primary") or []
     if primary:
-        cols = list(primary[0])
-        head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
-        body = "".join("<tr>" + "".join(f"<td>{_number(r.get(c))}</td>" for c in cols)
+        head = "".join(f"<th>{html.escape(c)}</th>" for c in PRIMARY_KEYS)
+        body = "".join("<tr>" + "".join(f"<td>{_number(r.get(c))}</td>" for c in PRIMARY_KEYS)
                        + "</tr>" for r in primary)
         out += f"<h3>Primary comparisons</h3><table><tr>{head}</tr>{body}</table>"
     return out

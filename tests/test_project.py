@@ -123,7 +123,9 @@ def test_pipeline_runs_every_stage_and_renders_the_reports(tmp_path, capsys):
     assert summary["minutes_total"] == pytest.approx(sum(summary["minutes_per_stage"].values()),
                                                      abs=0.02)
     assert json.loads((reports / "smoke" / "summary.json").read_text()) == summary
-    assert "Headline numbers" in index.read_text() and "minutes_total" in index.read_text()
+    page = index.read_text()
+    assert "Key numbers" in page and "<code>minutes_total</code>" in page
+    assert "<code>fidelity.ratio</code>" in page and "Primary comparisons" in page
     run_pipeline(ROOT / "params" / "smoke.yaml", reports_root=reports)
     assert capsys.readouterr().out.count("[skip]") == len(STAGES)
 
