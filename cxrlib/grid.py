@@ -103,3 +103,17 @@ def grid_results(folder: Path) -> pd.DataFrame:
         table["synthetic %"] = (100 * table["n_synthetic"] / table["n_real"].where(
             table["n_real"] > 0)).round(0)
     return table
+
+
+def stopping_table(results: pd.DataFrame) -> pd.DataFrame:
+    """Where each arm stopped, mean over seeds: optimizer steps run (the budget unless early
+    stopping ended it), the step whose weights were kept, passes over its training set, and
+    seconds. Arms that differ here differ in compute, not only in data."""
+    frame = results.assign(
+        passes=results["images_seen"] / (results["n_real"] + results["n_synthetic"]),
+        stopped_early=results["stopped_early"].astype(float))
+    cols = ["optimizer_steps", "best_step", "images_seen", "passes", "stopped_early",
+            "train_seconds"]
+    return (frame.groupby("experiment", sort=False)[cols].mean()
+            .rename(columns={"stopped_early": "share stopped early",
+                             "passes": "passes over its data"}).round(2))

@@ -269,7 +269,8 @@ def sweep_figure(table: pd.DataFrame) -> plt.Figure:
 
 
 def grid_learning_curves(histories: pd.DataFrame) -> plt.Figure:
-    """Validation loss per epoch for every experiment (mean over seeds), one panel per
+    """Validation loss per validation round (x: optimizer step) for every experiment (mean
+    over seeds), one panel per
     group of experiments (real fraction, or the external site)."""
     frame = histories.assign(group=histories["experiment"].map(
         lambda e: e.rsplit(".", 1)[1] if "." in e else "external site"))
@@ -277,8 +278,9 @@ def grid_learning_curves(histories: pd.DataFrame) -> plt.Figure:
     fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 3.6), squeeze=False)
     for ax, group in zip(axes[0], groups, strict=True):
         sub = frame[frame["group"] == group]
-        sns.lineplot(data=sub, x="epoch", y="val_loss", hue="experiment", marker="o",
+        sns.lineplot(data=sub, x="step", y="val_loss", hue="experiment", marker="o",
                      errorbar=None, ax=ax)
+        ax.set_xlabel("optimizer step")
         ax.set_title(f"validation loss ({group})")
         ax.set_ylabel("masked BCE (real internal val)")
         ax.legend(fontsize=7)
@@ -287,15 +289,19 @@ def grid_learning_curves(histories: pd.DataFrame) -> plt.Figure:
 
 
 def early_stop_figure(results: pd.DataFrame) -> plt.Figure:
-    """Epoch of the kept (best-validation) weights against the share of synthetic data: the
-    authors saw training stop earlier as synthetic data grew."""
+    """Optimizer step of the kept (best-validation) weights against the share of synthetic
+    data, beside the step budget every arm had: the authors saw training stop earlier as
+    synthetic data grew."""
     frame = results.assign(**{"synthetic %": results["synthetic %"].fillna(-100)})
     fig, ax = plt.subplots(figsize=(6, 3.6))
-    sns.stripplot(data=frame, x="synthetic %", y="best_epoch", hue="kind", dodge=False,
+    sns.stripplot(data=frame, x="synthetic %", y="best_step", hue="kind", dodge=False,
                   size=7, ax=ax)
+    ax.axhline(frame["optimizer_steps"].max(), color="grey", ls="--", lw=1,
+               label="steps run (most)")
     ax.set_xlabel("synthetic images, % of the real training images (-100 = synthetic only)")
-    ax.set_ylabel("best epoch (early stopping)")
-    ax.set_title("Epochs to the best validation loss")
+    ax.set_ylabel("step of the kept weights")
+    ax.set_title("Optimizer step of the best validation loss")
+    ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
 

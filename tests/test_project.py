@@ -18,7 +18,7 @@ from cxrlib import pipeline
 from cxrlib.config import Params, ParamsError, load_params, run_dir
 from cxrlib.pipeline import STAGES, run_pipeline, run_stage
 from cxrlib.progress import PROGRESS_ENV
-from cxrlib.summary import read_summary
+from cxrlib.summary import read_summary, schema_problems
 
 ROOT = Path(__file__).resolve().parent.parent
 PARAM_FILES = sorted((ROOT / "params").glob("*.yaml"))
@@ -123,6 +123,10 @@ def test_pipeline_runs_every_stage_and_renders_the_reports(tmp_path, capsys):
     assert summary["minutes_total"] == pytest.approx(sum(summary["minutes_per_stage"].values()),
                                                      abs=0.02)
     assert json.loads((reports / "smoke" / "summary.json").read_text()) == summary
+    assert schema_problems(summary) == []  # every key of the headline summary, typed
+    assert summary["seeds"] == [0] and summary["internal_test_images"] > 0
+    assert set(summary["optimizer_steps"].values()) == {4}  # the smoke step budget, every arm
+    assert {row["test_set"] for row in summary["primary"]} >= {"chexpert (internal)"}
     page = index.read_text()
     assert "Key numbers" in page and "<code>minutes_total</code>" in page
     assert "<code>fidelity.ratio</code>" in page and "Primary comparisons" in page
