@@ -242,28 +242,6 @@ def difference_grid(images: dict[str, np.ndarray], reference: str) -> plt.Figure
     return fig
 
 
-def sweep_figure(table: pd.DataFrame) -> plt.Figure:
-    """Guidance sweep: FID against cost, and conditional fidelity against guidance."""
-    runs = table[table["sampler"] != "real"].assign(
-        setting=lambda d: d["sampler"] + " x" + d["steps"].astype(str))
-    floor = table.loc[table["sampler"] == "real", "fid"]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
-    sns.scatterplot(data=runs, x="sec_per_image", y="fid", hue="setting", size="guidance",
-                    ax=axes[0])
-    if len(floor):
-        axes[0].axhline(float(floor.iloc[0]), color="grey", ls="--", lw=1,
-                        label="real vs real")
-    axes[0].set_xscale("log")
-    axes[0].set_xlabel("seconds per image")
-    axes[0].set_ylabel("FID (judge features)")
-    axes[0].legend(fontsize=7)
-    sns.lineplot(data=runs, x="guidance", y="fidelity_macro_auroc", hue="setting", marker="o",
-                 ax=axes[1])
-    axes[1].set_ylabel("macro AUROC of the judge\nagainst the condition")
-    fig.tight_layout()
-    return fig
-
-
 # ---------------------------------------------------------------------------------------------
 # Notebook 04: the classifier experiment grid
 
@@ -337,7 +315,8 @@ def _errorbar(ax: plt.Axes, frame: pd.DataFrame, x: str, label: str, **style) ->
 def supplementation_figure(summary: pd.DataFrame, fraction: float) -> plt.Figure:
     """Figure 3 shape at one real-data fraction: macro AUROC (95% CI) against % synthetic
     supplementation per test set; real-only baseline as a line with its CI band, the
-    synthetic-only curve beside it, and the rebalanced strategy as its own marker.
+    synthetic-only curve beside it; the rebalanced strategy and the two controls (real rows
+    repeated, synthetic labels shuffled; x: the k they match) as their own markers.
 
     ``summary``: macro AUROC rows with the grid columns ``kind``, ``k``, ``real_fraction``.
     """
@@ -356,10 +335,14 @@ def supplementation_figure(summary: pd.DataFrame, fraction: float) -> plt.Figure
                   color=palette[0])
         _errorbar(ax, t[t["kind"] == "synthetic_only"], "pct", "synthetic only",
                   color=palette[1], ls="--")
-        rebal = t[t["kind"] == "real_plus_rebalanced"]
-        if len(rebal):
-            _errorbar(ax, rebal, "pct", "real + rebalanced", color=palette[2], ls="none",
-                      markersize=9)
+        for j, (kind, name) in enumerate((("real_plus_rebalanced", "real + rebalanced"),
+                                          ("real_repeated", "control: real, repeated"),
+                                          ("real_plus_shuffled",
+                                           "control: real + shuffled-label synthetic"))):
+            marked = t[t["kind"] == kind]
+            if len(marked):
+                _errorbar(ax, marked, "pct", name, color=palette[2 + j], ls="none",
+                          markersize=9)
         ax.set_title(test)
         ax.set_xlabel("synthetic images, % of real training images")
         ax.set_ylabel("macro AUROC (95% CI)")
