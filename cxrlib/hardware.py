@@ -2,8 +2,10 @@
 
 ``mixed_precision: auto`` resolves here. On CUDA it is bf16 where the GPU supports it, else
 fp16. On a CPU it is bf16 autocast only when the CPU has bf16 units (Intel AMX or
-AVX512-BF16; on those, oneDNN runs bf16 convolutions and matmuls natively and training runs
-about 2x faster), and plain fp32 elsewhere, where bf16 is emulated and slower. fp16 autocast on
+AVX512-BF16, where oneDNN has native bf16 convolution and matmul kernels), and plain fp32
+elsewhere, where bf16 is emulated and slower. Whether bf16 pays off on a given CPU and model
+is measured by ``benchmarks/bench_diffusion_trainer.py`` (on the demo's 32 px UNet on a
+2-core AVX512-BF16 machine without AMX it did not reliably; see the README). fp16 autocast on
 a CPU has no fast kernels, so it falls back to fp32 too.
 """
 
