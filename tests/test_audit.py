@@ -398,6 +398,14 @@ def test_sweep_verdict_does_not_reward_lost_diversity():
     assert "Cheapest eligible" not in text  # the chosen one is already the cheapest
     nan = _sweep_table().assign(fidelity_macro_auroc=np.nan)
     assert "cannot decide" in sweep_verdict(nan)
+    # The demo's case: the best recall and the best coverage come from different settings, so
+    # no setting is within tolerance of both; diversity = min(recall, coverage) still picks.
+    split = _sweep_table()
+    split.loc[1, ["recall", "coverage"]] = [0.97, 0.877]  # ddim g0: recall best
+    split.loc[3, ["recall", "coverage"]] = [0.903, 0.976]  # dpmpp g0: coverage best
+    split_text = sweep_verdict(split, tolerance=0.05)
+    assert split_text.split("Chosen: ")[1].startswith("dpmpp with 10 steps at guidance 0")
+    assert "most diverse (dpmpp with 10 steps at guidance 0" in split_text
     fig = audit_figures.sweep_figure(_sweep_table())
     plt.close(fig)
 
