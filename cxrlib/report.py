@@ -335,14 +335,13 @@ def supplementation_figure(summary: pd.DataFrame, fraction: float) -> plt.Figure
                   color=palette[0])
         _errorbar(ax, t[t["kind"] == "synthetic_only"], "pct", "synthetic only",
                   color=palette[1], ls="--")
-        for j, (kind, name) in enumerate((("real_plus_rebalanced", "real + rebalanced"),
-                                          ("real_repeated", "control: real, repeated"),
-                                          ("real_plus_shuffled",
-                                           "control: real + shuffled-label synthetic"))):
+        for kind, name, colour in (  # red is the baseline's
+                ("real_plus_rebalanced", "real + rebalanced", palette[2]),
+                ("real_repeated", "control: real, repeated", palette[5]),
+                ("real_plus_shuffled", "control: real + shuffled-label synthetic", palette[4])):
             marked = t[t["kind"] == kind]
             if len(marked):
-                _errorbar(ax, marked, "pct", name, color=palette[2 + j], ls="none",
-                          markersize=9)
+                _errorbar(ax, marked, "pct", name, color=colour, ls="none", markersize=9)
         ax.set_title(test)
         ax.set_xlabel("synthetic images, % of real training images")
         ax.set_ylabel("macro AUROC (95% CI)")
