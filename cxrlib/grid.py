@@ -39,13 +39,26 @@ def fraction_tag(fraction: float) -> str:
     return f"f{round(100 * fraction)}"
 
 
+#: Kinds trained on an external site's own training split (their baseline: that site alone).
+EXTERNAL_KINDS: frozenset[str] = frozenset({"external_only", "external_plus_synthetic"})
+
+
+def baseline_name(kind: str, real_fraction: float, train_site: str) -> str:
+    """The experiment a recipe is compared with, rendered from the recipe (never parsed from
+    a name): the real-only model at the same real fraction, or, for the external kinds, the
+    external site's real training data alone."""
+    if kind in EXTERNAL_KINDS:
+        return f"{train_site}_only"
+    return f"real_only.{fraction_tag(real_fraction)}"
+
+
 def plan_grid(params: Params) -> list[Experiment]:
     """Every experiment x seed of ``params.experiments``, baselines first."""
     grid, internal = params.experiments, "+".join(params.internal_sites())
     recipes: list[tuple[str, str, int, float, str, str]] = []
     for f in grid.real_fractions:
         tag = fraction_tag(f)
-        base = f"real_only.{tag}"
+        base = baseline_name("real_only", f, internal)
         recipes.append((base, "real_only", 0, f, internal, base))
         for kind, ks in (("real_plus_synthetic", grid.supplement_k),
                          ("real_repeated", grid.repeated_k),
@@ -54,22 +67,13 @@ def plan_grid(params: Params) -> list[Experiment]:
                          ("real_plus_rebalanced", [grid.rebalance_k] if grid.rebalance_k else [])):
             recipes += [(f"{kind}_x{k}.{tag}", kind, k, f, internal, base) for k in ks]
     for ext in grid.external:
-        base = f"{ext.site}_only"
+        base = baseline_name("external_only", 1.0, ext.site)
         for k in sorted(ext.synthetic_k):
             name = base if k == 0 else f"{ext.site}_plus_synthetic_x{k}"
             kind = "external_only" if k == 0 else "external_plus_synthetic"
             recipes.append((name, kind, k, 1.0, ext.site, base))
     return [Experiment(name, kind, k, f, site, seed, base)
             for seed in grid.seeds for name, kind, k, f, site, base in recipes]
-
-
-def baseline_of(experiment: str) -> str:
-    """The experiment a result is compared with: the real-only model at the same real
-    fraction, or the external site's real-only model for the external experiments."""
-    if "." in experiment:
-        return f"real_only.{experiment.rsplit('.', 1)[1]}"
-    site = experiment.split("_plus_synthetic")[0].removesuffix("_only")
-    return f"{site}_only"
 
 
 def load_predictions(folder: Path) -> pd.DataFrame:

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
+from cxrlib.grid import EXTERNAL_KINDS
 from cxrlib.labels import CHEXPERT_LABELS
 
 if TYPE_CHECKING:  # the figures need no torch; only sample_grid reads a cache
@@ -246,12 +247,14 @@ def difference_grid(images: dict[str, np.ndarray], reference: str) -> plt.Figure
 # Notebook 04: the classifier experiment grid
 
 
-def grid_learning_curves(histories: pd.DataFrame) -> plt.Figure:
+def grid_learning_curves(histories: pd.DataFrame, results: pd.DataFrame) -> plt.Figure:
     """Validation loss per validation round (x: optimizer step) for every experiment (mean
-    over seeds), one panel per
-    group of experiments (real fraction, or the external site)."""
-    frame = histories.assign(group=histories["experiment"].map(
-        lambda e: e.rsplit(".", 1)[1] if "." in e else "external site"))
+    over seeds), one panel per group of experiments (real fraction, or the external site),
+    taken from the recipes in ``results`` (:func:`cxrlib.grid.grid_results`)."""
+    recipes = results.drop_duplicates("experiment").set_index("experiment")
+    group = {e: "external site" if r["kind"] in EXTERNAL_KINDS
+             else f"{r['real_fraction']:.0%} real" for e, r in recipes.iterrows()}
+    frame = histories.assign(group=histories["experiment"].map(group))
     groups = list(dict.fromkeys(frame["group"]))
     fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 3.6), squeeze=False)
     for ax, group in zip(axes[0], groups, strict=True):

@@ -57,7 +57,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from cxrlib.config import StatsSpec
-from cxrlib.grid import baseline_of
+from cxrlib.grid import baseline_name
 from cxrlib.labels import CHEXPERT_LABELS, RACE_GROUPS, RACE_OTHER, RACE_UNKNOWN, SEXES, VIEWS
 
 #: The ``label`` value of macro rows.
@@ -636,10 +636,12 @@ def adjust_holm(table: pd.DataFrame, by: Sequence[str] = ("family",),
 def experiment_info(grid: pd.DataFrame) -> pd.DataFrame:
     """One row per experiment of :func:`cxrlib.grid.grid_results` with its recipe columns
     (kind, k, real_fraction, train_site, and n_real/n_synthetic where present), and its
-    baseline (:func:`cxrlib.grid.baseline_of`)."""
+    baseline (:func:`cxrlib.grid.baseline_name`, rendered from the recipe)."""
     extra = [c for c in ("n_real", "n_synthetic") if c in grid.columns]
     info = grid.drop_duplicates("experiment")[["experiment", *_GRID_COLUMNS, *extra]]
-    return info.assign(baseline=info["experiment"].map(baseline_of)).reset_index(drop=True)
+    baseline = [baseline_name(kind, f, site) for kind, f, site in
+                info[["kind", "real_fraction", "train_site"]].itertuples(index=False)]
+    return info.assign(baseline=baseline).reset_index(drop=True)
 
 
 def primary_fraction(info: pd.DataFrame, spec: StatsSpec) -> float:
@@ -751,7 +753,7 @@ def _judge(table: pd.DataFrame, spec: StatsSpec) -> pd.DataFrame:
 
 def compare_experiments(macros: dict[str, SeedMacros], grid: pd.DataFrame,
                         spec: StatsSpec) -> pd.DataFrame:
-    """Every experiment against its baseline (:func:`cxrlib.grid.baseline_of`), with
+    """Every experiment against its baseline (:func:`experiment_info`), with
     ``primary`` marking the pre-specified comparisons. Holm families: the primary comparisons
     of one test set; the others of one baseline and test set."""
     info = experiment_info(grid)
@@ -788,7 +790,7 @@ def primary_analysis(data: pd.DataFrame | dict[str, SeedMacros], grid: pd.DataFr
         raise ValueError(f"the grid has no experiment of the primary kinds {spec.primary.kinds} "
                          f"at real fraction {primary_fraction(info, spec)}")
     if isinstance(data, pd.DataFrame):
-        keep = set(wanted) | {baseline_of(e) for e in wanted}
+        keep = set(wanted) | set(info.loc[info["experiment"].isin(wanted), "baseline"])
         data = seed_macros(data[data["experiment"].isin(keep)], spec)
     parts = [compare_to_baseline(data, str(b), g["experiment"].tolist(), spec, "primary")
              for b, g in info[info["experiment"].isin(wanted)].groupby("baseline", sort=False)]

@@ -41,7 +41,7 @@ from cxrlib.experiments import (
     training_set,
     training_sets,
 )
-from cxrlib.grid import baseline_of, plan_grid
+from cxrlib.grid import baseline_name, plan_grid
 from cxrlib.imagecache import CombinedCache, ImageCache
 from cxrlib.labels import CHEXPERT_LABELS
 from cxrlib.sampling import rebalance_plan, replica_plan, source_rows
@@ -176,11 +176,11 @@ def test_plan_names_recipes_and_baselines(grid_run):
                      "synthetic_only_x1.f50", "real_plus_rebalanced_x1.f50",
                      "nih_only", "nih_plus_synthetic_x1"]
     baselines = {e.name: e.baseline for e in plan}
-    assert baselines["synthetic_only_x1.f50"] == baseline_of("synthetic_only_x1.f50") \
+    assert baselines["synthetic_only_x1.f50"] == baseline_name("synthetic_only", 0.5, "chexpert") \
         == "real_only.f50"
     assert baselines["real_plus_shuffled_x1.f100"] == "real_only.f100"
-    assert baselines["nih_plus_synthetic_x1"] == baseline_of("nih_plus_synthetic_x1") \
-        == "nih_only"
+    assert baselines["nih_plus_synthetic_x1"] \
+        == baseline_name("external_plus_synthetic", 1.0, "nih") == "nih_only"
 
 
 def test_training_sets_have_the_recipe_sizes(grid_run):
