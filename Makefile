@@ -20,11 +20,11 @@ demo: $(STAMP)
 	$(PY) -m cxrlib run --params $(PARAMS)
 
 test: $(STAMP)
-	$(PY) -m ruff check cxrlib tests benchmarks
+	$(PY) -m ruff check cxrlib tests benchmarks notebooks
 	$(PY) -m pytest --durations=15 tests
 
 lint: $(STAMP)
-	$(PY) -m ruff check cxrlib tests benchmarks
+	$(PY) -m ruff check cxrlib tests benchmarks notebooks
 
 benchmark: $(STAMP)
 	$(PY) benchmarks/bench_phantom.py
