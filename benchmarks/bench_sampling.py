@@ -23,7 +23,7 @@ import pandas as pd
 from cxrlib.audit_run import audit_reference, real_row, score_setting, sweep_conditions
 from cxrlib.config import load_params, run_dir
 from cxrlib.data import load_cohort
-from cxrlib.diffusion import latest_checkpoint, load_weights, noise_scheduler
+from cxrlib.diffusion import load_weights, noise_scheduler, trained_checkpoint
 from cxrlib.imagecache import ImageCache
 from cxrlib.sampling import timed_generate
 
@@ -45,7 +45,7 @@ def main() -> None:
     cohort = load_cohort(params, folder)
     ref = audit_reference(params, cohort.manifest, ImageCache(cohort.cache_dir), folder,
                           progress=False)
-    model = load_weights(latest_checkpoint(folder / "02_diffusion" / "checkpoints"))
+    model = load_weights(trained_checkpoint(folder))
     sched = noise_scheduler(params.diffusion)
     rows, cond, seeds, labels = sweep_conditions(params, ref, args.n, key="bench")
     real = real_row(ref, len(rows), labels)

@@ -77,16 +77,13 @@ def _train_diffusion(params_file: Path, out: Path | None) -> int:
 
 def _generate_synthetic(params_file: Path) -> int:
     from cxrlib.data import load_cohort
-    from cxrlib.diffusion import latest_checkpoint, load_weights
+    from cxrlib.diffusion import load_weights, trained_checkpoint
     from cxrlib.sampling import build_synthetic_cohort
 
     params = load_params(params_file)
     folder = run_dir(params)
     cohort = load_cohort(params, folder)
-    ckpt = latest_checkpoint(folder / "02_diffusion" / "checkpoints")
-    if ckpt is None:
-        raise SystemExit(f"no diffusion checkpoint under {folder / '02_diffusion'}; run "
-                         "notebook 02 (or cxrlib train-diffusion) first")
+    ckpt = trained_checkpoint(folder)
     model = load_weights(ckpt, use_ema=True)
     for strategy in params.sampling.strategies:
         synth = build_synthetic_cohort(params, cohort.manifest, model, ckpt,

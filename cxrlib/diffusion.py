@@ -171,6 +171,16 @@ def latest_checkpoint(root: Path) -> Path | None:
     return dirs[-1] if dirs else None
 
 
+def trained_checkpoint(run_folder: Path) -> Path:
+    """The latest checkpoint of a run's diffusion stage (notebook 02), for sampling; an error
+    that says what to run when there is none."""
+    ckpt = latest_checkpoint(run_folder / "02_diffusion" / "checkpoints")
+    if ckpt is None:
+        raise DiffusionError(f"no diffusion checkpoint under {run_folder / '02_diffusion'}; run "
+                             "notebook 02 (or cxrlib train-diffusion) first")
+    return ckpt
+
+
 def _main_only(accelerator: Accelerator, fn: Callable[[], object]) -> object:
     """Run ``fn`` on the main process; every process then raises if it failed there.
 

@@ -218,3 +218,10 @@ def test_channels_last_trains_the_same_model(smoke, tmp_path):
     assert wa.keys() == wb.keys()
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-2, atol=1e-3)  # AdamW, 4 steps
+
+
+def test_sampling_without_a_trained_model_says_what_to_run(tmp_path):
+    from cxrlib.diffusion import trained_checkpoint
+
+    with pytest.raises(DiffusionError, match="run notebook 02"):
+        trained_checkpoint(tmp_path)
