@@ -31,7 +31,13 @@ import torch
 from cxrlib.audit_run import audit_reference, real_row, score_setting, sweep_conditions
 from cxrlib.config import load_params, run_dir
 from cxrlib.data import load_cohort
-from cxrlib.diffusion import _checkpoint_dirs, load_weights, noise_scheduler, train_diffusion
+from cxrlib.diffusion import (
+    _checkpoint_dirs,
+    load_weights,
+    noise_scheduler,
+    read_checkpoint_state,
+    train_diffusion,
+)
 from cxrlib.hardware import cpu_bf16_units, describe_precision, resolve_precision
 from cxrlib.imagecache import ImageCache
 from cxrlib.sampling import generate
@@ -81,7 +87,7 @@ def main() -> None:
             train_diffusion(run, cohort.manifest, cache, Path(tmp), progress=True,
                             on_step=partial(_stamp, stamps))
             for ckpt in _checkpoint_dirs(Path(tmp) / "checkpoints"):
-                step = int(ckpt.name.split("-")[1])
+                step = read_checkpoint_state(ckpt)["step"]
                 model = load_weights(ckpt)
                 for g in args.guidance:
                     images = generate(model, sched, cond, seeds, params.sampling.sampler,

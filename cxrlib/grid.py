@@ -27,7 +27,10 @@ class Experiment:
     real_fraction: float
     train_site: str
     seed: int
-    baseline: str
+
+    @property
+    def baseline(self) -> str:
+        return baseline_name(self.kind, self.real_fraction, self.train_site)
 
     @property
     def folder(self) -> str:
@@ -55,25 +58,24 @@ def baseline_name(kind: str, real_fraction: float, train_site: str) -> str:
 def plan_grid(params: Params) -> list[Experiment]:
     """Every experiment x seed of ``params.experiments``, baselines first."""
     grid, internal = params.experiments, "+".join(params.internal_sites())
-    recipes: list[tuple[str, str, int, float, str, str]] = []
+    recipes: list[tuple[str, str, int, float, str]] = []
     for f in grid.real_fractions:
         tag = fraction_tag(f)
-        base = baseline_name("real_only", f, internal)
-        recipes.append((base, "real_only", 0, f, internal, base))
+        recipes.append((baseline_name("real_only", f, internal), "real_only", 0, f, internal))
         for kind, ks in (("real_plus_synthetic", grid.supplement_k),
                          ("real_repeated", grid.repeated_k),
                          ("real_plus_shuffled", grid.shuffled_k),
                          ("synthetic_only", grid.synthetic_only_k),
                          ("real_plus_rebalanced", [grid.rebalance_k] if grid.rebalance_k else [])):
-            recipes += [(f"{kind}_x{k}.{tag}", kind, k, f, internal, base) for k in ks]
+            recipes += [(f"{kind}_x{k}.{tag}", kind, k, f, internal) for k in ks]
     for ext in grid.external:
         base = baseline_name("external_only", 1.0, ext.site)
         for k in sorted(ext.synthetic_k):
             name = base if k == 0 else f"{ext.site}_plus_synthetic_x{k}"
             kind = "external_only" if k == 0 else "external_plus_synthetic"
-            recipes.append((name, kind, k, 1.0, ext.site, base))
-    return [Experiment(name, kind, k, f, site, seed, base)
-            for seed in grid.seeds for name, kind, k, f, site, base in recipes]
+            recipes.append((name, kind, k, 1.0, ext.site))
+    return [Experiment(name, kind, k, f, site, seed)
+            for seed in grid.seeds for name, kind, k, f, site in recipes]
 
 
 def load_predictions(folder: Path) -> pd.DataFrame:
@@ -98,8 +100,7 @@ def grid_results(folder: Path) -> pd.DataFrame:
     for path in sorted(folder.glob("*/seed-*/predictions.parquet")):
         config = json.loads((path.parent / "config.json").read_text())
         rows.append({k: config.get(k) for k in (
-            "name", "kind", "k", "real_fraction", "train_site", "seed", "baseline", "n_real",
-            "n_synthetic",
+            "name", "kind", "k", "real_fraction", "train_site", "seed", "n_real", "n_synthetic",
             "best_epoch", "epochs_run", "stopped_early", "optimizer_steps", "best_step",
             "images_seen", "train_seconds")})
     table = pd.DataFrame(rows).rename(columns={"name": "experiment"})
