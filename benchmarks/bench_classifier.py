@@ -37,18 +37,18 @@ from cxrlib.classify import (
     masked_bce,
     train_classifier,
 )
-from cxrlib.config import atomic_write_parquet, load_params
+from cxrlib.config import load_params
 from cxrlib.imagecache import ImageCache
+from cxrlib.io import write_image_cache
 from cxrlib.labels import CHEXPERT_LABELS
 
 
 def random_cache(folder: Path, n: int, resolution: int) -> tuple[ImageCache, pd.DataFrame]:
     """A cache of ``n`` random images and manifest-like rows with random labels."""
     rng = np.random.default_rng(0)
-    folder.mkdir(parents=True)
-    np.save(folder / "images.npy", rng.integers(0, 256, (n, resolution, resolution), np.uint8))
     ids = [f"img{i:06d}" for i in range(n)]
-    atomic_write_parquet(pd.DataFrame({"image_id": ids}), folder / "index.parquet")
+    with write_image_cache(folder, n, resolution) as cache:
+        cache.add(ids, rng.integers(0, 256, (n, resolution, resolution), np.uint8))
     labels = (rng.random((n, len(CHEXPERT_LABELS))) < 0.2).astype(float)
     rows = pd.DataFrame(labels, columns=list(CHEXPERT_LABELS))
     rows.insert(0, "image_id", ids)

@@ -9,7 +9,7 @@ real validation images. One table, so the demo's step count, loss weighting and 
 chosen by measurement:
 
     python benchmarks/bench_diffusion_fidelity.py --params params/demo.yaml \\
-        --steps 2000 --every 500 --images 400 --guidance 0 2
+        --steps 2000 --every 500 --images 400 --guidance 0 1
 
 Needs the run's manifest and cache (notebook 01). Trains or loads the judge in the run folder
 (as notebook 03 does); the diffusion checkpoints go to a temporary folder. Minutes are wall
@@ -22,6 +22,7 @@ import argparse
 import os
 import tempfile
 import time
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -29,7 +30,7 @@ import pandas as pd
 import torch
 
 from cxrlib.audit_run import audit_reference, real_row, score_setting, sweep_conditions
-from cxrlib.config import load_params, run_dir
+from cxrlib.config import load_params
 from cxrlib.data import load_cohort
 from cxrlib.diffusion import (
     _checkpoint_dirs,
@@ -40,7 +41,8 @@ from cxrlib.diffusion import (
 )
 from cxrlib.hardware import cpu_bf16_units, describe_precision, resolve_precision
 from cxrlib.imagecache import ImageCache
-from cxrlib.sampling import generate
+from cxrlib.layout import RunLayout
+from cxrlib.samplers import generate
 
 
 def _stamp(stamps: dict[int, float], step: int) -> None:
@@ -53,7 +55,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--every", type=int, default=500, help="score a checkpoint every N steps")
     ap.add_argument("--images", type=int, default=400, help="generated images per score")
-    ap.add_argument("--guidance", type=float, nargs="+", default=[0.0, 2.0])
+    ap.add_argument("--guidance", type=float, nargs="+", default=[0.0, 1.0],
+                    help="guidance w values (0: the plain conditional model)")
     ap.add_argument("--snr-gamma", type=float, default=5.0)
     ap.add_argument("--variants", nargs="+", default=["plain", "min-snr"],
                     choices=["plain", "min-snr"])
@@ -61,10 +64,10 @@ def main() -> None:
     args = ap.parse_args()
 
     params = load_params(args.params)
-    folder = run_dir(params, create=False)
-    cohort = load_cohort(params, folder)
+    layout = RunLayout.open(params, create=False)
+    cohort = load_cohort(params, layout)
     cache = ImageCache(cohort.cache_dir)
-    ref = audit_reference(params, cohort.manifest, cache, folder, progress=False)
+    ref = audit_reference(params, cohort.manifest, cache, layout, progress=False)
     rows, cond, seeds, labels = sweep_conditions(params, ref, args.images, key="fidelity")
     spec = params.diffusion
     print(f"machine: {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, bf16 units "
@@ -84,9 +87,10 @@ def main() -> None:
         stamps: dict[int, float] = {}
         with tempfile.TemporaryDirectory() as tmp:
             started = time.perf_counter()
-            train_diffusion(run, cohort.manifest, cache, Path(tmp), progress=True,
+            scratch = replace(layout, root=Path(tmp))
+            train_diffusion(run, cohort.manifest, cache, scratch, progress=True,
                             on_step=partial(_stamp, stamps))
-            for ckpt in _checkpoint_dirs(Path(tmp) / "checkpoints"):
+            for ckpt in _checkpoint_dirs(scratch.checkpoints):
                 step = read_checkpoint_state(ckpt)["step"]
                 model = load_weights(ckpt)
                 for g in args.guidance:

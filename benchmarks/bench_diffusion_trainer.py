@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -55,27 +56,29 @@ BARE = "bare fp32"
 
 
 def _setup(params_file: str, steps: int, variant: dict[str, object] | None = None):
-    from cxrlib.config import load_params, run_dir
+    from cxrlib.config import load_params
     from cxrlib.data import load_cohort
     from cxrlib.imagecache import ImageCache
+    from cxrlib.layout import RunLayout
 
     params = load_params(params_file)
     spec = params.diffusion.model_copy(update={
         "max_steps": steps, "checkpoint_every": 10**9, "sample_every": 10**9,
         "sample_steps": 1, "resume": "never", **(variant or VARIANTS["fp32 eager"])})
     params = params.model_copy(update={"diffusion": spec})
-    cohort = load_cohort(params, run_dir(params, create=False))
-    return params, cohort.manifest, ImageCache(cohort.cache_dir)
+    run = RunLayout.open(params, create=False)
+    cohort = load_cohort(params, run)
+    return params, run, cohort.manifest, ImageCache(cohort.cache_dir)
 
 
 def run_cxrlib(params_file: str, steps: int, warmup: int, variant: str) -> dict:
     from cxrlib.diffusion import train_diffusion
     from cxrlib.hardware import resolve_precision
 
-    params, manifest, cache = _setup(params_file, steps, VARIANTS[variant])
+    params, run, manifest, cache = _setup(params_file, steps, VARIANTS[variant])
     stamps: dict[int, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        train_diffusion(params, manifest, cache, Path(tmp), progress=False,
+        train_diffusion(params, manifest, cache, replace(run, root=Path(tmp)), progress=False,
                         on_step=lambda s: stamps.__setitem__(s, time.perf_counter()))
     first, last = warmup, steps - 1
     imgs = (last - first) * params.diffusion.batch_size
@@ -88,10 +91,11 @@ def run_bare(params_file: str, steps: int, warmup: int) -> dict:
     import timm.optim
     from diffusers.training_utils import EMAModel
 
+    from cxrlib.cohort import training_rows
     from cxrlib.condition import encode_conditions
-    from cxrlib.diffusion import ConditionalUNet, noise_scheduler, training_rows, unet_config
+    from cxrlib.diffusion import ConditionalUNet, noise_scheduler, unet_config
 
-    params, manifest, cache = _setup(params_file, steps)
+    params, _, manifest, cache = _setup(params_file, steps)
     spec = params.diffusion
     rows = training_rows(params, manifest)
     index = cache.rows_for(rows["image_id"])

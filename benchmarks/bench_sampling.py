@@ -21,11 +21,12 @@ import argparse
 import pandas as pd
 
 from cxrlib.audit_run import audit_reference, real_row, score_setting, sweep_conditions
-from cxrlib.config import load_params, run_dir
+from cxrlib.config import load_params
 from cxrlib.data import load_cohort
 from cxrlib.diffusion import load_weights, noise_scheduler, trained_checkpoint
 from cxrlib.imagecache import ImageCache
-from cxrlib.sampling import timed_generate
+from cxrlib.layout import RunLayout
+from cxrlib.samplers import timed_generate
 
 COLUMNS = ["sampler", "steps", "img_per_s", "fidelity_macro_auroc", "fidelity_ci_low",
            "precision", "recall", "density", "coverage", "fid", "kid_mean"]
@@ -38,14 +39,14 @@ def main() -> None:
     ap.add_argument("--ddim-steps", type=int, nargs="+", default=[25, 50, 100, 200])
     ap.add_argument("--dpmpp-steps", type=int, nargs="+", default=[5, 10, 15, 25, 50])
     ap.add_argument("--ddpm-steps", type=int, nargs="+", default=[100, 200])
-    ap.add_argument("--guidance", type=float, default=0.0)
+    ap.add_argument("--guidance", type=float, default=0.0, help="guidance w (0: conditional)")
     args = ap.parse_args()
     params = load_params(args.params)
-    folder = run_dir(params, create=False)
-    cohort = load_cohort(params, folder)
-    ref = audit_reference(params, cohort.manifest, ImageCache(cohort.cache_dir), folder,
+    run = RunLayout.open(params, create=False)
+    cohort = load_cohort(params, run)
+    ref = audit_reference(params, cohort.manifest, ImageCache(cohort.cache_dir), run,
                           progress=False)
-    model = load_weights(trained_checkpoint(folder))
+    model = load_weights(trained_checkpoint(run))
     sched = noise_scheduler(params.diffusion)
     rows, cond, seeds, labels = sweep_conditions(params, ref, args.n, key="bench")
     real = real_row(ref, len(rows), labels)

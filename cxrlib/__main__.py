@@ -6,8 +6,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from cxrlib.config import ParamsError, load_params, run_dir
-from cxrlib.pipeline import STAGES, run_pipeline
+from cxrlib.config import ParamsError, load_params
+from cxrlib.layout import STAGES, RunLayout
+from cxrlib.pipeline import run_pipeline
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,8 +26,6 @@ def main(argv: list[str] | None = None) -> int:
     train = sub.add_parser("train-diffusion", help="train the DDPM (use under accelerate launch "
                            "for several GPUs); needs notebook 01's manifest for the run")
     train.add_argument("--params", type=Path, required=True)
-    train.add_argument("--out", type=Path, default=None,
-                       help="stage folder (default: <run>/02_diffusion)")
     synth = sub.add_parser("generate-synthetic", help="generate the synthetic cohorts (use under "
                            "accelerate launch to split across GPUs); needs notebook 02's model")
     synth.add_argument("--params", type=Path, required=True)
@@ -41,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{args.params}: ok")
             return 0
         if args.command == "train-diffusion":
-            return _train_diffusion(args.params, args.out)
+            return _train_diffusion(args.params)
         if args.command == "generate-synthetic":
             return _generate_synthetic(args.params)
         if args.command == "run-experiments":
@@ -50,25 +49,24 @@ def main(argv: list[str] | None = None) -> int:
         run_pipeline(args.params, tuple(args.stage or STAGES), force=args.force,
                      quiet=args.quiet)
     except (ParamsError, ValueError, RuntimeError, FileNotFoundError, KeyError) as err:
-        # DataError, DiffusionError and SyntheticCohortError subclass these: one clear line,
+        # DataError, CohortError, DiffusionError and SyntheticCohortError subclass these: one line,
         # not a traceback, for the errors cxrlib raises about the user's data and parameters.
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0
 
 
-def _train_diffusion(params_file: Path, out: Path | None) -> int:
+def _train_diffusion(params_file: Path) -> int:
     from cxrlib.data import load_cohort
     from cxrlib.diffusion import train_diffusion
     from cxrlib.imagecache import ImageCache
 
     params = load_params(params_file)
-    folder = run_dir(params)
-    cohort = load_cohort(params, folder)
+    run = RunLayout.open(params)
+    cohort = load_cohort(params, run)
     if cohort.cache_dir is None:
         raise SystemExit("a metadata-only run has no images to train on")
-    result = train_diffusion(params, cohort.manifest, ImageCache(cohort.cache_dir),
-                             out or folder / "02_diffusion")
+    result = train_diffusion(params, cohort.manifest, ImageCache(cohort.cache_dir), run)
     if result.is_main_process:
         print(f"processes: {result.num_processes}; steps {result.resumed_from} -> "
               f"{result.steps_done}; checkpoint {result.checkpoint}")
@@ -81,13 +79,12 @@ def _generate_synthetic(params_file: Path) -> int:
     from cxrlib.sampling import build_synthetic_cohort
 
     params = load_params(params_file)
-    folder = run_dir(params)
-    cohort = load_cohort(params, folder)
-    ckpt = trained_checkpoint(folder)
+    run = RunLayout.open(params)
+    cohort = load_cohort(params, run)
+    ckpt = trained_checkpoint(run)
     model = load_weights(ckpt, use_ema=True)
     for strategy in params.sampling.strategies:
-        synth = build_synthetic_cohort(params, cohort.manifest, model, ckpt,
-                                       folder / "03_sampling" / "synthetic", strategy)
+        synth = build_synthetic_cohort(params, cohort.manifest, model, ckpt, run, strategy)
         print(f"{strategy}: {len(synth)} synthetic images")
     return 0
 
@@ -96,10 +93,9 @@ def _run_experiments(params_file: Path) -> int:
     from cxrlib.experiments import grid_data, run_grid
 
     params = load_params(params_file)
-    folder = run_dir(params)
-    results = run_grid(params, grid_data(params, folder), folder / "04_experiments",
-                       reuse=(folder / "classifiers" / "real_only",))
-    print(f"{len(results)} experiment(s) finished under {folder / '04_experiments'}")
+    run = RunLayout.open(params)
+    results = run_grid(params, grid_data(params, run), run)
+    print(f"{len(results)} experiment(s) finished under {run.experiments}")
     return 0
 
 

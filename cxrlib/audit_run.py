@@ -14,7 +14,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -38,11 +37,13 @@ from cxrlib.audit_fidelity import (
     macro_labels,
 )
 from cxrlib.classify import predict_images, train_or_load
+from cxrlib.cohort import training_rows
 from cxrlib.condition import encode_conditions
 from cxrlib.config import AuditSpec, Params
-from cxrlib.diffusion import ConditionalUNet, noise_scheduler, training_rows
+from cxrlib.diffusion import ConditionalUNet, noise_scheduler
 from cxrlib.imagecache import ImageCache
-from cxrlib.sampling import image_seed, timed_generate
+from cxrlib.layout import RunLayout
+from cxrlib.samplers import image_seed, timed_generate
 
 
 def sample_rows(rows: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
@@ -89,7 +90,7 @@ class AuditReference:
         return pd.concat(parts, ignore_index=True)
 
 
-def audit_reference(params: Params, manifest: pd.DataFrame, cache: ImageCache, folder: Path,
+def audit_reference(params: Params, manifest: pd.DataFrame, cache: ImageCache, run: RunLayout,
                     progress: bool = True) -> AuditReference:
     """Train (or load) the judge, fit the probes, and embed the real reference images.
 
@@ -107,7 +108,7 @@ def audit_reference(params: Params, manifest: pd.DataFrame, cache: ImageCache, f
         raise ValueError(f"the audit needs validation images of sites {sorted(sites)}; found "
                          f"{len(val)} (set a val fraction in data.sites[].split)")
     judge = train_or_load(params.classifier, train, val, cache,
-                          folder / "classifiers" / "real_only", params.run.seed,
+                          run.judge, params.run.seed,
                           progress).model
     heldout = sample_rows(val, 2 * params.sampling.audit_images, params.run.seed)
     heldout_images = cache.load(heldout["image_id"])
@@ -140,6 +141,34 @@ class SyntheticAudit:
     def distance_summary(self) -> pd.DataFrame:
         """Mean and range over the floor's splits."""
         return distance_summary(self.distance)
+
+
+def audit_tables(audits: dict[str, SyntheticAudit]) -> dict[str, pd.DataFrame]:
+    """Every cohort's audit tables side by side, by the name notebook 03 saves each under:
+    the cohorts as the outer index level (the per-label fidelity: as columns)."""
+    def stack(table: Callable[[SyntheticAudit], pd.DataFrame]) -> pd.DataFrame:
+        return pd.concat({s: table(a) for s, a in audits.items()}, names=["cohort"])
+
+    return {
+        "distance_per_split": stack(lambda a: a.distance),
+        "distance": stack(lambda a: a.distance_summary).round(4),
+        "conditional_fidelity_per_label": pd.concat(
+            {s: a.fidelity.per_label.set_index("label") for s, a in audits.items()},
+            axis=1).round(3),
+        "fidelity": stack(lambda a: a.fidelity.table().set_index("measure")).round(4),
+        "diversity": stack(lambda a: a.diversity),
+        "memorization": pd.DataFrame({s: a.memorization.summary()
+                                      for s, a in audits.items()}).T,
+    }
+
+
+def memorization_sentences(memorization: pd.DataFrame) -> list[str]:
+    """One line per cohort of :func:`audit_tables`' memorization table."""
+    return [f"{s}: {int(row['flagged'])} of {int(row['audited'])} audited synthetic images "
+            f"flagged as possible copies (95% upper bound {row['share_upper95']:.1%}); "
+            f"held-out real images flagged: {row['heldout_share_flagged']:.1%}; "
+            f"copies of their own source: {int(row['source_copies'])} of "
+            f"{int(row['with_source'])}" for s, row in memorization.iterrows()]
 
 
 def audit_synthetic(ref: AuditReference, synth: pd.DataFrame, synth_cache: ImageCache,
@@ -230,18 +259,18 @@ def sweep_conditions(params: Params, ref: AuditReference, n: int,
 
 def guidance_sweep(params: Params, ref: AuditReference, model: ConditionalUNet,
                    progress: bool = True) -> pd.DataFrame:
-    """Guidance scale x sampler x steps on the same conditions and seeds, each scored by
+    """Guidance w x sampler x steps on the same conditions and seeds, each scored by
     :func:`score_setting` with its seconds per image; first row: the real reference."""
     spec = params.sampling
     rows, cond, seeds, labels = sweep_conditions(params, ref, spec.sweep_images)
     sched = noise_scheduler(params.diffusion)
     out = [real_row(ref, len(rows), labels)]
     grid = [(s, k, g) for s in spec.sweep_samplers for k in spec.sweep_steps
-            for g in spec.sweep_scales]
-    for sampler, steps, scale in tqdm(grid, desc="guidance sweep", disable=not progress):
-        images, sec = timed_generate(model, sched, cond, seeds, sampler, steps, scale,
+            for g in spec.sweep_guidance]
+    for sampler, steps, w in tqdm(grid, desc="guidance sweep", disable=not progress):
+        images, sec = timed_generate(model, sched, cond, seeds, sampler, steps, w,
                                      spec.guidance_rescale, spec.batch_size)
-        out.append({"sampler": sampler, "steps": steps, "guidance": scale,
+        out.append({"sampler": sampler, "steps": steps, "guidance": w,
                     **score_setting(ref, rows, images, labels), "sec_per_image": sec})
     table = pd.DataFrame(out)
     table.attrs["labels"] = labels
@@ -249,7 +278,7 @@ def guidance_sweep(params: Params, ref: AuditReference, model: ConditionalUNet,
 
 
 def _setting(row: pd.Series) -> str:
-    return f"{row['sampler']} with {int(row['steps'])} steps at guidance {row['guidance']:g}"
+    return f"{row['sampler']} with {int(row['steps'])} steps at guidance w {row['guidance']:g}"
 
 
 def sweep_verdict(table: pd.DataFrame, tolerance: float = 0.05) -> str:
@@ -306,7 +335,7 @@ def sweep_verdict(table: pd.DataFrame, tolerance: float = 0.05) -> str:
     hi, lo = by_scale.index.max(), by_scale.index.min()
     if hi != lo:
         lines.append(
-            f"Averaged over samplers and steps, guidance {lo:g} -> {hi:g} moves macro fidelity "
+            f"Averaged over samplers and steps, guidance w {lo:g} -> {hi:g} moves macro fidelity "
             f"{by_scale.loc[lo, 'fidelity_macro_auroc']:.3f} -> "
             f"{by_scale.loc[hi, 'fidelity_macro_auroc']:.3f} and coverage "
             f"{by_scale.loc[lo, 'coverage']:.2f} -> {by_scale.loc[hi, 'coverage']:.2f}.")

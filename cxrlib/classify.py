@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 import time
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -32,9 +31,11 @@ from timm.utils import ModelEmaV3
 from torch import nn
 
 from cxrlib.augment import augment_batch
+from cxrlib.cohort import SUBGROUP_COLUMNS
 from cxrlib.config import ClassifierSpec, diff_keys
 from cxrlib.hardware import resolve_precision
 from cxrlib.imagecache import CombinedCache, ImageCache, to_model_input
+from cxrlib.io import on_main, replace_folder
 from cxrlib.labels import CHEXPERT_LABELS
 from cxrlib.progress import tqdm
 
@@ -280,24 +281,16 @@ def predict_images(model: nn.Module, images: np.ndarray, batch_size: int = 128) 
 
 def save_classifier(result: TrainResult, spec: ClassifierSpec, folder: Path,
                     extra: dict | None = None) -> Path:
-    """Weights in safetensors, the spec and training history beside them (atomic folder)."""
-    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in result.model.state_dict().items()},
-              tmp / "model.safetensors")
+    """Weights in safetensors, the spec and training history beside them (atomic folder).
+    Under ``accelerate launch`` call it on the main process only (:func:`cxrlib.io.on_main`)."""
     meta = {"spec": spec.model_dump(), "best_epoch": result.best_epoch,
             "stopped_early": result.stopped_early, "steps": result.steps,
             "best_step": result.best_step, "images_seen": result.images_seen, **(extra or {})}
-    (tmp / "classifier.json").write_text(json.dumps(meta, indent=1))
-    result.history.to_csv(tmp / "history.csv", index=False)
-    aside = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-    if folder.exists():  # keep the old model until the new one is in place
-        os.replace(folder, aside)
-    os.replace(tmp, folder)
-    if aside.exists():
-        shutil.rmtree(aside)
+    with replace_folder(folder) as tmp:
+        save_file({k: v.detach().cpu().contiguous()
+                   for k, v in result.model.state_dict().items()}, tmp / "model.safetensors")
+        (tmp / "classifier.json").write_text(json.dumps(meta, indent=1))
+        result.history.to_csv(tmp / "history.csv", index=False)
     return folder
 
 
@@ -322,7 +315,8 @@ def train_or_load(spec: ClassifierSpec, train: pd.DataFrame, val: pd.DataFrame,
                   progress: bool = True, reuse: tuple[Path, ...] = ()) -> TrainResult:
     """Reuse a classifier saved in ``folder`` or in one of the ``reuse`` folders (same
     settings, seed, training and validation rows), else train one; the result is saved in
-    ``folder``, so that a model is never trained twice for the same data."""
+    ``folder``, so that a model is never trained twice for the same data. Only the main process
+    saves; the others wait for it."""
     ids = {"train_rows": len(train), "val_rows": len(val), "seed": seed,
            "train_ids_crc": zlib.crc32("\n".join(train["image_id"]).encode()),
            "val_ids_crc": zlib.crc32("\n".join(val["image_id"]).encode())}
@@ -333,15 +327,12 @@ def train_or_load(spec: ClassifierSpec, train: pd.DataFrame, val: pd.DataFrame,
             if same_spec and all(meta.get(k) == v for k, v in ids.items()):
                 result = load_classifier(candidate, spec)
                 if candidate != folder:
-                    save_classifier(result, spec, folder, {**ids, "reused_from": str(candidate)})
+                    on_main(partial(save_classifier, result, spec, folder,
+                                    {**ids, "reused_from": str(candidate)}))
                 return result
     result = train_classifier(spec, train, val, cache, seed, progress)
-    save_classifier(result, spec, folder, ids)
+    on_main(partial(save_classifier, result, spec, folder, ids))
     return result
-
-
-#: Image attributes copied into predictions, so subgroup statistics need no manifest.
-SUBGROUP_COLUMNS: tuple[str, ...] = ("sex", "age", "race", "view")
 
 
 def predictions_frame(df: pd.DataFrame, scores: np.ndarray, test_set: str) -> pd.DataFrame:

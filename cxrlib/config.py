@@ -1,4 +1,4 @@
-"""Parameter files: the schema, loading with validation, and the run folder.
+"""Parameter files: the schema and loading with validation.
 
 A run is described by one YAML file in ``params/``. :func:`load_params` parses it with
 ``yaml.safe_load`` and validates it against :class:`Params` before any work starts: an unknown
@@ -9,23 +9,45 @@ can be traced to the exact configuration that made it.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    model_validator,
+)
 
+from cxrlib.kinds import Kind
 from cxrlib.labels import CHEXPERT_LABELS, RACE_VALUES
 
 Split = Literal["train", "val", "test"]
 View = Literal["AP", "PA", "LATERAL", "OTHER"]
 PositiveInt = Annotated[int, Field(gt=0)]
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+#: Classifier-free guidance weight w, continuous in w: eps = null + (1 + w) (cond - null), i.e.
+#: (1 + w) cond - w null. w = 0 is the plain conditional model, w = -1 the unconditional one.
+#: The authors' scale s (out = null + s (cond - null), with s = 0 meaning the plain conditional
+#: model) maps to w = s - 1 for s > 0, and their s = 0 to w = 0.
+Guidance = Annotated[float, Field(ge=-1.0)]
 
-#: Environment variable that moves every run folder (tests point it at a temporary folder).
-RUNS_DIR_ENV = "CXRLIB_RUNS_DIR"
+
+def _renamed_guidance(data: Any, section: str, renamed: dict[str, str]) -> Any:
+    """A clear error for the guidance keys of files written before the scale became w."""
+    old = sorted(set(renamed) & set(data)) if isinstance(data, dict) else []
+    if old:
+        raise ValueError(
+            "; ".join(f"{section}.{k} is now {section}.{renamed[k]}" for k in old) +
+            ", on a continuous scale: w = s - 1 for the old scale s > 0, and s = 0 stays 0 "
+            "(the plain conditional model)")
+    return data
+
 #: ``{xrv}`` in a path stands for torchxrayvision's bundled ``data/`` folder.
 XRV_TOKEN = "{xrv}"
 
@@ -316,11 +338,17 @@ class DiffusionSpec(_Strict):
     checkpoint_every: PositiveInt = 250
     keep_checkpoints: PositiveInt = 2
     resume: Literal["auto", "never"] = "auto"
-    #: Sample grids during training: every N steps, DDIM steps, guidance scale and rescale phi.
+    #: Sample grids during training: every N steps, DDIM steps, guidance w and rescale phi
+    #: (w = 3 is the authors' validation-grid scale 4; see :data:`Guidance`).
     sample_every: PositiveInt = 250
     sample_steps: PositiveInt = 50
-    sample_guidance: Annotated[float, Field(ge=0)] = 4.0
+    preview_guidance: Guidance = 3.0
     guidance_rescale: Fraction = 0.7
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        return _renamed_guidance(data, "diffusion", {"sample_guidance": "preview_guidance"})
 
     @model_validator(mode="after")
     def _zero_snr_needs_v(self) -> DiffusionSpec:
@@ -339,7 +367,7 @@ class DiffusionSpec(_Strict):
     #: Keys that do not change what a checkpoint holds (a resumed run may change them).
     RUN_LENGTH_KEYS: ClassVar[tuple[str, ...]] = (
         "max_steps", "checkpoint_every", "keep_checkpoints", "resume", "sample_every",
-        "sample_steps", "sample_guidance", "guidance_rescale", "channels_last", "compile",
+        "sample_steps", "preview_guidance", "guidance_rescale", "channels_last", "compile",
     )
 
 
@@ -366,8 +394,8 @@ class SamplingSpec(_Strict):
 
     sampler: Literal["ddpm", "ddim", "dpmpp"] = "ddim"
     steps: PositiveInt = 50
-    #: 0 = the plain conditional model (the authors' generation setting).
-    guidance_scale: Annotated[float, Field(ge=0)] = 0.0
+    #: Guidance w (:data:`Guidance`); 0 = the plain conditional model (the authors' setting).
+    guidance: Guidance = 0.0
     guidance_rescale: Fraction = 0.7
     batch_size: PositiveInt = 64
     #: Replicas per training row (k = 10 is +1000%).
@@ -382,12 +410,17 @@ class SamplingSpec(_Strict):
     shard_size: PositiveInt = 256
     #: Audit: how many synthetic and real images to compare, and the guidance sweep grid.
     audit_images: PositiveInt = 500
-    sweep_scales: list[Annotated[float, Field(ge=0)]] = Field(
-        default_factory=lambda: [0.0, 2.0, 4.0])
+    sweep_guidance: list[Guidance] = Field(default_factory=lambda: [0.0, 1.0, 3.0])
     sweep_samplers: list[Literal["ddpm", "ddim", "dpmpp"]] = Field(
         default_factory=lambda: ["ddim", "dpmpp"])
     sweep_steps: list[PositiveInt] = Field(default_factory=lambda: [10, 25])
     sweep_images: PositiveInt = 128
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        return _renamed_guidance(data, "sampling", {"guidance_scale": "guidance",
+                                                    "sweep_scales": "sweep_guidance"})
 
 
 class AuditSpec(_Strict):
@@ -417,9 +450,15 @@ class AuditSpec(_Strict):
     encoder_cache: str | None = None
 
 
-#: Experiment kinds of the grid (:func:`cxrlib.grid.plan_grid`) the analysis plan can name.
-ExperimentKind = Literal["real_plus_synthetic", "synthetic_only", "real_plus_rebalanced",
-                         "real_repeated", "real_plus_shuffled", "external_plus_synthetic"]
+def _compared(kind: Kind) -> Kind:
+    if kind in (Kind.REAL_ONLY, Kind.EXTERNAL_ONLY):
+        raise ValueError(f"'{kind}' is a baseline; name a kind that is compared with one")
+    return kind
+
+
+#: Experiment kinds of the grid (:class:`cxrlib.kinds.Kind`) the analysis plan can name: every
+#: kind but the two baselines; written as their values ("real_plus_synthetic").
+ComparedKind = Annotated[Kind, Field(strict=False), AfterValidator(_compared)]
 
 
 class PrimarySpec(_Strict):
@@ -429,14 +468,14 @@ class PrimarySpec(_Strict):
     real_fraction: Annotated[float, Field(gt=0, le=1)] | None = None
     #: Kinds whose every k at that fraction is compared with its real-only baseline: the
     #: supplementation and its controls (real rows repeated; synthetic images, labels shuffled).
-    kinds: list[ExperimentKind] = Field(default_factory=lambda: [
-        "real_plus_synthetic", "real_repeated", "real_plus_shuffled"])
+    kinds: list[ComparedKind] = Field(default_factory=lambda: [
+        Kind.REAL_PLUS_SYNTHETIC, Kind.REAL_REPEATED, Kind.REAL_PLUS_SHUFFLED])
     #: Supplementation families with a dose-response test (slope of delta on k).
-    dose_response_kinds: list[ExperimentKind] = Field(
-        default_factory=lambda: ["real_plus_synthetic"])
+    dose_response_kinds: list[ComparedKind] = Field(
+        default_factory=lambda: [Kind.REAL_PLUS_SYNTHETIC])
     #: The subgroup analysis compares this kind at ``subgroup_k`` (None = its largest k) at the
     #: primary fraction with its baseline.
-    subgroup_kind: ExperimentKind = "real_plus_synthetic"
+    subgroup_kind: ComparedKind = Kind.REAL_PLUS_SYNTHETIC
     subgroup_k: Annotated[int, Field(ge=1)] | None = None
 
 
@@ -609,52 +648,6 @@ def params_base(params: Params) -> Path:
     return src.parent.parent if src.parent.name == "params" else src.parent
 
 
-def run_dir(params: Params, create: bool = True) -> Path:
-    """The run's own folder, ``<out_dir>/<run.name>``; refuses to reuse another config's folder.
-
-    The folder keeps ``params.json``; opening it again with different parameters is an error
-    naming the keys that differ, so one run never writes over another run's files. Only
-    run-length keys (``_FREE_KEYS``: steps to train, checkpoint cadence, workers) may change,
-    so a finished training run can be continued for more steps.
-    """
-    root = os.environ.get(RUNS_DIR_ENV) or params.run.out_dir
-    folder = resolve_path(root, params_base(params)) / params.run.name
-    if not create:
-        return folder
-    folder.mkdir(parents=True, exist_ok=True)
-    saved = folder / "params.json"
-    current = json.loads(params.to_json())
-    before = json.loads(saved.read_text()) if saved.exists() else None
-    if before is not None:
-        # Keys the saved record lacks were added to the schema after the folder was made.
-        diff = sorted(k for k in diff_keys(before, current)
-                      if k not in _FREE_KEYS and _has_key(before, k))
-        if diff:
-            raise ParamsError(
-                f"run folder {folder} was made with different parameters "
-                f"(keys differ: {', '.join(diff[:8])}); give the run a new run.name, "
-                f"or delete the folder to start it again"
-            )
-    if before != current:
-        atomic_write_text(saved, params.to_json())  # record the latest invocation
-    return folder
-
-
-#: Keys a run may change between invocations: how long to train, how often to save, how many
-#: worker processes. Everything else defines the run and must stay as it was.
-_FREE_KEYS = frozenset({"data.workers", "sampling.batch_size",
-                        *(f"diffusion.{k}" for k in DiffusionSpec.RUN_LENGTH_KEYS)})
-
-
-def _has_key(tree: dict, dotted: str) -> bool:
-    node: Any = tree
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return False
-        node = node[part]
-    return True
-
-
 def diff_keys(a: Any, b: Any, prefix: str = "") -> set[str]:
     """Dotted keys whose values differ between two nested dicts."""
     if isinstance(a, dict) and isinstance(b, dict):
@@ -664,16 +657,3 @@ def diff_keys(a: Any, b: Any, prefix: str = "") -> set[str]:
         return out
     return set() if a == b else {prefix or "<top>"}
 
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write text to a temporary name beside ``path`` and rename it into place."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def atomic_write_parquet(frame: Any, path: Path) -> None:
-    """Write a DataFrame to parquet under a temporary name and rename it into place."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    frame.to_parquet(tmp, index=False)
-    os.replace(tmp, path)

@@ -21,12 +21,13 @@ from cxrlib.config import (
     Params,
     SiteSpec,
     SplitSpec,
-    atomic_write_parquet,
     params_base,
     resolve_path,
 )
 from cxrlib.imagecache import build_cache
+from cxrlib.io import atomic_write_parquet
 from cxrlib.labels import CHEXPERT_LABELS, MANIFEST_COLUMNS, RACE_UNKNOWN, map_race, map_sex
+from cxrlib.layout import RunLayout
 from cxrlib.phantom import write_phantom_site
 
 
@@ -370,7 +371,6 @@ class Cohort:
 
     manifest: pd.DataFrame
     drops: pd.DataFrame
-    folder: Path
     cache_dir: Path | None
 
     @property
@@ -379,10 +379,10 @@ class Cohort:
                 if len(self.drops) else pd.DataFrame(columns=["site", "reason", "rows"]))
 
 
-def _read_site(site: SiteSpec, params: Params, folder: Path, progress: bool) -> pd.DataFrame:
+def _read_site(site: SiteSpec, params: Params, run: RunLayout, progress: bool) -> pd.DataFrame:
     if site.reader == "phantom":
         assert site.phantom is not None
-        root = write_phantom_site(folder / "phantom" / site.site, site.site, site.phantom,
+        root = write_phantom_site(run.phantom(site.site), site.site, site.phantom,
                                   params.run.seed, params.data.race_marginals,
                                   workers=params.data.workers, progress=progress)
         spec = site.model_copy(update={"csv_files": ["train.csv"],
@@ -392,35 +392,31 @@ def _read_site(site: SiteSpec, params: Params, folder: Path, progress: bool) -> 
     return READERS[site.reader](site, root, params)
 
 
-def load_cohort(params: Params, folder: Path) -> Cohort:
+def load_cohort(params: Params, run: RunLayout) -> Cohort:
     """The cohort notebook 01 prepared for this run (an error if it has not run yet)."""
-    out = folder / "data"
-    manifest_path, drops_path = out / "manifest.parquet", out / "dropped.parquet"
-    if not manifest_path.exists():
-        raise DataError(f"no manifest at {manifest_path}; run notebook 01 (data preparation) "
+    if not run.manifest.exists():
+        raise DataError(f"no manifest at {run.manifest}; run notebook 01 (data preparation) "
                         "for this run first")
-    cache_dir = None if params.data.metadata_only else out / f"cache_{params.data.resolution}"
-    drops = pd.read_parquet(drops_path) if drops_path.exists() else DropLog().frame()
-    return Cohort(pd.read_parquet(manifest_path), drops, folder, cache_dir)
+    cache_dir = None if params.data.metadata_only else run.image_cache
+    drops = pd.read_parquet(run.dropped) if run.dropped.exists() else DropLog().frame()
+    return Cohort(pd.read_parquet(run.manifest), drops, cache_dir)
 
 
-def prepare_cohort(params: Params, folder: Path, progress: bool = True) -> Cohort:
+def prepare_cohort(params: Params, run: RunLayout, progress: bool = True) -> Cohort:
     """Read every site, filter, split by patient, check, build the image cache, and write the
-    manifest (``manifest.parquet``) and drop log (``dropped.parquet``) into ``folder/data``.
+    manifest and drop log (:attr:`RunLayout.cohort`).
 
     Reuses a finished preparation in the same run folder (the run folder guarantees that its
     parameters are the same).
     """
-    out = folder / "data"
-    manifest_path, drops_path = out / "manifest.parquet", out / "dropped.parquet"
-    cache_dir = None if params.data.metadata_only else out / f"cache_{params.data.resolution}"
-    if manifest_path.exists() and drops_path.exists():
-        return load_cohort(params, folder)
-    out.mkdir(parents=True, exist_ok=True)
+    cache_dir = None if params.data.metadata_only else run.image_cache
+    if run.manifest.exists() and run.dropped.exists():
+        return load_cohort(params, run)
+    run.cohort.mkdir(parents=True, exist_ok=True)
     drops = DropLog()
     parts = []
     for site in params.data.sites:
-        df = _read_site(site, params, folder, progress)
+        df = _read_site(site, params, run, progress)
         df = clean_rows(df, params, drops, site.site)
         df["split"] = assign_splits(df, site.split, site.site).to_numpy()
         parts.append(df)
@@ -443,27 +439,9 @@ def prepare_cohort(params: Params, folder: Path, progress: bool = True) -> Cohor
         check_required_splits(manifest, site)
     manifest = manifest[list(MANIFEST_COLUMNS) + ["source_file", "source_row"]]
     manifest = manifest.reset_index(drop=True)
-    atomic_write_parquet(drops.frame(), drops_path)
-    atomic_write_parquet(manifest, manifest_path)  # written last: it marks completion
-    return Cohort(manifest, drops.frame(), folder, cache_dir)
-
-
-def patient_subset(rows: pd.DataFrame, fraction: float, seed: int) -> pd.DataFrame:
-    """Rows of a seeded draw of ``fraction`` of the patients (at least one), whole patients
-    only. Draws are nested: for one seed, the patients of a smaller fraction are always among
-    those of a larger one, so a 10% real subset lies inside the 25% that got synthetic images.
-    """
-    if fraction >= 1.0:
-        return rows.reset_index(drop=True)
-    patients = np.array(sorted(rows["patient_id"].unique()))
-    order = np.random.default_rng([seed, 104729]).permutation(len(patients))
-    keep = set(patients[order[: max(1, round(fraction * len(patients)))]])
-    return rows[rows["patient_id"].isin(keep)].reset_index(drop=True)
-
-
-def internal_rows(params: Params, manifest: pd.DataFrame) -> pd.DataFrame:
-    """Manifest rows of the internal site(s)."""
-    return manifest[manifest["site"].isin(params.internal_sites())]
+    atomic_write_parquet(drops.frame(), run.dropped)
+    atomic_write_parquet(manifest, run.manifest)  # written last: it marks completion
+    return Cohort(manifest, drops.frame(), cache_dir)
 
 
 def describe_sources(params: Params) -> pd.DataFrame:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,19 +35,23 @@ import numpy as np
 import pandas as pd
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list
-from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
+from accelerate.utils import gather_object
+from diffusers import DDPMScheduler, UNet2DModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel, compute_snr
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from cxrlib.cohort import training_rows
 from cxrlib.condition import ConditionEmbedding, dropout_mask, encode_conditions
-from cxrlib.config import DiffusionSpec, Params, atomic_write_text, diff_keys
+from cxrlib.config import DiffusionSpec, Params, diff_keys
 from cxrlib.hardware import describe_precision, resolve_precision
 from cxrlib.imagecache import ImageCache, to_model_input
+from cxrlib.io import atomic_path, atomic_write_text, on_main, replace_folder
 from cxrlib.labels import CHEXPERT_LABELS
+from cxrlib.layout import RunLayout
 from cxrlib.progress import tqdm
+from cxrlib.samplers import ddim_for, sample_images
 
 
 class DiffusionError(ValueError):
@@ -122,20 +125,6 @@ def identity_config(params: Params) -> dict:
             "seed": params.run.seed}
 
 
-def training_rows(params: Params, manifest: pd.DataFrame) -> pd.DataFrame:
-    """The rows the diffusion model learns from: the training split of its sites."""
-    sites = params.diffusion.sites or params.internal_sites()
-    unknown = sorted(set(sites) - set(manifest["site"]))
-    if unknown:
-        raise DiffusionError(f"diffusion.sites names site(s) {unknown} that the manifest does "
-                             f"not have (sites: {sorted(manifest['site'].unique())})")
-    rows = manifest[manifest["site"].isin(sites) & (manifest["split"] == "train")]
-    if rows.empty:
-        raise DiffusionError(f"the manifest has no training rows for site(s) {sites}; check "
-                             "data.sites[].split fractions, or run notebook 01 again")
-    return rows.reset_index(drop=True)
-
-
 def batch_indices(step: int, n: int, global_batch: int, seed: int) -> np.ndarray:
     """Row indices of the global batch at ``step``: epochs are seeded permutations of n rows,
     consumed in order, so a batch depends only on (seed, step)."""
@@ -155,7 +144,7 @@ def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
 
 
 # ---------------------------------------------------------------------------------------------
-# Checkpoints: <run>/02_diffusion/checkpoints/step-XXXXXXX/ written under a temporary name and
+# Checkpoints: RunLayout.checkpoints/step-XXXXXXX/ written under a temporary name and
 # renamed when complete. Weights, EMA weights and RNG state in safetensors; the optimiser state
 # with torch.save (tensors and numbers only, loaded back with weights_only=True); the loss
 # history in parquet; the rest JSON.
@@ -171,83 +160,93 @@ def latest_checkpoint(root: Path) -> Path | None:
     return dirs[-1] if dirs else None
 
 
-def trained_checkpoint(run_folder: Path) -> Path:
+def trained_checkpoint(run: RunLayout) -> Path:
     """The latest checkpoint of a run's diffusion stage (notebook 02), for sampling; an error
     that says what to run when there is none."""
-    ckpt = latest_checkpoint(run_folder / "02_diffusion" / "checkpoints")
+    ckpt = latest_checkpoint(run.checkpoints)
     if ckpt is None:
-        raise DiffusionError(f"no diffusion checkpoint under {run_folder / '02_diffusion'}; run "
+        raise DiffusionError(f"no diffusion checkpoint under {run.checkpoints}; run "
                              "notebook 02 (or cxrlib train-diffusion) first")
     return ckpt
 
 
-def _main_only(accelerator: Accelerator, fn: Callable[[], object]) -> object:
-    """Run ``fn`` on the main process; every process then raises if it failed there.
-
-    Without this, an error in main-only work (a full disk while checkpointing) would leave the
-    other processes waiting at the next barrier until a collective timeout hid the cause.
-    """
-    result, error = None, None
-    if accelerator.is_main_process:
-        try:
-            result = fn()
-        except Exception as exc:  # noqa: BLE001 - re-raised on every process below
-            error = f"{type(exc).__name__}: {exc}"
-    flag = [error]
-    if accelerator.num_processes > 1:
-        broadcast_object_list(flag)
-    if flag[0] is not None:
-        raise DiffusionError(f"the main process failed: {flag[0]}")
-    return result
-
-
 def save_checkpoint(accelerator: Accelerator, root: Path, step: int, model: ConditionalUNet,
-                    ema: EMAModel, optimizer: torch.optim.Optimizer, lr_scheduler,
-                    identity: dict, history: list[dict], keep: int) -> Path:
-    """Write ``step-XXXXXXX/`` under a temporary name (every process adds its RNG state) and
-    rename it into place on the main process; older checkpoints beyond ``keep`` are removed."""
-    final = root / f"step-{step:07d}"
-    tmp = root / f".tmp-step-{step:07d}"
-
-    def begin() -> None:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-
-    _main_only(accelerator, begin)
-    accelerator.wait_for_everyone()
+                    ema: EMAModel, optimizer: torch.optim.Optimizer,
+                    lr_scheduler: torch.optim.lr_scheduler.LRScheduler, identity: dict,
+                    history: list[dict], keep: int) -> Path | None:
+    """Write ``step-XXXXXXX/`` from the main process (every process's RNG state is gathered to
+    it) as one folder replaced atomically; older checkpoints beyond ``keep`` are removed.
+    Returns the folder on the main process, None on the others."""
     rng = {"torch_cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
-    save_file(rng, tmp / f"rng-{accelerator.process_index}.safetensors")
-    accelerator.wait_for_everyone()
+    rngs = gather_object([rng]) if accelerator.num_processes > 1 else [rng]
+    final = root / f"step-{step:07d}"
 
-    def finish() -> Path:
-        names = [n for n, _ in model.named_parameters()]
-        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
-                  tmp / "model.safetensors")
-        save_file({n: p.detach().cpu().contiguous()
-                   for n, p in zip(names, ema.shadow_params, strict=True)},
-                  tmp / "ema.safetensors")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        pd.DataFrame(history).to_parquet(tmp / "history.parquet", index=False)
-        scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
-        state = {"step": step, "identity": identity, "world": accelerator.num_processes,
-                 "ema": {k: v for k, v in ema.state_dict().items() if k != "shadow_params"},
-                 "lr_scheduler": lr_scheduler.state_dict(), "grad_scaler": scaler}
-        (tmp / "state.json").write_text(json.dumps(state, indent=1, default=float))
-        aside = root / f".old-step-{step:07d}"
-        if final.exists():  # keep the old copy until the new one is in place
-            os.replace(final, aside)
-        os.replace(tmp, final)
-        if aside.exists():
-            shutil.rmtree(aside)
+    def write() -> Path:
+        with replace_folder(final) as tmp:
+            for rank, state in enumerate(rngs):
+                save_file(state, tmp / f"rng-{rank}.safetensors")
+            names = [n for n, _ in model.named_parameters()]
+            save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+                      tmp / "model.safetensors")
+            save_file({n: p.detach().cpu().contiguous()
+                       for n, p in zip(names, ema.shadow_params, strict=True)},
+                      tmp / "ema.safetensors")
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            pd.DataFrame(history).to_parquet(tmp / "history.parquet", index=False)
+            scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
+            state = {"step": step, "identity": identity, "world": accelerator.num_processes,
+                     "ema": {k: v for k, v in ema.state_dict().items() if k != "shadow_params"},
+                     "lr_scheduler": lr_scheduler.state_dict(), "grad_scaler": scaler}
+            (tmp / "state.json").write_text(json.dumps(state, indent=1, default=float))
         for old in _checkpoint_dirs(root)[:-keep]:
             if old != final:
                 shutil.rmtree(old)
         return final
 
-    return _main_only(accelerator, finish)  # type: ignore[return-value]
+    return on_main(write)
+
+
+@dataclass
+class ResumePoint:
+    """Where a restored checkpoint left training: the steps done and their loss history."""
+
+    step: int
+    history: list[dict]
+
+
+def restore_checkpoint(accelerator: Accelerator, folder: Path, model: ConditionalUNet,
+                       ema: EMAModel, optimizer: torch.optim.Optimizer,
+                       lr_scheduler: torch.optim.lr_scheduler.LRScheduler) -> ResumePoint:
+    """Undo :func:`save_checkpoint`: load the weights, EMA, optimiser, learning-rate schedule,
+    gradient scaler and this process's RNG state from ``folder``.
+
+    Call it with the objects freshly built and before ``accelerator.prepare``, so the run then
+    continues exactly as the saved one would have. A checkpoint made with another number of
+    processes is refused (its batches would not line up).
+    """
+    state = read_checkpoint_state(folder)
+    saved_world = state.get("world", 1)
+    if saved_world != accelerator.num_processes:
+        raise DiffusionError(
+            f"checkpoint {folder} was trained with {saved_world} process(es) but this run has "
+            f"{accelerator.num_processes}: the batches would not line up; resume with "
+            f"{saved_world} process(es), or start a new run")
+    model.load_state_dict(load_file(folder / "model.safetensors"))
+    shadow = load_file(folder / "ema.safetensors")
+    ema.load_state_dict({**state["ema"], "shadow_params": [
+        shadow[n] for n, _ in model.named_parameters()]})
+    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+    lr_scheduler.load_state_dict(state["lr_scheduler"])
+    if state.get("grad_scaler") and accelerator.scaler is not None:
+        accelerator.scaler.load_state_dict(state["grad_scaler"])
+    rng = load_file(folder / f"rng-{accelerator.process_index}.safetensors")
+    torch.set_rng_state(rng["torch_cpu"])
+    if torch.cuda.is_available() and "cuda" in rng:
+        torch.cuda.set_rng_state(rng["cuda"])
+    history = pd.read_parquet(folder / "history.parquet").to_dict("records")
+    return ResumePoint(state["step"], history)
 
 
 def read_checkpoint_state(folder: Path) -> dict:
@@ -278,60 +277,6 @@ def load_weights(folder: Path, use_ema: bool = True) -> ConditionalUNet:
     return model.eval()
 
 
-# ---------------------------------------------------------------------------------------------
-# Guided sampling used for the preview grids during training. The sampling stage builds its
-# samplers and sweeps on this function.
-
-
-def guided_output(model: ConditionalUNet, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
-                  scale: float, rescale_phi: float) -> torch.Tensor:
-    """Classifier-free guidance with rescaling (Lin et al. 2024, eq. 15-16).
-
-    ``scale == 0`` is the plain conditional model (the authors' generation setting);
-    otherwise out = null + scale * (cond - null), then its per-image standard deviation is
-    pulled toward that of the conditional output: out = phi * out * std(cond) / std(out)
-    + (1 - phi) * out.
-    """
-    if scale == 0:
-        return model(x, t, cond)
-    n = x.shape[0]
-    drop = torch.cat([torch.zeros(n, dtype=torch.bool), torch.ones(n, dtype=torch.bool)])
-    both = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, cond]),
-                 drop.to(x.device))
-    cond_out, null_out = both[:n], both[n:]
-    out = null_out + scale * (cond_out - null_out)
-    if rescale_phi > 0:
-        dims = tuple(range(1, out.ndim))
-        ratio = cond_out.std(dim=dims, keepdim=True) / out.std(dim=dims, keepdim=True)
-        out = rescale_phi * out * ratio + (1 - rescale_phi) * out
-    return out
-
-
-@torch.no_grad()
-def sample_images(model: ConditionalUNet, scheduler, cond: np.ndarray, seeds: list[int],
-                  scale: float, rescale_phi: float, steps: int,
-                  progress: bool = False) -> np.ndarray:
-    """Images (n x R x R uint8) for conditions and per-image seeds with a diffusers scheduler
-    configured like the training schedule. Each image's initial noise and step noise (for
-    stochastic samplers) come from its own seeded generator, so an image does not depend on
-    the batch it is generated in."""
-    device = next(model.parameters()).device
-    res = model.unet.config.sample_size
-    gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
-    x = torch.stack([torch.randn(1, res, res, generator=g) for g in gens]).to(device)
-    c = torch.as_tensor(cond, dtype=torch.float32, device=device)
-    scheduler.set_timesteps(steps)
-    for t in tqdm(scheduler.timesteps, desc="sampling", disable=not progress):
-        tt = torch.full((x.shape[0],), int(t), device=device, dtype=torch.long)
-        out = guided_output(model, scheduler.scale_model_input(x, t), tt, c, scale, rescale_phi)
-        x = scheduler.step(out, t, x, generator=gens).prev_sample
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)[:, 0].cpu().numpy()
-
-
-def ddim_for(train_scheduler: DDPMScheduler) -> DDIMScheduler:
-    return DDIMScheduler.from_config(train_scheduler.config, timestep_spacing="trailing")
-
-
 def condition_pairs(model: ConditionalUNet, scheduler: DDPMScheduler, base: pd.DataFrame,
                     labels: list[str], seeds: list[int], spec: DiffusionSpec,
                     steps: int | None = None) -> dict[str, np.ndarray]:
@@ -350,7 +295,7 @@ def condition_pairs(model: ConditionalUNet, scheduler: DDPMScheduler, base: pd.D
         if name != "no finding":
             variant["No Finding"], variant[name] = 0.0, 1.0
         cond = encode_conditions(variant, spec.nan_label_value)
-        out[name] = sample_images(model, ddim_for(scheduler), cond, seeds, spec.sample_guidance,
+        out[name] = sample_images(model, ddim_for(scheduler), cond, seeds, spec.preview_guidance,
                                   spec.guidance_rescale, steps or spec.sample_steps)
     return out
 
@@ -431,19 +376,20 @@ def check_cache_matches(cache: ImageCache, rows: pd.DataFrame, resolution: int) 
     cache.rows_for(rows["image_id"])  # raises naming ids the cache lacks
 
 
-def train_diffusion(params: Params, manifest: pd.DataFrame, cache: ImageCache, folder: Path,
+def train_diffusion(params: Params, manifest: pd.DataFrame, cache: ImageCache, run: RunLayout,
                     progress: bool = True,
                     on_step: Callable[[int], None] | None = None) -> TrainingOutcome:
     """Train (or resume) the conditional DDPM for ``diffusion.max_steps`` optimiser steps.
 
-    Writes checkpoints and preview grids under ``folder`` (the stage folder of the run).
+    Writes checkpoints and preview grids under the run's diffusion stage
+    (:attr:`RunLayout.checkpoints`, :attr:`RunLayout.previews`).
     ``on_step(step)`` is called after each step (tests use it to interrupt a run).
     """
     spec = params.diffusion
     rows = training_rows(params, manifest)
     check_cache_matches(cache, rows, params.data.resolution)
     identity = identity_config(params)
-    ckpt_root = folder / "checkpoints"
+    ckpt_root = run.checkpoints
     ckpt_root.mkdir(parents=True, exist_ok=True)
     start = latest_checkpoint(ckpt_root)
     if start is not None and spec.resume == "never":
@@ -459,8 +405,6 @@ def train_diffusion(params: Params, manifest: pd.DataFrame, cache: ImageCache, f
         print(describe_precision(spec.mixed_precision, precision))
     torch.manual_seed(params.run.seed)
     model = ConditionalUNet(identity["unet"])
-    if start is not None:
-        model.load_state_dict(load_file(start / "model.safetensors"))
     import timm.optim  # Lion lives in timm; imported here to keep module import light
 
     optimizer = timm.optim.create_optimizer_v2(model, opt=spec.optimizer, lr=spec.lr,
@@ -468,36 +412,15 @@ def train_diffusion(params: Params, manifest: pd.DataFrame, cache: ImageCache, f
     lr_scheduler = get_scheduler("constant_with_warmup", optimizer,
                                  num_warmup_steps=spec.warmup_steps)
     ema = EMAModel(model.parameters(), decay=spec.ema_decay)
-    history: list[dict] = []
-    step = 0
-    if start is not None:
-        state = read_checkpoint_state(start)
-        step = state["step"]
-        history = pd.read_parquet(start / "history.parquet").to_dict("records")
-        optimizer.load_state_dict(torch.load(start / "optimizer.pt", weights_only=True))
-        lr_scheduler.load_state_dict(state["lr_scheduler"])
-        shadow = load_file(start / "ema.safetensors")
-        ema.load_state_dict({**state["ema"], "shadow_params": [
-            shadow[n] for n, _ in model.named_parameters()]})
-    resumed_from = step
+    resume = (restore_checkpoint(accelerator, start, model, ema, optimizer, lr_scheduler)
+              if start is not None else ResumePoint(0, []))
+    step, history = resume.step, resume.history
     rank, world = accelerator.process_index, accelerator.num_processes
-    if start is not None:
-        if state.get("world", 1) != world:
-            raise DiffusionError(
-                f"checkpoint {start} was trained with {state.get('world', 1)} process(es) but "
-                f"this run has {world}: the batches would not line up; resume with "
-                f"{state.get('world', 1)} process(es), or start a new run")
-        rng = load_file(start / f"rng-{rank}.safetensors")
-        torch.set_rng_state(rng["torch_cpu"])
-        if torch.cuda.is_available() and "cuda" in rng:
-            torch.cuda.set_rng_state(rng["cuda"])
     layout = torch.channels_last if spec.channels_last else torch.contiguous_format
     model = model.to(memory_format=layout)
     if spec.compile:
         model.compile()  # in place: parameter names, and so checkpoints, stay as they are
     model, optimizer = accelerator.prepare(model, optimizer)
-    if start is not None and state.get("grad_scaler") and accelerator.scaler is not None:
-        accelerator.scaler.load_state_dict(state["grad_scaler"])
     ema.to(accelerator.device)
     scheduler = noise_scheduler(spec)
     data = _CachedRows(cache, rows, spec.nan_label_value)
@@ -541,23 +464,22 @@ def train_diffusion(params: Params, manifest: pd.DataFrame, cache: ImageCache, f
                                         accelerator.unwrap_model(model), ema, optimizer,
                                         lr_scheduler, identity, history, spec.keep_checkpoints)
         if step % spec.sample_every == 0 or done:
-            path = _main_only(accelerator, partial(
+            path = on_main(partial(
                 _preview, accelerator.unwrap_model(model), ema, scheduler, spec, preview_cond,
-                preview_names, folder, step, params.run.seed))
+                preview_names, run, step, params.run.seed))
             previews += [path] if path is not None else []
-            accelerator.wait_for_everyone()
         if on_step is not None:
             on_step(step)
     bar.close()
     if last_ckpt is None:
         last_ckpt = latest_checkpoint(ckpt_root)
     accelerator.end_training()
-    return TrainingOutcome(last_ckpt, pd.DataFrame(history), step, resumed_from, previews,
+    return TrainingOutcome(last_ckpt, pd.DataFrame(history), step, resume.step, previews,
                            world, accelerator.is_main_process)
 
 
 def _preview(model: ConditionalUNet, ema: EMAModel, scheduler: DDPMScheduler,
-             spec: DiffusionSpec, cond: np.ndarray, names: list[str], folder: Path, step: int,
+             spec: DiffusionSpec, cond: np.ndarray, names: list[str], run: RunLayout, step: int,
              seed: int) -> Path:
     """Sample the fixed preview conditions with EMA weights; save a grid PNG."""
     from PIL import Image
@@ -569,15 +491,42 @@ def _preview(model: ConditionalUNet, ema: EMAModel, scheduler: DDPMScheduler,
     grid_rows = []
     for j in seeds:
         imgs = sample_images(model, ddim_for(scheduler), cond, [j] * len(cond),
-                             spec.sample_guidance, spec.guidance_rescale, spec.sample_steps)
+                             spec.preview_guidance, spec.guidance_rescale, spec.sample_steps)
         grid_rows.append(np.concatenate(list(imgs), axis=1))
     model.train()
     ema.restore(model.parameters())
-    out = folder / "previews"
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"step-{step:07d}.png"
-    tmp = out / f".step-{step:07d}.tmp.png"
-    Image.fromarray(np.concatenate(grid_rows, axis=0)).save(tmp)
-    os.replace(tmp, path)
-    atomic_write_text(out / "columns.json", json.dumps(names))
+    run.previews.mkdir(parents=True, exist_ok=True)
+    path = run.preview(step)
+    with atomic_path(path) as tmp:
+        Image.fromarray(np.concatenate(grid_rows, axis=0)).save(tmp)
+    atomic_write_text(run.preview_columns, json.dumps(names))
     return path
+
+
+@dataclass
+class Preview:
+    """The newest preview grid of a training run: rows are seeds, columns the fixed
+    preview conditions named in ``columns``."""
+
+    image: np.ndarray  # H x W uint8
+    name: str
+    columns: list[str]
+    count: int  # preview grids written so far
+
+    def enlarged(self, factor: int):
+        """The grid as a PIL image, each pixel repeated ``factor`` times (for display)."""
+        from PIL import Image
+
+        return Image.fromarray(self.image.repeat(factor, 0).repeat(factor, 1))
+
+
+def latest_preview(run: RunLayout) -> Preview:
+    """The newest grid :func:`train_diffusion` saved under :attr:`RunLayout.previews`."""
+    from PIL import Image
+
+    grids = run.preview_grids
+    if not grids:
+        raise DiffusionError(f"no preview grids under {run.previews}; set diffusion."
+                             "sample_every below diffusion.max_steps and train again")
+    columns = json.loads(run.preview_columns.read_text())
+    return Preview(np.asarray(Image.open(grids[-1])), grids[-1].name, columns, len(grids))

@@ -23,12 +23,11 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from accelerate import PartialState
 
 from cxrlib.classify import (
     TrainResult,
@@ -36,13 +35,22 @@ from cxrlib.classify import (
     predictions_frame,
     train_or_load,
 )
-from cxrlib.config import Params, atomic_write_parquet, atomic_write_text
-from cxrlib.data import DataError, load_cohort, patient_subset
+from cxrlib.cohort import real_subset, split_rows, test_sets, validation_rows
+from cxrlib.config import Params
+from cxrlib.data import DataError, load_cohort
 from cxrlib.grid import Experiment, grid_results, plan_grid
 from cxrlib.imagecache import CombinedCache, ImageCache
+from cxrlib.io import (
+    atomic_path,
+    atomic_write_parquet,
+    atomic_write_text,
+    is_main_process,
+    on_main,
+)
+from cxrlib.kinds import Kind
 from cxrlib.labels import CHEXPERT_LABELS
+from cxrlib.layout import RunLayout
 from cxrlib.progress import tqdm
-from cxrlib.sampling import source_rows
 
 
 class LeakageError(DataError):
@@ -62,69 +70,32 @@ class GridData:
         return CombinedCache([self.cache, *self.synthetic_caches.values()])
 
 
-def load_synthetic(folder: Path, resolution: int,
-                   strategies: list[str]) -> tuple[dict[str, pd.DataFrame], dict[str, ImageCache]]:
+def load_synthetic(run: RunLayout, strategies: list[str]
+                   ) -> tuple[dict[str, pd.DataFrame], dict[str, ImageCache]]:
     """The synthetic cohorts notebook 03 wrote (manifest and image cache per strategy)."""
     frames, caches = {}, {}
     for strategy in strategies:
-        path = folder / strategy / "manifest.parquet"
+        path = run.synthetic_manifest(strategy)
         if not path.exists():
             raise FileNotFoundError(f"no synthetic cohort '{strategy}' at {path}; run notebook "
                                     "03 (or cxrlib generate-synthetic) for this run first")
         frames[strategy] = pd.read_parquet(path)
-        caches[strategy] = ImageCache(folder / strategy / f"cache_{resolution}")
+        caches[strategy] = ImageCache(run.synthetic_cache(strategy))
     return frames, caches
 
 
-def grid_data(params: Params, folder: Path) -> GridData:
+def grid_data(params: Params, run: RunLayout) -> GridData:
     """The run's real cohort (notebook 01) and synthetic cohorts (notebook 03)."""
-    cohort = load_cohort(params, folder)
+    cohort = load_cohort(params, run)
     if cohort.cache_dir is None:
         raise DataError("a metadata-only run has no images to train classifiers on")
-    frames, caches = load_synthetic(folder / "03_sampling" / "synthetic",
-                                    params.data.resolution, params.sampling.strategies)
+    frames, caches = load_synthetic(run, params.sampling.strategies)
     return GridData(cohort.manifest, ImageCache(cohort.cache_dir), frames, caches)
-
-
-def _split_rows(manifest: pd.DataFrame, sites: list[str], split: str) -> pd.DataFrame:
-    return manifest[manifest["site"].isin(sites) & (manifest["split"] == split)]
-
-
-def validation_rows(params: Params, manifest: pd.DataFrame) -> pd.DataFrame:
-    """Real internal validation rows: the one validation set of every experiment."""
-    return _split_rows(manifest, params.internal_sites(), "val").reset_index(drop=True)
-
-
-def test_sets(params: Params, manifest: pd.DataFrame) -> dict[str, pd.DataFrame]:
-    """``{"<site> (internal|external)": test rows}`` for every site with a test split."""
-    out = {}
-    for site in params.data.sites:
-        rows = _split_rows(manifest, [site.site], "test")
-        if len(rows):
-            out[f"{site.site} ({site.role})"] = rows.reset_index(drop=True)
-    return out
 
 
 def _replicas_of(synthetic: pd.DataFrame, sources: pd.Series, k: int) -> pd.DataFrame:
     return synthetic[synthetic["source_image_id"].isin(set(sources))
                      & (synthetic["replica"] < k)]
-
-
-def real_subset(params: Params, manifest: pd.DataFrame, fraction: float,
-                seed: int) -> pd.DataFrame:
-    """The real training rows of an internal experiment at one training seed: a seeded draw
-    of ``fraction`` of the internal training patients, made inside the rows that have
-    synthetic replicas (:func:`cxrlib.sampling.source_rows`, ``sampling.source_fraction``).
-    Each training seed draws its own subset, because the draw is part of a recipe's
-    variance; for one seed, smaller fractions lie inside larger ones."""
-    sources = source_rows(params, manifest)
-    share = fraction / params.sampling.source_fraction
-    if share > 1 + 1e-9:
-        raise DataError(f"experiments.real_fractions has {fraction} but only "
-                        f"sampling.source_fraction {params.sampling.source_fraction} of the "
-                        "training patients have synthetic replicas; use real fractions no "
-                        "larger than the source fraction, or generate more")
-    return patient_subset(sources, min(share, 1.0), params.run.seed + 7919 * (seed + 1))
 
 
 def shuffled_labels(rows: pd.DataFrame, seed: int) -> pd.DataFrame:
@@ -138,43 +109,45 @@ def shuffled_labels(rows: pd.DataFrame, seed: int) -> pd.DataFrame:
 
 
 def training_set(exp: Experiment, params: Params, data: GridData) -> pd.DataFrame:
-    """The training rows of one experiment (real and synthetic manifest rows, with a
-    ``source`` column saying which); an error names what is missing for a recipe."""
-    manifest = data.manifest
-    if exp.kind.startswith("external"):
-        real = _split_rows(manifest, [exp.train_site], "train")
+    """The training rows of one experiment, built from its kind's recipe
+    (:class:`cxrlib.kinds.Recipe`): real and synthetic manifest rows, with a ``source``
+    column saying which; an error names what is missing for a recipe."""
+    recipe, manifest = exp.kind.recipe, data.manifest
+    if recipe.real == "external":
+        real = split_rows(manifest, [exp.train_site], "train")
         if real.empty:
             raise DataError(f"experiment {exp.name}: site '{exp.train_site}' has no training "
                             "rows; give it a train fraction in data.sites[].split")
-        synth = data.synthetic["replicas"]
-        synth = synth[synth["replica"] < exp.k]
     else:
         real = real_subset(params, manifest, exp.real_fraction, exp.seed)
-        synth = data.synthetic["replicas"].iloc[:0]  # no synthetic rows, but their columns
-        if exp.kind in ("real_plus_synthetic", "synthetic_only", "real_plus_shuffled"):
-            synth = _replicas_of(data.synthetic["replicas"], real["image_id"], exp.k)
-            missing = len(real) * exp.k - len(synth)
-            if missing:
-                raise DataError(
-                    f"experiment {exp.name}: {missing} of {len(real) * exp.k} synthetic "
-                    f"replicas are missing (sampling.replicas {params.sampling.replicas}); "
-                    "generate more (notebook 03) or lower the k values in experiments")
-            if exp.kind == "real_plus_shuffled":
-                synth = shuffled_labels(synth, exp.seed)
-        elif exp.kind == "real_repeated":
-            real = pd.concat([real] * (1 + exp.k), ignore_index=True)
-        elif exp.kind == "real_plus_rebalanced":
-            pool = data.synthetic["rebalance"]
-            pool = pool[pool["patient_id"].isin(set(real["patient_id"]))]
-            need = len(real) * exp.k
-            if len(pool) < need:
-                raise DataError(
-                    f"experiment {exp.name}: needs {need} rebalanced images of its real "
-                    f"patients but the rebalance cohort has {len(pool)}; raise "
-                    "sampling.rebalance.n_images or lower experiments.rebalance_k")
-            synth = pool.iloc[:need]  # the cohort is a seeded weighted draw: its head is one
-        if exp.kind == "synthetic_only":
-            real = real.iloc[:0]
+    replicas = data.synthetic["replicas"]
+    synth = replicas.iloc[:0]  # no synthetic rows, but their columns
+    if recipe.synthetic == "all_replicas":
+        synth = replicas[replicas["replica"] < exp.k]
+    elif recipe.synthetic in ("replicas", "shuffled"):
+        synth = _replicas_of(replicas, real["image_id"], exp.k)
+        missing = len(real) * exp.k - len(synth)
+        if missing:
+            raise DataError(
+                f"experiment {exp.name}: {missing} of {len(real) * exp.k} synthetic "
+                f"replicas are missing (sampling.replicas {params.sampling.replicas}); "
+                "generate more (notebook 03) or lower the k values in experiments")
+        if recipe.synthetic == "shuffled":
+            synth = shuffled_labels(synth, exp.seed)
+    elif recipe.synthetic == "rebalanced":
+        pool = data.synthetic["rebalance"]
+        pool = pool[pool["patient_id"].isin(set(real["patient_id"]))]
+        need = len(real) * exp.k
+        if len(pool) < need:
+            raise DataError(
+                f"experiment {exp.name}: needs {need} rebalanced images of its real "
+                f"patients but the rebalance cohort has {len(pool)}; raise "
+                "sampling.rebalance.n_images or lower experiments.rebalance_k")
+        synth = pool.iloc[:need]  # the cohort is a seeded weighted draw: its head is one
+    if recipe.real_copies:
+        real = pd.concat([real] * (1 + exp.k), ignore_index=True)
+    if not recipe.keep_real:
+        real = real.iloc[:0]
     return pd.concat([real.assign(source="real"), synth.assign(source="synthetic")],
                      ignore_index=True)
 
@@ -199,18 +172,18 @@ def check_grid_leakage(training: dict[str, pd.DataFrame], manifest: pd.DataFrame
 
 
 def _config(exp: Experiment, params: Params, train: pd.DataFrame) -> dict:
-    return {**asdict(exp), "classifier": params.classifier.model_dump(),
+    return {**exp.record(), "classifier": params.classifier.model_dump(),
             "n_real": int((train["source"] == "real").sum()),
             "n_synthetic": int((train["source"] == "synthetic").sum()),
             "n_patients": int(train["patient_id"].nunique())}
 
 
 def run_experiment(exp: Experiment, params: Params, data: GridData, train: pd.DataFrame,
-                   folder: Path, reuse: tuple[Path, ...] = (),
+                   run: RunLayout, reuse: tuple[Path, ...] = (),
                    progress: bool = False) -> pd.DataFrame:
     """Train (or reuse) one experiment's classifier and write its predictions on every test
     set; returns the predictions. Only the main process writes files."""
-    out = folder / exp.folder
+    out = run.experiment(exp.name, exp.seed)
     cache = data.combined_cache() if (train["source"] == "synthetic").any() else data.cache
     val = validation_rows(params, data.manifest)
     started = time.perf_counter()
@@ -222,16 +195,18 @@ def run_experiment(exp: Experiment, params: Params, data: GridData, train: pd.Da
                       ignore_index=True)
     preds.insert(0, "experiment", exp.name)
     preds.insert(1, "seed", exp.seed)
-    if PartialState().is_main_process:
-        config = {**_config(exp, params, train), "best_epoch": result.best_epoch,
-                  "epochs_run": len(result.history), "stopped_early": result.stopped_early,
-                  "optimizer_steps": result.steps, "best_step": result.best_step,
-                  "images_seen": result.images_seen, "train_seconds": round(seconds, 1)}
+    config = {**_config(exp, params, train), "best_epoch": result.best_epoch,
+              "epochs_run": len(result.history), "stopped_early": result.stopped_early,
+              "optimizer_steps": result.steps, "best_step": result.best_step,
+              "images_seen": result.images_seen, "train_seconds": round(seconds, 1)}
+
+    def write() -> None:
         atomic_write_text(out / "config.json", json.dumps(config, indent=1))
-        result.history.assign(experiment=exp.name, seed=exp.seed).to_csv(
-            out / "history.csv", index=False)
+        with atomic_path(out / "history.csv") as tmp:
+            result.history.assign(experiment=exp.name, seed=exp.seed).to_csv(tmp, index=False)
         atomic_write_parquet(preds, out / "predictions.parquet")  # last: marks it done
-    PartialState().wait_for_everyone()
+
+    on_main(write)
     return preds
 
 
@@ -239,7 +214,8 @@ def training_sets(params: Params, data: GridData) -> dict[Experiment, pd.DataFra
     """The training rows of every experiment of the grid, checked for leakage (an error
     before anything trains)."""
     training = {e: training_set(e, params, data) for e in plan_grid(params)}
-    check_grid_leakage({e.folder: rows for e, rows in training.items()}, data.manifest)
+    check_grid_leakage({f"{e.name} seed {e.seed}": rows for e, rows in training.items()},
+                       data.manifest)
     return training
 
 
@@ -252,7 +228,7 @@ def grid_overview(training: dict[Experiment, pd.DataFrame]) -> pd.DataFrame:
         seen.add(exp.name)
         n_real = int((train["source"] == "real").sum())
         n_syn = len(train) - n_real
-        rows.append({"experiment": exp.name, "kind": exp.kind, "k": exp.k,
+        rows.append({"experiment": exp.name, "kind": exp.kind.value, "k": exp.k,
                      "real fraction": exp.real_fraction, "trained on": exp.train_site,
                      "real images": n_real, "synthetic images": n_syn,
                      "patients": train["patient_id"].nunique(),
@@ -260,19 +236,19 @@ def grid_overview(training: dict[Experiment, pd.DataFrame]) -> pd.DataFrame:
     return pd.DataFrame(rows).set_index("experiment")
 
 
-def run_grid(params: Params, data: GridData, folder: Path,
+def run_grid(params: Params, data: GridData, run: RunLayout,
              training: dict[Experiment, pd.DataFrame] | None = None,
-             reuse: tuple[Path, ...] = (), progress: bool = True) -> pd.DataFrame:
+             progress: bool = True) -> pd.DataFrame:
     """Run every experiment of the grid that has no predictions yet (resumable), after the
-    leakage check over all of them; returns :func:`grid_results`. ``reuse`` folders may hold
-    the real-only model at 100% (notebook 03's judge), which is then not trained again."""
+    leakage check over all of them; returns :func:`grid_results`. The real-only model at 100%
+    is notebook 03's judge when that has been trained (same rows and seed), not trained again."""
     training = training if training is not None else training_sets(params, data)
-    todo = [e for e in training if not (folder / e.folder / "predictions.parquet").exists()]
-    state = PartialState()
+    todo = [e for e in training
+            if not (run.experiment(e.name, e.seed) / "predictions.parquet").exists()]
     bar = tqdm(todo, desc=f"experiment grid ({len(training) - len(todo)} of {len(training)} "
-               "done before)", disable=not (progress and state.is_main_process))
+               "done before)", disable=not (progress and is_main_process()))
     for exp in bar:
-        bar.set_postfix_str(exp.folder)
-        baseline = exp.kind == "real_only" and exp.real_fraction == 1.0
-        run_experiment(exp, params, data, training[exp], folder, reuse if baseline else ())
-    return grid_results(folder)
+        bar.set_postfix_str(f"{exp.name} seed {exp.seed}")
+        judge = exp.kind is Kind.REAL_ONLY and exp.real_fraction == 1.0
+        run_experiment(exp, params, data, training[exp], run, (run.judge,) if judge else ())
+    return grid_results(run)

@@ -26,7 +26,7 @@ from cxrlib.audit import nearest_neighbours
 from cxrlib.condition import describe_condition, encode_conditions
 from cxrlib.diffusion import ConditionalUNet
 from cxrlib.labels import CHEXPERT_LABELS, RACE_VALUES, SEXES
-from cxrlib.sampling import SAMPLERS, generate
+from cxrlib.samplers import SAMPLERS, generate
 
 LABEL_STATES = {"absent": 0.0, "present": 1.0}
 #: What the compare mode can change: the sex, the age, or one of the 14 labels.
@@ -70,8 +70,9 @@ class SamplingExplorer:
                                             description=lab, style={"description_width": "170px"})
                        for lab in CHEXPERT_LABELS}
         self.labels["No Finding"].value = "present"
-        self.guidance = W.FloatSlider(value=0.0, min=0.0, max=8.0, step=0.5,
-                                      description="guidance", style=style)
+        # w: 0 the plain conditional model, -1 unconditional (cxrlib.config.Guidance)
+        self.guidance = W.FloatSlider(value=0.0, min=-1.0, max=7.0, step=0.5,
+                                      description="guidance w", style=style)
         self.sampler = W.Dropdown(options=list(SAMPLERS), value=sampler, description="sampler",
                                   style=style)
         self.steps = W.IntSlider(value=steps, min=2, max=200, description="steps", style=style)
@@ -165,7 +166,7 @@ class SamplingExplorer:
             self._draw(ax, self.train_images[i], f"nearest training image {i}\nr = {r:.3f}")
 
     def _title(self, fig: plt.Figure, extra: str = "") -> None:
-        fig.suptitle(f"{self.sampler.value}, {self.steps.value} steps, guidance "
+        fig.suptitle(f"{self.sampler.value}, {self.steps.value} steps, guidance w "
                      f"{self.guidance.value:g}{extra}", fontsize=8)
         fig.tight_layout()
 

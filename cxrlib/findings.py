@@ -1,4 +1,4 @@
-"""Findings written from the statistics tables of :mod:`cxrlib.stats`: every sentence carries
+"""Findings written from the study's tables (:mod:`cxrlib.study_tables`): every sentence carries
 its numbers and states the rule behind its verdict, so nothing in notebook 05's findings is
 written by hand. No computation here beyond formatting."""
 
@@ -8,12 +8,7 @@ import numpy as np
 import pandas as pd
 
 from cxrlib.config import StatsSpec
-
-#: Kinds read as controls of real + synthetic (same size of training set, no new information).
-CONTROL_KINDS: dict[str, str] = {
-    "real_repeated": "the real rows repeated to the same size",
-    "real_plus_shuffled": "synthetic images with their labels shuffled",
-}
+from cxrlib.kinds import Kind
 
 
 def _p(p: float) -> str:
@@ -76,8 +71,9 @@ def primary_sentences(primary: pd.DataFrame, spec: StatsSpec) -> list[str]:
     out = []
     for (_test_set, _k), g in primary.groupby(["test_set", "k"], sort=False):
         rows = g.to_dict("records")
-        for row in sorted(rows, key=lambda r: r["kind"] in CONTROL_KINDS):
-            out.append(comparison_sentence(row, spec, CONTROL_KINDS.get(row["kind"], "")))
+        for row in sorted(rows, key=lambda r: Kind(r["kind"]).control):
+            kind = Kind(row["kind"])
+            out.append(comparison_sentence(row, spec, kind.description if kind.control else ""))
     return out
 
 
@@ -99,9 +95,10 @@ def secondary_sentences(comparisons: pd.DataFrame, spec: StatsSpec) -> list[str]
     """Synthetic-only experiments (equivalence to real), then a count of the other secondary
     comparisons that were better or worse, naming them."""
     secondary = comparisons[~comparisons["primary"]]
-    out = [comparison_sentence(row, spec, "synthetic training images only")
-           for row in secondary[secondary["kind"] == "synthetic_only"].to_dict("records")]
-    for test_set, g in secondary[secondary["kind"] != "synthetic_only"].groupby(
+    alone = secondary["kind"] == Kind.SYNTHETIC_ONLY
+    out = [comparison_sentence(row, spec, Kind.SYNTHETIC_ONLY.description)
+           for row in secondary[alone].to_dict("records")]
+    for test_set, g in secondary[~alone].groupby(
             "test_set", sort=False):
         better = g.loc[g["verdict"].str.startswith("better"), "experiment"].tolist()
         worse = g.loc[g["verdict"].str.startswith("worse"), "experiment"].tolist()

@@ -1,4 +1,4 @@
-"""The experiment grid as data: recipe names, baselines, and the files each experiment leaves.
+"""The experiment grid as data: the experiments of a run's plan and the files they leave.
 
 No torch here, so the statistics stage (notebook 05) reads a finished grid without importing
 the training stack. :mod:`cxrlib.experiments` builds the training sets and trains the grid.
@@ -8,96 +8,82 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import pandas as pd
 
 from cxrlib.config import Params
+from cxrlib.kinds import Kind
+from cxrlib.layout import RunLayout
 
 
 @dataclass(frozen=True)
 class Experiment:
-    """One training-set recipe of the grid at one seed, and the experiment it is compared
-    with (its ``baseline``: the real-only model at the same fraction and seed, or the
-    external site's real data alone)."""
+    """One training-set recipe of the grid at one seed; its name and its ``baseline`` (the
+    real-only model at the same fraction and seed, or the external site's real data alone)
+    are rendered from the recipe."""
 
-    name: str
-    kind: str
+    kind: Kind
     k: int
     real_fraction: float
     train_site: str
     seed: int
 
     @property
-    def baseline(self) -> str:
-        return baseline_name(self.kind, self.real_fraction, self.train_site)
+    def name(self) -> str:
+        return self.kind.experiment_name(self.k, self.real_fraction, self.train_site)
 
     @property
-    def folder(self) -> str:
-        return f"{self.name}/seed-{self.seed}"
+    def baseline(self) -> str:
+        return self.kind.baseline_name(self.real_fraction, self.train_site)
 
-
-def fraction_tag(fraction: float) -> str:
-    """``0.25`` -> ``f25`` (the suffix of an experiment name)."""
-    return f"f{round(100 * fraction)}"
-
-
-#: Kinds trained on an external site's own training split (their baseline: that site alone).
-EXTERNAL_KINDS: frozenset[str] = frozenset({"external_only", "external_plus_synthetic"})
-
-
-def baseline_name(kind: str, real_fraction: float, train_site: str) -> str:
-    """The experiment a recipe is compared with, rendered from the recipe (never parsed from
-    a name): the real-only model at the same real fraction, or, for the external kinds, the
-    external site's real training data alone."""
-    if kind in EXTERNAL_KINDS:
-        return f"{train_site}_only"
-    return f"real_only.{fraction_tag(real_fraction)}"
+    def record(self) -> dict:
+        """The recipe as plain values (config.json, tables)."""
+        return {"name": self.name, "kind": self.kind.value, "k": self.k,
+                "real_fraction": self.real_fraction, "train_site": self.train_site,
+                "seed": self.seed}
 
 
 def plan_grid(params: Params) -> list[Experiment]:
     """Every experiment x seed of ``params.experiments``, baselines first."""
     grid, internal = params.experiments, "+".join(params.internal_sites())
-    recipes: list[tuple[str, str, int, float, str]] = []
+    recipes: list[tuple[Kind, int, float, str]] = []
     for f in grid.real_fractions:
-        tag = fraction_tag(f)
-        recipes.append((baseline_name("real_only", f, internal), "real_only", 0, f, internal))
-        for kind, ks in (("real_plus_synthetic", grid.supplement_k),
-                         ("real_repeated", grid.repeated_k),
-                         ("real_plus_shuffled", grid.shuffled_k),
-                         ("synthetic_only", grid.synthetic_only_k),
-                         ("real_plus_rebalanced", [grid.rebalance_k] if grid.rebalance_k else [])):
-            recipes += [(f"{kind}_x{k}.{tag}", kind, k, f, internal) for k in ks]
+        recipes.append((Kind.REAL_ONLY, 0, f, internal))
+        for kind, ks in ((Kind.REAL_PLUS_SYNTHETIC, grid.supplement_k),
+                         (Kind.REAL_REPEATED, grid.repeated_k),
+                         (Kind.REAL_PLUS_SHUFFLED, grid.shuffled_k),
+                         (Kind.SYNTHETIC_ONLY, grid.synthetic_only_k),
+                         (Kind.REAL_PLUS_REBALANCED,
+                          [grid.rebalance_k] if grid.rebalance_k else [])):
+            recipes += [(kind, k, f, internal) for k in ks]
     for ext in grid.external:
-        base = baseline_name("external_only", 1.0, ext.site)
         for k in sorted(ext.synthetic_k):
-            name = base if k == 0 else f"{ext.site}_plus_synthetic_x{k}"
-            kind = "external_only" if k == 0 else "external_plus_synthetic"
-            recipes.append((name, kind, k, 1.0, ext.site))
-    return [Experiment(name, kind, k, f, site, seed)
-            for seed in grid.seeds for name, kind, k, f, site in recipes]
+            kind = Kind.EXTERNAL_ONLY if k == 0 else Kind.EXTERNAL_PLUS_SYNTHETIC
+            recipes.append((kind, k, 1.0, ext.site))
+    return [Experiment(kind, k, f, site, seed)
+            for seed in grid.seeds for kind, k, f, site in recipes]
 
 
-def load_predictions(folder: Path) -> pd.DataFrame:
-    """Every finished experiment's per-image predictions under ``folder``, in one frame."""
-    paths = sorted(folder.glob("*/seed-*/predictions.parquet"))
+def load_predictions(run: RunLayout) -> pd.DataFrame:
+    """Every finished experiment's per-image predictions, in one frame."""
+    paths = run.experiment_files("predictions.parquet")
     if not paths:
-        raise FileNotFoundError(f"no experiment predictions under {folder}; run notebook 04 "
-                                "(classifier experiments) for this run first")
+        raise FileNotFoundError(f"no experiment predictions under {run.experiments}; run "
+                                "notebook 04 (classifier experiments) for this run first")
     return pd.concat([pd.read_parquet(p) for p in paths], ignore_index=True)
 
 
-def load_histories(folder: Path) -> pd.DataFrame:
-    """Every finished experiment's per-epoch history (train and validation loss)."""
-    paths = sorted(folder.glob("*/seed-*/history.csv"))
+def load_histories(run: RunLayout) -> pd.DataFrame:
+    """Every finished experiment's per-round history (train and validation loss)."""
+    paths = run.experiment_files("history.csv")
     return pd.concat([pd.read_csv(p) for p in paths], ignore_index=True)
 
 
-def grid_results(folder: Path) -> pd.DataFrame:
-    """One row per finished experiment and seed: its recipe, training-set sizes and epochs
+def grid_results(run: RunLayout) -> pd.DataFrame:
+    """One row per finished experiment and seed: its recipe, training-set sizes and steps
     (AUROCs come from the statistics stage, on the predictions)."""
     rows = []
-    for path in sorted(folder.glob("*/seed-*/predictions.parquet")):
+    for path in run.experiment_files("predictions.parquet"):
         config = json.loads((path.parent / "config.json").read_text())
         rows.append({k: config.get(k) for k in (
             "name", "kind", "k", "real_fraction", "train_site", "seed", "n_real", "n_synthetic",

@@ -6,8 +6,8 @@ resize so the longest side equals the resolution, pad the short side (centred) w
 store uint8; :func:`to_model_range` maps to [-1, 1] at load time.
 
 Layout of a cache folder: ``images.npy`` (N x R x R uint8, opened with ``mmap_mode='r'``) and
-``index.parquet`` (image_id per row of the array). Both are written under temporary names and
-renamed into place when complete.
+``index.parquet`` (image_id per row of the array), written by :func:`cxrlib.io.write_image_cache`
+under temporary names and renamed into place when complete.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from cxrlib.config import atomic_write_parquet
+from cxrlib.io import CACHE_IMAGES, CACHE_INDEX, write_image_cache
 
 
 def preprocess(img: Image.Image, resolution: int) -> np.ndarray:
@@ -70,50 +70,23 @@ def build_cache(paths: list[str], image_ids: list[str], folder: Path, resolution
     Rows that fail are left out of the cache (and reported, never silently dropped); the
     index lists only the images that were stored, in array order.
     """
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp_arr = folder / f".images.npy.tmp-{os.getpid()}"
-    arr = np.lib.format.open_memmap(tmp_arr, mode="w+", dtype=np.uint8,
-                                    shape=(len(paths), resolution, resolution))
-    kept: list[str] = []
     failed: list[tuple[str, str]] = []
     jobs = [(p, resolution) for p in paths]
     pool = get_context("fork").Pool(workers) if workers > 1 else None
-    done = False
     try:
-        results = pool.imap(_load_job, jobs, chunksize=32) if pool else map(_load_job, jobs)
-        for image_id, (img, reason) in tqdm(zip(image_ids, results, strict=True),
-                                            total=len(jobs), desc="image cache",
-                                            disable=not progress):
-            if img is None:
-                failed.append((image_id, reason or "unknown"))
-                continue
-            arr[len(kept)] = img
-            kept.append(image_id)
-        done = True
+        with write_image_cache(folder, len(paths), resolution) as cache:
+            results = pool.imap(_load_job, jobs, chunksize=32) if pool else map(_load_job, jobs)
+            for image_id, (img, reason) in tqdm(zip(image_ids, results, strict=True),
+                                                total=len(jobs), desc="image cache",
+                                                disable=not progress):
+                if img is None:
+                    failed.append((image_id, reason or "unknown"))
+                else:
+                    cache.add([image_id], img[None])
     finally:
         if pool:
             pool.close()
             pool.join()
-        if not done:  # an interrupted build leaves no half-written array behind
-            del arr
-            tmp_arr.unlink(missing_ok=True)
-    arr.flush()
-    del arr
-    final = np.lib.format.open_memmap(tmp_arr, mode="r+")
-    if len(kept) < len(paths):  # compact: rewrite only the stored rows
-        tmp2 = folder / f".images-compact.npy.tmp-{os.getpid()}"
-        out = np.lib.format.open_memmap(tmp2, mode="w+", dtype=np.uint8,
-                                        shape=(len(kept), resolution, resolution))
-        for start in range(0, len(kept), 4096):
-            stop = min(start + 4096, len(kept))
-            out[start:stop] = final[start:stop]
-        out.flush()
-        del out, final
-        os.replace(tmp2, tmp_arr)
-    else:
-        del final
-    os.replace(tmp_arr, folder / "images.npy")
-    atomic_write_parquet(pd.DataFrame({"image_id": kept}), folder / "index.parquet")
     return pd.DataFrame(failed, columns=["image_id", "reason"])
 
 
@@ -122,7 +95,7 @@ class ImageCache:
 
     def __init__(self, folder: str | os.PathLike[str]):
         self.folder = Path(folder)
-        arr_path, index_path = self.folder / "images.npy", self.folder / "index.parquet"
+        arr_path, index_path = self.folder / CACHE_IMAGES, self.folder / CACHE_INDEX
         if not arr_path.exists() or not index_path.exists():
             raise FileNotFoundError(
                 f"no image cache in {self.folder} (expected images.npy and index.parquet); "

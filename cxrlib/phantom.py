@@ -36,7 +36,8 @@ from PIL import Image
 from scipy import ndimage
 from tqdm.auto import tqdm
 
-from cxrlib.config import PhantomSpec, atomic_write_text, xrv_data_dir
+from cxrlib.config import PhantomSpec, xrv_data_dir
+from cxrlib.io import atomic_path, atomic_write_text
 from cxrlib.labels import CHEXPERT_LABELS, RACE_VALUES
 from cxrlib.xrv_metadata import METADATA_SOURCES, sample_patients
 
@@ -89,9 +90,8 @@ def lung_templates() -> np.ndarray:
     templates = _decode_lung_masks(path)
     try:
         cache_root.mkdir(parents=True, exist_ok=True)
-        tmp = cached.with_name(f".{cached.name}.tmp-{os.getpid()}.npy")
-        np.save(tmp, templates)
-        os.replace(tmp, cached)
+        with atomic_path(cached) as tmp:
+            np.save(tmp, templates)
     except OSError:
         pass  # a read-only home only costs the decoding time next run
     return templates

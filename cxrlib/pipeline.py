@@ -22,21 +22,13 @@ import nbformat
 import papermill
 from nbconvert import HTMLExporter
 
-from cxrlib.config import Params, atomic_write_text, load_params, run_dir
+from cxrlib.config import load_params
+from cxrlib.io import atomic_write_text
+from cxrlib.layout import STAGES, RunLayout
 from cxrlib.progress import PROGRESS_ENV
-from cxrlib.summary import (
-    NESTED,
-    PRIMARY_KEYS,
-    SCHEMA,
-    SUMMARY_FILE,
-    read_summary,
-    summary_path,
-    update_summary,
-)
+from cxrlib.summary import NESTED, PRIMARY_KEYS, SCHEMA, read_summary, update_summary
 
 NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent / "notebooks"
-STAGES: tuple[str, ...] = ("01_data_prep", "02_diffusion_training", "03_sampling_explorer",
-                           "04_classifier_experiments", "05_statistics")
 
 
 def render_html(executed: Path, dest: Path) -> Path:
@@ -45,9 +37,7 @@ def render_html(executed: Path, dest: Path) -> Path:
                             exclude_output_prompt=True)
     body, _ = exporter.from_notebook_node(nbformat.read(executed, as_version=4))
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    tmp.write_text(body, encoding="utf-8")
-    tmp.replace(dest)
+    atomic_write_text(dest, body)
     return dest
 
 
@@ -86,9 +76,8 @@ def _execute(source: Path, dest: Path, params_file: Path, quiet: bool) -> None:
 def run_stage(stage: str, params_file: Path, reports_root: Path | None = None,
               force: bool = False, quiet: bool = False) -> Path:
     """Execute one notebook for a parameter file; returns the executed notebook's path."""
-    params = load_params(params_file)
-    folder = run_dir(params)
-    executed = folder / "notebooks" / f"{stage}.ipynb"
+    run = RunLayout.open(load_params(params_file))
+    executed = run.executed(stage)
     if executed.exists() and not force:
         print(f"[skip] {stage}: already executed ({executed}); use --force to run it again")
         return executed
@@ -103,15 +92,11 @@ def run_stage(stage: str, params_file: Path, reports_root: Path | None = None,
             f"The partly executed notebook is {partial}"
         ) from None
     partial.replace(executed)
-    page = render_html(executed, _reports(params, reports_root) / f"{stage}.html")
+    page = render_html(executed, run.reports(reports_root) / f"{stage}.html")
     secs = stage_seconds(executed)
     took = f"{secs / 60:.1f} min" if secs is not None else "time not recorded"
     print(f"[done] {stage}: {took}; report {page}", flush=True)
     return executed
-
-
-def _reports(params: Params, reports_root: Path | None) -> Path:
-    return (reports_root or NOTEBOOKS_DIR.parent / "reports") / params.run.name
 
 
 #: What each report page shows (the index page's descriptions).
@@ -135,21 +120,20 @@ def stage_seconds(executed: Path) -> float | None:
     return meta.get("duration")
 
 
-def record_stage_times(params: Params, reports_root: Path | None = None) -> dict[str, Any]:
+def record_stage_times(run: RunLayout, reports_root: Path | None = None) -> dict[str, Any]:
     """Every executed stage's minutes (papermill's recorded durations) into the run's
     ``summary.json``, then the summary copied (atomically) to ``reports/<run>/``."""
-    folder = run_dir(params)
     minutes = {}
     for stage in STAGES:
-        executed = folder / "notebooks" / f"{stage}.ipynb"
+        executed = run.executed(stage)
         secs = stage_seconds(executed) if executed.exists() else None
         if secs is not None:
             minutes[stage] = round(secs / 60, 2)
-    summary = update_summary(folder, minutes_total=round(sum(minutes.values()), 2),
+    summary = update_summary(run, minutes_total=round(sum(minutes.values()), 2),
                              minutes_per_stage=minutes)
-    reports = _reports(params, reports_root)
+    reports = run.reports(reports_root)
     reports.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(reports / SUMMARY_FILE, summary_path(folder).read_text())
+    atomic_write_text(reports / run.summary.name, run.summary.read_text())
     return summary
 
 
@@ -157,7 +141,7 @@ def _number(value: Any) -> str:
     return f"{value:.3g}" if isinstance(value, float) else html.escape(str(value))
 
 
-def summary_html(summary: dict[str, Any]) -> str:
+def summary_html(summary: dict[str, Any], link: str) -> str:
     """The summary's key numbers (its schema's scalar and nested entries, then the primary
     comparisons) as HTML; stage times are already in the list of pages."""
     rows = [(key, summary[key]) for key, kind in SCHEMA.items()
@@ -168,7 +152,7 @@ def summary_html(summary: dict[str, Any]) -> str:
         return ""
     cells = "".join(f"<tr><td><code>{html.escape(k)}</code></td><td>{_number(v)}</td></tr>"
                     for k, v in rows)
-    out = (f"<h2>Key numbers</h2><p>From <a href='{SUMMARY_FILE}'>{SUMMARY_FILE}</a>.</p>"
+    out = (f"<h2>Key numbers</h2><p>From <a href='{link}'>{link}</a>.</p>"
            f"<table>{cells}</table>")
     primary = summary.get("primary") or []
     if primary:
@@ -183,13 +167,13 @@ def render_index(params_file: Path, reports_root: Path | None = None) -> Path:
     """``reports/<run>/index.html``: a link per rendered stage with its run time, and the
     run summary's headline numbers."""
     params = load_params(params_file)
-    reports = _reports(params, reports_root)
-    folder = run_dir(params)
+    run = RunLayout.open(params)
+    reports = run.reports(reports_root)
     items, total = [], 0.0
     for stage in STAGES:
         if not (reports / f"{stage}.html").exists():
             continue
-        executed = folder / "notebooks" / f"{stage}.ipynb"
+        executed = run.executed(stage)
         secs = stage_seconds(executed) if executed.exists() else None
         total += secs or 0.0
         took = f" ({secs / 60:.1f} min)" if secs else ""
@@ -202,13 +186,11 @@ def render_index(params_file: Path, reports_root: Path | None = None) -> Path:
             f"</code></h1><p>Parameter file: <code>{html.escape(params_file.name)}</code>. "
             f"Notebooks executed headless with papermill; code hidden. Total notebook time "
             f"{total / 60:.1f} min.</p><ol>{''.join(items)}</ol>"
-            f"{summary_html(read_summary(folder))}<h2>Parameters</h2><pre>"
+            f"{summary_html(read_summary(run), run.summary.name)}<h2>Parameters</h2><pre>"
             f"{html.escape(params.to_json())}</pre></body></html>")
     dest = reports / "index.html"
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    tmp.write_text(body, encoding="utf-8")
-    tmp.replace(dest)
+    atomic_write_text(dest, body)
     return dest
 
 
@@ -218,9 +200,9 @@ def run_pipeline(params_file: Path, stages: tuple[str, ...] = STAGES, force: boo
     the run's summary, then write the index page."""
     for stage in stages:
         run_stage(stage, params_file, reports_root, force=force, quiet=quiet)
-    params = load_params(params_file)
-    summary = record_stage_times(params, reports_root)
-    print(f"[summary] {_reports(params, reports_root) / SUMMARY_FILE}: "
+    run = RunLayout.open(load_params(params_file))
+    summary = record_stage_times(run, reports_root)
+    print(f"[summary] {run.reports(reports_root) / run.summary.name}: "
           f"{summary['minutes_total']:.1f} min of notebooks")
     index = render_index(params_file, reports_root)
     print(f"[index] {index}")

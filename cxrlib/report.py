@@ -7,42 +7,66 @@ finds everything the notebook showed without opening it.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import seaborn as sns
+from pydantic import BaseModel
 
-from cxrlib.grid import EXTERNAL_KINDS
+from cxrlib.io import atomic_path, atomic_write_parquet, atomic_write_text
+from cxrlib.kinds import Kind
 from cxrlib.labels import CHEXPERT_LABELS
 
 if TYPE_CHECKING:  # the figures need no torch; only sample_grid reads a cache
     from cxrlib.imagecache import ImageCache
+    from cxrlib.layout import RunLayout
 
 
 class Outputs:
-    """Where one stage of a run saves what it shows: ``<run>/<stage>/``."""
+    """Where one stage of a run saves what it shows: :meth:`RunLayout.stage`. Every file a
+    notebook writes goes through one of these methods (temporary name, then rename)."""
 
-    def __init__(self, run_folder: Path, stage: str):
-        self.folder = Path(run_folder) / stage
+    def __init__(self, run: RunLayout, stage: str):
+        self.run = run
+        self.folder = run.stage(stage)
         self.folder.mkdir(parents=True, exist_ok=True)
 
+    def text(self, text: str, name: str) -> str:
+        """A statement or finding, as ``<name>.txt``; returns the text for printing."""
+        atomic_write_text(self.folder / f"{name}.txt", text + "\n")
+        return text
+
+    def parquet(self, df: pd.DataFrame, name: str) -> pd.DataFrame:
+        """A frame too long for CSV (per-image predictions), as ``<name>.parquet``."""
+        atomic_write_parquet(df, self.folder / f"{name}.parquet")
+        return df
+
     def figure(self, fig: plt.Figure, name: str) -> plt.Figure:
-        path = self.folder / f"{name}.png"
-        tmp = path.with_name(f".{path.stem}.tmp.png")
-        fig.savefig(tmp, dpi=110, bbox_inches="tight")
-        tmp.replace(path)
+        with atomic_path(self.folder / f"{name}.png") as tmp:
+            fig.savefig(tmp, dpi=110, bbox_inches="tight")
         return fig
 
     def table(self, df: pd.DataFrame, name: str) -> pd.DataFrame:
-        path = self.folder / f"{name}.csv"
-        tmp = path.with_name(f".{path.name}.tmp")
-        df.to_csv(tmp, index=df.index.name is not None or not isinstance(df.index,
-                                                                          pd.RangeIndex))
-        tmp.replace(path)
+        with atomic_path(self.folder / f"{name}.csv") as tmp:
+            df.to_csv(tmp, index=df.index.name is not None or not isinstance(df.index,
+                                                                              pd.RangeIndex))
         return df
+
+
+def settings_table(spec: BaseModel) -> pd.DataFrame:
+    """A parameter section as one ``value`` column, nested keys dotted (``augment.flip``)."""
+    def flat(tree: dict, prefix: str = "") -> dict:
+        out = {}
+        for key, value in tree.items():
+            if isinstance(value, dict):
+                out.update(flat(value, f"{prefix}{key}."))
+            else:
+                out[f"{prefix}{key}"] = value
+        return out
+
+    return pd.Series(flat(spec.model_dump()), name="value").to_frame()
 
 
 def sample_grid(manifest: pd.DataFrame, cache: ImageCache, by: str, per_group: int = 6,
@@ -227,15 +251,26 @@ def image_grid(images: dict[str, np.ndarray], title: str = "") -> plt.Figure:
     return fig
 
 
+def difference_maps(images: dict[str, np.ndarray], reference: str) -> dict[str, np.ndarray]:
+    """Mean |image - reference| over seeds (R x R) for each other condition."""
+    ref = images[reference].astype(float)
+    return {k: np.abs(v.astype(float) - ref).mean(0) for k, v in images.items() if k != reference}
+
+
+def condition_effect(images: dict[str, np.ndarray], reference: str) -> pd.DataFrame:
+    """Mean |change| in grey levels per condition against ``reference`` (the difference maps'
+    averages): how strongly each switched-on condition changes the same seeds' images."""
+    effect = {k: float(m.mean()) for k, m in difference_maps(images, reference).items()}
+    return pd.Series(effect, name="mean |change|").round(2).to_frame()
+
+
 def difference_grid(images: dict[str, np.ndarray], reference: str) -> plt.Figure:
     """Mean |image - reference| over seeds for each condition: where the condition acts."""
-    ref = images[reference].astype(float)
-    names = [k for k in images if k != reference]
-    fig, axes = plt.subplots(1, len(names), figsize=(2.2 * len(names), 2.4), squeeze=False)
-    vmax = max(float(np.abs(images[k].astype(float) - ref).mean(0).max()) for k in names) or 1
-    for ax, name in zip(axes[0], names, strict=True):
-        ax.imshow(np.abs(images[name].astype(float) - ref).mean(0), cmap="magma", vmin=0,
-                  vmax=vmax)
+    maps = difference_maps(images, reference)
+    fig, axes = plt.subplots(1, len(maps), figsize=(2.2 * len(maps), 2.4), squeeze=False)
+    vmax = max(float(m.max()) for m in maps.values()) or 1
+    for ax, (name, diff) in zip(axes[0], maps.items(), strict=True):
+        ax.imshow(diff, cmap="magma", vmin=0, vmax=vmax)
         ax.set_title(f"{name}\nvs {reference}", fontsize=7)
         ax.set_xticks([])
         ax.set_yticks([])
@@ -252,7 +287,7 @@ def grid_learning_curves(histories: pd.DataFrame, results: pd.DataFrame) -> plt.
     over seeds), one panel per group of experiments (real fraction, or the external site),
     taken from the recipes in ``results`` (:func:`cxrlib.grid.grid_results`)."""
     recipes = results.drop_duplicates("experiment").set_index("experiment")
-    group = {e: "external site" if r["kind"] in EXTERNAL_KINDS
+    group = {e: "external site" if Kind(r["kind"]).external
              else f"{r['real_fraction']:.0%} real" for e, r in recipes.iterrows()}
     frame = histories.assign(group=histories["experiment"].map(group))
     groups = list(dict.fromkeys(frame["group"]))
@@ -288,7 +323,7 @@ def early_stop_figure(results: pd.DataFrame) -> plt.Figure:
 
 
 def experiment_auroc_heatmap(spread: pd.DataFrame) -> plt.Figure:
-    """Macro AUROC (mean over seeds, :func:`cxrlib.stats.seed_spread`) per experiment and
+    """Macro AUROC (mean over seeds, :func:`cxrlib.study_tables.seed_spread`) per experiment and
     test set."""
     table = spread.pivot(index="experiment", columns="test_set", values="macro_auroc_mean")
     table = table.reindex(index=list(dict.fromkeys(spread["experiment"])),
@@ -304,6 +339,11 @@ def experiment_auroc_heatmap(spread: pd.DataFrame) -> plt.Figure:
 
 # ---------------------------------------------------------------------------------------------
 # Notebook 05: statistics (the paper's Figure 3 and 4 shapes, real-data fraction, subgroups)
+
+
+def _external(summary: pd.DataFrame) -> pd.Series:
+    """Rows of experiments trained on an external site's own data."""
+    return summary["kind"].map(lambda kind: Kind(kind).external).astype(bool)
 
 
 def _errorbar(ax: plt.Axes, frame: pd.DataFrame, x: str, label: str, **style) -> None:
@@ -323,28 +363,27 @@ def supplementation_figure(summary: pd.DataFrame, fraction: float) -> plt.Figure
 
     ``summary``: macro AUROC rows with the grid columns ``kind``, ``k``, ``real_fraction``.
     """
-    sub = summary[np.isclose(summary["real_fraction"], fraction)
-                  & ~summary["kind"].str.startswith("external")]
+    sub = summary[np.isclose(summary["real_fraction"], fraction) & ~_external(summary)]
     tests = list(dict.fromkeys(sub["test_set"]))
     fig, axes = plt.subplots(1, len(tests), figsize=(4.6 * len(tests), 3.8), squeeze=False,
                              sharey=True)
     palette = sns.color_palette()
     for ax, test in zip(axes[0], tests, strict=True):
         t = sub[sub["test_set"] == test].assign(pct=lambda d: 100 * d["k"])
-        base = t[t["kind"] == "real_only"].iloc[0]
-        ax.axhline(base["macro_auroc"], color="red", lw=1.5, label="real only (baseline)")
+        base = t[t["kind"] == Kind.REAL_ONLY].iloc[0]
+        ax.axhline(base["macro_auroc"], color="red", lw=1.5,
+                   label=f"{Kind.REAL_ONLY.label} (baseline)")
         ax.axhspan(base["ci_low"], base["ci_high"], color="red", alpha=0.1)
-        _errorbar(ax, t[t["kind"] == "real_plus_synthetic"], "pct", "real + synthetic",
-                  color=palette[0])
-        _errorbar(ax, t[t["kind"] == "synthetic_only"], "pct", "synthetic only",
+        _errorbar(ax, t[t["kind"] == Kind.REAL_PLUS_SYNTHETIC], "pct",
+                  Kind.REAL_PLUS_SYNTHETIC.label, color=palette[0])
+        _errorbar(ax, t[t["kind"] == Kind.SYNTHETIC_ONLY], "pct", Kind.SYNTHETIC_ONLY.label,
                   color=palette[1], ls="--")
-        for kind, name, colour in (  # red is the baseline's
-                ("real_plus_rebalanced", "real + rebalanced", palette[2]),
-                ("real_repeated", "control: real, repeated", palette[5]),
-                ("real_plus_shuffled", "control: real + shuffled-label synthetic", palette[4])):
+        for kind, colour in ((Kind.REAL_PLUS_REBALANCED, palette[2]),  # red is the baseline's
+                             (Kind.REAL_REPEATED, palette[5]),
+                             (Kind.REAL_PLUS_SHUFFLED, palette[4])):
             marked = t[t["kind"] == kind]
             if len(marked):
-                _errorbar(ax, marked, "pct", name, color=colour, ls="none", markersize=9)
+                _errorbar(ax, marked, "pct", kind.label, color=colour, ls="none", markersize=9)
         ax.set_title(test)
         ax.set_xlabel("synthetic images, % of real training images")
         ax.set_ylabel("macro AUROC (95% CI)")
@@ -357,7 +396,7 @@ def supplementation_figure(summary: pd.DataFrame, fraction: float) -> plt.Figure
 def external_figure(summary: pd.DataFrame) -> plt.Figure:
     """Figure 4 shape: an external site's real training data alone and with internal
     synthetic images, macro AUROC (95% CI) on every test set."""
-    sub = summary[summary["kind"].str.startswith("external")].copy()
+    sub = summary[_external(summary)].copy()
     fig, ax = plt.subplots(figsize=(2.2 + 2.4 * sub["test_set"].nunique(), 3.8))
     sns.barplot(data=sub, x="test_set", y="macro_auroc", hue="experiment", ax=ax, alpha=0.85)
     for bar_container, (_, g) in zip(ax.containers, sub.groupby("experiment", sort=False),
@@ -378,20 +417,20 @@ def external_figure(summary: pd.DataFrame) -> plt.Figure:
 def fraction_figure(summary: pd.DataFrame) -> plt.Figure:
     """Macro AUROC against the share of real training data: real only, real + the largest
     synthetic supplement, synthetic only at the largest k: where does synthetic data help?"""
-    sub = summary[~summary["kind"].str.startswith("external")]
+    sub = summary[~_external(summary)]
     tests = list(dict.fromkeys(sub["test_set"]))
     fig, axes = plt.subplots(1, len(tests), figsize=(4.6 * len(tests), 3.8), squeeze=False,
                              sharey=True)
     for ax, test in zip(axes[0], tests, strict=True):
         t = sub[sub["test_set"] == test].assign(pct=lambda d: 100 * d["real_fraction"])
-        for kind, style in (("real_only", {"color": "red"}),
-                            ("real_plus_synthetic", {}), ("synthetic_only", {"ls": "--"})):
+        for kind, style in ((Kind.REAL_ONLY, {"color": "red"}),
+                            (Kind.REAL_PLUS_SYNTHETIC, {}), (Kind.SYNTHETIC_ONLY, {"ls": "--"})):
             rows = t[t["kind"] == kind]
             if len(rows) == 0:
                 continue
             k = rows["k"].max()
             rows = rows[rows["k"] == k]
-            label = kind.replace("_", " ") + (f" (x{k})" if k else "")
+            label = kind.label + (f" (x{k})" if k else "")
             _errorbar(ax, rows, "pct", label, **style)
         ax.set_xscale("log")
         ax.set_xticks(sorted(t["pct"].unique()), [f"{p:g}%" for p in sorted(t["pct"].unique())])

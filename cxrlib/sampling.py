@@ -1,15 +1,8 @@
-"""Sampling from the trained DDPM, and the synthetic cohorts used to supplement real data.
+"""The synthetic cohorts used to supplement real data: plans, sharded generation, the merge.
 
-Samplers come from diffusers and are configured from the training schedule (cosine, zero
-terminal SNR, v-prediction, "trailing" timestep spacing): ``ddpm`` (ancestral, stochastic),
-``ddim`` (deterministic, eta 0, the paper's sampler) and ``dpmpp`` (DPM-Solver++ multistep,
-second order). Guidance is :func:`cxrlib.diffusion.guided_output` (scale 0 = the plain
-conditional model; otherwise null + scale (cond - null), rescaled with phi).
-
-Every image has its own seed: the initial noise and, for DDPM, the noise of every step come from
-a generator seeded with it, so an image is the same whatever batch it is generated in. Cohort
-seeds are derived from (run seed, source image id, replica), so any synthetic image can be
-regenerated exactly from its manifest row.
+Images come from :mod:`cxrlib.samplers` (one seed per image, derived from the run seed, the
+source image id and the replica, so any synthetic image can be regenerated exactly from its
+manifest row).
 
 Two condition strategies build a synthetic cohort from the real TRAINING rows only:
 
@@ -29,81 +22,32 @@ schema plus provenance columns.
 
 from __future__ import annotations
 
-import os
-import time
-import zlib
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
 
+from cxrlib.cohort import AGE_BANDS, AGE_UNKNOWN, age_band, source_rows
 from cxrlib.condition import encode_conditions
-from cxrlib.config import Params, SamplingSpec, atomic_write_parquet
-from cxrlib.data import patient_subset
-from cxrlib.diffusion import (
-    ConditionalUNet,
-    ddim_for,
-    noise_scheduler,
-    sample_images,
-    training_rows,
-)
+from cxrlib.config import Params, SamplingSpec
+from cxrlib.diffusion import ConditionalUNet, noise_scheduler
+from cxrlib.io import atomic_path, atomic_write_parquet, on_main, write_image_cache
 from cxrlib.labels import CHEXPERT_LABELS, MANIFEST_COLUMNS
+from cxrlib.layout import RunLayout
 from cxrlib.progress import tqdm
+from cxrlib.samplers import generate, image_seed
 
-SAMPLERS: tuple[str, ...] = ("ddpm", "ddim", "dpmpp")
 #: Columns a synthetic manifest adds to the real schema.
 PROVENANCE_COLUMNS: tuple[str, ...] = (
     "source_image_id", "replica", "seed", "strategy", "checkpoint", "sampler", "steps",
-    "guidance_scale", "guidance_rescale",
+    "guidance", "guidance_rescale",
 )
 
 
 class SyntheticCohortError(RuntimeError):
     """A synthetic cohort on disk is incomplete or does not match what is asked for."""
-
-
-def make_sampler(name: str, train_scheduler: DDPMScheduler):
-    """A diffusers sampler configured like the training schedule."""
-    config = train_scheduler.config
-    if name == "ddpm":
-        return DDPMScheduler.from_config(config)
-    if name == "ddim":
-        return ddim_for(train_scheduler)
-    if name == "dpmpp":
-        return DPMSolverMultistepScheduler.from_config(
-            config, algorithm_type="dpmsolver++", solver_order=2, timestep_spacing="trailing",
-            final_sigmas_type="zero")
-    raise ValueError(f"unknown sampler '{name}'; use one of {SAMPLERS}")
-
-
-def image_seed(run_seed: int, key: str, replica: int) -> int:
-    """A stable 31-bit seed for (run seed, a source id, a replica number)."""
-    ss = np.random.SeedSequence([run_seed, zlib.crc32(key.encode()), replica])
-    return int(ss.generate_state(1)[0] % (2**31 - 1))
-
-
-def generate(model: ConditionalUNet, train_scheduler: DDPMScheduler, cond: np.ndarray,
-             seeds: list[int] | np.ndarray, sampler: str = "ddim", steps: int = 50,
-             guidance_scale: float = 0.0, guidance_rescale: float = 0.7,
-             batch_size: int = 64, progress: bool = False) -> np.ndarray:
-    """Images (n x R x R uint8) for condition vectors and per-image seeds, in batches."""
-    res = model.unet.config.sample_size
-    out = np.empty((len(seeds), res, res), dtype=np.uint8)
-    batches = range(0, len(seeds), batch_size)
-    for start in tqdm(batches, desc=f"{sampler} x{steps}", disable=not progress):
-        stop = min(start + batch_size, len(seeds))
-        out[start:stop] = sample_images(model, make_sampler(sampler, train_scheduler),
-                                        cond[start:stop], list(seeds[start:stop]),
-                                        guidance_scale, guidance_rescale, steps)
-    return out
-
-
-def timed_generate(*args, **kwargs) -> tuple[np.ndarray, float]:
-    """:func:`generate` and its wall-clock seconds per image."""
-    start = time.perf_counter()
-    images = generate(*args, **kwargs)
-    return images, (time.perf_counter() - start) / max(len(images), 1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -125,22 +69,15 @@ def _synthetic_rows(source: pd.DataFrame, replica: np.ndarray, seeds: np.ndarray
     rows["checkpoint"] = checkpoint
     rows["sampler"] = spec.sampler
     rows["steps"] = spec.steps
-    rows["guidance_scale"] = spec.guidance_scale
+    rows["guidance"] = spec.guidance
     rows["guidance_rescale"] = spec.guidance_rescale
     # patient_id and study_id stay those of the source row: leakage checks follow them.
     return rows[list(MANIFEST_COLUMNS) + list(PROVENANCE_COLUMNS)]
 
 
-def source_rows(params: Params, manifest: pd.DataFrame) -> pd.DataFrame:
-    """The training rows synthetic images are made from: all of the diffusion sites' training
-    rows, or a seeded draw of ``sampling.source_fraction`` of their patients."""
-    return patient_subset(training_rows(params, manifest), params.sampling.source_fraction,
-                          params.run.seed)
-
-
 def replica_plan(params: Params, manifest: pd.DataFrame, checkpoint: str) -> pd.DataFrame:
-    """Replicas 0..k-1 of every source training row (:func:`source_rows`, k = replicas);
-    ``checkpoint`` names the diffusion checkpoint the images come from."""
+    """Replicas 0..k-1 of every source training row (:func:`cxrlib.cohort.source_rows`,
+    k = replicas); ``checkpoint`` names the diffusion checkpoint the images come from."""
     spec = params.sampling
     source = source_rows(params, manifest)
     k = spec.replicas
@@ -152,17 +89,12 @@ def replica_plan(params: Params, manifest: pd.DataFrame, checkpoint: str) -> pd.
     return plan.sort_values(["replica", "source_image_id"], kind="stable").reset_index(drop=True)
 
 
-def age_band(age: pd.Series) -> pd.Series:
-    """Age bands used for rebalancing and subgroup analysis."""
-    return pd.cut(age, [0, 40, 60, 80, 200], right=False,
-                  labels=["<40", "40-59", "60-79", "80+"]).astype(str)
-
-
 def rebalance_weights(source: pd.DataFrame, by: list[str],
                       label_boost: dict[str, float]) -> np.ndarray:
     """Sampling weights over training rows: equal total weight per group of ``by`` columns
     (sex, age_band, race, view), times ``label_boost[label]`` for rows positive for a label."""
-    frame = source.assign(age_band=age_band(source["age"]))
+    # A missing age is a group of its own here: every row needs a weight.
+    frame = source.assign(age_band=age_band(source["age"]).astype(object).fillna(AGE_UNKNOWN))
     missing = [c for c in by if c not in frame]
     if missing:
         raise KeyError(f"sampling.rebalance.by: unknown column(s) {missing}; use sex, "
@@ -208,13 +140,9 @@ def plan_for(params: Params, manifest: pd.DataFrame, strategy: str,
 # Resumable, sharded generation
 
 
-def _shard_path(folder: Path, shard: int) -> Path:
-    return folder / "shards" / f"shard-{shard:05d}.npz"
-
-
-def generate_cohort(params: Params, plan: pd.DataFrame, model: ConditionalUNet, folder: Path,
-                    rank: int = 0, world: int = 1, progress: bool = True,
-                    on_shard=None) -> list[int]:
+def generate_cohort(params: Params, plan: pd.DataFrame, model: ConditionalUNet, run: RunLayout,
+                    strategy: str, rank: int = 0, world: int = 1, progress: bool = True,
+                    on_shard: Callable[[int], None] | None = None) -> list[int]:
     """Generate the shards of ``plan`` that this process owns and that do not exist yet.
 
     Shard s holds plan rows [s * shard_size, (s + 1) * shard_size) and belongs to process
@@ -224,11 +152,11 @@ def generate_cohort(params: Params, plan: pd.DataFrame, model: ConditionalUNet, 
     spec = params.sampling
     size = spec.shard_size
     n_shards = (len(plan) + size - 1) // size
-    (folder / "shards").mkdir(parents=True, exist_ok=True)
+    run.synthetic_shard(strategy, 0).parent.mkdir(parents=True, exist_ok=True)
     checkpoint = str(plan["checkpoint"].iloc[0]) if len(plan) else ""
     todo = []
     for s in range(n_shards):
-        path = _shard_path(folder, s)
+        path = run.synthetic_shard(strategy, s)
         if s % world != rank:
             continue
         if not path.exists():
@@ -237,58 +165,46 @@ def generate_cohort(params: Params, plan: pd.DataFrame, model: ConditionalUNet, 
             raise SyntheticCohortError(
                 f"{path} was generated with diffusion checkpoint "
                 f"{np.load(path)['checkpoint']} but this cohort uses {checkpoint}; delete "
-                f"{folder} to generate it again from the current model")
+                f"{run.synthetic(strategy)} to generate it again from the current model")
     train_sched = noise_scheduler(params.diffusion)
     cond = encode_conditions(plan, params.diffusion.nan_label_value)
     written = []
     for s in tqdm(todo, desc="synthetic shards", disable=not progress):
         lo, hi = s * size, min((s + 1) * size, len(plan))
         images = generate(model, train_sched, cond[lo:hi], plan["seed"].to_numpy()[lo:hi],
-                          spec.sampler, spec.steps, spec.guidance_scale, spec.guidance_rescale,
+                          spec.sampler, spec.steps, spec.guidance, spec.guidance_rescale,
                           spec.batch_size)
-        final = _shard_path(folder, s)
-        tmp = final.with_name(f".{final.stem}.tmp-{os.getpid()}.npz")
-        np.savez(tmp, images=images, image_ids=plan["image_id"].to_numpy()[lo:hi].astype(str),
-                 checkpoint=np.array(checkpoint))
-        os.replace(tmp, final)
+        with atomic_path(run.synthetic_shard(strategy, s)) as tmp:
+            np.savez(tmp, images=images,
+                     image_ids=plan["image_id"].to_numpy()[lo:hi].astype(str),
+                     checkpoint=np.array(checkpoint))
         written.append(s)
         if on_shard is not None:
             on_shard(s)
     return written
 
 
-def finalize_cohort(plan: pd.DataFrame, folder: Path, resolution: int,
+def finalize_cohort(plan: pd.DataFrame, run: RunLayout, strategy: str,
                     shard_size: int) -> pd.DataFrame:
-    """Merge complete shards into ``cache_<R>/`` and write ``manifest.parquet``; an error names
-    the shards still missing. Returns the synthetic manifest."""
-    ids: list[str] = []
+    """Merge complete shards into the cohort's image cache and write its manifest (last: it
+    marks the cohort complete); an error names the shards still missing. Returns the
+    synthetic manifest."""
+    folder = run.synthetic(strategy)
     n_shards = (len(plan) + shard_size - 1) // shard_size
-    shards = [_shard_path(folder, s) for s in range(n_shards)]
+    shards = [run.synthetic_shard(strategy, s) for s in range(n_shards)]
     missing = [p.name for p in shards if not p.exists()]
     if missing or sum(len(np.load(p)["image_ids"]) for p in shards) != len(plan):
         raise SyntheticCohortError(f"synthetic cohort in {folder} is incomplete (missing shards: "
                            f"{missing[:5]}); run the generation again to finish it")
-    cache = folder / f"cache_{resolution}"
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = cache / f".images.npy.tmp-{os.getpid()}"
-    arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8,
-                                    shape=(len(plan), resolution, resolution))
-    pos = 0
-    for p in shards:
-        data = np.load(p)
-        size = len(data["image_ids"])
-        arr[pos: pos + size] = data["images"]
-        ids.extend(data["image_ids"].tolist())
-        pos += size
-    arr.flush()
-    del arr
-    if ids != plan["image_id"].tolist():
-        raise SyntheticCohortError(f"synthetic shards in {folder} do not match the plan (made "
-                                   "with other parameters?); delete the folder and generate "
-                                   "again")
-    os.replace(tmp, cache / "images.npy")
-    atomic_write_parquet(pd.DataFrame({"image_id": ids}), cache / "index.parquet")
-    atomic_write_parquet(plan, folder / "manifest.parquet")  # last: marks the cohort complete
+    with write_image_cache(run.synthetic_cache(strategy), len(plan), run.resolution) as cache:
+        for p in shards:
+            data = np.load(p)
+            cache.add(data["image_ids"].tolist(), data["images"])
+        if cache.image_ids != plan["image_id"].tolist():
+            raise SyntheticCohortError(f"synthetic shards in {folder} do not match the plan "
+                                       "(made with other parameters?); delete the folder and "
+                                       "generate again")
+    atomic_write_parquet(plan, run.synthetic_manifest(strategy))
     return plan
 
 
@@ -308,13 +224,13 @@ def label_summary(plan: pd.DataFrame, source: pd.DataFrame) -> pd.DataFrame:
         col = {lab: (frame[lab] == 1.0).mean() for lab in CHEXPERT_LABELS}
         col.update({f"sex={s}": (frame["sex"] == s).mean() for s in ("Female", "Male")})
         bands = age_band(frame["age"]).value_counts(normalize=True)
-        col.update({f"age {b}": bands.get(b, 0.0) for b in ("<40", "40-59", "60-79", "80+")})
+        col.update({f"age {b}": bands.get(b, 0.0) for b in AGE_BANDS})
         out[name] = col
     return (100 * pd.DataFrame(out)).round(1)
 
 
 def build_synthetic_cohort(params: Params, manifest: pd.DataFrame, model: ConditionalUNet,
-                           checkpoint: Path, folder: Path, strategy: str,
+                           checkpoint: Path, run: RunLayout, strategy: str,
                            progress: bool = True) -> pd.DataFrame:
     """Plan, check, generate (this process's shards) and merge one strategy's cohort from the
     model of diffusion ``checkpoint``.
@@ -324,10 +240,9 @@ def build_synthetic_cohort(params: Params, manifest: pd.DataFrame, model: Condit
     finished cohort is loaded, not regenerated, if it came from the same checkpoint.
     """
     from accelerate import PartialState
-    from accelerate.utils import broadcast_object_list
 
-    out = folder / strategy
-    done = out / "manifest.parquet"
+    out = run.synthetic(strategy)
+    done = run.synthetic_manifest(strategy)
     if done.exists():
         existing = pd.read_parquet(done)
         if existing["checkpoint"].iloc[0] != checkpoint.name:
@@ -339,19 +254,10 @@ def build_synthetic_cohort(params: Params, manifest: pd.DataFrame, model: Condit
     plan = plan_for(params, manifest, strategy, checkpoint.name)
     check_no_eval_sources(plan, manifest)
     state = PartialState()
-    generate_cohort(params, plan, model.to(state.device), out, state.process_index,
+    generate_cohort(params, plan, model.to(state.device), run, strategy, state.process_index,
                     state.num_processes, progress and state.is_main_process)
-    state.wait_for_everyone()
-    error = [None]
-    if state.is_main_process:
-        try:
-            finalize_cohort(plan, out, params.data.resolution, params.sampling.shard_size)
-        except Exception as exc:  # noqa: BLE001 - re-raised on every process below
-            error = [f"{type(exc).__name__}: {exc}"]
-    if state.num_processes > 1:
-        broadcast_object_list(error)
-    if error[0] is not None:
-        raise SyntheticCohortError(error[0])
+    state.wait_for_everyone()  # every shard is written
+    on_main(partial(finalize_cohort, plan, run, strategy, params.sampling.shard_size))
     return pd.read_parquet(done)
 
 

@@ -1,4 +1,4 @@
-"""The run's headline numbers in one JSON file, ``runs/<run>/summary.json``.
+"""The run's headline numbers in one JSON file, :attr:`cxrlib.layout.RunLayout.summary`.
 
 Each stage adds its own keys (notebook 03 the generator's fidelity, notebook 05 the baseline
 and the primary comparisons, the pipeline the stage times); :func:`update_summary` merges
@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 from typing import Any
 
-from cxrlib.config import atomic_write_text
-
-SUMMARY_FILE = "summary.json"
+from cxrlib.io import atomic_write_text
+from cxrlib.layout import RunLayout
 
 #: Keys every finished run's summary holds, and the type of each (issue 11's schema).
 SCHEMA: dict[str, type | tuple[type, ...]] = {
@@ -38,15 +36,9 @@ PRIMARY_KEYS: tuple[str, ...] = ("experiment", "baseline", "test_set", "delta", 
                                  "ci_high", "p", "mde")
 
 
-def summary_path(run_folder: Path) -> Path:
-    """Where a run keeps its summary."""
-    return Path(run_folder) / SUMMARY_FILE
-
-
-def read_summary(run_folder: Path) -> dict[str, Any]:
+def read_summary(run: RunLayout) -> dict[str, Any]:
     """The run's summary so far (empty when no stage has written one)."""
-    path = summary_path(run_folder)
-    return json.loads(path.read_text()) if path.exists() else {}
+    return json.loads(run.summary.read_text()) if run.summary.exists() else {}
 
 
 def _plain(value: Any) -> Any:
@@ -62,10 +54,10 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def update_summary(run_folder: Path, **entries: Any) -> dict[str, Any]:
+def update_summary(run: RunLayout, **entries: Any) -> dict[str, Any]:
     """Merge ``entries`` (top-level keys, replaced whole) into the run's summary; atomic."""
-    summary = {**read_summary(run_folder), **_plain(entries)}
-    atomic_write_text(summary_path(run_folder), json.dumps(summary, indent=1, sort_keys=True))
+    summary = {**read_summary(run), **_plain(entries)}
+    atomic_write_text(run.summary, json.dumps(summary, indent=1, sort_keys=True))
     return summary
 
 

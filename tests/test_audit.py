@@ -393,8 +393,8 @@ def _sweep_table() -> pd.DataFrame:
 def test_sweep_verdict_does_not_reward_lost_diversity():
     text = sweep_verdict(_sweep_table(), tolerance=0.05)
     chosen = text.split("Chosen: ")[1]
-    assert chosen.startswith("dpmpp with 10 steps at guidance 0")
-    assert "Passed over for lost diversity" in text and "guidance 4 (0.900" in text
+    assert chosen.startswith("dpmpp with 10 steps at guidance w 0")
+    assert "Passed over for lost diversity" in text and "guidance w 4 (0.900" in text
     assert "Cheapest eligible" not in text  # the chosen one is already the cheapest
     nan = _sweep_table().assign(fidelity_macro_auroc=np.nan)
     assert "cannot decide" in sweep_verdict(nan)
@@ -404,8 +404,8 @@ def test_sweep_verdict_does_not_reward_lost_diversity():
     split.loc[1, ["recall", "coverage"]] = [0.97, 0.877]  # ddim g0: recall best
     split.loc[3, ["recall", "coverage"]] = [0.903, 0.976]  # dpmpp g0: coverage best
     split_text = sweep_verdict(split, tolerance=0.05)
-    assert split_text.split("Chosen: ")[1].startswith("dpmpp with 10 steps at guidance 0")
-    assert "most diverse (dpmpp with 10 steps at guidance 0" in split_text
+    assert split_text.split("Chosen: ")[1].startswith("dpmpp with 10 steps at guidance w 0")
+    assert "most diverse (dpmpp with 10 steps at guidance w 0" in split_text
     fig = audit_figures.sweep_figure(_sweep_table())
     plt.close(fig)
 

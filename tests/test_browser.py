@@ -27,10 +27,11 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from cxrlib.config import RUNS_DIR_ENV, load_params, run_dir
+from cxrlib.config import load_params
 from cxrlib.data import prepare_cohort
 from cxrlib.diffusion import train_diffusion
 from cxrlib.imagecache import ImageCache
+from cxrlib.layout import RUNS_DIR_ENV, RunLayout
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -85,9 +86,10 @@ def lab(tmp_path_factory) -> Iterator[tuple[str, str, Path]]:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv(RUNS_DIR_ENV, str(runs))
         params = load_params(ROOT / "params" / "smoke.yaml")
-        cohort = prepare_cohort(params, run_dir(params), progress=False)
-        train_diffusion(params, cohort.manifest, ImageCache(cohort.cache_dir),
-                        run_dir(params) / "02_diffusion", progress=False)
+        run = RunLayout.open(params)
+        cohort = prepare_cohort(params, run, progress=False)
+        train_diffusion(params, cohort.manifest, ImageCache(cohort.cache_dir), run,
+                        progress=False)
     nbformat.write(_explorer_notebook(ROOT / "params" / "smoke.yaml"), folder / "explorer.ipynb")
     labconfig = folder / "config" / "labconfig"
     labconfig.mkdir(parents=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from cxrlib.cohort import CohortError, training_rows
 from cxrlib.condition import (
     COND_DIM,
     LABEL_SLICE,
@@ -21,17 +23,13 @@ from cxrlib.condition import (
     dropout_mask,
     encode_conditions,
 )
-from cxrlib.config import load_params, run_dir
+from cxrlib.config import load_params
 from cxrlib.data import prepare_cohort
-from cxrlib.diffusion import (
-    DiffusionError,
-    batch_indices,
-    guided_output,
-    train_diffusion,
-    training_rows,
-)
+from cxrlib.diffusion import DiffusionError, batch_indices, train_diffusion
 from cxrlib.imagecache import ImageCache
 from cxrlib.labels import CHEXPERT_LABELS
+from cxrlib.layout import RunLayout
+from cxrlib.samplers import guided_output
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "params" / "smoke.yaml"
@@ -44,8 +42,14 @@ def smoke(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("CXRLIB_RUNS_DIR", str(runs))
         params = load_params(SMOKE)
-        cohort = prepare_cohort(params, run_dir(params), progress=False)
-    return params, cohort.manifest, ImageCache(cohort.cache_dir), runs
+        run = RunLayout.open(params)
+        cohort = prepare_cohort(params, run, progress=False)
+    return params, cohort.manifest, ImageCache(cohort.cache_dir), run
+
+
+def _scratch(run: RunLayout, folder: Path) -> RunLayout:
+    """The smoke run's layout under another root: training there leaves the module's run."""
+    return replace(run, root=folder)
 
 
 def test_condition_layout_round_trip():
@@ -90,11 +94,15 @@ def test_guidance_formula_matches_hand_computation():
     t = torch.zeros(2, dtype=torch.long)
     c, u = x + COND_DIM, x * 0.5
     assert torch.allclose(guided_output(Toy(), x, t, cond, 0.0, 0.7), c)  # 0: conditional
-    plain = u + 3.0 * (c - u)
-    assert torch.allclose(guided_output(Toy(), x, t, cond, 3.0, 0.0), plain)
+    assert torch.allclose(guided_output(Toy(), x, t, cond, -1.0, 0.0), u)  # -1: unconditional
+    plain = u + 3.0 * (c - u)  # w = 2: (1 + w) cond - w null, the authors' scale 3
+    assert torch.allclose(guided_output(Toy(), x, t, cond, 2.0, 0.0), plain)
     ratio = c.std(dim=(1, 2, 3), keepdim=True) / plain.std(dim=(1, 2, 3), keepdim=True)
     expect = 0.7 * plain * ratio + 0.3 * plain
-    assert torch.allclose(guided_output(Toy(), x, t, cond, 3.0, 0.7), expect)
+    assert torch.allclose(guided_output(Toy(), x, t, cond, 2.0, 0.7), expect)
+    # continuous at 0 (the authors' scale jumps there: 0 conditional, 0.01 almost null)
+    near = guided_output(Toy(), x, t, cond, 1e-4, 0.0)
+    assert torch.allclose(near, c, atol=1e-2)
 
 
 def test_batches_are_epoch_permutations():
@@ -109,8 +117,9 @@ def _weights(ckpt: Path) -> dict[str, torch.Tensor]:
 
 
 def test_resume_after_interruption_equals_uninterrupted(smoke, tmp_path):
-    params, manifest, cache, _ = smoke
-    whole = train_diffusion(params, manifest, cache, tmp_path / "whole", progress=False)
+    params, manifest, cache, run = smoke
+    whole = train_diffusion(params, manifest, cache, _scratch(run, tmp_path / "whole"),
+                            progress=False)
 
     class Killed(Exception):
         pass
@@ -119,9 +128,10 @@ def test_resume_after_interruption_equals_uninterrupted(smoke, tmp_path):
         if step == 3:
             raise Killed
     with pytest.raises(Killed):
-        train_diffusion(params, manifest, cache, tmp_path / "split", progress=False,
-                        on_step=kill_at_3)
-    resumed = train_diffusion(params, manifest, cache, tmp_path / "split", progress=False)
+        train_diffusion(params, manifest, cache, _scratch(run, tmp_path / "split"),
+                        progress=False, on_step=kill_at_3)
+    resumed = train_diffusion(params, manifest, cache, _scratch(run, tmp_path / "split"),
+                              progress=False)
     assert resumed.resumed_from == 2 and resumed.steps_done == 4
     a, b = _weights(whole.checkpoint), _weights(resumed.checkpoint)
     assert a.keys() == b.keys()
@@ -131,41 +141,41 @@ def test_resume_after_interruption_equals_uninterrupted(smoke, tmp_path):
 
 
 def test_checkpoint_from_another_config_is_refused(smoke, tmp_path):
-    params, manifest, cache, _ = smoke
-    train_diffusion(params, manifest, cache, tmp_path, progress=False)
+    params, manifest, cache, run = smoke
+    here = _scratch(run, tmp_path)
+    train_diffusion(params, manifest, cache, here, progress=False)
     other = params.model_copy(update={"diffusion": params.diffusion.model_copy(
         update={"base_channels": 16})})
     with pytest.raises(DiffusionError, match="different configuration.*base_channels"):
-        train_diffusion(other, manifest, cache, tmp_path, progress=False)
+        train_diffusion(other, manifest, cache, here, progress=False)
 
 
 def test_bad_inputs_fail_before_training(smoke, tmp_path):
-    params, manifest, cache, _ = smoke
+    params, manifest, cache, run = smoke
     no_train = manifest.assign(split="test")
-    with pytest.raises(DiffusionError, match="no training rows"):
+    with pytest.raises(CohortError, match="no training rows"):
         training_rows(params, no_train)
     foreign = manifest.copy()
     foreign.loc[foreign.index[0], "image_id"] = "chexpert/not-in-cache"
     with pytest.raises(KeyError, match="not in the cache"):
-        train_diffusion(params, foreign, cache, tmp_path, progress=False)
+        train_diffusion(params, foreign, cache, _scratch(run, tmp_path), progress=False)
     other_res = params.model_copy(update={"data": params.data.model_copy(
         update={"resolution": 48})})
     with pytest.raises(DiffusionError, match="holds 32 px images"):
-        train_diffusion(other_res, manifest, cache, tmp_path, progress=False)
+        train_diffusion(other_res, manifest, cache, _scratch(run, tmp_path), progress=False)
 
 
 def test_two_processes_through_accelerate(smoke, tmp_path):
     """`accelerate launch --multi_gpu` with 2 processes (gloo on CPU) runs the same trainer."""
-    _, _, _, runs = smoke
-    env = {**os.environ, "CXRLIB_RUNS_DIR": str(runs), "OMP_NUM_THREADS": "1"}
+    _, _, _, run = smoke
+    env = {**os.environ, "CXRLIB_RUNS_DIR": str(run.root.parent), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--multi_gpu", "-m", "cxrlib", "train-diffusion", "--params", str(SMOKE),
-           "--out", str(tmp_path / "ddp")]
+           "--multi_gpu", "-m", "cxrlib", "train-diffusion", "--params", str(SMOKE)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "processes: 2" in proc.stdout
-    assert (tmp_path / "ddp" / "checkpoints" / "step-0000004" / "model.safetensors").exists()
+    assert (run.checkpoints / "step-0000004" / "model.safetensors").exists()
 
 
 def test_min_snr_weights_follow_the_paper():
@@ -208,11 +218,11 @@ def test_precision_auto_follows_the_cpu(tmp_path, monkeypatch):
 def test_channels_last_trains_the_same_model(smoke, tmp_path):
     """channels_last changes the memory layout, not the arithmetic: same losses and weights
     up to float rounding, and checkpoints keep the parameter names."""
-    params, manifest, cache, _ = smoke
+    params, manifest, cache, run = smoke
     nhwc = params.model_copy(update={"diffusion": params.diffusion.model_copy(
         update={"channels_last": True})})
-    a = train_diffusion(params, manifest, cache, tmp_path / "nchw", progress=False)
-    b = train_diffusion(nhwc, manifest, cache, tmp_path / "nhwc", progress=False)
+    a = train_diffusion(params, manifest, cache, _scratch(run, tmp_path / "nchw"), progress=False)
+    b = train_diffusion(nhwc, manifest, cache, _scratch(run, tmp_path / "nhwc"), progress=False)
     np.testing.assert_allclose(a.history["loss"], b.history["loss"], rtol=1e-3)
     wa, wb = _weights(a.checkpoint), _weights(b.checkpoint)
     assert wa.keys() == wb.keys()
@@ -220,8 +230,8 @@ def test_channels_last_trains_the_same_model(smoke, tmp_path):
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-2, atol=1e-3)  # AdamW, 4 steps
 
 
-def test_sampling_without_a_trained_model_says_what_to_run(tmp_path):
+def test_sampling_without_a_trained_model_says_what_to_run(smoke, tmp_path):
     from cxrlib.diffusion import trained_checkpoint
 
     with pytest.raises(DiffusionError, match="run notebook 02"):
-        trained_checkpoint(tmp_path)
+        trained_checkpoint(_scratch(smoke[3], tmp_path))

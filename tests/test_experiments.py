@@ -22,29 +22,30 @@ import torch
 from cxrlib import classify
 from cxrlib.augment import augment_batch, mix_batch, random_affine
 from cxrlib.classify import epoch_plan, masked_bce, round_plans
+from cxrlib.cohort import CohortError, patient_subset, real_subset, source_rows
 from cxrlib.config import (
     AugmentSpec,
     ClassifierSpec,
     ParamsError,
-    atomic_write_parquet,
     load_params,
-    run_dir,
 )
-from cxrlib.data import DataError, patient_subset, prepare_cohort
+from cxrlib.data import prepare_cohort
 from cxrlib.experiments import (
     GridData,
     LeakageError,
     check_grid_leakage,
     grid_data,
-    real_subset,
     run_grid,
     training_set,
     training_sets,
 )
-from cxrlib.grid import baseline_name, plan_grid
+from cxrlib.grid import plan_grid
 from cxrlib.imagecache import CombinedCache, ImageCache
+from cxrlib.io import atomic_write_parquet, write_image_cache
+from cxrlib.kinds import Kind
 from cxrlib.labels import CHEXPERT_LABELS
-from cxrlib.sampling import rebalance_plan, replica_plan, source_rows
+from cxrlib.layout import RunLayout
+from cxrlib.sampling import rebalance_plan, replica_plan
 
 ROOT = Path(__file__).resolve().parent.parent
 OFF = AugmentSpec(hflip=0, vflip=0, noise_p=0, affine_p=0, mix_p=0, label_smoothing=0)
@@ -137,13 +138,11 @@ def test_epoch_plan_splits_global_batches_across_processes():
 # The grid on the smoke cohort with stand-in synthetic cohorts
 
 
-def _write_cohort(plan: pd.DataFrame, cache: ImageCache, folder: Path) -> None:
+def _write_cohort(plan: pd.DataFrame, cache: ImageCache, run: RunLayout, strategy: str) -> None:
     """A synthetic cohort in notebook 03's format, whose images copy their source images."""
-    out = folder / f"cache_{cache.resolution}"
-    out.mkdir(parents=True)
-    np.save(out / "images.npy", cache.load(plan["source_image_id"]))
-    atomic_write_parquet(plan[["image_id"]], out / "index.parquet")
-    atomic_write_parquet(plan, folder / "manifest.parquet")
+    with write_image_cache(run.synthetic_cache(strategy), len(plan), cache.resolution) as out:
+        out.add(plan["image_id"].tolist(), cache.load(plan["source_image_id"]))
+    atomic_write_parquet(plan, run.synthetic_manifest(strategy))
 
 
 @pytest.fixture(scope="module")
@@ -152,15 +151,13 @@ def grid_run(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("CXRLIB_RUNS_DIR", str(runs))
         params = load_params(ROOT / "params" / "smoke.yaml")
-        folder = run_dir(params)
-        cohort = prepare_cohort(params, folder, progress=False)
+        run = RunLayout.open(params)
+        cohort = prepare_cohort(params, run, progress=False)
     cache = ImageCache(cohort.cache_dir)
-    synth = folder / "03_sampling" / "synthetic"
-    _write_cohort(replica_plan(params, cohort.manifest, "step-0000004"), cache,
-                  synth / "replicas")
-    _write_cohort(rebalance_plan(params, cohort.manifest, "step-0000004"), cache,
-                  synth / "rebalance")
-    return params, folder, grid_data(params, folder)
+    _write_cohort(replica_plan(params, cohort.manifest, "step-0000004"), cache, run, "replicas")
+    _write_cohort(rebalance_plan(params, cohort.manifest, "step-0000004"), cache, run,
+                  "rebalance")
+    return params, run, grid_data(params, run)
 
 
 def test_plan_names_recipes_and_baselines(grid_run):
@@ -176,11 +173,15 @@ def test_plan_names_recipes_and_baselines(grid_run):
                      "synthetic_only_x1.f50", "real_plus_rebalanced_x1.f50",
                      "nih_only", "nih_plus_synthetic_x1"]
     baselines = {e.name: e.baseline for e in plan}
-    assert baselines["synthetic_only_x1.f50"] == baseline_name("synthetic_only", 0.5, "chexpert") \
-        == "real_only.f50"
+    assert baselines["synthetic_only_x1.f50"] \
+        == Kind.SYNTHETIC_ONLY.baseline_name(0.5, "chexpert") == "real_only.f50"
     assert baselines["real_plus_shuffled_x1.f100"] == "real_only.f100"
     assert baselines["nih_plus_synthetic_x1"] \
-        == baseline_name("external_plus_synthetic", 1.0, "nih") == "nih_only"
+        == Kind.EXTERNAL_PLUS_SYNTHETIC.baseline_name(1.0, "nih") == "nih_only"
+    # every kind's recipe is data: its baseline kind, and whether it is trained on real rows
+    assert {e.kind.baseline for e in plan} == {Kind.REAL_ONLY, Kind.EXTERNAL_ONLY}
+    assert not Kind.SYNTHETIC_ONLY.recipe.keep_real and Kind.REAL_REPEATED.recipe.real_copies
+    assert [k for k in Kind if k.control] == [Kind.REAL_REPEATED, Kind.REAL_PLUS_SHUFFLED]
 
 
 def test_training_sets_have_the_recipe_sizes(grid_run):
@@ -226,7 +227,7 @@ def test_each_seed_draws_its_own_real_subset_inside_the_sources(grid_run):
     assert draws[0] <= set(real_subset(p, data.manifest, 0.4, 0)["patient_id"])  # nested
     same = [set(real_subset(p, data.manifest, 0.5, s)["patient_id"]) for s in (0, 1)]
     assert same[0] == same[1] == sources  # the whole source set leaves nothing to draw
-    with pytest.raises(DataError, match="experiments.real_fractions"):
+    with pytest.raises(CohortError, match="experiments.real_fractions"):
         real_subset(p, data.manifest, 0.75, 0)
 
 
@@ -297,9 +298,9 @@ def test_patient_subsets_are_nested_and_whole_patients(grid_run):
 
 
 def test_grid_runs_writes_predictions_and_resumes(grid_run, monkeypatch):
-    params, folder, data = grid_run
-    out = folder / "04_experiments"
-    results = run_grid(params, data, out, progress=False)
+    params, run, data = grid_run
+    out = run.experiments
+    results = run_grid(params, data, run, progress=False)
     assert len(results) == len(plan_grid(params))
     preds = pd.read_parquet(out / "real_plus_synthetic_x1.f50" / "seed-0" / "predictions.parquet")
     assert set(preds.columns) >= {"experiment", "seed", "image_id", "patient_id", "test_set",
@@ -315,7 +316,7 @@ def test_grid_runs_writes_predictions_and_resumes(grid_run, monkeypatch):
     monkeypatch.setattr(classify, "train_classifier",
                         lambda *a, **k: trained.append(len(a[1])) or real_train(*a, **k))
     shutil.rmtree(out / "synthetic_only_x1.f100" / "seed-0" / "model")
-    run_grid(params, data, out, progress=False)
+    run_grid(params, data, run, progress=False)
     assert len(trained) == 1
     assert (out / "synthetic_only_x1.f100" / "seed-0" / "predictions.parquet").exists()
 
@@ -350,12 +351,12 @@ def test_experiment_params_are_validated():
 def test_grid_under_two_processes_through_accelerate(grid_run):
     """`accelerate launch --multi_gpu` with 2 processes (gloo on CPU): DDP training of the
     experiments still to do, the main process writing their files."""
-    params, folder, data = grid_run
-    out = folder / "04_experiments"
-    run_grid(params, data, out, progress=False)  # the rest of the grid is done
+    params, run, data = grid_run
+    out = run.experiments
+    run_grid(params, data, run, progress=False)  # the rest of the grid is done
     for name in ("real_only.f50", "nih_plus_synthetic_x1"):
         shutil.rmtree(out / name)
-    env = {**os.environ, "CXRLIB_RUNS_DIR": str(folder.parent), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "CXRLIB_RUNS_DIR": str(run.root.parent), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--multi_gpu", "-m", "cxrlib", "run-experiments", "--params",

@@ -14,8 +14,9 @@ import pytest
 import yaml
 
 from cxrlib import pipeline
-from cxrlib.config import Params, ParamsError, load_params, run_dir
-from cxrlib.pipeline import STAGES, run_pipeline, run_stage
+from cxrlib.config import Params, ParamsError, load_params
+from cxrlib.layout import STAGES, RunLayout
+from cxrlib.pipeline import run_pipeline, run_stage
 from cxrlib.progress import PROGRESS_ENV
 from cxrlib.summary import read_summary, schema_problems
 
@@ -46,11 +47,12 @@ def test_real_data_presets_name_the_placeholder_path(name):
 
 def test_run_folder_refuses_other_parameters(tmp_path, monkeypatch):
     monkeypatch.setenv("CXRLIB_RUNS_DIR", str(tmp_path))
-    folder = run_dir(load_params(ROOT / "params" / "smoke.yaml"))
-    assert json.loads((folder / "params.json").read_text())["run"]["name"] == "smoke"
+    run = RunLayout.open(load_params(ROOT / "params" / "smoke.yaml"))
+    assert run.root == tmp_path / "smoke"
+    assert json.loads(run.params.read_text())["run"]["name"] == "smoke"
     other = load_params(ROOT / "params" / "smoke.yaml", {"data.resolution": 48})
     with pytest.raises(ParamsError, match=r"keys differ: data\.resolution"):
-        run_dir(other)
+        RunLayout.open(other)
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
@@ -92,9 +94,9 @@ def test_pipeline_runs_every_stage_and_renders_the_reports(tmp_path, capsys):
     ``pytest --nbval-lax notebooks/``, which still works on its own."""
     reports = tmp_path / "reports"
     index = run_pipeline(ROOT / "params" / "smoke.yaml", reports_root=reports)
-    run = run_dir(load_params(ROOT / "params" / "smoke.yaml"))
+    run = RunLayout.open(load_params(ROOT / "params" / "smoke.yaml"))
     for stage in STAGES:
-        executed = nbformat.read(run / "notebooks" / f"{stage}.ipynb", as_version=4)
+        executed = nbformat.read(run.executed(stage), as_version=4)
         reference = nbformat.read(ROOT / "notebooks" / f"{stage}.ipynb", as_version=4)
         assert _checked_output(executed) == _checked_output(reference), stage
         html = (reports / "smoke" / f"{stage}.html").read_text()
@@ -106,10 +108,10 @@ def test_pipeline_runs_every_stage_and_renders_the_reports(tmp_path, capsys):
     assert "leakage check passed" in html["04_classifier_experiments"]
     assert "Holm-adjusted" in html["05_statistics"]  # the generated findings
     assert {"cooccurrence.png", "samples_per_label.png", "check_macro_auroc.csv"} <= {
-        p.name for p in (run / "01_data_prep").iterdir()}
+        p.name for p in run.stage("01_data_prep").iterdir()}
     assert {"supplementation_f100.png", "external_site.png", "primary_comparisons.csv",
             "comparisons_secondary.csv", "subgroups.png", "findings.txt"} <= {
-        p.name for p in (run / "05_statistics").iterdir()}
+        p.name for p in run.stage("05_statistics").iterdir()}
     # the notebooks' own output streamed while they ran, and one line per finished stage
     streamed = capsys.readouterr()
     assert "model: " in streamed.out  # printed by notebook 03
@@ -191,6 +193,7 @@ def test_importing_the_package_has_no_side_effect():
 
 def test_statistics_stage_loads_without_the_training_stack():
     """Notebook 05's modules read a finished grid without importing torch (fast kernels)."""
-    probe = "import sys, cxrlib.grid, cxrlib.stats, cxrlib.report; print('torch' in sys.modules)"
+    probe = ("import sys, cxrlib.grid, cxrlib.cohort, cxrlib.stats, cxrlib.study_tables, "
+             "cxrlib.findings, cxrlib.report; print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

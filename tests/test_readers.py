@@ -17,7 +17,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from cxrlib.config import RUNS_DIR_ENV, ParamsError, load_params, run_dir
+from cxrlib.config import ParamsError, load_params
 from cxrlib.data import (
     DataError,
     DropLog,
@@ -34,6 +34,7 @@ from cxrlib.data import (
 )
 from cxrlib.imagecache import ImageCache, build_cache, load_image, to_model_range
 from cxrlib.labels import CHEXPERT_LABELS, MANIFEST_COLUMNS, map_race
+from cxrlib.layout import RUNS_DIR_ENV, RunLayout
 
 LABELS = list(CHEXPERT_LABELS)
 MANIFEST = [*MANIFEST_COLUMNS, "source_file", "source_row"]
@@ -79,7 +80,7 @@ def _params(tmp_path: Path, sites: list[dict], name: str = "t", **data):
 
 
 def _cohort(params):
-    return prepare_cohort(params, run_dir(params), progress=False)
+    return prepare_cohort(params, RunLayout.open(params), progress=False)
 
 
 def _label_row(**values) -> dict:
@@ -204,7 +205,8 @@ def test_chexpert_manifest_ids_paths_demographics_and_official_split(tmp_path):
 
 def test_chexpert_drops_lateral_age0_unknown_sex_with_reasons(tmp_path):
     root = _make_chexpert(tmp_path)
-    cohort = _cohort(_params(tmp_path, [_chexpert_site(root)]))
+    params = _params(tmp_path, [_chexpert_site(root)])
+    cohort = _cohort(params)
     ids = set(cohort.manifest["image_id"])
     lateral = "chexpert/train/patient00001/study1/view2_lateral"
     age0 = "chexpert/train/patient00002/study1/view1_frontal"
@@ -224,7 +226,7 @@ def test_chexpert_drops_lateral_age0_unknown_sex_with_reasons(tmp_path):
     # No race file: every race is Unknown.
     assert set(cohort.manifest["race"]) == {"Unknown"}
     # The manifest and drop log are saved in the run folder.
-    saved = pd.read_parquet(cohort.folder / "data" / "manifest.parquet")
+    saved = pd.read_parquet(RunLayout.open(params).manifest)
     pd.testing.assert_frame_equal(saved, cohort.manifest)
 
 

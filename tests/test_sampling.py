@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -9,17 +10,18 @@ import pandas as pd
 import pytest
 import torch
 
-from cxrlib.config import load_params, run_dir
+from cxrlib.cohort import AGE_UNKNOWN, age_band, training_rows
+from cxrlib.config import load_params
 from cxrlib.data import prepare_cohort
-from cxrlib.diffusion import ConditionalUNet, noise_scheduler, training_rows, unet_config
+from cxrlib.diffusion import ConditionalUNet, noise_scheduler, unet_config
 from cxrlib.explorer import SamplingExplorer
 from cxrlib.imagecache import ImageCache
+from cxrlib.layout import RunLayout
+from cxrlib.samplers import SAMPLERS, generate
 from cxrlib.sampling import (
-    SAMPLERS,
     SyntheticCohortError,
     check_no_eval_sources,
     finalize_cohort,
-    generate,
     generate_cohort,
     rebalance_plan,
     rebalance_weights,
@@ -37,15 +39,16 @@ def smoke(tmp_path_factory):
         params = load_params(ROOT / "params" / "smoke.yaml",
                              {"sampling.replicas": 2, "sampling.shard_size": 64,
                               "sampling.steps": 3})
-        cohort = prepare_cohort(params, run_dir(params), progress=False)
+        run = RunLayout.open(params)
+        cohort = prepare_cohort(params, run, progress=False)
     torch.manual_seed(0)
     model = ConditionalUNet(unet_config(params.diffusion, params.data.resolution)).eval()
-    return params, cohort.manifest, model
+    return params, cohort.manifest, model, run
 
 
 @pytest.mark.parametrize("sampler", SAMPLERS)
 def test_an_image_depends_on_its_seed_not_its_batch(smoke, sampler):
-    params, manifest, model = smoke
+    params, manifest, model, _ = smoke
     sched = noise_scheduler(params.diffusion)
     cond = np.zeros((3, 22), dtype=np.float32)
     together = generate(model, sched, cond, [5, 6, 7], sampler, 3, 2.0, 0.7, batch_size=3)
@@ -57,7 +60,7 @@ def test_an_image_depends_on_its_seed_not_its_batch(smoke, sampler):
 
 
 def test_replica_plan_uses_training_rows_only(smoke):
-    params, manifest, _ = smoke
+    params, manifest, _, _ = smoke
     plan = replica_plan(params, manifest, "step-0000004")
     train = training_rows(params, manifest)
     assert len(plan) == 2 * len(train)
@@ -80,11 +83,16 @@ def test_replica_plan_uses_training_rows_only(smoke):
 
 
 def test_rebalance_weights_equalise_groups(smoke):
-    params, manifest, _ = smoke
+    params, manifest, _, _ = smoke
     train = training_rows(params, manifest)
     w = rebalance_weights(train, ["sex"], {})
     per_sex = pd.Series(w).groupby(train["sex"].to_numpy()).sum()
     assert np.allclose(per_sex.to_numpy(), 0.5)
+    aged = train.assign(age=train["age"].where(np.arange(len(train)) % 3 > 0))
+    by_band = rebalance_weights(aged, ["age_band"], {})  # a missing age is a group of its own
+    bands = age_band(aged["age"]).astype(object).fillna(AGE_UNKNOWN).to_numpy()
+    per_band = pd.Series(by_band).groupby(bands).sum()
+    assert AGE_UNKNOWN in per_band.index and np.allclose(per_band, 1 / len(per_band))
     boosted = rebalance_weights(train, [], {"Support Devices": 4.0})
     pos = (train["Support Devices"] == 1.0).to_numpy()
     assert np.allclose(boosted[pos] / boosted[~pos][0], 4.0)
@@ -94,49 +102,53 @@ def test_rebalance_weights_equalise_groups(smoke):
 
 
 def test_generation_resumes_without_duplicates_or_losses(smoke, tmp_path):
-    params, manifest, model = smoke
+    params, manifest, model, run = smoke
     plan = replica_plan(params, manifest, "step-0000004").head(150)  # 3 shards of 64
-    whole = tmp_path / "whole"
-    generate_cohort(params, plan, model, whole, progress=False)
-    ref = finalize_cohort(plan, whole, params.data.resolution, params.sampling.shard_size)
+    whole, part = replace(run, root=tmp_path / "whole"), replace(run, root=tmp_path / "part")
+    generate_cohort(params, plan, model, whole, "replicas", progress=False)
+    ref = finalize_cohort(plan, whole, "replicas", params.sampling.shard_size)
 
     class Stop(Exception):
         pass
 
     def stop_after_first(_shard: int) -> None:
         raise Stop
-    part = tmp_path / "part"
     with pytest.raises(Stop):
-        generate_cohort(params, plan, model, part, progress=False, on_shard=stop_after_first)
+        generate_cohort(params, plan, model, part, "replicas", progress=False,
+                        on_shard=stop_after_first)
     with pytest.raises(RuntimeError, match="incomplete"):
-        finalize_cohort(plan, part, params.data.resolution, params.sampling.shard_size)
-    written = generate_cohort(params, plan, model, part, progress=False)
+        finalize_cohort(plan, part, "replicas", params.sampling.shard_size)
+    written = generate_cohort(params, plan, model, part, "replicas", progress=False)
     assert written == [1, 2]  # shard 0 was kept, not generated twice
-    out = finalize_cohort(plan, part, params.data.resolution, params.sampling.shard_size)
+    out = finalize_cohort(plan, part, "replicas", params.sampling.shard_size)
     pd.testing.assert_frame_equal(out, ref)
-    a, b = ImageCache(whole / "cache_32"), ImageCache(part / "cache_32")
+    a = ImageCache(whole.synthetic_cache("replicas"))
+    b = ImageCache(part.synthetic_cache("replicas"))
     assert a.image_ids == b.image_ids == plan["image_id"].tolist()
     assert np.array_equal(np.asarray(a.images), np.asarray(b.images))
-    saved = pd.read_parquet(part / "manifest.parquet")
-    assert {"source_image_id", "replica", "seed", "sampler", "steps",
+    saved = pd.read_parquet(part.synthetic_manifest("replicas"))
+    assert {"source_image_id", "replica", "seed", "sampler", "steps", "guidance",
             "checkpoint"} <= set(saved.columns)
     # shards from another model are never mixed into this cohort
     other = plan.assign(checkpoint="step-0000099")
     with pytest.raises(SyntheticCohortError, match="step-0000004 but this cohort uses"):
-        generate_cohort(params, other, model, part, progress=False)
+        generate_cohort(params, other, model, part, "replicas", progress=False)
 
 
 def test_two_processes_split_the_shards(smoke, tmp_path):
-    params, manifest, model = smoke
+    params, manifest, model, run = smoke
     plan = replica_plan(params, manifest, "step-0000004").head(150)
-    first = generate_cohort(params, plan, model, tmp_path, rank=0, world=2, progress=False)
-    second = generate_cohort(params, plan, model, tmp_path, rank=1, world=2, progress=False)
+    here = replace(run, root=tmp_path)
+    first = generate_cohort(params, plan, model, here, "replicas", rank=0, world=2,
+                            progress=False)
+    second = generate_cohort(params, plan, model, here, "replicas", rank=1, world=2,
+                             progress=False)
     assert first == [0, 2] and second == [1]
-    finalize_cohort(plan, tmp_path, params.data.resolution, params.sampling.shard_size)
+    finalize_cohort(plan, here, "replicas", params.sampling.shard_size)
 
 
 def test_explorer_callbacks_return_images_for_the_widgets(smoke):
-    params, _, model = smoke
+    params, _, model, _ = smoke
     ex = SamplingExplorer(model, noise_scheduler(params.diffusion))
     ex.steps.value, ex.count.value, ex.seed.value = 2, 3, 10
     ex.labels["Cardiomegaly"].value = "present"
@@ -155,7 +167,7 @@ def test_explorer_callbacks_return_images_for_the_widgets(smoke):
 
 
 def test_source_fraction_draws_whole_patients(smoke):
-    params, manifest, _ = smoke
+    params, manifest, _, _ = smoke
     part = params.model_copy(update={"sampling": params.sampling.model_copy(
         update={"source_fraction": 0.5})})
     plan = replica_plan(part, manifest, "step-0000004")

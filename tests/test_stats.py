@@ -1,5 +1,6 @@
-"""Statistics: DeLong (plain and patient-clustered), the patient bootstrap, seeds as a random
-effect, the label rule, TOST, the primary analysis, dose-response, subgroups, calibration,
+"""Statistics (:mod:`cxrlib.stats`): DeLong (plain and patient-clustered), the patient
+bootstrap, seeds as a random effect, the label rule, TOST; and the study's tables
+(:mod:`cxrlib.study_tables`): the primary analysis, dose-response, subgroups, calibration,
 compute and the generated findings."""
 
 from __future__ import annotations
@@ -10,12 +11,11 @@ import pytest
 from scipy import stats as sps
 from sklearn.metrics import roc_auc_score
 
-from cxrlib import findings, stats
+from cxrlib import findings, stats, study_tables
 from cxrlib.config import PrimarySpec, StatsSpec
 from cxrlib.stats import (
     SeedMacros,
     adjust_holm,
-    age_band,
     clustered_influence,
     contrast,
     delong_covariance,
@@ -199,7 +199,7 @@ def test_clustered_variance_agrees_with_the_patient_bootstrap():
     shared = np.repeat(rng.normal(size=120), 3)           # patient-level correlation
     score = 1.0 * y + shared + 0.5 * rng.normal(size=360)
     _, psi = clustered_influence(y, score, patients)
-    analytic = stats._cluster_covariance(psi)[0, 0]
+    analytic = stats.cluster_covariance(psi)[0, 0]
     reps = weighted_auroc(y, score, patient_bootstrap_weights(patients, 2000, 0))
     assert analytic == pytest.approx(np.var(reps), rel=0.15)
 
@@ -277,12 +277,13 @@ def test_seed_variation_alone_is_rejected_at_the_nominal_rate_and_a_real_gain_is
 def test_verdicts_follow_tost_and_holm():
     spec = StatsSpec(equivalence_margin=0.02)
     row = {"p_holm": 0.4, "delta": 0.004, "ci90_low": -0.01, "ci90_high": 0.018}
-    assert stats._verdict(row, spec.alpha, 0.02) == "matches"
-    assert stats._verdict({**row, "ci90_high": 0.021}, spec.alpha, 0.02) == "not shown equivalent"
-    assert stats._verdict({**row, "p_holm": 0.01}, spec.alpha, 0.02) == (
+    assert study_tables._verdict(row, spec.alpha, 0.02) == "matches"
+    assert study_tables._verdict({**row, "ci90_high": 0.021}, spec.alpha, 0.02) == (
+        "not shown equivalent")
+    assert study_tables._verdict({**row, "p_holm": 0.01}, spec.alpha, 0.02) == (
         "better (within the equivalence margin)")
-    assert stats._verdict({**row, "p_holm": 0.01, "delta": -0.03, "ci90_low": -0.05},
-                          spec.alpha, 0.02) == "worse"
+    assert study_tables._verdict({**row, "p_holm": 0.01, "delta": -0.03, "ci90_low": -0.05},
+                                 spec.alpha, 0.02) == "worse"
 
 
 GRID = {"real_only.f100": ("real_only", 0, 1.0),
@@ -308,8 +309,8 @@ def study():
 
 def test_primary_analysis_is_the_prespecified_set(study):
     frame, grid, spec, macros = study
-    primary = stats.primary_analysis(frame, grid, spec)
-    assert set(stats.PRIMARY_COLUMNS) <= set(primary.columns)
+    primary = study_tables.primary_analysis(frame, grid, spec)
+    assert set(study_tables.PRIMARY_COLUMNS) <= set(primary.columns)
     assert primary["experiment"].tolist() == ["real_plus_synthetic_x1.f100",
                                               "real_plus_synthetic_x2.f100",
                                               "real_repeated_x2.f100"]
@@ -321,25 +322,25 @@ def test_primary_analysis_is_the_prespecified_set(study):
     assert primary.set_index("experiment").loc["real_repeated_x2.f100", "verdict"] in (
         "matches", "not shown equivalent")
     # The same rows, to the last digit, inside the table of all comparisons.
-    every = stats.compare_experiments(macros, grid, spec)
+    every = study_tables.compare_experiments(macros, grid, spec)
     pd.testing.assert_frame_equal(
         every[every["primary"]].reset_index(drop=True)[primary.columns], primary)
-    at_half = stats.primary_analysis(frame, grid, spec.model_copy(
+    at_half = study_tables.primary_analysis(frame, grid, spec.model_copy(
         update={"primary": PrimarySpec(real_fraction=0.5)}))
     assert at_half["experiment"].tolist() == ["real_plus_synthetic_x2.f50"]
     with pytest.raises(ValueError, match="not a real fraction"):
-        stats.primary_analysis(frame, grid, spec.model_copy(
+        study_tables.primary_analysis(frame, grid, spec.model_copy(
             update={"primary": PrimarySpec(real_fraction=0.25)}))
 
 
 def test_secondary_comparisons_and_synthetic_only_equivalence(study):
     _, grid, spec, macros = study
-    every = stats.compare_experiments(macros, grid, spec).set_index("experiment")
+    every = study_tables.compare_experiments(macros, grid, spec).set_index("experiment")
     synthetic = every.loc["synthetic_only_x1.f100"]
     assert not synthetic["primary"] and synthetic["family"] == "real_only.f100: internal"
     assert abs(synthetic["delta"]) < 0.02
     wide = spec.model_copy(update={"equivalence_margin": 0.5})
-    relaxed = stats.compare_experiments(macros, grid, wide).set_index("experiment")
+    relaxed = study_tables.compare_experiments(macros, grid, wide).set_index("experiment")
     assert relaxed.loc["synthetic_only_x1.f100", "verdict"] == "matches"
     assert synthetic["p_equivalence"] > relaxed.loc["synthetic_only_x1.f100", "p_equivalence"]
     assert every.loc["real_plus_synthetic_x2.f50", "baseline"] == "real_only.f50"
@@ -347,7 +348,7 @@ def test_secondary_comparisons_and_synthetic_only_equivalence(study):
 
 def test_dose_response_slope(study):
     _, grid, spec, macros = study
-    dose = stats.dose_response(macros, grid, spec).set_index("real_fraction")
+    dose = study_tables.dose_response(macros, grid, spec).set_index("real_fraction")
     assert list(dose.index) == [1.0]             # 50% has one k: no trend to test
     row = dose.loc[1.0]
     sm = macros["internal"]
@@ -360,7 +361,7 @@ def test_dose_response_slope(study):
 def test_compare_labels_with_seeds(study):
     frame, _, spec, _ = study
     pair = ("real_plus_synthetic_x2.f100", "real_only.f100")
-    labels = stats.compare_labels(frame, [pair], spec)
+    labels = study_tables.compare_labels(frame, [pair], spec)
     assert len(labels) == len(LABELS) and (labels["test"] == "clustered DeLong + seeds").all()
     row = labels[labels["label"] == "Label0"].iloc[0]
     sub = frame[(frame["label"] == "Label0")]
@@ -376,24 +377,24 @@ def test_subgroups_difference_in_differences():
     frame = make_study(rng, {"base": 1.2, "exp": 1.2}, n_patients=400,
                        groups={"exp": 0.6})      # the experiment helps Female patients only
     spec = StatsSpec(n_boot=200, subgroups=["sex"])
-    groups, did = stats.subgroup_analysis(frame, "exp", "base", spec)
+    groups, did = study_tables.subgroup_analysis(frame, "exp", "base", spec)
     assert set(groups["group"]) == {"Male", "Female"} and len(groups) == 4
     row = did.iloc[0]
     assert row["group"] != row["reference"]
     sign = 1 if row["group"] == "Female" else -1
     assert sign * row["did"] > 0.05 and row["p_holm"] < 0.01
     assert row["did"] == pytest.approx(row["delta_group"] - row["delta_reference"])
-    null = stats.subgroup_analysis(make_study(rng, {"base": 1.2, "exp": 1.2}, n_patients=400),
-                                   "exp", "base", spec)[1].iloc[0]
+    null_study = make_study(rng, {"base": 1.2, "exp": 1.2}, n_patients=400)
+    null = study_tables.subgroup_analysis(null_study, "exp", "base", spec)[1].iloc[0]
     assert null["ci_low"] < 0 < null["ci_high"]
 
 
 def test_subgroup_pair_is_prespecified():
     grid = grid_of(GRID)
-    assert stats.subgroup_pair(grid, StatsSpec()) == ("real_plus_synthetic_x2.f100",
-                                                     "real_only.f100")
+    assert study_tables.subgroup_pair(grid, StatsSpec()) == ("real_plus_synthetic_x2.f100",
+                                                            "real_only.f100")
     chosen = StatsSpec(primary=PrimarySpec(subgroup_k=1))
-    assert stats.subgroup_pair(grid, chosen)[0] == "real_plus_synthetic_x1.f100"
+    assert study_tables.subgroup_pair(grid, chosen)[0] == "real_plus_synthetic_x1.f100"
 
 
 # --- Calibration, AUPRC, seeds and compute ---------------------------------------------------
@@ -415,13 +416,13 @@ def test_calibration_metrics_by_hand():
 def test_calibration_table_and_label_metrics(study):
     frame, _, spec, _ = study
     probs = frame.assign(score=1 / (1 + np.exp(-frame["score"])))
-    table = stats.calibration_table(probs, spec).set_index("experiment")
+    table = study_tables.calibration_table(probs, spec).set_index("experiment")
     assert table.loc["real_only.f100", "n_seeds"] == 3
     base = probs[probs["experiment"] == "real_only.f100"]
     brier = base.assign(sq=(base["score"] - base["target"]) ** 2).groupby(["seed", "label"])[
         "sq"].mean().groupby("seed").mean().mean()
     assert table.loc["real_only.f100", "brier"] == pytest.approx(brier)
-    labels = stats.label_metrics(probs, spec)
+    labels = study_tables.label_metrics(probs, spec)
     row = labels[(labels["experiment"] == "real_only.f100") & (labels["label"] == "Label0")]
     sub = probs[(probs["experiment"] == "real_only.f100") & (probs["label"] == "Label0")]
     from sklearn.metrics import average_precision_score
@@ -433,34 +434,27 @@ def test_calibration_table_and_label_metrics(study):
 
 def test_seed_spread_and_compute_table(study):
     frame, grid, spec, macros = study
-    spread = stats.seed_spread(frame, spec.min_positives).set_index("experiment")
+    spread = study_tables.seed_spread(frame, spec.min_positives).set_index("experiment")
     values = list(macros["internal"].point["real_only.f100"].values())
     assert spread.loc["real_only.f100", "macro_auroc_mean"] == pytest.approx(np.mean(values))
     assert spread.loc["real_only.f100", "macro_auroc_min"] == pytest.approx(min(values))
-    old = stats.compute_table(grid)           # a run from before the compute columns
+    old = study_tables.compute_table(grid)           # a run from before the compute columns
     assert old["optimizer_steps"].isna().all() and (old["train_seconds"] == 2.0).all()
-    new = stats.compute_table(grid.assign(optimizer_steps=[10, 20, 30, 40, 50, 60, 70],
-                                          images_seen=320))
+    new = study_tables.compute_table(grid.assign(optimizer_steps=[10, 20, 30, 40, 50, 60, 70],
+                                                 images_seen=320))
     assert new.set_index("experiment").loc["real_only.f50", "optimizer_steps"] == 60
-
-
-def test_age_band():
-    bands = age_band([12, 39.9, 40, 59.5, 60, 79, 80, 101, np.nan])
-    assert bands.iloc[:8].tolist() == ["<40", "<40", "40-59", "40-59", "60-79", "60-79", "80+",
-                                       "80+"]
-    assert pd.isna(bands.iloc[8])
 
 
 # --- Findings ---------------------------------------------------------------------------------
 
 def test_findings_state_numbers_and_rules(study):
     frame, grid, spec, macros = study
-    summary = stats.experiment_summary(macros, grid, spec)
-    primary = stats.primary_analysis(macros, grid, spec)
-    every = stats.compare_experiments(macros, grid, spec)
-    dose = stats.dose_response(macros, grid, spec)
-    _, did = stats.subgroup_analysis(frame, *stats.subgroup_pair(grid, spec),
-                                     spec.model_copy(update={"subgroups": ["sex"]}))
+    summary = study_tables.experiment_summary(macros, grid, spec)
+    primary = study_tables.primary_analysis(macros, grid, spec)
+    every = study_tables.compare_experiments(macros, grid, spec)
+    dose = study_tables.dose_response(macros, grid, spec)
+    _, did = study_tables.subgroup_analysis(frame, *study_tables.subgroup_pair(grid, spec),
+                                            spec.model_copy(update={"subgroups": ["sex"]}))
     text = findings.study_findings(summary, primary, dose, every, did, spec)
     assert any("at least 10 positives and 10 negatives" in s and "left out: -" in s
                for s in text)

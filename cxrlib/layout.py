@@ -1,0 +1,202 @@
+"""Every path of a run, in one object: :class:`RunLayout`.
+
+A run lives in ``<runs>/<run.name>/``; each notebook writes into a folder named after it, and
+what a later stage reads (the cohort, the checkpoints, the synthetic cohorts, the judge, the
+experiment folders) is found here rather than typed out again by each reader::
+
+    <run>/params.json                         the validated parameters (refuses other ones)
+    <run>/summary.json                        the headline numbers (cxrlib.summary)
+    <run>/notebooks/<stage>.ipynb             executed notebooks (cxrlib.pipeline)
+    <run>/01_data_prep/                       figures and tables of notebook 01
+        cohort/manifest.parquet, dropped.parquet, cache_<res>/
+        phantom/<site>/                       rendered phantom sites
+    <run>/02_diffusion_training/              notebook 02
+        checkpoints/step-XXXXXXX/, previews/
+    <run>/03_sampling_explorer/               notebook 03
+        synthetic/<strategy>/manifest.parquet, cache_<res>/
+        judge/                                the audit's real-only classifier
+    <run>/04_classifier_experiments/          notebook 04
+        <experiment>/seed-<s>/                model, config, history, predictions
+    <run>/05_statistics/                      notebook 05
+
+The rendered reports of a run go to ``reports/<run.name>/`` (:meth:`RunLayout.reports`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cxrlib.config import DiffusionSpec, Params, ParamsError, diff_keys, params_base, resolve_path
+from cxrlib.io import atomic_write_text
+
+#: The notebooks, in order; each is a pipeline stage and names its run folder.
+STAGES: tuple[str, ...] = ("01_data_prep", "02_diffusion_training", "03_sampling_explorer",
+                           "04_classifier_experiments", "05_statistics")
+#: Environment variable that moves every run folder (tests point it at a temporary folder).
+RUNS_DIR_ENV = "CXRLIB_RUNS_DIR"
+#: Where rendered reports go, relative to the parameter file's project.
+REPORTS_DIR = "reports"
+#: Keys a run may change between invocations: how long to train, how often to save, how many
+#: worker processes. Everything else defines the run and must stay as it was.
+_FREE_KEYS = frozenset({"data.workers", "sampling.batch_size",
+                        *(f"diffusion.{k}" for k in DiffusionSpec.RUN_LENGTH_KEYS)})
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """The folders and files of one run; build it with :meth:`open`."""
+
+    root: Path
+    resolution: int
+    name: str
+    project: Path  # the folder relative paths of the parameter file are taken from
+
+    @classmethod
+    def open(cls, params: Params, create: bool = True) -> RunLayout:
+        """The run's layout under ``<run.out_dir or $CXRLIB_RUNS_DIR>/<run.name>``.
+
+        With ``create`` the folder is made and keeps ``params.json``; opening it again with
+        different parameters is an error naming the keys that differ, so one run never
+        writes over another run's files. Only run-length keys (``_FREE_KEYS``: steps to
+        train, checkpoint cadence, workers) may change, so a finished training run can be
+        continued for more steps.
+        """
+        project = params_base(params)
+        runs = os.environ.get(RUNS_DIR_ENV) or params.run.out_dir
+        layout = cls(resolve_path(runs, project) / params.run.name, params.data.resolution,
+                     params.run.name, project)
+        if create:
+            layout._claim(params)
+        return layout
+
+    def _claim(self, params: Params) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        current = json.loads(params.to_json())
+        before = json.loads(self.params.read_text()) if self.params.exists() else None
+        if before is not None:
+            # Keys the saved record lacks were added to the schema after the folder was made.
+            diff = sorted(k for k in diff_keys(before, current)
+                          if k not in _FREE_KEYS and _has_key(before, k))
+            if diff:
+                raise ParamsError(
+                    f"run folder {self.root} was made with different parameters "
+                    f"(keys differ: {', '.join(diff[:8])}); give the run a new run.name, "
+                    f"or delete the folder to start it again")
+        if before != current:
+            atomic_write_text(self.params, params.to_json())  # the latest invocation
+
+    # -- the run as a whole --------------------------------------------------------------
+    @property
+    def params(self) -> Path:
+        return self.root / "params.json"
+
+    @property
+    def summary(self) -> Path:
+        return self.root / "summary.json"
+
+    def stage(self, stage: str) -> Path:
+        """The folder notebook ``stage`` writes its figures and tables to."""
+        if stage not in STAGES:
+            raise KeyError(f"unknown stage '{stage}'; the stages are {', '.join(STAGES)}")
+        return self.root / stage
+
+    def executed(self, stage: str) -> Path:
+        """Where the pipeline keeps notebook ``stage`` as executed for this run."""
+        return self.root / "notebooks" / f"{self.stage(stage).name}.ipynb"
+
+    def reports(self, reports_root: Path | None = None) -> Path:
+        """Where the run's rendered pages go: ``reports/<run.name>/`` by default."""
+        return Path(reports_root or self.project / REPORTS_DIR) / self.name
+
+    # -- 01 data preparation -------------------------------------------------------------
+    @property
+    def cohort(self) -> Path:
+        return self.stage("01_data_prep") / "cohort"
+
+    @property
+    def manifest(self) -> Path:
+        return self.cohort / "manifest.parquet"
+
+    @property
+    def dropped(self) -> Path:
+        return self.cohort / "dropped.parquet"
+
+    @property
+    def image_cache(self) -> Path:
+        return self.cohort / f"cache_{self.resolution}"
+
+    def phantom(self, site: str) -> Path:
+        return self.stage("01_data_prep") / "phantom" / site
+
+    # -- 02 diffusion training -----------------------------------------------------------
+    @property
+    def diffusion(self) -> Path:
+        return self.stage("02_diffusion_training")
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.diffusion / "checkpoints"
+
+    @property
+    def previews(self) -> Path:
+        return self.diffusion / "previews"
+
+    def preview(self, step: int) -> Path:
+        """The preview grid sampled at training step ``step``."""
+        return self.previews / f"step-{step:07d}.png"
+
+    @property
+    def preview_grids(self) -> list[Path]:
+        """Every preview grid so far, oldest first."""
+        return sorted(self.previews.glob("step-*.png"))
+
+    @property
+    def preview_columns(self) -> Path:
+        """The names of the preview grids' columns (their conditions), as JSON."""
+        return self.previews / "columns.json"
+
+    # -- 03 sampling ---------------------------------------------------------------------
+    def synthetic(self, strategy: str) -> Path:
+        """One synthetic cohort: its manifest, shards and image cache."""
+        return self.stage("03_sampling_explorer") / "synthetic" / strategy
+
+    def synthetic_manifest(self, strategy: str) -> Path:
+        return self.synthetic(strategy) / "manifest.parquet"
+
+    def synthetic_cache(self, strategy: str) -> Path:
+        return self.synthetic(strategy) / f"cache_{self.resolution}"
+
+    def synthetic_shard(self, strategy: str, shard: int) -> Path:
+        """One shard of generated images (the unit of resumption and of splitting)."""
+        return self.synthetic(strategy) / "shards" / f"shard-{shard:05d}.npz"
+
+    @property
+    def judge(self) -> Path:
+        """The audit's judge: the real-only classifier on all diffusion training rows."""
+        return self.stage("03_sampling_explorer") / "judge"
+
+    # -- 04 classifier experiments -------------------------------------------------------
+    @property
+    def experiments(self) -> Path:
+        return self.stage("04_classifier_experiments")
+
+    def experiment(self, name: str, seed: int) -> Path:
+        """One experiment at one training seed."""
+        return self.experiments / name / f"seed-{seed}"
+
+    def experiment_files(self, filename: str) -> list[Path]:
+        """``filename`` of every experiment and seed that has one, in name order."""
+        return sorted(self.experiments.glob(f"*/seed-*/{filename}"))
+
+
+def _has_key(tree: dict, dotted: str) -> bool:
+    node: Any = tree
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
