@@ -187,7 +187,7 @@ def run_experiment(exp: Experiment, params: Params, data: GridData, train: pd.Da
     cache = data.combined_cache() if (train["source"] == "synthetic").any() else data.cache
     val = validation_rows(params, data.manifest)
     started = time.perf_counter()
-    result: TrainResult = train_or_load(params.classifier, train, val, cache, out / "model",
+    result: TrainResult = train_or_load(params.classifier, train, val, cache, out.model,
                                         exp.seed, progress, reuse)
     seconds = time.perf_counter() - started
     preds = pd.concat([predictions_frame(rows, predict(result.model, rows, data.cache), name)
@@ -201,10 +201,10 @@ def run_experiment(exp: Experiment, params: Params, data: GridData, train: pd.Da
               "images_seen": result.images_seen, "train_seconds": round(seconds, 1)}
 
     def write() -> None:
-        atomic_write_text(out / "config.json", json.dumps(config, indent=1))
-        with atomic_path(out / "history.csv") as tmp:
+        atomic_write_text(out.config, json.dumps(config, indent=1))
+        with atomic_path(out.history) as tmp:
             result.history.assign(experiment=exp.name, seed=exp.seed).to_csv(tmp, index=False)
-        atomic_write_parquet(preds, out / "predictions.parquet")  # last: marks it done
+        atomic_write_parquet(preds, out.predictions)  # last: marks it done
 
     on_main(write)
     return preds
@@ -244,7 +244,7 @@ def run_grid(params: Params, data: GridData, run: RunLayout,
     is notebook 03's judge when that has been trained (same rows and seed), not trained again."""
     training = training if training is not None else training_sets(params, data)
     todo = [e for e in training
-            if not (run.experiment(e.name, e.seed) / "predictions.parquet").exists()]
+            if not run.experiment(e.name, e.seed).predictions.exists()]
     bar = tqdm(todo, desc=f"experiment grid ({len(training) - len(todo)} of {len(training)} "
                "done before)", disable=not (progress and is_main_process()))
     for exp in bar:

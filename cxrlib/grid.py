@@ -66,25 +66,25 @@ def plan_grid(params: Params) -> list[Experiment]:
 
 def load_predictions(run: RunLayout) -> pd.DataFrame:
     """Every finished experiment's per-image predictions, in one frame."""
-    paths = run.experiment_files("predictions.parquet")
-    if not paths:
+    done = run.finished_experiments()
+    if not done:
         raise FileNotFoundError(f"no experiment predictions under {run.experiments}; run "
                                 "notebook 04 (classifier experiments) for this run first")
-    return pd.concat([pd.read_parquet(p) for p in paths], ignore_index=True)
+    return pd.concat([pd.read_parquet(e.predictions) for e in done], ignore_index=True)
 
 
 def load_histories(run: RunLayout) -> pd.DataFrame:
     """Every finished experiment's per-round history (train and validation loss)."""
-    paths = run.experiment_files("history.csv")
-    return pd.concat([pd.read_csv(p) for p in paths], ignore_index=True)
+    return pd.concat([pd.read_csv(e.history) for e in run.finished_experiments()],
+                     ignore_index=True)
 
 
 def grid_results(run: RunLayout) -> pd.DataFrame:
     """One row per finished experiment and seed: its recipe, training-set sizes and steps
     (AUROCs come from the statistics stage, on the predictions)."""
     rows = []
-    for path in run.experiment_files("predictions.parquet"):
-        config = json.loads((path.parent / "config.json").read_text())
+    for done in run.finished_experiments():
+        config = json.loads(done.config.read_text())
         rows.append({k: config.get(k) for k in (
             "name", "kind", "k", "real_fraction", "train_site", "seed", "n_real", "n_synthetic",
             "best_epoch", "epochs_run", "stopped_early", "optimizer_steps", "best_step",

@@ -184,13 +184,40 @@ class RunLayout:
     def experiments(self) -> Path:
         return self.stage("04_classifier_experiments")
 
-    def experiment(self, name: str, seed: int) -> Path:
+    def experiment(self, name: str, seed: int) -> ExperimentFolder:
         """One experiment at one training seed."""
-        return self.experiments / name / f"seed-{seed}"
+        return ExperimentFolder(self.experiments / name / f"seed-{seed}")
 
-    def experiment_files(self, filename: str) -> list[Path]:
-        """``filename`` of every experiment and seed that has one, in name order."""
-        return sorted(self.experiments.glob(f"*/seed-*/{filename}"))
+    def finished_experiments(self) -> list[ExperimentFolder]:
+        """Every experiment and seed with predictions (written last), in name order."""
+        return [ExperimentFolder(p.parent) for p in
+                sorted(self.experiments.glob(f"*/seed-*/{ExperimentFolder.PREDICTIONS}"))]
+
+
+@dataclass(frozen=True)
+class ExperimentFolder:
+    """What one experiment at one seed leaves (:func:`cxrlib.experiments.run_experiment`)."""
+
+    root: Path
+    PREDICTIONS = "predictions.parquet"
+
+    @property
+    def model(self) -> Path:
+        return self.root / "model"
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.json"
+
+    @property
+    def history(self) -> Path:
+        return self.root / "history.csv"
+
+    @property
+    def predictions(self) -> Path:
+        """Per-image predictions on every test set; written last, so it marks the
+        experiment done."""
+        return self.root / self.PREDICTIONS
 
 
 def _has_key(tree: dict, dotted: str) -> bool:

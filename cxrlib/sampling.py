@@ -229,6 +229,11 @@ def label_summary(plan: pd.DataFrame, source: pd.DataFrame) -> pd.DataFrame:
     return (100 * pd.DataFrame(out)).round(1)
 
 
+def label_mix(cohorts: dict[str, pd.DataFrame], source: pd.DataFrame) -> pd.DataFrame:
+    """:func:`label_summary` of every cohort side by side (a column level per cohort)."""
+    return pd.concat({s: label_summary(m, source) for s, m in cohorts.items()}, axis=1)
+
+
 def build_synthetic_cohort(params: Params, manifest: pd.DataFrame, model: ConditionalUNet,
                            checkpoint: Path, run: RunLayout, strategy: str,
                            progress: bool = True) -> pd.DataFrame:

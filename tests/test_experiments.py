@@ -299,10 +299,9 @@ def test_patient_subsets_are_nested_and_whole_patients(grid_run):
 
 def test_grid_runs_writes_predictions_and_resumes(grid_run, monkeypatch):
     params, run, data = grid_run
-    out = run.experiments
     results = run_grid(params, data, run, progress=False)
     assert len(results) == len(plan_grid(params))
-    preds = pd.read_parquet(out / "real_plus_synthetic_x1.f50" / "seed-0" / "predictions.parquet")
+    preds = pd.read_parquet(run.experiment("real_plus_synthetic_x1.f50", 0).predictions)
     assert set(preds.columns) >= {"experiment", "seed", "image_id", "patient_id", "test_set",
                                   "label", "target", "score", "sex", "age", "view"}
     assert set(preds["test_set"]) == {"chexpert (internal)", "nih (external)",
@@ -310,15 +309,15 @@ def test_grid_runs_writes_predictions_and_resumes(grid_run, monkeypatch):
     assert len(preds) == 14 * preds["image_id"].nunique()
     assert set(preds["label"]) == set(CHEXPERT_LABELS)
     # Resume: drop one experiment's predictions; only that one trains again.
-    (out / "synthetic_only_x1.f100" / "seed-0" / "predictions.parquet").unlink()
+    (run.experiment("synthetic_only_x1.f100", 0).predictions).unlink()
     trained = []
     real_train = classify.train_classifier
     monkeypatch.setattr(classify, "train_classifier",
                         lambda *a, **k: trained.append(len(a[1])) or real_train(*a, **k))
-    shutil.rmtree(out / "synthetic_only_x1.f100" / "seed-0" / "model")
+    shutil.rmtree(run.experiment("synthetic_only_x1.f100", 0).model)
     run_grid(params, data, run, progress=False)
     assert len(trained) == 1
-    assert (out / "synthetic_only_x1.f100" / "seed-0" / "predictions.parquet").exists()
+    assert (run.experiment("synthetic_only_x1.f100", 0).predictions).exists()
 
 
 def test_combined_cache_reads_across_caches_and_caches_pickle_without_images(grid_run):
@@ -365,6 +364,6 @@ def test_grid_under_two_processes_through_accelerate(grid_run):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"{len(plan_grid(params))} experiment(s) finished" in proc.stdout
     for name in ("real_only.f50", "nih_plus_synthetic_x1"):
-        preds = pd.read_parquet(out / name / "seed-0" / "predictions.parquet")
+        preds = pd.read_parquet(run.experiment(name, 0).predictions)
         assert preds["score"].notna().all() and len(preds) == len(
-            pd.read_parquet(out / "real_only.f100" / "seed-0" / "predictions.parquet"))
+            pd.read_parquet(run.experiment("real_only.f100", 0).predictions))
