@@ -37,7 +37,7 @@ from cxrlib.audit_fidelity import (
     macro_labels,
 )
 from cxrlib.classify import predict_images, train_or_load
-from cxrlib.cohort import training_rows
+from cxrlib.cohort import split_rows, training_rows
 from cxrlib.condition import encode_conditions
 from cxrlib.config import AuditSpec, Params
 from cxrlib.diffusion import ConditionalUNet, noise_scheduler
@@ -103,7 +103,7 @@ def audit_reference(params: Params, manifest: pd.DataFrame, cache: ImageCache, r
 
     train = training_rows(params, manifest)
     sites = set(train["site"])
-    val = manifest[manifest["site"].isin(sites) & (manifest["split"] == "val")]
+    val = split_rows(manifest, sorted(sites), "val")
     if len(val) < 2 * (params.audit.prdc_k + 1):
         raise ValueError(f"the audit needs validation images of sites {sorted(sites)}; found "
                          f"{len(val)} (set a val fraction in data.sites[].split)")

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from cxrlib.classify import TrainResult, predict, predictions_frame, train_classifier
+from cxrlib.cohort import split_rows, test_sets
 from cxrlib.config import Params
 from cxrlib.imagecache import ImageCache
 from cxrlib.stats import auroc_table, macro_auroc
@@ -32,20 +33,15 @@ class LearnabilityCheck:
 def learnability_check(params: Params, manifest: pd.DataFrame, cache: ImageCache,
                        progress: bool = True) -> LearnabilityCheck:
     """Train on internal train rows, early-stop on internal val, test on every test split."""
-    is_int = manifest["site"].isin(params.internal_sites())
-    train = manifest[is_int & (manifest["split"] == "train")]
+    train = split_rows(manifest, params.internal_sites(), "train")
     if len(train) > params.data_check.max_train_images:
         rng = np.random.default_rng(params.run.seed)
         keep = np.sort(rng.choice(len(train), params.data_check.max_train_images, replace=False))
         train = train.iloc[keep]
-    val = manifest[is_int & (manifest["split"] == "val")]
+    val = split_rows(manifest, params.internal_sites(), "val")
     result = train_classifier(params.classifier, train, val, cache, params.run.seed, progress)
-    preds = []
-    for site in params.data.sites:
-        test = manifest[(manifest["site"] == site.site) & (manifest["split"] == "test")]
-        if len(test):
-            name = f"{site.site} ({site.role})"
-            preds.append(predictions_frame(test, predict(result.model, test, cache), name))
-    predictions = pd.concat(preds, ignore_index=True)
+    predictions = pd.concat([predictions_frame(test, predict(result.model, test, cache), name)
+                             for name, test in test_sets(params, manifest).items()],
+                            ignore_index=True)
     per_label = auroc_table(predictions)
     return LearnabilityCheck(result, predictions, per_label, macro_auroc(per_label))

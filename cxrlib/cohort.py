@@ -11,17 +11,18 @@ without loading the training stack.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import get_args
 
 import numpy as np
 import pandas as pd
 
-from cxrlib.config import Params
+from cxrlib.config import Params, Subgroup
 
 #: Image attributes that subgroups are defined on; predictions carry them, so subgroup
 #: statistics need no manifest.
 SUBGROUP_COLUMNS: tuple[str, ...] = ("sex", "age", "race", "view")
 #: The subgroup attributes of the analysis: the columns above, age grouped into bands.
-SUBGROUPS: tuple[str, ...] = ("sex", "age_band", "race", "view")
+SUBGROUPS: tuple[str, ...] = get_args(Subgroup)
 AGE_BANDS: tuple[str, ...] = ("<40", "40-59", "60-79", "80+")
 #: The band of a missing age where a grouping must place every row (rebalancing).
 AGE_UNKNOWN = "unknown"
@@ -104,11 +105,21 @@ def validation_rows(params: Params, manifest: pd.DataFrame) -> pd.DataFrame:
     return split_rows(manifest, params.internal_sites(), "val").reset_index(drop=True)
 
 
+def _held_out_name(site: str, role: str) -> str:
+    return f"{site} ({role})"
+
+
 def test_sets(params: Params, manifest: pd.DataFrame) -> dict[str, pd.DataFrame]:
     """``{"<site> (internal|external)": test rows}`` for every site with a test split."""
     out = {}
     for site in params.data.sites:
         rows = split_rows(manifest, [site.site], "test")
         if len(rows):
-            out[f"{site.site} ({site.role})"] = rows.reset_index(drop=True)
+            out[_held_out_name(site.site, site.role)] = rows.reset_index(drop=True)
     return out
+
+
+def headline_test_set(params: Params) -> str:
+    """The name :func:`test_sets` gives the first internal site's test set: where the run's
+    headline baseline is read."""
+    return _held_out_name(params.internal_sites()[0], "internal")

@@ -31,6 +31,8 @@ Split = Literal["train", "val", "test"]
 View = Literal["AP", "PA", "LATERAL", "OTHER"]
 PositiveInt = Annotated[int, Field(gt=0)]
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+#: The groups subgroup analyses and rebalancing split by (:data:`cxrlib.cohort.SUBGROUPS`).
+Subgroup = Literal["sex", "age_band", "race", "view"]
 #: Classifier-free guidance weight w, continuous in w: eps = null + (1 + w) (cond - null), i.e.
 #: (1 + w) cond - w null. w = 0 is the plain conditional model, w = -1 the unconditional one.
 #: The authors' scale s (out = null + s (cond - null), with s = 0 meaning the plain conditional
@@ -374,7 +376,7 @@ class DiffusionSpec(_Strict):
 class RebalanceSpec(_Strict):
     """The rebalancing strategy: equal shares of the groups in ``by``, boosted labels."""
 
-    by: list[Literal["sex", "age_band", "race", "view"]] = Field(
+    by: list[Subgroup] = Field(
         default_factory=lambda: ["sex", "age_band"])
     #: Weight multiplier for rows positive for a label (e.g. {"Pneumothorax": 3.0}).
     label_boost: dict[str, Annotated[float, Field(gt=0)]] = Field(default_factory=dict)
@@ -488,7 +490,7 @@ class StatsSpec(_Strict):
     seed: int = 0
     #: Significance level after Holm correction within a family of comparisons.
     alpha: Annotated[float, Field(gt=0, lt=1)] = 0.05
-    subgroups: list[Literal["sex", "age_band", "race", "view"]] = Field(
+    subgroups: list[Subgroup] = Field(
         default_factory=lambda: ["sex", "age_band", "race", "view"])
     #: A label enters any macro AUROC (every table) only with this many positives and as many
     #: negatives in the (sub)set evaluated.

@@ -142,7 +142,7 @@ def _compact(images: np.ndarray, rows: int, path: Path) -> None:
         del out
 
 
-def _process_state() -> PartialState:
+def process_state() -> PartialState:
     """accelerate's state of this process, set up as cxrlib's Accelerators are (on the CPU where
     there is no GPU), so that it is right even before any Accelerator exists: a bare
     ``PartialState()`` under ``accelerate launch`` on a CPU-only machine sees one process."""
@@ -155,7 +155,7 @@ def _process_state() -> PartialState:
 def is_main_process() -> bool:
     """True on the process that writes shared files: rank 0 under ``accelerate launch``, and
     the only process otherwise."""
-    return _process_state().is_main_process
+    return process_state().is_main_process
 
 
 class MainProcessError(RuntimeError):
@@ -177,7 +177,7 @@ def on_main(fn: Callable[[], T]) -> T | None:
             result = fn()
         except Exception as exc:  # noqa: BLE001 - re-raised below, after the others are told
             failure = exc
-    state = _process_state()
+    state = process_state()
     if state.num_processes > 1:
         state.wait_for_everyone()
         flag = [None if failure is None else f"{type(failure).__name__}: {failure}"]

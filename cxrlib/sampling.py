@@ -33,7 +33,13 @@ from cxrlib.cohort import AGE_BANDS, AGE_UNKNOWN, age_band, source_rows
 from cxrlib.condition import encode_conditions
 from cxrlib.config import Params, SamplingSpec
 from cxrlib.diffusion import ConditionalUNet, noise_scheduler
-from cxrlib.io import atomic_path, atomic_write_parquet, on_main, write_image_cache
+from cxrlib.io import (
+    atomic_path,
+    atomic_write_parquet,
+    on_main,
+    process_state,
+    write_image_cache,
+)
 from cxrlib.labels import CHEXPERT_LABELS, MANIFEST_COLUMNS
 from cxrlib.layout import RunLayout
 from cxrlib.progress import tqdm
@@ -244,8 +250,6 @@ def build_synthetic_cohort(params: Params, manifest: pd.DataFrame, model: Condit
     process merges them once all are written (an error there is raised on every process). A
     finished cohort is loaded, not regenerated, if it came from the same checkpoint.
     """
-    from accelerate import PartialState
-
     out = run.synthetic(strategy)
     done = run.synthetic_manifest(strategy)
     if done.exists():
@@ -258,7 +262,7 @@ def build_synthetic_cohort(params: Params, manifest: pd.DataFrame, model: Condit
         return existing
     plan = plan_for(params, manifest, strategy, checkpoint.name)
     check_no_eval_sources(plan, manifest)
-    state = PartialState()
+    state = process_state()
     generate_cohort(params, plan, model.to(state.device), run, strategy, state.process_index,
                     state.num_processes, progress and state.is_main_process)
     state.wait_for_everyone()  # every shard is written

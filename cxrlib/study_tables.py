@@ -111,14 +111,13 @@ def experiment_summary(macros: dict[str, SeedMacros], grid: pd.DataFrame,
     return pd.DataFrame(rows).merge(experiment_info(grid), on="experiment", how="left")
 
 
-def internal_baseline(summary: pd.DataFrame, internal_sites: Sequence[str]) -> pd.Series:
+def internal_baseline(summary: pd.DataFrame, test_set: str) -> pd.Series:
     """The :func:`experiment_summary` row of the real-only baseline at the largest real
-    fraction on the first internal site's test set (named ``"<site> (internal)"`` by
-    :func:`cxrlib.cohort.test_sets`): the run's headline baseline."""
-    real = summary[(summary["kind"] == Kind.REAL_ONLY)
-                   & (summary["test_set"] == f"{internal_sites[0]} (internal)")]
+    fraction on ``test_set`` (:func:`cxrlib.cohort.headline_test_set`): the run's headline
+    baseline."""
+    real = summary[(summary["kind"] == Kind.REAL_ONLY) & (summary["test_set"] == test_set)]
     if real.empty:
-        raise ValueError(f"no real_only result on the internal test set of {internal_sites[0]}")
+        raise ValueError(f"no real_only result on the test set {test_set}")
     return real.loc[real["real_fraction"].astype(float).idxmax()]
 
 
