@@ -53,6 +53,24 @@ def test_run_folder_refuses_other_parameters(tmp_path, monkeypatch):
     other = load_params(ROOT / "params" / "smoke.yaml", {"data.resolution": 48})
     with pytest.raises(ParamsError, match=r"keys differ: data\.resolution"):
         RunLayout.open(other)
+    # every stage writes into a folder named after its notebook, inside the run
+    assert [run.stage(s).name for s in STAGES] == [n.stem for n in NOTEBOOKS]
+    assert run.checkpoints.parent == run.stage("02_diffusion_training")
+    assert run.judge.parent == run.synthetic("replicas").parent.parent
+    with pytest.raises(KeyError, match="unknown stage '02_diffusion'"):
+        run.stage("02_diffusion")
+
+
+def test_old_guidance_keys_fail_with_the_mapping_to_w(tmp_path):
+    """The guidance scale became the continuous weight w; a file with the old keys must not
+    load silently with another meaning."""
+    raw = yaml.safe_load((ROOT / "params" / "smoke.yaml").read_text())
+    raw["sampling"]["guidance_scale"] = 2.0
+    file = tmp_path / "old.yaml"
+    file.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ParamsError, match=r"sampling\.guidance_scale is now sampling\.guidance"
+                                          r".*w = s - 1"):
+        load_params(file)
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
