@@ -29,7 +29,6 @@ class Outputs:
     notebook writes goes through one of these methods (temporary name, then rename)."""
 
     def __init__(self, run: RunLayout, stage: str):
-        self.run = run
         self.folder = run.stage(stage)
         self.folder.mkdir(parents=True, exist_ok=True)
 
