@@ -107,18 +107,36 @@ def epoch_plan(n: int, batch_size: int, rng: np.random.Generator | None, rank: i
             if len(order[s: s + step]) >= world]
 
 
+def round_steps(spec: ClassifierSpec) -> int | None:
+    """Optimizer steps per validation round: ``eval_every`` (protocol converged), the budget
+    cut into ``epochs`` rounds (protocol steps), or None (a round is one epoch)."""
+    if spec.max_steps is None:
+        return None
+    if spec.protocol == "converged":
+        return spec.eval_every
+    return math.ceil(spec.max_steps / spec.epochs)
+
+
+def n_rounds(spec: ClassifierSpec) -> int:
+    """Validation rounds when nothing stops training early."""
+    per_round = round_steps(spec)
+    return spec.epochs if per_round is None else math.ceil(spec.max_steps / per_round)
+
+
 def round_plans(n: int, spec: ClassifierSpec, rng: np.random.Generator, rank: int = 0,
                 world: int = 1) -> Iterator[list[np.ndarray]]:
     """The batches of each validation round. Without a step budget a round is one epoch.
-    With ``spec.max_steps``, the budget is cut into ``spec.epochs`` rounds of equal steps,
-    drawn from consecutive epochs (seeded permutations) of full batches, so every training
-    set, small or large, gets the same number of optimizer steps and of validations."""
-    if spec.max_steps is None:
+    With ``spec.max_steps``, rounds have :func:`round_steps` steps each, drawn from
+    consecutive epochs (seeded permutations) of full batches, so every training set, small or
+    large, is validated at the same steps (and, under protocol steps, gets the same number of
+    optimizer steps)."""
+    per_round = round_steps(spec)
+    if per_round is None:
         for _ in range(spec.epochs):
             yield epoch_plan(n, spec.batch_size, rng, rank, world)
         return
     full = n >= spec.batch_size * world  # a set smaller than one batch keeps its only batch
-    per_round, left, pending = math.ceil(spec.max_steps / spec.epochs), spec.max_steps, []
+    left, pending = spec.max_steps, []
     while left > 0:
         take = min(per_round, left)
         while len(pending) < take:
@@ -207,7 +225,7 @@ def train_classifier(spec: ClassifierSpec, train: pd.DataFrame, val: pd.DataFram
     pin = accelerator.device.type == "cuda"
     best_loss, best_epoch, best_step, best_state, waited = np.inf, 0, 0, None, 0
     history, seen = [], 0
-    rounds = spec.epochs
+    rounds = n_rounds(spec)
     bar = tqdm(enumerate(round_plans(len(train), spec, rng, rank, world), start=1),
                total=rounds, desc="classifier epochs",
                disable=not (progress and accelerator.is_main_process))

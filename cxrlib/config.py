@@ -135,6 +135,10 @@ class SiteSpec(_Strict):
     columns: ColumnMap | None = None
     phantom: PhantomSpec | None = None
     split: SplitSpec = Field(default_factory=SplitSpec)
+    #: This site's blank (unmentioned) labels, overriding ``data.blank``: ``nan`` where a
+    #: blank means "not annotated" (NIH has no Fracture column), so the label is masked in
+    #: training and left out of the site's macro AUROC instead of read as absent.
+    blank: Literal["nan", "zero"] | None = None
 
     @model_validator(mode="after")
     def _reader_needs(self) -> SiteSpec:
@@ -217,12 +221,20 @@ class ClassifierSpec(_Strict):
 
     backbone: str = "resnet18"
     pretrained: bool = False
-    #: Passes over the training set; with ``max_steps``, the number of validation rounds.
+    #: ``steps``: every arm gets the same optimizer steps (``max_steps`` in ``epochs`` rounds;
+    #: compute-matched, answers "is a synthetic image worth more than another pass over a real
+    #: one at a fixed budget"). ``converged`` (the paper's): every arm trains until early
+    #: stopping on its validation loss, validated every ``eval_every`` steps, under a
+    #: ``max_steps`` budget no arm should reach (one that does is flagged not converged).
+    protocol: Literal["steps", "converged"] = "steps"
+    #: Passes over the training set; with ``max_steps`` (protocol steps), validation rounds.
     epochs: PositiveInt = 10
-    #: Optimizer-step budget (None = ``epochs`` passes over the data). Set, every training set
-    #: gets the same number of steps whatever its size, validated every max_steps / epochs
-    #: steps, so arms of a grid compare data, not compute; early stopping may end one sooner.
+    #: Optimizer-step budget (None = ``epochs`` passes over the data). Under protocol steps
+    #: every training set gets the same number of steps whatever its size, validated every
+    #: max_steps / epochs steps; under converged it is the ceiling early stopping must not hit.
     max_steps: PositiveInt | None = None
+    #: Protocol converged: optimizer steps between validations (the same for every arm).
+    eval_every: PositiveInt = 50
     batch_size: PositiveInt = 64
     lr: Annotated[float, Field(gt=0)] = 1e-3
     weight_decay: Annotated[float, Field(ge=0)] = 1e-4
@@ -238,6 +250,14 @@ class ClassifierSpec(_Strict):
     loader_workers: Annotated[int, Field(ge=0)] = 0
     augment: AugmentSpec = Field(default_factory=AugmentSpec)
 
+    @model_validator(mode="after")
+    def _converged_needs_budget(self) -> ClassifierSpec:
+        if self.protocol == "converged" and self.max_steps is None:
+            raise ValueError("classifier.protocol 'converged' needs classifier.max_steps: a "
+                             "budget large enough that no arm reaches it (arms that do are "
+                             "flagged not converged)")
+        return self
+
 
 class ExternalExperimentSpec(_Strict):
     """The paper's MIMIC experiment: train on an external site's real training split, with
@@ -247,6 +267,10 @@ class ExternalExperimentSpec(_Strict):
     #: Synthetic supplements to try (0 = the external site's real data alone).
     synthetic_k: list[Annotated[int, Field(ge=0, le=10)]] = Field(
         default_factory=lambda: [0, 10])
+    #: Control: the external site's training split plus as many internal real training images
+    #: as ``k`` synthetic replicas of every source add (so synthetic data is compared with the
+    #: same amount of real internal data).
+    real_k: list[Annotated[int, Field(ge=1, le=10)]] = Field(default_factory=list)
 
 
 class ExperimentSpec(_Strict):
@@ -272,6 +296,14 @@ class ExperimentSpec(_Strict):
     #: Control: real + k replicas whose 14-label vectors are permuted across the synthetic
     #: rows: whether the gain comes from images that carry their conditions.
     shuffled_k: list[Annotated[int, Field(ge=1, le=10)]] = Field(default_factory=list)
+    #: Positive control on phantom cohorts: real + k fresh phantom renders of each real row
+    #: (a perfect generator; ``sampling.strategies`` must include ``oracle``).
+    oracle_k: list[Annotated[int, Field(ge=1, le=10)]] = Field(default_factory=list)
+    #: The perfect generator's renders alone, no real image.
+    oracle_only_k: list[Annotated[int, Field(ge=1, le=10)]] = Field(default_factory=list)
+    #: Real + k renders without detector noise and grain (``oracle_smooth`` strategy): whether
+    #: missing detector noise costs a perfect generator its gain.
+    oracle_smooth_k: list[Annotated[int, Field(ge=1, le=10)]] = Field(default_factory=list)
     external: list[ExternalExperimentSpec] = Field(default_factory=list)
     #: Training seeds per cell of the grid; each seed also draws its own real subset (inside the
     #: rows that have synthetic replicas), since the draw is part of a recipe's variance.
@@ -405,7 +437,10 @@ class SamplingSpec(_Strict):
     #: Share of the training rows (drawn by patient, seeded) that get synthetic images. The
     #: paper uses all (1.0); a CPU demo can use fewer.
     source_fraction: Annotated[float, Field(gt=0, le=1)] = 1.0
-    strategies: list[Literal["replicas", "rebalance"]] = Field(
+    #: ``replicas`` and ``rebalance`` come from the diffusion model; ``oracle`` (fresh phantom
+    #: renders of the source rows: a perfect generator) and ``oracle_smooth`` (the same without
+    #: detector noise and grain) are positive controls for phantom cohorts only.
+    strategies: list[Literal["replicas", "rebalance", "oracle", "oracle_smooth"]] = Field(
         default_factory=lambda: ["replicas", "rebalance"])
     rebalance: RebalanceSpec = Field(default_factory=RebalanceSpec)
     #: Images per shard file (the unit of resumption and of splitting across processes).
@@ -537,6 +572,23 @@ class Params(_Strict):
                              "the k values in experiments")
         if grid.rebalance_k and "rebalance" not in self.sampling.strategies:
             raise ValueError("experiments.rebalance_k needs 'rebalance' in sampling.strategies")
+        for key, strategy in (("oracle_k", "oracle"), ("oracle_only_k", "oracle"),
+                              ("oracle_smooth_k", "oracle_smooth")):
+            ks = getattr(grid, key)
+            if ks and strategy not in self.sampling.strategies:
+                raise ValueError(f"experiments.{key} needs '{strategy}' in "
+                                 "sampling.strategies")
+            if max(ks, default=0) > self.sampling.replicas:
+                raise ValueError(f"experiments.{key} asks for {max(ks)} renders per row but "
+                                 f"sampling.replicas is {self.sampling.replicas}")
+        oracles = [s for s in self.sampling.strategies if s.startswith("oracle")]
+        real_sites = [s.site for s in self.data.sites if s.reader != "phantom"]
+        if oracles and real_sites:
+            raise ValueError(
+                f"sampling.strategies {oracles}: a perfect-generator control renders fresh "
+                f"phantom images of a row, which real data (site(s) {real_sites}) cannot "
+                "have; remove it, and use the exchange rate against real-only arms at several "
+                "experiments.real_fractions as the positive control")
         external = {s.site for s in self.data.sites if s.role == "external"}
         for e in grid.external:
             if e.site not in external:

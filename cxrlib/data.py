@@ -120,10 +120,12 @@ def _split_from_name(path: Path, site: SiteSpec) -> str | None:
     return None
 
 
-def _labels_checked(raw: pd.DataFrame, params: Params, where: str) -> pd.DataFrame:
-    """The label policy, with any bad value reported against the file it came from."""
+def _labels_checked(raw: pd.DataFrame, params: Params, site: SiteSpec,
+                    where: str) -> pd.DataFrame:
+    """The label policy (the site's own blank policy where it has one), with any bad value
+    reported against the file it came from."""
     try:
-        return apply_label_policy(raw, params.data.uncertainty, params.data.blank)
+        return apply_label_policy(raw, params.data.uncertainty, site.blank or params.data.blank)
     except DataError as err:
         raise DataError(f"{where}: {err}") from None
 
@@ -169,7 +171,7 @@ def read_chexpert(site: SiteSpec, root: Path, params: Params) -> pd.DataFrame:
         demo = read_csv_checked(demo_path, ["PATIENT", "PRIMARY_RACE"])
         race = demo.drop_duplicates("PATIENT").set_index("PATIENT")["PRIMARY_RACE"].map(map_race)
         out["race"] = patient.map(race).fillna(RACE_UNKNOWN).to_numpy()
-    labels = _labels_checked(df[list(CHEXPERT_LABELS)], params,
+    labels = _labels_checked(df[list(CHEXPERT_LABELS)], params, site,
                              ", ".join(str(resolve_path(n, root)) for n in site.csv_files))
     return pd.concat([out, labels.reset_index(drop=True)], axis=1)
 
@@ -230,7 +232,7 @@ def read_mimic(site: SiteSpec, root: Path, params: Params) -> pd.DataFrame:
         # A subject's race: the most frequent known answer across admissions.
         mode = known.groupby("subject_id")["race"].agg(lambda s: s.value_counts().index[0])
         out["race"] = df["subject_id"].map(mode).fillna(RACE_UNKNOWN).to_numpy()
-    lab = _labels_checked(df[list(CHEXPERT_LABELS)], params,
+    lab = _labels_checked(df[list(CHEXPERT_LABELS)], params, site,
                           str(resolve_path(files.labels, root)))
     return pd.concat([out, lab.reset_index(drop=True)], axis=1)
 
@@ -282,7 +284,7 @@ def _read_one_csv(site: SiteSpec, path: Path, root: Path, params: Params,
     })
     raw = pd.DataFrame({lab: df[cmap.labels[lab]] if lab in cmap.labels else np.nan
                         for lab in CHEXPERT_LABELS})
-    return pd.concat([out, _labels_checked(raw, params, str(path))], axis=1)
+    return pd.concat([out, _labels_checked(raw, params, site, str(path))], axis=1)
 
 
 READERS = {"chexpert": read_chexpert, "mimic": read_mimic, "csv": read_site_csv}

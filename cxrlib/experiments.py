@@ -35,7 +35,7 @@ from cxrlib.classify import (
     predictions_frame,
     train_or_load,
 )
-from cxrlib.cohort import real_subset, split_rows, test_sets, validation_rows
+from cxrlib.cohort import real_subset, split_rows, test_sets, training_rows, validation_rows
 from cxrlib.config import Params
 from cxrlib.data import DataError, load_cohort
 from cxrlib.grid import Experiment, grid_results, plan_grid
@@ -108,34 +108,60 @@ def shuffled_labels(rows: pd.DataFrame, seed: int) -> pd.DataFrame:
     return out
 
 
+def _external_real(exp: Experiment, manifest: pd.DataFrame) -> pd.DataFrame:
+    real = split_rows(manifest, [exp.train_site], "train")
+    if real.empty:
+        raise DataError(f"experiment {exp.name}: site '{exp.train_site}' has no training "
+                        "rows; give it a train fraction in data.sites[].split")
+    return real
+
+
+def _internal_real_images(exp: Experiment, params: Params, data: GridData) -> pd.DataFrame:
+    """As many internal real training images as ``exp.k`` replicas of every source add,
+    whole patients in a seeded order (the external site's real-data control)."""
+    need = int((data.synthetic["replicas"]["replica"] < exp.k).sum())
+    pool = training_rows(params, data.manifest)
+    if len(pool) < need:
+        raise DataError(f"experiment {exp.name}: needs {need} internal real training images "
+                        f"but the internal site has {len(pool)}; lower its k in "
+                        "experiments.external[].real_k")
+    patients = np.array(sorted(pool["patient_id"].unique()))
+    order = np.random.default_rng([params.run.seed, exp.seed, 271]).permutation(len(patients))
+    rank = dict(zip(patients[order], range(len(patients)), strict=True))
+    return pool.iloc[np.argsort(pool["patient_id"].map(rank).to_numpy(), kind="stable")].head(
+        need)
+
+
 def training_set(exp: Experiment, params: Params, data: GridData) -> pd.DataFrame:
     """The training rows of one experiment, built from its kind's recipe
     (:class:`cxrlib.kinds.Recipe`): real and synthetic manifest rows, with a ``source``
     column saying which; an error names what is missing for a recipe."""
     recipe, manifest = exp.kind.recipe, data.manifest
     if recipe.real == "external":
-        real = split_rows(manifest, [exp.train_site], "train")
-        if real.empty:
-            raise DataError(f"experiment {exp.name}: site '{exp.train_site}' has no training "
-                            "rows; give it a train fraction in data.sites[].split")
+        real = _external_real(exp, manifest)
     else:
         real = real_subset(params, manifest, exp.real_fraction, exp.seed)
-    replicas = data.synthetic["replicas"]
-    synth = replicas.iloc[:0]  # no synthetic rows, but their columns
+    if recipe.synthetic != "none" and recipe.cohort not in data.synthetic:
+        raise DataError(f"experiment {exp.name} needs the synthetic cohort '{recipe.cohort}'; "
+                        "add it to sampling.strategies and run notebook 03")
+    pool = data.synthetic.get(recipe.cohort, data.synthetic.get("replicas"))
+    synth = pool.iloc[:0] if pool is not None else pd.DataFrame(columns=real.columns)
     if recipe.synthetic == "all_replicas":
-        synth = replicas[replicas["replica"] < exp.k]
+        synth = pool[pool["replica"] < exp.k]
+    elif recipe.synthetic == "internal_real":
+        synth = _internal_real_images(exp, params, data)
     elif recipe.synthetic in ("replicas", "shuffled"):
-        synth = _replicas_of(replicas, real["image_id"], exp.k)
+        synth = _replicas_of(pool, real["image_id"], exp.k)
         missing = len(real) * exp.k - len(synth)
         if missing:
             raise DataError(
-                f"experiment {exp.name}: {missing} of {len(real) * exp.k} synthetic "
-                f"replicas are missing (sampling.replicas {params.sampling.replicas}); "
-                "generate more (notebook 03) or lower the k values in experiments")
+                f"experiment {exp.name}: {missing} of {len(real) * exp.k} images of the "
+                f"'{recipe.cohort}' cohort are missing (sampling.replicas "
+                f"{params.sampling.replicas}); generate more (notebook 03) or lower the k "
+                "values in experiments")
         if recipe.synthetic == "shuffled":
             synth = shuffled_labels(synth, exp.seed)
     elif recipe.synthetic == "rebalanced":
-        pool = data.synthetic["rebalance"]
         pool = pool[pool["patient_id"].isin(set(real["patient_id"]))]
         need = len(real) * exp.k
         if len(pool) < need:
@@ -148,8 +174,25 @@ def training_set(exp: Experiment, params: Params, data: GridData) -> pd.DataFram
         real = pd.concat([real] * (1 + exp.k), ignore_index=True)
     if not recipe.keep_real:
         real = real.iloc[:0]
-    return pd.concat([real.assign(source="real"), synth.assign(source="synthetic")],
+    # The external control's added rows are real internal images: "added" like synthetic
+    # ones (counted as the supplement), but read from the real cache.
+    added = "added_real" if recipe.synthetic == "internal_real" else "synthetic"
+    return pd.concat([real.assign(source="real"), synth.assign(source=added)],
                      ignore_index=True)
+
+
+def experiment_validation(exp: Experiment, params: Params,
+                          manifest: pd.DataFrame) -> pd.DataFrame:
+    """Where an experiment early-stops: its own training site's validation split for an arm
+    trained on an external site, else the real internal validation rows."""
+    if not exp.kind.external:
+        return validation_rows(params, manifest)
+    val = split_rows(manifest, [exp.train_site], "val").reset_index(drop=True)
+    if val.empty:
+        raise DataError(f"experiment {exp.name} early-stops on site '{exp.train_site}''s own "
+                        "validation split, which is empty; give that site a 'val' fraction in "
+                        "data.sites[].split.fractions")
+    return val
 
 
 def check_grid_leakage(training: dict[str, pd.DataFrame], manifest: pd.DataFrame) -> None:
@@ -172,10 +215,21 @@ def check_grid_leakage(training: dict[str, pd.DataFrame], manifest: pd.DataFrame
 
 
 def _config(exp: Experiment, params: Params, train: pd.DataFrame) -> dict:
+    real = train["source"] == "real"
     return {**exp.record(), "classifier": params.classifier.model_dump(),
-            "n_real": int((train["source"] == "real").sum()),
-            "n_synthetic": int((train["source"] == "synthetic").sum()),
+            "protocol": params.classifier.protocol,
+            "n_real": int(real.sum()), "n_synthetic": int((~real).sum()),
+            "n_unique_real": int(train.loc[real, "image_id"].nunique()),
             "n_patients": int(train["patient_id"].nunique())}
+
+
+def passes_per_real_image(images_seen: int, n_real: int, n_total: int,
+                          n_unique_real: int) -> float:
+    """How often each distinct real image was drawn: batches draw uniformly from the training
+    rows, so real draws are ``images_seen * n_real / n_total``, shared by the distinct ones."""
+    if n_unique_real == 0 or n_total == 0:
+        return 0.0
+    return images_seen * n_real / n_total / n_unique_real
 
 
 def run_experiment(exp: Experiment, params: Params, data: GridData, train: pd.DataFrame,
@@ -185,7 +239,7 @@ def run_experiment(exp: Experiment, params: Params, data: GridData, train: pd.Da
     set; returns the predictions. Only the main process writes files."""
     out = run.experiment(exp.name, exp.seed)
     cache = data.combined_cache() if (train["source"] == "synthetic").any() else data.cache
-    val = validation_rows(params, data.manifest)
+    val = experiment_validation(exp, params, data.manifest)
     started = time.perf_counter()
     result: TrainResult = train_or_load(params.classifier, train, val, cache, out.model,
                                         exp.seed, progress, reuse)
@@ -195,10 +249,18 @@ def run_experiment(exp: Experiment, params: Params, data: GridData, train: pd.Da
                       ignore_index=True)
     preds.insert(0, "experiment", exp.name)
     preds.insert(1, "seed", exp.seed)
-    config = {**_config(exp, params, train), "best_epoch": result.best_epoch,
-              "epochs_run": len(result.history), "stopped_early": result.stopped_early,
-              "optimizer_steps": result.steps, "best_step": result.best_step,
-              "images_seen": result.images_seen, "train_seconds": round(seconds, 1)}
+    config = _config(exp, params, train)
+    config.update({
+        "best_epoch": result.best_epoch, "epochs_run": len(result.history),
+        "stopped_early": result.stopped_early,
+        # Under protocol converged an arm that ran its whole budget never early-stopped.
+        "converged": (result.stopped_early if params.classifier.protocol == "converged"
+                      else None),
+        "optimizer_steps": result.steps, "best_step": result.best_step,
+        "images_seen": result.images_seen,
+        "passes_per_real_image": round(passes_per_real_image(
+            result.images_seen, config["n_real"], len(train), config["n_unique_real"]), 2),
+        "validation_site": str(val["site"].iloc[0]), "train_seconds": round(seconds, 1)})
 
     def write() -> None:
         atomic_write_text(out.config, json.dumps(config, indent=1))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+import numpy as np
 import pandas as pd
 
 from cxrlib.config import Params
@@ -52,7 +53,10 @@ def plan_grid(params: Params) -> list[Experiment]:
         for kind, ks in ((Kind.REAL_PLUS_SYNTHETIC, grid.supplement_k),
                          (Kind.REAL_REPEATED, grid.repeated_k),
                          (Kind.REAL_PLUS_SHUFFLED, grid.shuffled_k),
+                         (Kind.REAL_PLUS_ORACLE, grid.oracle_k),
+                         (Kind.REAL_PLUS_ORACLE_SMOOTH, grid.oracle_smooth_k),
                          (Kind.SYNTHETIC_ONLY, grid.synthetic_only_k),
+                         (Kind.ORACLE_ONLY, grid.oracle_only_k),
                          (Kind.REAL_PLUS_REBALANCED,
                           [grid.rebalance_k] if grid.rebalance_k else [])):
             recipes += [(kind, k, f, internal) for k in ks]
@@ -60,6 +64,7 @@ def plan_grid(params: Params) -> list[Experiment]:
         for k in sorted(ext.synthetic_k):
             kind = Kind.EXTERNAL_ONLY if k == 0 else Kind.EXTERNAL_PLUS_SYNTHETIC
             recipes.append((kind, k, 1.0, ext.site))
+        recipes += [(Kind.EXTERNAL_PLUS_REAL, k, 1.0, ext.site) for k in sorted(ext.real_k)]
     return [Experiment(kind, k, f, site, seed)
             for seed in grid.seeds for kind, k, f, site in recipes]
 
@@ -87,8 +92,9 @@ def grid_results(run: RunLayout) -> pd.DataFrame:
         config = json.loads(done.config.read_text())
         rows.append({k: config.get(k) for k in (
             "name", "kind", "k", "real_fraction", "train_site", "seed", "n_real", "n_synthetic",
-            "best_epoch", "epochs_run", "stopped_early", "optimizer_steps", "best_step",
-            "images_seen", "train_seconds")})
+            "n_unique_real", "protocol", "best_epoch", "epochs_run", "stopped_early",
+            "converged", "optimizer_steps", "best_step", "images_seen",
+            "passes_per_real_image", "validation_site", "train_seconds")})
     table = pd.DataFrame(rows).rename(columns={"name": "experiment"})
     if len(table):
         table["synthetic %"] = (100 * table["n_synthetic"] / table["n_real"].where(
@@ -103,8 +109,19 @@ def stopping_table(results: pd.DataFrame) -> pd.DataFrame:
     frame = results.assign(
         passes=results["images_seen"] / (results["n_real"] + results["n_synthetic"]),
         stopped_early=results["stopped_early"].astype(float))
-    cols = ["optimizer_steps", "best_step", "images_seen", "passes", "stopped_early",
-            "train_seconds"]
-    return (frame.groupby("experiment", sort=False)[cols].mean()
+    cols = ["optimizer_steps", "best_step", "images_seen", "passes",
+            "passes_per_real_image", "stopped_early", "train_seconds"]
+    frame = frame.assign(**{c: frame.get(c, np.nan) for c in cols})
+    return (frame.groupby("experiment", sort=False)[cols].mean(numeric_only=True)
             .rename(columns={"stopped_early": "share stopped early",
-                             "passes": "passes over its data"}).round(2))
+                             "passes": "passes over its data",
+                             "passes_per_real_image": "passes per real image"}).round(2))
+
+
+def unconverged(results: pd.DataFrame) -> pd.DataFrame:
+    """Seeds of arms that ran their whole step budget under protocol converged (early
+    stopping never ended them, so they may still have been improving)."""
+    if "converged" not in results:
+        return results.iloc[:0]
+    flag = results["converged"].astype("boolean")
+    return results[(results["protocol"] == "converged") & ~flag.fillna(True)]

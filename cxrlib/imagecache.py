@@ -47,12 +47,17 @@ def preprocess(img: Image.Image, resolution: int) -> np.ndarray:
     return out
 
 
+def decode(img: Image.Image, resolution: int) -> np.ndarray:
+    """An opened image file as the cache stores it (JPEG: decoded at a reduced scale first)."""
+    img.draft("L", (resolution, resolution))
+    return preprocess(img, resolution)
+
+
 def load_image(path: str, resolution: int) -> tuple[np.ndarray | None, str | None]:
     """Decode and preprocess one file; returns (image, None) or (None, reason)."""
     try:
         with Image.open(path) as img:
-            img.draft("L", (resolution, resolution))  # JPEG: decode at a reduced scale
-            return preprocess(img, resolution), None
+            return decode(img, resolution), None
     except FileNotFoundError:
         return None, "image file missing"
     except Exception as exc:  # noqa: BLE001 - any decoder failure is one counted drop

@@ -43,6 +43,10 @@ class Kind(StrEnum):
     REAL_PLUS_REBALANCED = "real_plus_rebalanced"
     EXTERNAL_ONLY = "external_only"
     EXTERNAL_PLUS_SYNTHETIC = "external_plus_synthetic"
+    REAL_PLUS_ORACLE = "real_plus_oracle"
+    ORACLE_ONLY = "oracle_only"
+    REAL_PLUS_ORACLE_SMOOTH = "real_plus_oracle_smooth"
+    EXTERNAL_PLUS_REAL = "external_plus_real"
 
     @property
     def recipe(self) -> Recipe:
@@ -71,8 +75,15 @@ class Kind(StrEnum):
 
     @property
     def control(self) -> bool:
-        """A control arm: same size as the supplementation without its information."""
-        return self in (Kind.REAL_REPEATED, Kind.REAL_PLUS_SHUFFLED)
+        """A manipulation check, not a hypothesis: an arm whose outcome is known in advance
+        (the same rows repeated, labels shuffled, a perfect generator, more real images), so
+        it tests the instrument and stays outside the Holm family of the hypotheses."""
+        return self in _CONTROLS
+
+    @property
+    def oracle(self) -> bool:
+        """Trained on fresh phantom renders (a perfect generator): phantom cohorts only."""
+        return self.recipe.cohort.startswith("oracle")
 
     def experiment_name(self, k: int, real_fraction: float, site: str) -> str:
         """The experiment's name: ``real_only.f20``, ``real_plus_synthetic_x2.f20``,
@@ -81,6 +92,8 @@ class Kind(StrEnum):
             return f"{site}_only"
         if self is Kind.EXTERNAL_PLUS_SYNTHETIC:
             return f"{site}_plus_synthetic_x{k}"
+        if self is Kind.EXTERNAL_PLUS_REAL:
+            return f"{site}_plus_real_x{k}"
         tag = fraction_tag(real_fraction)
         return f"{self.value}.{tag}" if self is Kind.REAL_ONLY else f"{self.value}_x{k}.{tag}"
 
@@ -103,7 +116,13 @@ _RECIPES: dict[Kind, Recipe] = {
     Kind.REAL_PLUS_REBALANCED: Recipe("internal", "rebalanced"),
     Kind.EXTERNAL_ONLY: Recipe("external", "none"),
     Kind.EXTERNAL_PLUS_SYNTHETIC: Recipe("external", "all_replicas"),
+    Kind.REAL_PLUS_ORACLE: Recipe("internal", "replicas", cohort="oracle"),
+    Kind.ORACLE_ONLY: Recipe("internal", "replicas", keep_real=False, cohort="oracle"),
+    Kind.REAL_PLUS_ORACLE_SMOOTH: Recipe("internal", "replicas", cohort="oracle_smooth"),
+    Kind.EXTERNAL_PLUS_REAL: Recipe("external", "internal_real"),
 }
+_CONTROLS = frozenset({Kind.REAL_REPEATED, Kind.REAL_PLUS_SHUFFLED, Kind.REAL_PLUS_ORACLE,
+                       Kind.ORACLE_ONLY, Kind.REAL_PLUS_ORACLE_SMOOTH, Kind.EXTERNAL_PLUS_REAL})
 _LABELS: dict[Kind, str] = {
     Kind.REAL_ONLY: "real only",
     Kind.REAL_PLUS_SYNTHETIC: "real + synthetic",
@@ -113,6 +132,10 @@ _LABELS: dict[Kind, str] = {
     Kind.REAL_PLUS_REBALANCED: "real + rebalanced",
     Kind.EXTERNAL_ONLY: "external site only",
     Kind.EXTERNAL_PLUS_SYNTHETIC: "external site + synthetic",
+    Kind.REAL_PLUS_ORACLE: "control: real + perfect generator",
+    Kind.ORACLE_ONLY: "control: perfect generator only",
+    Kind.REAL_PLUS_ORACLE_SMOOTH: "control: real + perfect generator without detector noise",
+    Kind.EXTERNAL_PLUS_REAL: "control: external site + internal real",
 }
 _DESCRIPTIONS: dict[Kind, str] = {
     Kind.REAL_ONLY: "the real rows alone",
@@ -124,4 +147,11 @@ _DESCRIPTIONS: dict[Kind, str] = {
     Kind.EXTERNAL_ONLY: "the external site's real training data alone",
     Kind.EXTERNAL_PLUS_SYNTHETIC: "the external site's real training data and internal "
                                   "synthetic replicas",
+    Kind.REAL_PLUS_ORACLE: "the real rows and fresh phantom renders of them (a perfect "
+                           "generator)",
+    Kind.ORACLE_ONLY: "fresh phantom renders of the real rows only (a perfect generator)",
+    Kind.REAL_PLUS_ORACLE_SMOOTH: "the real rows and fresh renders of them without detector "
+                                  "noise and grain",
+    Kind.EXTERNAL_PLUS_REAL: "the external site's real training data and as many internal real "
+                             "images as the synthetic arm adds",
 }

@@ -25,7 +25,7 @@ from __future__ import annotations
 import io
 import os
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from multiprocessing import get_context
 from pathlib import Path
@@ -345,13 +345,39 @@ def draw_race(n: int, marginals: dict[str, float], rng: np.random.Generator) -> 
     return rng.choice(groups, size=n, p=p / p.sum())
 
 
+#: JPEG quality of every stored phantom (the cohort's files and the oracle's renders).
+JPEG_QUALITY = 95
+
+
+def smooth_style(style: SiteStyle) -> SiteStyle:
+    """The site's style without detector noise and film grain (the ``oracle_smooth``
+    control: what a generator that misses the detector's texture would draw)."""
+    return replace(style, noise=0.0, grain=0.0)
+
+
+def _encoded(img: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="JPEG", quality=JPEG_QUALITY)
+    return buf.getvalue()
+
+
 def _render_job(args: tuple) -> bytes:
     labels, sex, age, view, style_name, size, seed = args
-    img = render_phantom(labels, sex, age, view, STYLES[style_name], size,
-                         np.random.default_rng(seed))
-    buf = io.BytesIO()
-    Image.fromarray(img).save(buf, format="JPEG", quality=95)
-    return buf.getvalue()
+    return _encoded(render_phantom(labels, sex, age, view, STYLES[style_name], size,
+                                   np.random.default_rng(seed)))
+
+
+def render_jpeg(labels: dict[str, float], sex: str, age: float, view: str, style: SiteStyle,
+                size: int, seed: int) -> bytes:
+    """One phantom as the JPEG bytes a site folder would hold: the perfect generator's image
+    of a row (labels as raw codes 1, 0, -1, NaN), from a seed of its own."""
+    return _encoded(render_phantom(labels, sex, age, view, style, size,
+                                   np.random.default_rng([seed, ORACLE_STREAM])))
+
+
+#: Seeds of oracle renders enter as [seed, ORACLE_STREAM] while a site's own images use
+#: [seed, site key, row]: the two never share a random stream.
+ORACLE_STREAM = 0x0AC1E
 
 
 def write_phantom_site(folder: Path, site: str, spec: PhantomSpec, seed: int,

@@ -22,17 +22,20 @@ schema plus provenance columns.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from PIL import Image
 
 from cxrlib.cohort import AGE_BANDS, AGE_UNKNOWN, age_band, source_rows
 from cxrlib.condition import encode_conditions
 from cxrlib.config import Params, SamplingSpec
 from cxrlib.diffusion import ConditionalUNet, noise_scheduler
+from cxrlib.imagecache import decode
 from cxrlib.io import (
     atomic_path,
     atomic_write_parquet,
@@ -42,6 +45,7 @@ from cxrlib.io import (
 )
 from cxrlib.labels import CHEXPERT_LABELS, MANIFEST_COLUMNS
 from cxrlib.layout import RunLayout
+from cxrlib.phantom import STYLES, render_jpeg, smooth_style
 from cxrlib.progress import tqdm
 from cxrlib.samplers import generate, image_seed
 
@@ -50,6 +54,12 @@ PROVENANCE_COLUMNS: tuple[str, ...] = (
     "source_image_id", "replica", "seed", "strategy", "checkpoint", "sampler", "steps",
     "guidance", "guidance_rescale",
 )
+
+
+#: Strategies whose images are fresh phantom renders (a perfect generator), not the model's.
+ORACLE_STRATEGIES: tuple[str, ...] = ("oracle", "oracle_smooth")
+#: What an oracle cohort's ``checkpoint`` and ``sampler`` columns name.
+PHANTOM_RENDERER = "phantom-renderer"
 
 
 class SyntheticCohortError(RuntimeError):
@@ -81,17 +91,24 @@ def _synthetic_rows(source: pd.DataFrame, replica: np.ndarray, seeds: np.ndarray
     return rows[list(MANIFEST_COLUMNS) + list(PROVENANCE_COLUMNS)]
 
 
-def replica_plan(params: Params, manifest: pd.DataFrame, checkpoint: str) -> pd.DataFrame:
+def replica_plan(params: Params, manifest: pd.DataFrame, checkpoint: str,
+                 strategy: str = "replicas") -> pd.DataFrame:
     """Replicas 0..k-1 of every source training row (:func:`cxrlib.cohort.source_rows`,
-    k = replicas); ``checkpoint`` names the diffusion checkpoint the images come from."""
+    k = replicas); ``checkpoint`` names the diffusion checkpoint the images come from. The
+    oracle strategies plan the same rows (their images are phantom renders, their seeds
+    their own: the seed key carries the strategy)."""
     spec = params.sampling
     source = source_rows(params, manifest)
     k = spec.replicas
     rep_rows = source.loc[source.index.repeat(k)]
     replica = np.tile(np.arange(k), len(source))
-    seeds = np.array([image_seed(params.run.seed, sid, r)
+    key = "" if strategy == "replicas" else f"{strategy}/"
+    seeds = np.array([image_seed(params.run.seed, key + sid, r)
                       for sid, r in zip(rep_rows["image_id"], replica, strict=True)])
-    plan = _synthetic_rows(rep_rows, replica, seeds, "replicas", spec, checkpoint)
+    plan = _synthetic_rows(rep_rows, replica, seeds, strategy, spec, checkpoint)
+    if strategy in ORACLE_STRATEGIES:
+        plan = plan.assign(sampler=PHANTOM_RENDERER, steps=0, guidance=np.nan,
+                           guidance_rescale=np.nan)
     return plan.sort_values(["replica", "source_image_id"], kind="stable").reset_index(drop=True)
 
 
@@ -135,21 +152,77 @@ def rebalance_plan(params: Params, manifest: pd.DataFrame, checkpoint: str) -> p
 
 def plan_for(params: Params, manifest: pd.DataFrame, strategy: str,
              checkpoint: str) -> pd.DataFrame:
+    if strategy in ORACLE_STRATEGIES:
+        return replica_plan(params, manifest, PHANTOM_RENDERER, strategy)
     if strategy == "replicas":
         return replica_plan(params, manifest, checkpoint)
     if strategy == "rebalance":
         return rebalance_plan(params, manifest, checkpoint)
-    raise ValueError(f"unknown strategy '{strategy}'; use replicas or rebalance")
+    raise ValueError(f"unknown strategy '{strategy}'; use replicas, rebalance, "
+                     f"{' or '.join(ORACLE_STRATEGIES)}")
 
 
 # ---------------------------------------------------------------------------------------------
 # Resumable, sharded generation
 
 
-def generate_cohort(params: Params, plan: pd.DataFrame, model: ConditionalUNet, run: RunLayout,
+#: A function from plan rows to their images (n x R x R uint8).
+ImageSource = Callable[[pd.DataFrame], np.ndarray]
+
+
+def diffusion_source(params: Params, model: ConditionalUNet) -> ImageSource:
+    """The diffusion model's images for plan rows, at the run's sampling settings."""
+    spec, sched = params.sampling, noise_scheduler(params.diffusion)
+
+    def images(rows: pd.DataFrame) -> np.ndarray:
+        cond = encode_conditions(rows, params.diffusion.nan_label_value)
+        return generate(model, sched, cond, rows["seed"].to_numpy(), spec.sampler, spec.steps,
+                        spec.guidance, spec.guidance_rescale, spec.batch_size)
+
+    return images
+
+
+def oracle_source(params: Params, manifest: pd.DataFrame, smooth: bool) -> ImageSource:
+    """A perfect generator for phantom cohorts: each plan row's source rendered again from the
+    raw label codes its phantom site wrote (1, 0, -1, blank; not the manifest's processed
+    labels, since uncertain and unannotated findings render differently), with the site's
+    style (``smooth``: without detector noise and grain), the row's own seed, and the same
+    JPEG and preprocessing path as the site's images."""
+    sources = manifest.set_index("image_id")
+    sites = {s.site: s for s in params.data.sites}
+    raw: dict[str, pd.DataFrame] = {}
+
+    def raw_row(image_id: str) -> pd.Series:
+        src = sources.loc[image_id]
+        site = sites[src["site"]]
+        if site.phantom is None:
+            raise SyntheticCohortError(f"{image_id}: the oracle renders phantom rows only; site "
+                                       f"'{site.site}' is read from real images")
+        if src["source_file"] not in raw:
+            raw[src["source_file"]] = pd.read_csv(src["source_file"])
+        return raw[src["source_file"]].iloc[int(src["source_row"]) - 2]
+
+    def images(rows: pd.DataFrame) -> np.ndarray:
+        out = np.empty((len(rows), params.data.resolution, params.data.resolution), np.uint8)
+        for i, (sid, seed) in enumerate(zip(rows["source_image_id"], rows["seed"], strict=True)):
+            row, spec = raw_row(sid), sites[sources.loc[sid, "site"]].phantom
+            style = STYLES[spec.style]
+            labels = {k: float(row[k]) for k in CHEXPERT_LABELS}
+            jpeg = render_jpeg(labels, row["Sex"], float(row["Age"]), row["AP/PA"],
+                               smooth_style(style) if smooth else style, spec.image_size,
+                               int(seed))
+            with Image.open(io.BytesIO(jpeg)) as img:
+                out[i] = decode(img, params.data.resolution)
+        return out
+
+    return images
+
+
+def generate_cohort(params: Params, plan: pd.DataFrame, source: ImageSource, run: RunLayout,
                     strategy: str, rank: int = 0, world: int = 1, progress: bool = True,
                     on_shard: Callable[[int], None] | None = None) -> list[int]:
-    """Generate the shards of ``plan`` that this process owns and that do not exist yet.
+    """Generate the shards of ``plan`` that this process owns and that do not exist yet,
+    with the images of ``source`` (:func:`diffusion_source` or :func:`oracle_source`).
 
     Shard s holds plan rows [s * shard_size, (s + 1) * shard_size) and belongs to process
     s % world. Returns the shard numbers written now. ``on_shard(s)`` runs after each shard
@@ -172,14 +245,10 @@ def generate_cohort(params: Params, plan: pd.DataFrame, model: ConditionalUNet, 
                 f"{path} was generated with diffusion checkpoint "
                 f"{np.load(path)['checkpoint']} but this cohort uses {checkpoint}; delete "
                 f"{run.synthetic(strategy)} to generate it again from the current model")
-    train_sched = noise_scheduler(params.diffusion)
-    cond = encode_conditions(plan, params.diffusion.nan_label_value)
     written = []
-    for s in tqdm(todo, desc="synthetic shards", disable=not progress):
+    for s in tqdm(todo, desc=f"{strategy} shards", disable=not progress):
         lo, hi = s * size, min((s + 1) * size, len(plan))
-        images = generate(model, train_sched, cond[lo:hi], plan["seed"].to_numpy()[lo:hi],
-                          spec.sampler, spec.steps, spec.guidance, spec.guidance_rescale,
-                          spec.batch_size)
+        images = source(plan.iloc[lo:hi])
         with atomic_path(run.synthetic_shard(strategy, s)) as tmp:
             np.savez(tmp, images=images,
                      image_ids=plan["image_id"].to_numpy()[lo:hi].astype(str),
@@ -254,7 +323,8 @@ def build_synthetic_cohort(params: Params, manifest: pd.DataFrame, model: Condit
     done = run.synthetic_manifest(strategy)
     if done.exists():
         existing = pd.read_parquet(done)
-        if existing["checkpoint"].iloc[0] != checkpoint.name:
+        made_by = PHANTOM_RENDERER if strategy in ORACLE_STRATEGIES else checkpoint.name
+        if existing["checkpoint"].iloc[0] != made_by:
             raise SyntheticCohortError(
                 f"synthetic cohort {out} was generated with diffusion checkpoint "
                 f"{existing['checkpoint'].iloc[0]} but the model now is {checkpoint.name}; "
@@ -263,7 +333,11 @@ def build_synthetic_cohort(params: Params, manifest: pd.DataFrame, model: Condit
     plan = plan_for(params, manifest, strategy, checkpoint.name)
     check_no_eval_sources(plan, manifest)
     state = process_state()
-    generate_cohort(params, plan, model.to(state.device), run, strategy, state.process_index,
+    if strategy in ORACLE_STRATEGIES:
+        source = oracle_source(params, manifest, smooth=strategy == "oracle_smooth")
+    else:
+        source = diffusion_source(params, model.to(state.device))
+    generate_cohort(params, plan, source, run, strategy, state.process_index,
                     state.num_processes, progress and state.is_main_process)
     state.wait_for_everyone()  # every shard is written
     on_main(partial(finalize_cohort, plan, run, strategy, params.sampling.shard_size))

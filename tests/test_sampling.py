@@ -21,6 +21,7 @@ from cxrlib.samplers import SAMPLERS, generate
 from cxrlib.sampling import (
     SyntheticCohortError,
     check_no_eval_sources,
+    diffusion_source,
     finalize_cohort,
     generate_cohort,
     rebalance_plan,
@@ -104,8 +105,9 @@ def test_rebalance_weights_equalise_groups(smoke):
 def test_generation_resumes_without_duplicates_or_losses(smoke, tmp_path):
     params, manifest, model, run = smoke
     plan = replica_plan(params, manifest, "step-0000004").head(150)  # 3 shards of 64
+    source = diffusion_source(params, model)
     whole, part = replace(run, root=tmp_path / "whole"), replace(run, root=tmp_path / "part")
-    generate_cohort(params, plan, model, whole, "replicas", progress=False)
+    generate_cohort(params, plan, source, whole, "replicas", progress=False)
     ref = finalize_cohort(plan, whole, "replicas", params.sampling.shard_size)
 
     class Stop(Exception):
@@ -114,11 +116,11 @@ def test_generation_resumes_without_duplicates_or_losses(smoke, tmp_path):
     def stop_after_first(_shard: int) -> None:
         raise Stop
     with pytest.raises(Stop):
-        generate_cohort(params, plan, model, part, "replicas", progress=False,
+        generate_cohort(params, plan, source, part, "replicas", progress=False,
                         on_shard=stop_after_first)
     with pytest.raises(RuntimeError, match="incomplete"):
         finalize_cohort(plan, part, "replicas", params.sampling.shard_size)
-    written = generate_cohort(params, plan, model, part, "replicas", progress=False)
+    written = generate_cohort(params, plan, source, part, "replicas", progress=False)
     assert written == [1, 2]  # shard 0 was kept, not generated twice
     out = finalize_cohort(plan, part, "replicas", params.sampling.shard_size)
     pd.testing.assert_frame_equal(out, ref)
@@ -132,16 +134,17 @@ def test_generation_resumes_without_duplicates_or_losses(smoke, tmp_path):
     # shards from another model are never mixed into this cohort
     other = plan.assign(checkpoint="step-0000099")
     with pytest.raises(SyntheticCohortError, match="step-0000004 but this cohort uses"):
-        generate_cohort(params, other, model, part, "replicas", progress=False)
+        generate_cohort(params, other, source, part, "replicas", progress=False)
 
 
 def test_two_processes_split_the_shards(smoke, tmp_path):
     params, manifest, model, run = smoke
     plan = replica_plan(params, manifest, "step-0000004").head(150)
+    source = diffusion_source(params, model)
     here = replace(run, root=tmp_path)
-    first = generate_cohort(params, plan, model, here, "replicas", rank=0, world=2,
+    first = generate_cohort(params, plan, source, here, "replicas", rank=0, world=2,
                             progress=False)
-    second = generate_cohort(params, plan, model, here, "replicas", rank=1, world=2,
+    second = generate_cohort(params, plan, source, here, "replicas", rank=1, world=2,
                              progress=False)
     assert first == [0, 2] and second == [1]
     finalize_cohort(plan, here, "replicas", params.sampling.shard_size)
