@@ -23,13 +23,18 @@ class Recipe:
     0..k-1 of those rows, the same with their label vectors shuffled, replicas 0..k-1 of every
     source, or ``k`` times as many rebalanced images as real rows; ``keep_real``: whether the
     real rows are trained on (not for synthetic only); ``real_copies``: the real rows appear
-    ``1 + k`` times (the repeated-data control).
+    ``1 + k`` times (the repeated-data control); ``internal_real`` adds as many internal real
+    training images as ``all_replicas`` would add synthetic ones (the external-site control).
+    ``cohort`` is the synthetic cohort (``sampling.strategies``) the synthetic rows come from:
+    the diffusion model's ``replicas`` or the phantom renderer's ``oracle`` / ``oracle_smooth``.
     """
 
     real: Literal["internal", "external"]
-    synthetic: Literal["none", "replicas", "shuffled", "all_replicas", "rebalanced"]
+    synthetic: Literal["none", "replicas", "shuffled", "all_replicas", "rebalanced",
+                       "internal_real"]
     keep_real: bool = True
     real_copies: bool = False
+    cohort: Literal["replicas", "rebalance", "oracle", "oracle_smooth"] = "replicas"
 
 
 class Kind(StrEnum):
@@ -113,7 +118,7 @@ _RECIPES: dict[Kind, Recipe] = {
     Kind.REAL_REPEATED: Recipe("internal", "none", real_copies=True),
     Kind.REAL_PLUS_SHUFFLED: Recipe("internal", "shuffled"),
     Kind.SYNTHETIC_ONLY: Recipe("internal", "replicas", keep_real=False),
-    Kind.REAL_PLUS_REBALANCED: Recipe("internal", "rebalanced"),
+    Kind.REAL_PLUS_REBALANCED: Recipe("internal", "rebalanced", cohort="rebalance"),
     Kind.EXTERNAL_ONLY: Recipe("external", "none"),
     Kind.EXTERNAL_PLUS_SYNTHETIC: Recipe("external", "all_replicas"),
     Kind.REAL_PLUS_ORACLE: Recipe("internal", "replicas", cohort="oracle"),
