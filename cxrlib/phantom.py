@@ -361,22 +361,21 @@ def _encoded(img: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def render_jpeg(labels: dict[str, float], sex: str, age: float, view: str, style: SiteStyle,
+                size: int, entropy: int | list[int]) -> bytes:
+    """One phantom as the JPEG bytes a site folder holds (labels as raw codes 1, 0, -1, NaN),
+    from the random stream ``entropy`` seeds: a site's own images use [seed, site key, row],
+    the perfect generator's renders [image seed, ORACLE_STREAM], so the two never share one."""
+    return _encoded(render_phantom(labels, sex, age, view, style, size,
+                                   np.random.default_rng(entropy)))
+
+
 def _render_job(args: tuple) -> bytes:
     labels, sex, age, view, style_name, size, seed = args
-    return _encoded(render_phantom(labels, sex, age, view, STYLES[style_name], size,
-                                   np.random.default_rng(seed)))
+    return render_jpeg(labels, sex, age, view, STYLES[style_name], size, seed)
 
 
-def render_jpeg(labels: dict[str, float], sex: str, age: float, view: str, style: SiteStyle,
-                size: int, seed: int) -> bytes:
-    """One phantom as the JPEG bytes a site folder would hold: the perfect generator's image
-    of a row (labels as raw codes 1, 0, -1, NaN), from a seed of its own."""
-    return _encoded(render_phantom(labels, sex, age, view, style, size,
-                                   np.random.default_rng([seed, ORACLE_STREAM])))
-
-
-#: Seeds of oracle renders enter as [seed, ORACLE_STREAM] while a site's own images use
-#: [seed, site key, row]: the two never share a random stream.
+#: The second entropy word of every oracle render (see :func:`render_jpeg`).
 ORACLE_STREAM = 0x0AC1E
 
 

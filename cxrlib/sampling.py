@@ -45,7 +45,7 @@ from cxrlib.io import (
 )
 from cxrlib.labels import CHEXPERT_LABELS, MANIFEST_COLUMNS
 from cxrlib.layout import RunLayout
-from cxrlib.phantom import STYLES, render_jpeg, smooth_style
+from cxrlib.phantom import ORACLE_STREAM, STYLES, render_jpeg, smooth_style
 from cxrlib.progress import tqdm
 from cxrlib.samplers import generate, image_seed
 
@@ -210,7 +210,7 @@ def oracle_source(params: Params, manifest: pd.DataFrame, smooth: bool) -> Image
             labels = {k: float(row[k]) for k in CHEXPERT_LABELS}
             jpeg = render_jpeg(labels, row["Sex"], float(row["Age"]), row["AP/PA"],
                                smooth_style(style) if smooth else style, spec.image_size,
-                               int(seed))
+                               [int(seed), ORACLE_STREAM])
             with Image.open(io.BytesIO(jpeg)) as img:
                 out[i] = decode(img, params.data.resolution)
         return out

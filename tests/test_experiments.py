@@ -7,6 +7,7 @@ diffusion model and run in seconds.
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import shutil
@@ -18,6 +19,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from PIL import Image
 
 from cxrlib import classify
 from cxrlib.augment import augment_batch, mix_batch, random_affine
@@ -34,18 +36,26 @@ from cxrlib.experiments import (
     GridData,
     LeakageError,
     check_grid_leakage,
+    experiment_validation,
     grid_data,
     run_grid,
     training_set,
     training_sets,
 )
 from cxrlib.grid import plan_grid
-from cxrlib.imagecache import CombinedCache, ImageCache
+from cxrlib.imagecache import CombinedCache, ImageCache, decode
 from cxrlib.io import atomic_write_parquet, write_image_cache
 from cxrlib.kinds import Kind
 from cxrlib.labels import CHEXPERT_LABELS
 from cxrlib.layout import RunLayout
-from cxrlib.sampling import rebalance_plan, replica_plan
+from cxrlib.phantom import STYLES, render_jpeg
+from cxrlib.sampling import (
+    PHANTOM_RENDERER,
+    oracle_source,
+    plan_for,
+    rebalance_plan,
+    replica_plan,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 OFF = AugmentSpec(hflip=0, vflip=0, noise_p=0, affine_p=0, mix_p=0, label_smoothing=0)
@@ -157,6 +167,7 @@ def grid_run(tmp_path_factory):
     _write_cohort(replica_plan(params, cohort.manifest, "step-0000004"), cache, run, "replicas")
     _write_cohort(rebalance_plan(params, cohort.manifest, "step-0000004"), cache, run,
                   "rebalance")
+    _write_cohort(plan_for(params, cohort.manifest, "oracle", ""), cache, run, "oracle")
     return params, run, grid_data(params, run)
 
 
@@ -164,14 +175,11 @@ def test_plan_names_recipes_and_baselines(grid_run):
     params, _, _ = grid_run
     plan = plan_grid(params)
     names = [e.name for e in plan]
-    assert names == ["real_only.f100", "real_plus_synthetic_x1.f100",
-                     "real_plus_synthetic_x2.f100", "real_repeated_x1.f100",
-                     "real_plus_shuffled_x1.f100", "synthetic_only_x1.f100",
-                     "real_plus_rebalanced_x1.f100", "real_only.f50",
-                     "real_plus_synthetic_x1.f50", "real_plus_synthetic_x2.f50",
-                     "real_repeated_x1.f50", "real_plus_shuffled_x1.f50",
-                     "synthetic_only_x1.f50", "real_plus_rebalanced_x1.f50",
-                     "nih_only", "nih_plus_synthetic_x1"]
+    per_fraction = ["real_only", "real_plus_synthetic_x1", "real_plus_synthetic_x2",
+                    "real_repeated_x1", "real_plus_shuffled_x1", "real_plus_oracle_x1",
+                    "synthetic_only_x1", "real_plus_rebalanced_x1"]
+    assert names == [f"{n}.{tag}" for tag in ("f100", "f50", "f25") for n in per_fraction] + [
+        "nih_only", "nih_plus_synthetic_x1", "nih_plus_real_x1"]
     baselines = {e.name: e.baseline for e in plan}
     assert baselines["synthetic_only_x1.f50"] \
         == Kind.SYNTHETIC_ONLY.baseline_name(0.5, "chexpert") == "real_only.f50"
@@ -181,7 +189,10 @@ def test_plan_names_recipes_and_baselines(grid_run):
     # every kind's recipe is data: its baseline kind, and whether it is trained on real rows
     assert {e.kind.baseline for e in plan} == {Kind.REAL_ONLY, Kind.EXTERNAL_ONLY}
     assert not Kind.SYNTHETIC_ONLY.recipe.keep_real and Kind.REAL_REPEATED.recipe.real_copies
-    assert [k for k in Kind if k.control] == [Kind.REAL_REPEATED, Kind.REAL_PLUS_SHUFFLED]
+    assert [k for k in Kind if k.control] == [
+        Kind.REAL_REPEATED, Kind.REAL_PLUS_SHUFFLED, Kind.REAL_PLUS_ORACLE, Kind.ORACLE_ONLY,
+        Kind.REAL_PLUS_ORACLE_SMOOTH, Kind.EXTERNAL_PLUS_REAL]
+    assert baselines["nih_plus_real_x1"] == "nih_only"
 
 
 def test_training_sets_have_the_recipe_sizes(grid_run):
@@ -199,6 +210,16 @@ def test_training_sets_have_the_recipe_sizes(grid_run):
     assert set(sets["real_only.f50"]["patient_id"]) < set(real["patient_id"])  # nested
     nih = sets["nih_plus_synthetic_x1"]
     assert set(nih.loc[nih["source"] == "real", "site"]) == {"nih"}
+    # The external control adds as many internal REAL training images as x1 adds synthetic.
+    nih_real = sets["nih_plus_real_x1"]
+    added = nih_real[nih_real["source"] == "added_real"]
+    assert len(added) == (nih["source"] == "synthetic").sum()
+    assert set(added["site"]) == {"chexpert"} and (added["split"] == "train").all()
+    # The positive control: the oracle cohort's renders of exactly the real rows.
+    oracle = sets["real_plus_oracle_x1.f50"]
+    renders = oracle[oracle["source"] == "synthetic"]
+    assert renders["image_id"].str.startswith("synthetic/oracle/").all()
+    assert sorted(renders["source_image_id"]) == sorted(sets["real_only.f50"]["image_id"])
     # Controls: as many rows as real + 1 replica; real rows twice, or labels shuffled.
     repeated = sets["real_repeated_x1.f100"]
     assert (repeated["source"] == "real").all() and len(repeated) == 2 * len(real)
@@ -242,12 +263,71 @@ def test_a_step_budget_gives_every_training_set_the_same_steps():
     assert len(per_epoch) == 4 and all(len(r) == 7 for r in per_epoch)  # 6 full + 1 of 2
 
 
+def test_converged_protocol_validates_every_eval_every_steps_up_to_its_ceiling():
+    spec = ClassifierSpec(batch_size=8, protocol="converged", max_steps=100, eval_every=25)
+    for n in (20, 333):
+        rounds = list(round_plans(n, spec, np.random.default_rng(0)))
+        assert [len(r) for r in rounds] == [25, 25, 25, 25]
+    with pytest.raises(ValueError, match="needs classifier.max_steps"):
+        ClassifierSpec(protocol="converged")
+
+
+def test_external_arms_early_stop_on_their_own_site(grid_run):
+    params, _, data = grid_run
+    exps = {e.name: e for e in plan_grid(params)}
+    val = experiment_validation(exps["nih_only"], params, data.manifest)
+    assert set(val["site"]) == {"nih"} and (val["split"] == "val").all()
+    internal = experiment_validation(exps["real_only.f50"], params, data.manifest)
+    assert set(internal["site"]) == {"chexpert"}
+    # NIH's unannotated labels (blank: nan for the site) stay missing, not negative.
+    nih = data.manifest[data.manifest["site"] == "nih"]
+    assert nih["Fracture"].isna().all() and nih["Support Devices"].isna().all()
+    assert nih["Pleural Effusion"].notna().all()
+
+
+def test_oracle_renders_the_raw_row_through_the_sites_own_path(grid_run):
+    """The perfect generator: with the site's own random stream the render reproduces the
+    cached cohort image byte for byte (same JPEG and preprocessing path); with its own seed it
+    is a fresh image of the same row; the smooth variant drops the detector noise."""
+    params, run, data = grid_run
+    plan = plan_for(params, data.manifest, "oracle", "").head(6)
+    assert (plan["checkpoint"] == PHANTOM_RENDERER).all()
+    assert not set(plan["seed"]) & set(replica_plan(params, data.manifest, "x")["seed"])
+    first = data.manifest.set_index("image_id").loc[plan["source_image_id"].iloc[0]]
+    i = int(first["source_row"]) - 2
+    raw = pd.read_csv(first["source_file"]).iloc[i]
+    site_key = int.from_bytes(b"chexpert", "little")
+    own = render_jpeg({k: float(raw[k]) for k in CHEXPERT_LABELS}, raw["Sex"],
+                      float(raw["Age"]), raw["AP/PA"], STYLES["chexpert"], 32,
+                      [params.run.seed, site_key, i])
+    with Image.open(io.BytesIO(own)) as img:
+        assert np.array_equal(decode(img, 32), data.cache.get(first.name))
+    fresh = oracle_source(params, data.manifest, smooth=False)(plan)
+    again = oracle_source(params, data.manifest, smooth=False)(plan)
+    smooth = oracle_source(params, data.manifest, smooth=True)(plan)
+    assert np.array_equal(fresh, again)  # seeded
+    assert not np.array_equal(fresh[0], data.cache.get(first.name))  # a new image of the row
+    lap = lambda a: np.abs(np.diff(a.astype(float), axis=-1)).mean()  # noqa: E731
+    assert lap(smooth) < lap(fresh)  # no detector noise: less pixel-to-pixel variation
+
+
+def test_oracle_on_real_data_is_refused_with_the_reason(tmp_path):
+    site = {"site": "mysite", "reader": "csv", "root": str(tmp_path),
+            "columns": {"path": "p", "patient_id": "q"}}
+    with pytest.raises(ParamsError, match="real data .* cannot have"):
+        load_params(ROOT / "params" / "smoke.yaml", {"data.sites": [site]})
+    with pytest.raises(ParamsError, match="needs 'oracle' in sampling.strategies"):
+        load_params(ROOT / "params" / "smoke.yaml", {"sampling.strategies": ["replicas"],
+                                                     "experiments.rebalance_k": 0})
+
+
 def test_synthetic_rows_never_come_from_validation_or_test_sources(grid_run):
     params, _, data = grid_run
     split = data.manifest.set_index("image_id")["split"]
     for rows in training_sets(params, data).values():
         synthetic = rows[rows["source"] == "synthetic"]
-        assert (synthetic["source_image_id"].map(split) == "train").all()
+        if len(synthetic):
+            assert (synthetic["source_image_id"].map(split) == "train").all()
 
 
 def test_leakage_check_fails_loudly_on_a_test_patient(grid_run):
@@ -284,7 +364,7 @@ def test_fractions_beyond_the_synthetic_sources_are_refused(grid_run):
     fewer = GridData(data.manifest, data.cache,
                      {**data.synthetic, "replicas": some[some["replica"] < 1]},
                      data.synthetic_caches)
-    with pytest.raises(ValueError, match="replicas are missing"):
+    with pytest.raises(ValueError, match="replicas. cohort are missing"):
         training_set(two, p, fewer)
 
 
