@@ -379,7 +379,10 @@ def supplementation_figure(summary: pd.DataFrame, fraction: float) -> plt.Figure
                   color=palette[1], ls="--")
         for kind, colour in ((Kind.REAL_PLUS_REBALANCED, palette[2]),  # red is the baseline's
                              (Kind.REAL_REPEATED, palette[5]),
-                             (Kind.REAL_PLUS_SHUFFLED, palette[4])):
+                             (Kind.REAL_PLUS_SHUFFLED, palette[4]),
+                             (Kind.REAL_PLUS_ORACLE, palette[6]),
+                             (Kind.REAL_PLUS_ORACLE_SMOOTH, palette[7]),
+                             (Kind.ORACLE_ONLY, palette[8])):
             marked = t[t["kind"] == kind]
             if len(marked):
                 _errorbar(ax, marked, "pct", kind.label, color=colour, ls="none", markersize=9)
@@ -388,6 +391,40 @@ def supplementation_figure(summary: pd.DataFrame, fraction: float) -> plt.Figure
         ax.set_ylabel("macro AUROC (95% CI)")
     axes[0][0].legend(fontsize=8)
     fig.suptitle(f"Synthetic supplementation at {fraction:.0%} of the real training data")
+    fig.tight_layout()
+    return fig
+
+
+def exchange_figure(curve: pd.DataFrame, rates: pd.DataFrame) -> plt.Figure:
+    """The learning curve of real-only arms per test set (points: seed means; line: the fit
+    of :data:`cxrlib.exchange.CURVE_FORM`), with every placed arm drawn at its own real images
+    and joined by an arrow to the real images it is worth (its AUROC on the curve); an arm
+    beyond the measured sizes is drawn hollow (extrapolated)."""
+    tests = list(dict.fromkeys(curve["test_set"]))
+    fig, axes = plt.subplots(1, len(tests), figsize=(4.8 * len(tests), 4.0), squeeze=False)
+    palette = dict(zip(dict.fromkeys(rates["experiment"]), sns.color_palette("tab10")[1:],
+                       strict=False))
+    for ax, test in zip(axes[0], tests, strict=True):
+        c = curve[curve["test_set"] == test].sort_values("real_images")
+        grid_n = np.geomspace(c["real_images"].min() / 1.5, c["real_images"].max() * 2, 60)
+        a, b = c["a"].iloc[0], c["b"].iloc[0]
+        ax.plot(grid_n, a + b * np.log(grid_n), color="red", lw=1, alpha=0.7,
+                label=f"fit: {a:.3f} + {b:.3f} ln n")
+        ax.plot(c["real_images"], c["macro_auroc"], "o", color="red", label="real only")
+        for r in rates[rates["test_set"] == test].to_dict("records"):
+            y = a + b * np.log(r["real_equivalent"]) if r["real_equivalent"] > 0 else np.nan
+            colour = palette[r["experiment"]]
+            ax.annotate("", xy=(r["real_equivalent"], y), xytext=(max(r["n_real"], 1), y),
+                        arrowprops={"arrowstyle": "->", "color": colour, "lw": 1.2})
+            ax.plot(r["real_equivalent"], y, "s", color=colour,
+                    mfc="none" if r["extrapolated"] else colour,
+                    label=f"{Kind(r['kind']).label} x{int(r['k'])}: r {r['rate']:.2f}")
+        ax.set_xscale("log")
+        ax.set_title(test)
+        ax.set_xlabel("real training images (log scale)")
+        ax.set_ylabel("macro AUROC (mean over seeds)")
+        ax.legend(fontsize=7)
+    fig.suptitle("Exchange rate: the real images each arm is worth on the real-only curve")
     fig.tight_layout()
     return fig
 

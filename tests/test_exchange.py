@@ -1,0 +1,79 @@
+"""The exchange rate: a learning curve of real-only arms, and every arm placed on it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cxrlib.config import StatsSpec
+from cxrlib.exchange import calibration_held, exchange_rates, learning_curve
+from cxrlib.stats import SeedMacros
+
+A, B = 0.55, 0.04  # the true curve: auroc = A + B ln n
+SEEDS = (0, 1, 2, 3, 4)
+
+
+def _grid(rates: dict[str, float]) -> tuple[pd.DataFrame, dict[str, dict[int, float]]]:
+    """Grid results and per-seed macros where every arm lies exactly on the true curve at
+    n_real + rate * n_extra (seed noise on the real draw size only)."""
+    rows, point = [], {}
+    for s in SEEDS:
+        for f, n in ((0.05, 240 + s), (0.1, 480 + 2 * s), (0.2, 960 + 3 * s)):
+            name = f"real_only.f{round(100 * f)}"
+            rows.append({"experiment": name, "kind": "real_only", "k": 0, "real_fraction": f,
+                         "train_site": "chexpert", "seed": s, "n_real": n, "n_synthetic": 0,
+                         "n_unique_real": n})
+            point.setdefault(name, {})[s] = A + B * np.log(n)
+        n = 240 + s
+        for name, kind, rate in (("real_plus_oracle_x2.f5", "real_plus_oracle",
+                                  rates["oracle"]),
+                                 ("real_plus_shuffled_x2.f5", "real_plus_shuffled",
+                                  rates["shuffled"])):
+            rows.append({"experiment": name, "kind": kind, "k": 2, "real_fraction": 0.05,
+                         "train_site": "chexpert", "seed": s, "n_real": n, "n_synthetic": 2 * n,
+                         "n_unique_real": n})
+            point.setdefault(name, {})[s] = A + B * np.log(n + rate * 2 * n)
+    return pd.DataFrame(rows), point
+
+
+def _macros(point: dict[str, dict[int, float]], noise: float = 0.002) -> dict[str, SeedMacros]:
+    rng = np.random.default_rng(0)
+    reps = {e: {s: v + rng.normal(0, noise, 200) for s, v in by.items()}
+            for e, by in point.items()}
+    return {"internal": SeedMacros("internal", ("x",), (), 2000, 1500, point, reps,
+                                   {e: float(np.mean(list(v.values()))) for e, v in
+                                    point.items()})}
+
+
+def test_rates_are_recovered_from_arms_on_the_curve():
+    grid, point = _grid({"oracle": 1.0, "shuffled": 0.25})
+    rates = exchange_rates(_macros(point), grid, StatsSpec()).set_index("kind")
+    assert rates.loc["real_plus_oracle", "rate"] == pytest.approx(1.0, abs=1e-9)
+    assert rates.loc["real_plus_shuffled", "rate"] == pytest.approx(0.25, abs=1e-9)
+    oracle = rates.loc["real_plus_oracle"]
+    assert oracle["ci_low"] < 1 < oracle["ci_high"] and oracle["n_seeds"] == 5
+    assert oracle["real_equivalent"] == pytest.approx(3 * oracle["n_real"], rel=1e-9)
+    assert not oracle["extrapolated"]  # 3 x 242 real images lie inside 240..966
+
+
+def test_arms_beyond_the_curve_are_marked_extrapolated_and_checks_say_so():
+    grid, point = _grid({"oracle": 2.5, "shuffled": -0.2})
+    macros = _macros(point)
+    rates = exchange_rates(macros, grid, StatsSpec())
+    oracle = rates.set_index("kind").loc["real_plus_oracle"]
+    assert oracle["extrapolated"] and oracle["rate"] == pytest.approx(2.5, abs=1e-9)
+    checks = calibration_held(rates, "internal")
+    assert "lies above 1" in checks["real_plus_oracle"]
+    assert "did not hold" in checks["real_plus_oracle"]
+    assert checks["real_plus_shuffled"].endswith("held")
+    curve = learning_curve(macros, grid)
+    assert len(curve) == 3 and curve["b"].iloc[0] == pytest.approx(B, rel=1e-2)
+    assert curve["r2"].iloc[0] > 0.999
+
+
+def test_fewer_than_three_sizes_is_an_error_naming_the_key():
+    grid, point = _grid({"oracle": 1.0, "shuffled": 0.0})
+    two = grid[grid["experiment"] != "real_only.f20"]
+    with pytest.raises(ValueError, match="experiments.real_fractions"):
+        exchange_rates(_macros(point), two, StatsSpec())
