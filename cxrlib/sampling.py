@@ -24,7 +24,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -32,7 +31,7 @@ import pandas as pd
 from cxrlib.cohort import AGE_BANDS, AGE_UNKNOWN, age_band, source_rows
 from cxrlib.condition import encode_conditions
 from cxrlib.config import Params, SamplingSpec
-from cxrlib.diffusion import ConditionalUNet, noise_scheduler
+from cxrlib.generator import CXRPipeline
 from cxrlib.io import (
     atomic_path,
     atomic_write_parquet,
@@ -146,8 +145,9 @@ def plan_for(params: Params, manifest: pd.DataFrame, strategy: str,
 # Resumable, sharded generation
 
 
-def generate_cohort(params: Params, plan: pd.DataFrame, model: ConditionalUNet, run: RunLayout,
-                    strategy: str, rank: int = 0, world: int = 1, progress: bool = True,
+def generate_cohort(params: Params, plan: pd.DataFrame, generator: CXRPipeline,
+                    run: RunLayout, strategy: str, rank: int = 0, world: int = 1,
+                    progress: bool = True,
                     on_shard: Callable[[int], None] | None = None) -> list[int]:
     """Generate the shards of ``plan`` that this process owns and that do not exist yet.
 
@@ -172,12 +172,12 @@ def generate_cohort(params: Params, plan: pd.DataFrame, model: ConditionalUNet, 
                 f"{path} was generated with diffusion checkpoint "
                 f"{np.load(path)['checkpoint']} but this cohort uses {checkpoint}; delete "
                 f"{run.synthetic(strategy)} to generate it again from the current model")
-    train_sched = noise_scheduler(params.diffusion)
     cond = encode_conditions(plan, params.diffusion.nan_label_value)
     written = []
     for s in tqdm(todo, desc="synthetic shards", disable=not progress):
         lo, hi = s * size, min((s + 1) * size, len(plan))
-        images = generate(model, train_sched, cond[lo:hi], plan["seed"].to_numpy()[lo:hi],
+        images = generate(generator.unet, generator.scheduler, cond[lo:hi],
+                          plan["seed"].to_numpy()[lo:hi],
                           spec.sampler, spec.steps, spec.guidance, spec.guidance_rescale,
                           spec.batch_size)
         with atomic_path(run.synthetic_shard(strategy, s)) as tmp:
@@ -240,30 +240,31 @@ def label_mix(cohorts: dict[str, pd.DataFrame], source: pd.DataFrame) -> pd.Data
     return pd.concat({s: label_summary(m, source) for s, m in cohorts.items()}, axis=1)
 
 
-def build_synthetic_cohort(params: Params, manifest: pd.DataFrame, model: ConditionalUNet,
-                           checkpoint: Path, run: RunLayout, strategy: str,
-                           progress: bool = True) -> pd.DataFrame:
-    """Plan, check, generate (this process's shards) and merge one strategy's cohort from the
-    model of diffusion ``checkpoint``.
+def build_synthetic_cohort(params: Params, manifest: pd.DataFrame, generator: CXRPipeline,
+                           run: RunLayout, strategy: str, progress: bool = True) -> pd.DataFrame:
+    """Plan, check, generate (this process's shards) and merge one strategy's cohort from
+    ``generator`` (a run's checkpoint or an exported folder, :mod:`cxrlib.generator`); its
+    ``checkpoint`` is the cohort's provenance.
 
     Under ``accelerate launch`` every process generates its share of the shards; the main
     process merges them once all are written (an error there is raised on every process). A
     finished cohort is loaded, not regenerated, if it came from the same checkpoint.
     """
+    checkpoint = generator.config.checkpoint
     out = run.synthetic(strategy)
     done = run.synthetic_manifest(strategy)
     if done.exists():
         existing = pd.read_parquet(done)
-        if existing["checkpoint"].iloc[0] != checkpoint.name:
+        if existing["checkpoint"].iloc[0] != checkpoint:
             raise SyntheticCohortError(
                 f"synthetic cohort {out} was generated with diffusion checkpoint "
-                f"{existing['checkpoint'].iloc[0]} but the model now is {checkpoint.name}; "
+                f"{existing['checkpoint'].iloc[0]} but the model now is {checkpoint}; "
                 "delete the folder to generate it again")
         return existing
-    plan = plan_for(params, manifest, strategy, checkpoint.name)
+    plan = plan_for(params, manifest, strategy, checkpoint)
     check_no_eval_sources(plan, manifest)
     state = process_state()
-    generate_cohort(params, plan, model.to(state.device), run, strategy, state.process_index,
+    generate_cohort(params, plan, generator.to(state.device), run, strategy, state.process_index,
                     state.num_processes, progress and state.is_main_process)
     state.wait_for_everyone()  # every shard is written
     on_main(partial(finalize_cohort, plan, run, strategy, params.sampling.shard_size))

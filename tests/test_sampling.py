@@ -13,10 +13,11 @@ import torch
 from cxrlib.cohort import AGE_UNKNOWN, age_band, training_rows
 from cxrlib.config import load_params
 from cxrlib.data import prepare_cohort
-from cxrlib.diffusion import ConditionalUNet, noise_scheduler, unet_config
 from cxrlib.explorer import SamplingExplorer
+from cxrlib.generator import CXRPipeline
 from cxrlib.imagecache import ImageCache
 from cxrlib.layout import RunLayout
+from cxrlib.network import ConditionalUNet, noise_scheduler, unet_config
 from cxrlib.samplers import SAMPLERS, generate
 from cxrlib.sampling import (
     SyntheticCohortError,
@@ -42,14 +43,14 @@ def smoke(tmp_path_factory):
         run = RunLayout.open(params)
         cohort = prepare_cohort(params, run, progress=False)
     torch.manual_seed(0)
-    model = ConditionalUNet(unet_config(params.diffusion, params.data.resolution)).eval()
-    return params, cohort.manifest, model, run
+    model = ConditionalUNet(**unet_config(params.diffusion, params.data.resolution)).eval()
+    return params, cohort.manifest, CXRPipeline(model, noise_scheduler(params.diffusion)), run
 
 
 @pytest.mark.parametrize("sampler", SAMPLERS)
 def test_an_image_depends_on_its_seed_not_its_batch(smoke, sampler):
-    params, manifest, model, _ = smoke
-    sched = noise_scheduler(params.diffusion)
+    params, manifest, generator, _ = smoke
+    model, sched = generator.unet, generator.scheduler
     cond = np.zeros((3, 22), dtype=np.float32)
     together = generate(model, sched, cond, [5, 6, 7], sampler, 3, 2.0, 0.7, batch_size=3)
     alone = generate(model, sched, cond[:1], [6], sampler, 3, 2.0, 0.7)
@@ -102,10 +103,10 @@ def test_rebalance_weights_equalise_groups(smoke):
 
 
 def test_generation_resumes_without_duplicates_or_losses(smoke, tmp_path):
-    params, manifest, model, run = smoke
+    params, manifest, generator, run = smoke
     plan = replica_plan(params, manifest, "step-0000004").head(150)  # 3 shards of 64
     whole, part = replace(run, root=tmp_path / "whole"), replace(run, root=tmp_path / "part")
-    generate_cohort(params, plan, model, whole, "replicas", progress=False)
+    generate_cohort(params, plan, generator, whole, "replicas", progress=False)
     ref = finalize_cohort(plan, whole, "replicas", params.sampling.shard_size)
 
     class Stop(Exception):
@@ -114,11 +115,11 @@ def test_generation_resumes_without_duplicates_or_losses(smoke, tmp_path):
     def stop_after_first(_shard: int) -> None:
         raise Stop
     with pytest.raises(Stop):
-        generate_cohort(params, plan, model, part, "replicas", progress=False,
+        generate_cohort(params, plan, generator, part, "replicas", progress=False,
                         on_shard=stop_after_first)
     with pytest.raises(RuntimeError, match="incomplete"):
         finalize_cohort(plan, part, "replicas", params.sampling.shard_size)
-    written = generate_cohort(params, plan, model, part, "replicas", progress=False)
+    written = generate_cohort(params, plan, generator, part, "replicas", progress=False)
     assert written == [1, 2]  # shard 0 was kept, not generated twice
     out = finalize_cohort(plan, part, "replicas", params.sampling.shard_size)
     pd.testing.assert_frame_equal(out, ref)
@@ -132,24 +133,23 @@ def test_generation_resumes_without_duplicates_or_losses(smoke, tmp_path):
     # shards from another model are never mixed into this cohort
     other = plan.assign(checkpoint="step-0000099")
     with pytest.raises(SyntheticCohortError, match="step-0000004 but this cohort uses"):
-        generate_cohort(params, other, model, part, "replicas", progress=False)
+        generate_cohort(params, other, generator, part, "replicas", progress=False)
 
 
 def test_two_processes_split_the_shards(smoke, tmp_path):
-    params, manifest, model, run = smoke
+    params, manifest, generator, run = smoke
     plan = replica_plan(params, manifest, "step-0000004").head(150)
     here = replace(run, root=tmp_path)
-    first = generate_cohort(params, plan, model, here, "replicas", rank=0, world=2,
+    first = generate_cohort(params, plan, generator, here, "replicas", rank=0, world=2,
                             progress=False)
-    second = generate_cohort(params, plan, model, here, "replicas", rank=1, world=2,
+    second = generate_cohort(params, plan, generator, here, "replicas", rank=1, world=2,
                              progress=False)
     assert first == [0, 2] and second == [1]
     finalize_cohort(plan, here, "replicas", params.sampling.shard_size)
 
 
 def test_explorer_callbacks_return_images_for_the_widgets(smoke):
-    params, _, model, _ = smoke
-    ex = SamplingExplorer(model, noise_scheduler(params.diffusion))
+    ex = SamplingExplorer(smoke[2])
     ex.steps.value, ex.count.value, ex.seed.value = 2, 3, 10
     ex.labels["Cardiomegaly"].value = "present"
     ex.labels["No Finding"].value = "absent"
