@@ -32,16 +32,11 @@ import torch
 from cxrlib.audit_run import audit_reference, real_row, score_setting, sweep_conditions
 from cxrlib.config import load_params
 from cxrlib.data import load_cohort
-from cxrlib.diffusion import (
-    _checkpoint_dirs,
-    load_weights,
-    noise_scheduler,
-    read_checkpoint_state,
-    train_diffusion,
-)
+from cxrlib.diffusion import train_diffusion
 from cxrlib.hardware import cpu_bf16_units, describe_precision, resolve_precision
 from cxrlib.imagecache import ImageCache
 from cxrlib.layout import RunLayout
+from cxrlib.network import checkpoint_dirs, load_weights, noise_scheduler, read_checkpoint_state
 from cxrlib.samplers import generate
 
 
@@ -90,7 +85,7 @@ def main() -> None:
             scratch = replace(layout, root=Path(tmp))
             train_diffusion(run, cohort.manifest, cache, scratch, progress=True,
                             on_step=partial(_stamp, stamps))
-            for ckpt in _checkpoint_dirs(scratch.checkpoints):
+            for ckpt in checkpoint_dirs(scratch.checkpoints):
                 step = read_checkpoint_state(ckpt)["step"]
                 model = load_weights(ckpt)
                 for g in args.guidance:

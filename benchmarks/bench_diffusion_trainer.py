@@ -93,7 +93,7 @@ def run_bare(params_file: str, steps: int, warmup: int) -> dict:
 
     from cxrlib.cohort import training_rows
     from cxrlib.condition import encode_conditions
-    from cxrlib.diffusion import ConditionalUNet, noise_scheduler, unet_config
+    from cxrlib.network import ConditionalUNet, noise_scheduler, unet_config
 
     params, _, manifest, cache = _setup(params_file, steps)
     spec = params.diffusion
@@ -102,7 +102,7 @@ def run_bare(params_file: str, steps: int, warmup: int) -> dict:
     cond_all = torch.from_numpy(encode_conditions(rows, spec.nan_label_value))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
-    model = ConditionalUNet(unet_config(spec, params.data.resolution)).to(device)
+    model = ConditionalUNet(**unet_config(spec, params.data.resolution)).to(device)
     opt = timm.optim.create_optimizer_v2(model, opt=spec.optimizer, lr=spec.lr,
                                          weight_decay=spec.weight_decay)
     ema = EMAModel(model.parameters(), decay=spec.ema_decay)

@@ -23,9 +23,9 @@ import pandas as pd
 from cxrlib.audit_run import audit_reference, real_row, score_setting, sweep_conditions
 from cxrlib.config import load_params
 from cxrlib.data import load_cohort
-from cxrlib.diffusion import load_weights, noise_scheduler, trained_checkpoint
 from cxrlib.imagecache import ImageCache
 from cxrlib.layout import RunLayout
+from cxrlib.network import load_weights, noise_scheduler, trained_checkpoint
 from cxrlib.samplers import timed_generate
 
 COLUMNS = ["sampler", "steps", "img_per_s", "fidelity_macro_auroc", "fidelity_ci_low",

@@ -29,6 +29,13 @@ def main(argv: list[str] | None = None) -> int:
     synth = sub.add_parser("generate-synthetic", help="generate the synthetic cohorts (use under "
                            "accelerate launch to split across GPUs); needs notebook 02's model")
     synth.add_argument("--params", type=Path, required=True)
+    synth.add_argument("--generator", type=Path, help="sample from this exported generator "
+                       "folder (export-generator) instead of the run's latest checkpoint")
+    export = sub.add_parser("export-generator", help="write the run's generator as a diffusers "
+                            "pipeline folder with a model card (DiffusionPipeline."
+                            "from_pretrained(DIR, trust_remote_code=True) loads it)")
+    export.add_argument("--params", type=Path, required=True)
+    export.add_argument("--out", type=Path, required=True, help="folder to write (replaced)")
     grid = sub.add_parser("run-experiments", help="train the classifier experiment grid (use "
                           "under accelerate launch for several GPUs); needs notebook 03's "
                           "synthetic cohorts")
@@ -42,7 +49,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train-diffusion":
             return _train_diffusion(args.params)
         if args.command == "generate-synthetic":
-            return _generate_synthetic(args.params)
+            return _generate_synthetic(args.params, args.generator)
+        if args.command == "export-generator":
+            return _export_generator(args.params, args.out)
         if args.command == "run-experiments":
             return _run_experiments(args.params)
         load_params(args.params)  # fail before any work on a bad file
@@ -73,19 +82,29 @@ def _train_diffusion(params_file: Path) -> int:
     return 0
 
 
-def _generate_synthetic(params_file: Path) -> int:
+def _generate_synthetic(params_file: Path, exported: Path | None) -> int:
     from cxrlib.data import load_cohort
-    from cxrlib.diffusion import load_weights, trained_checkpoint
+    from cxrlib.generator import CXRPipeline
+    from cxrlib.network import trained_checkpoint
     from cxrlib.sampling import build_synthetic_cohort
 
     params = load_params(params_file)
     run = RunLayout.open(params)
     cohort = load_cohort(params, run)
-    ckpt = trained_checkpoint(run)
-    model = load_weights(ckpt, use_ema=True)
+    generator = (CXRPipeline.from_exported(exported) if exported is not None
+                 else CXRPipeline.from_checkpoint(trained_checkpoint(run), params.diffusion))
     for strategy in params.sampling.strategies:
-        synth = build_synthetic_cohort(params, cohort.manifest, model, ckpt, run, strategy)
+        synth = build_synthetic_cohort(params, cohort.manifest, generator, run, strategy)
         print(f"{strategy}: {len(synth)} synthetic images")
+    return 0
+
+
+def _export_generator(params_file: Path, out: Path) -> int:
+    from cxrlib.export import export_generator
+
+    folder = export_generator(load_params(params_file), out)
+    print(f"generator written to {folder}; load it with DiffusionPipeline.from_pretrained("
+          f"{str(folder)!r}, trust_remote_code=True)")
     return 0
 
 

@@ -40,9 +40,9 @@ from cxrlib.classify import predict_images, train_or_load
 from cxrlib.cohort import split_rows, training_rows
 from cxrlib.condition import encode_conditions
 from cxrlib.config import AuditSpec, Params
-from cxrlib.diffusion import ConditionalUNet, noise_scheduler
 from cxrlib.imagecache import ImageCache
 from cxrlib.layout import RunLayout
+from cxrlib.network import ConditionalUNet, noise_scheduler
 from cxrlib.samplers import image_seed, timed_generate
 
 

@@ -20,18 +20,39 @@ guidance) and for the unconditional branch at sampling time.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
+
 import numpy as np
 import pandas as pd
 import torch
 from torch import nn
 
-from cxrlib.labels import CHEXPERT_LABELS, RACE_GROUPS, RACE_UNKNOWN, SEXES
+from cxrlib.labels import CHEXPERT_LABELS, RACE_GROUPS, RACE_UNKNOWN, RACE_VALUES, SEXES
 
 AGE_SLICE = slice(0, 1)
 SEX_SLICE = slice(1, 1 + len(SEXES))
 RACE_SLICE = slice(SEX_SLICE.stop, SEX_SLICE.stop + len(RACE_GROUPS))
 LABEL_SLICE = slice(RACE_SLICE.stop, RACE_SLICE.stop + len(CHEXPERT_LABELS))
 COND_DIM = LABEL_SLICE.stop  # 22
+
+
+def condition_row(age: float, sex: str, race: str,
+                  findings: Mapping[str, float] | Iterable[str]) -> pd.DataFrame:
+    """One manifest-like row for :func:`encode_conditions` from readable values: ``findings``
+    names the labels present (the others absent), or maps labels to 1, 0 or NaN (uncertain;
+    labels not named are absent). Unknown names fail listing the valid ones."""
+    if sex not in SEXES:
+        raise ValueError(f"unknown sex '{sex}'; use one of {SEXES}")
+    if race not in RACE_VALUES:
+        raise ValueError(f"unknown race '{race}'; use one of {RACE_VALUES}")
+    values = (dict(findings) if isinstance(findings, Mapping)
+              else dict.fromkeys(findings, 1.0))
+    unknown = sorted(set(values) - set(CHEXPERT_LABELS))
+    if unknown:
+        raise ValueError(f"unknown finding(s) {unknown}; use {CHEXPERT_LABELS}")
+    row = {"age": float(age), "sex": sex, "race": race}
+    row.update({lab: float(values.get(lab, 0.0)) for lab in CHEXPERT_LABELS})
+    return pd.DataFrame([row])
 
 
 def encode_conditions(rows: pd.DataFrame, nan_value: float = 0.0) -> np.ndarray:

@@ -1,19 +1,14 @@
-"""The conditional pixel-space DDPM: model, noise schedule, training, checkpoints, previews.
+"""Training the conditional DDPM: loss, batches, checkpoints, resume, previews.
 
 Notation follows Ho et al. (2020) and Salimans & Ho (2022): a clean image x_0 in [-1, 1] is
 noised to x_t = alpha_t x_0 + sigma_t eps with eps ~ N(0, I), where alpha_t^2 = prod(1 - beta_s)
 follows the cosine schedule (Nichol & Dhariwal 2021) rescaled to zero terminal SNR (Lin et al.
-2024: alpha_T = 0, so the last step is pure noise, as at sampling time). The network predicts
-v = alpha_t eps - sigma_t x_0 (``v_prediction``; ``epsilon`` selectable) and is trained with
-the mean squared error against it. The condition c (22 values, :mod:`cxrlib.condition`) is
-embedded and added to the timestep embedding; for a ``cond_dropout`` share of images it is
-replaced by a learned null embedding, so one network gives both eps(x_t, c) and eps(x_t, null)
+2024: alpha_T = 0, so the last step is pure noise, as at sampling time). The network
+(:mod:`cxrlib.network`) predicts v = alpha_t eps - sigma_t x_0 (``v_prediction``; ``epsilon``
+selectable) and is trained with the mean squared error against it. The condition c (22
+values, :mod:`cxrlib.condition`) is replaced by a learned null embedding for a
+``cond_dropout`` share of images, so one network gives both eps(x_t, c) and eps(x_t, null)
 for classifier-free guidance.
-
-Differences from the authors' code: the variance is fixed (DDPM's ``fixed_small``) rather than
-learned, since diffusers' samplers (DDIM, DPM-Solver++) do not use a learned variance and the
-paper samples with DDIM; the UNet's attention heads have one width per head (diffusers'
-``attention_head_dim``), chosen so the first attention level has ``attention_heads`` heads.
 
 Training runs through HF Accelerate, so the same code runs in a notebook on one device and under
 ``accelerate launch`` on several GPUs or nodes. Batches are a pure function of (seed, step) and
@@ -24,7 +19,6 @@ from a checkpoint continues exactly as an uninterrupted run would.
 from __future__ import annotations
 
 import json
-import math
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,77 +30,36 @@ import pandas as pd
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
-from diffusers import DDPMScheduler, UNet2DModel
+from diffusers import DDPMScheduler
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel, compute_snr
 from safetensors.torch import load_file, save_file
-from torch import nn
 
 from cxrlib.cohort import training_rows
-from cxrlib.condition import ConditionEmbedding, dropout_mask, encode_conditions
+from cxrlib.condition import dropout_mask, encode_conditions
 from cxrlib.config import DiffusionSpec, Params, diff_keys
 from cxrlib.hardware import describe_precision, resolve_precision
 from cxrlib.imagecache import ImageCache, to_model_input
 from cxrlib.io import atomic_path, atomic_write_text, on_main, replace_folder
 from cxrlib.labels import CHEXPERT_LABELS
 from cxrlib.layout import RunLayout
+from cxrlib.network import (
+    ConditionalUNet,
+    DiffusionError,
+    checkpoint_dirs,
+    latest_checkpoint,
+    noise_scheduler,
+    read_checkpoint_state,
+    unet_config,
+)
 from cxrlib.progress import tqdm
 from cxrlib.samplers import ddim_for, sample_images
-
-
-class DiffusionError(ValueError):
-    """Training cannot start as configured; the message says why and what to do."""
-
-
-def unet_config(spec: DiffusionSpec, resolution: int) -> dict:
-    """diffusers ``UNet2DModel`` arguments for a spec (the architecture saved in checkpoints)."""
-    levels = [resolution // 2**i for i in range(len(spec.channel_mult))]
-    if levels[-1] < 1 or resolution % 2 ** (len(spec.channel_mult) - 1):
-        raise DiffusionError(f"diffusion.channel_mult has {len(spec.channel_mult)} levels, too "
-                             f"many for {resolution} px images")
-    down = ["AttnDownBlock2D" if r in spec.attention_resolutions else "DownBlock2D"
-            for r in levels]
-    channels = [spec.base_channels * m for m in spec.channel_mult]
-    attn_channels = [c for c, r in zip(channels, levels, strict=True)
-                     if r in spec.attention_resolutions] or [channels[-1]]
-    groups = math.gcd(32, spec.base_channels)
-    return {
-        "sample_size": resolution, "in_channels": 1, "out_channels": 1,
-        "block_out_channels": channels, "layers_per_block": spec.layers_per_block,
-        "down_block_types": down,
-        "up_block_types": [b.replace("Down", "Up") for b in reversed(down)],
-        "attention_head_dim": max(1, attn_channels[0] // spec.attention_heads),
-        "resnet_time_scale_shift": "scale_shift", "dropout": spec.dropout,
-        "norm_num_groups": groups, "class_embed_type": "identity",
-    }
-
-
-def noise_scheduler(spec: DiffusionSpec) -> DDPMScheduler:
-    """The training schedule: cosine betas rescaled to zero terminal SNR, v or eps targets."""
-    return DDPMScheduler(num_train_timesteps=spec.num_train_timesteps,
-                         beta_schedule=spec.beta_schedule,
-                         rescale_betas_zero_snr=spec.zero_terminal_snr,
-                         prediction_type=spec.prediction_type,
-                         timestep_spacing="trailing", clip_sample=True)
-
-
-class ConditionalUNet(nn.Module):
-    """diffusers UNet2DModel plus the condition embedding added to its timestep embedding."""
-
-    def __init__(self, config: dict):
-        super().__init__()
-        self.unet = UNet2DModel(**config)
-        self.cond_embed = ConditionEmbedding(config["block_out_channels"][0] * 4)
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
-                drop: torch.Tensor | None = None) -> torch.Tensor:
-        return self.unet(x, t, class_labels=self.cond_embed(cond, drop)).sample
 
 
 def model_summary(params: Params) -> pd.DataFrame:
     """Per UNet level: feature-map size, channels, residual blocks, attention; and totals."""
     cfg = unet_config(params.diffusion, params.data.resolution)
-    model = ConditionalUNet(cfg)
+    model = ConditionalUNet(**cfg)
     rows = [{"level": i, "feature map": f"{params.data.resolution // 2**i} px",
              "channels": ch, "res blocks": cfg["layers_per_block"],
              "attention": "yes" if "Attn" in blk else "-"}
@@ -150,26 +103,6 @@ def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
 # history in parquet; the rest JSON.
 
 
-def _checkpoint_dirs(root: Path) -> list[Path]:
-    return sorted(p for p in root.glob("step-*") if p.is_dir() and (p / "state.json").exists())
-
-
-def latest_checkpoint(root: Path) -> Path | None:
-    """The newest complete checkpoint folder under ``root`` (None if there is none)."""
-    dirs = _checkpoint_dirs(root)
-    return dirs[-1] if dirs else None
-
-
-def trained_checkpoint(run: RunLayout) -> Path:
-    """The latest checkpoint of a run's diffusion stage (notebook 02), for sampling; an error
-    that says what to run when there is none."""
-    ckpt = latest_checkpoint(run.checkpoints)
-    if ckpt is None:
-        raise DiffusionError(f"no diffusion checkpoint under {run.checkpoints}; run "
-                             "notebook 02 (or cxrlib train-diffusion) first")
-    return ckpt
-
-
 def save_checkpoint(accelerator: Accelerator, root: Path, step: int, model: ConditionalUNet,
                     ema: EMAModel, optimizer: torch.optim.Optimizer,
                     lr_scheduler: torch.optim.lr_scheduler.LRScheduler, identity: dict,
@@ -200,7 +133,7 @@ def save_checkpoint(accelerator: Accelerator, root: Path, step: int, model: Cond
                      "ema": {k: v for k, v in ema.state_dict().items() if k != "shadow_params"},
                      "lr_scheduler": lr_scheduler.state_dict(), "grad_scaler": scaler}
             (tmp / "state.json").write_text(json.dumps(state, indent=1, default=float))
-        for old in _checkpoint_dirs(root)[:-keep]:
+        for old in checkpoint_dirs(root)[:-keep]:
             if old != final:
                 shutil.rmtree(old)
         return final
@@ -249,10 +182,6 @@ def restore_checkpoint(accelerator: Accelerator, folder: Path, model: Conditiona
     return ResumePoint(state["step"], history)
 
 
-def read_checkpoint_state(folder: Path) -> dict:
-    return json.loads((folder / "state.json").read_text())
-
-
 def check_identity(folder: Path, identity: dict) -> None:
     """A checkpoint made with another configuration cannot be resumed: say which keys differ."""
     saved = json.loads(json.dumps(read_checkpoint_state(folder)["identity"]))
@@ -262,19 +191,6 @@ def check_identity(folder: Path, identity: dict) -> None:
             f"checkpoint {folder} was made with a different configuration (differs in: "
             f"{', '.join(keys[:8])}); use a new run.name, or delete the checkpoints folder "
             "to start this run's training again")
-
-
-def load_weights(folder: Path, use_ema: bool = True) -> ConditionalUNet:
-    """A model from a checkpoint folder, with its EMA weights by default (for sampling)."""
-    state = read_checkpoint_state(folder)
-    model = ConditionalUNet(state["identity"]["unet"])
-    model.load_state_dict(load_file(folder / "model.safetensors"))
-    if use_ema:
-        shadow = load_file(folder / "ema.safetensors")
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                p.copy_(shadow[name])
-    return model.eval()
 
 
 def condition_pairs(model: ConditionalUNet, scheduler: DDPMScheduler, base: pd.DataFrame,
@@ -404,7 +320,7 @@ def train_diffusion(params: Params, manifest: pd.DataFrame, cache: ImageCache, r
     if progress and accelerator.is_main_process:
         print(describe_precision(spec.mixed_precision, precision))
     torch.manual_seed(params.run.seed)
-    model = ConditionalUNet(identity["unet"])
+    model = ConditionalUNet(**identity["unet"])
     import timm.optim  # Lion lives in timm; imported here to keep module import light
 
     optimizer = timm.optim.create_optimizer_v2(model, opt=spec.optimizer, lr=spec.lr,

@@ -20,11 +20,10 @@ import ipywidgets as W
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
-from diffusers import DDPMScheduler
 
 from cxrlib.audit import nearest_neighbours
-from cxrlib.condition import describe_condition, encode_conditions
-from cxrlib.diffusion import ConditionalUNet
+from cxrlib.condition import condition_row, describe_condition, encode_conditions
+from cxrlib.generator import CXRPipeline
 from cxrlib.labels import CHEXPERT_LABELS, RACE_VALUES, SEXES
 from cxrlib.samplers import SAMPLERS, generate
 
@@ -51,15 +50,13 @@ class Comparison:
 class SamplingExplorer:
     """Widgets for sex, age, race, the 14 labels, guidance, sampler, steps, seed and count,
     the compare mode, and (with ``train_images``, N x R x R uint8, may be a memory map) the
-    nearest training image under each generated one."""
+    nearest training image under each generated one. ``generator`` comes from a run's
+    checkpoint or an exported folder (:mod:`cxrlib.generator`)."""
 
-    def __init__(self, model: ConditionalUNet, train_scheduler: DDPMScheduler,
-                 nan_value: float = 0.0, guidance_rescale: float = 0.7, sampler: str = "ddim",
-                 steps: int = 25, train_images: np.ndarray | None = None):
-        self.model = model
+    def __init__(self, generator: CXRPipeline, guidance_rescale: float = 0.7,
+                 sampler: str = "ddim", steps: int = 25, train_images: np.ndarray | None = None):
+        self.generator = generator
         self.train_images = train_images
-        self.train_scheduler = train_scheduler
-        self.nan_value = nan_value
         self.guidance_rescale = guidance_rescale
         style = {"description_width": "90px"}
         self.sex = W.Dropdown(options=list(SEXES), value="Male", description="sex", style=style)
@@ -95,18 +92,19 @@ class SamplingExplorer:
 
     def condition_row(self) -> pd.DataFrame:
         """The widgets' condition as one manifest-like row."""
-        row = {"age": float(self.age.value), "sex": self.sex.value, "race": self.race.value}
-        row.update({lab: LABEL_STATES[w.value] for lab, w in self.labels.items()})
-        return pd.DataFrame([row])
+        return condition_row(self.age.value, self.sex.value, self.race.value,
+                             {lab: LABEL_STATES[w.value] for lab, w in self.labels.items()})
 
     def seeds(self) -> list[int]:
         """The seeds of the current widgets: first_seed .. first_seed + n - 1."""
         return [self.seed.value + i for i in range(self.count.value)]
 
     def _generate_for(self, row: pd.DataFrame, seeds: list[int]) -> tuple[np.ndarray, str]:
-        cond = np.repeat(encode_conditions(row, self.nan_value), len(seeds), axis=0)
-        images = generate(self.model, self.train_scheduler, cond, seeds, self.sampler.value,
-                          self.steps.value, self.guidance.value, self.guidance_rescale)
+        cond = np.repeat(encode_conditions(row, self.generator.config.nan_label_value),
+                         len(seeds), axis=0)
+        images = generate(self.generator.unet, self.generator.scheduler, cond, seeds,
+                          self.sampler.value, self.steps.value, self.guidance.value,
+                          self.guidance_rescale)
         return images, describe_condition(cond[0])
 
     def generate(self) -> tuple[np.ndarray, list[str]]:

@@ -11,24 +11,22 @@ Every image has its own seed: the initial noise and, for DDPM, the noise of ever
 from a generator seeded with it, so an image is the same whatever batch it is generated in.
 Cohort seeds are derived from (run seed, source image id, replica) by :func:`image_seed`, so
 any synthetic image can be regenerated exactly from its manifest row. The preview grids of
-training (:mod:`cxrlib.diffusion`), the explorer, the synthetic cohorts, the audit's sweep
-and the benchmarks all sample through this module.
+training (:mod:`cxrlib.diffusion`), the explorer, the synthetic cohorts, the audit's sweep,
+the diffusers pipeline (:mod:`cxrlib.generator`) and the benchmarks all sample through this
+module.
 """
 
 from __future__ import annotations
 
 import time
 import zlib
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, SchedulerMixin
 
+from cxrlib.network import ConditionalUNet
 from cxrlib.progress import tqdm
-
-if TYPE_CHECKING:  # the model module imports this one for its preview grids
-    from cxrlib.diffusion import ConditionalUNet
 
 SAMPLERS: tuple[str, ...] = ("ddpm", "ddim", "dpmpp")
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 import io
 from collections.abc import Callable
 from functools import partial
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -34,7 +33,7 @@ from PIL import Image
 from cxrlib.cohort import AGE_BANDS, AGE_UNKNOWN, age_band, source_rows
 from cxrlib.condition import encode_conditions
 from cxrlib.config import Params, SamplingSpec
-from cxrlib.diffusion import ConditionalUNet, noise_scheduler
+from cxrlib.generator import CXRPipeline
 from cxrlib.imagecache import decode
 from cxrlib.io import (
     atomic_path,
@@ -170,14 +169,15 @@ def plan_for(params: Params, manifest: pd.DataFrame, strategy: str,
 ImageSource = Callable[[pd.DataFrame], np.ndarray]
 
 
-def diffusion_source(params: Params, model: ConditionalUNet) -> ImageSource:
-    """The diffusion model's images for plan rows, at the run's sampling settings."""
-    spec, sched = params.sampling, noise_scheduler(params.diffusion)
+def diffusion_source(params: Params, generator: CXRPipeline) -> ImageSource:
+    """The generator's images for plan rows, at the run's sampling settings."""
+    spec = params.sampling
 
     def images(rows: pd.DataFrame) -> np.ndarray:
         cond = encode_conditions(rows, params.diffusion.nan_label_value)
-        return generate(model, sched, cond, rows["seed"].to_numpy(), spec.sampler, spec.steps,
-                        spec.guidance, spec.guidance_rescale, spec.batch_size)
+        return generate(generator.unet, generator.scheduler, cond, rows["seed"].to_numpy(),
+                        spec.sampler, spec.steps, spec.guidance, spec.guidance_rescale,
+                        spec.batch_size)
 
     return images
 
@@ -309,34 +309,35 @@ def label_mix(cohorts: dict[str, pd.DataFrame], source: pd.DataFrame) -> pd.Data
     return pd.concat({s: label_summary(m, source) for s, m in cohorts.items()}, axis=1)
 
 
-def build_synthetic_cohort(params: Params, manifest: pd.DataFrame, model: ConditionalUNet,
-                           checkpoint: Path, run: RunLayout, strategy: str,
-                           progress: bool = True) -> pd.DataFrame:
-    """Plan, check, generate (this process's shards) and merge one strategy's cohort from the
-    model of diffusion ``checkpoint``.
+def build_synthetic_cohort(params: Params, manifest: pd.DataFrame, generator: CXRPipeline,
+                           run: RunLayout, strategy: str, progress: bool = True) -> pd.DataFrame:
+    """Plan, check, generate (this process's shards) and merge one strategy's cohort from
+    ``generator`` (a run's checkpoint or an exported folder, :mod:`cxrlib.generator`); its
+    ``checkpoint`` is the cohort's provenance.
 
     Under ``accelerate launch`` every process generates its share of the shards; the main
     process merges them once all are written (an error there is raised on every process). A
     finished cohort is loaded, not regenerated, if it came from the same checkpoint.
     """
+    checkpoint = generator.config.checkpoint
     out = run.synthetic(strategy)
     done = run.synthetic_manifest(strategy)
     if done.exists():
         existing = pd.read_parquet(done)
-        made_by = PHANTOM_RENDERER if strategy in ORACLE_STRATEGIES else checkpoint.name
+        made_by = PHANTOM_RENDERER if strategy in ORACLE_STRATEGIES else checkpoint
         if existing["checkpoint"].iloc[0] != made_by:
             raise SyntheticCohortError(
                 f"synthetic cohort {out} was generated with diffusion checkpoint "
-                f"{existing['checkpoint'].iloc[0]} but the model now is {checkpoint.name}; "
+                f"{existing['checkpoint'].iloc[0]} but the model now is {checkpoint}; "
                 "delete the folder to generate it again")
         return existing
-    plan = plan_for(params, manifest, strategy, checkpoint.name)
+    plan = plan_for(params, manifest, strategy, checkpoint)
     check_no_eval_sources(plan, manifest)
     state = process_state()
     if strategy in ORACLE_STRATEGIES:
         source = oracle_source(params, manifest, smooth=strategy == "oracle_smooth")
     else:
-        source = diffusion_source(params, model.to(state.device))
+        source = diffusion_source(params, generator.to(state.device))
     generate_cohort(params, plan, source, run, strategy, state.process_index,
                     state.num_processes, progress and state.is_main_process)
     state.wait_for_everyone()  # every shard is written

@@ -51,7 +51,7 @@ def _explorer_notebook(params_file: Path) -> nbformat.NotebookNode:
     """Notebook 03's parameters, loading and explorer cells (not the cohorts or the audit)."""
     source = nbformat.read(ROOT / "notebooks" / "03_sampling_explorer.ipynb", as_version=4)
     code = [c for c in source.cells if c.cell_type == "code"]
-    load = next(c for c in code if "load_weights(" in c.source)
+    load = next(c for c in code if "from_checkpoint(" in c.source)
     build = next(c for c in code if "SamplingExplorer(" in c.source)
     nb = nbformat.v4.new_notebook()
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3 (cxrlib)",

@@ -25,10 +25,11 @@ from cxrlib.condition import (
 )
 from cxrlib.config import load_params
 from cxrlib.data import prepare_cohort
-from cxrlib.diffusion import DiffusionError, batch_indices, train_diffusion
+from cxrlib.diffusion import batch_indices, train_diffusion
 from cxrlib.imagecache import ImageCache
 from cxrlib.labels import CHEXPERT_LABELS
 from cxrlib.layout import RunLayout
+from cxrlib.network import DiffusionError
 from cxrlib.samplers import guided_output
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -183,7 +184,8 @@ def test_min_snr_weights_follow_the_paper():
     from diffusers.training_utils import compute_snr
 
     from cxrlib.config import DiffusionSpec
-    from cxrlib.diffusion import diffusion_loss, noise_scheduler
+    from cxrlib.diffusion import diffusion_loss
+    from cxrlib.network import noise_scheduler
 
     spec = DiffusionSpec(preset="demo", snr_gamma=5.0)
     sched = noise_scheduler(spec)
@@ -231,7 +233,7 @@ def test_channels_last_trains_the_same_model(smoke, tmp_path):
 
 
 def test_sampling_without_a_trained_model_says_what_to_run(smoke, tmp_path):
-    from cxrlib.diffusion import trained_checkpoint
+    from cxrlib.network import trained_checkpoint
 
     with pytest.raises(DiffusionError, match="run notebook 02"):
         trained_checkpoint(_scratch(smoke[3], tmp_path))

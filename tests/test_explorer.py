@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from cxrlib.config import load_params
-from cxrlib.diffusion import ConditionalUNet, noise_scheduler, unet_config
 from cxrlib.explorer import SamplingExplorer
+from cxrlib.generator import CXRPipeline
+from cxrlib.network import ConditionalUNet, noise_scheduler, unet_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -21,9 +22,10 @@ def explorer(one_torch_thread) -> SamplingExplorer:
     random training images; 2 sampling steps, 3 images from seed 10."""
     params = load_params(ROOT / "params" / "smoke.yaml")
     torch.manual_seed(0)
-    model = ConditionalUNet(unet_config(params.diffusion, params.data.resolution)).eval()
+    model = ConditionalUNet(**unet_config(params.diffusion, params.data.resolution)).eval()
     train = np.random.default_rng(0).integers(0, 256, (40, 32, 32), dtype=np.uint8)
-    ex = SamplingExplorer(model, noise_scheduler(params.diffusion), train_images=train)
+    ex = SamplingExplorer(CXRPipeline(model, noise_scheduler(params.diffusion)),
+                          train_images=train)
     ex.steps.value, ex.count.value, ex.seed.value = 2, 3, 10
     return ex
 
@@ -96,7 +98,7 @@ def test_nearest_training_image_finds_a_planted_copy(explorer):
 
 
 def test_nearest_needs_training_images(explorer):
-    bare = SamplingExplorer(explorer.model, explorer.train_scheduler)
+    bare = SamplingExplorer(explorer.generator)
     assert bare.nearest.disabled
     with pytest.raises(ValueError, match="without train_images"):
         bare.nearest_training(np.zeros((1, 32, 32), np.uint8))

@@ -13,10 +13,11 @@ import torch
 from cxrlib.cohort import AGE_UNKNOWN, age_band, training_rows
 from cxrlib.config import load_params
 from cxrlib.data import prepare_cohort
-from cxrlib.diffusion import ConditionalUNet, noise_scheduler, unet_config
 from cxrlib.explorer import SamplingExplorer
+from cxrlib.generator import CXRPipeline
 from cxrlib.imagecache import ImageCache
 from cxrlib.layout import RunLayout
+from cxrlib.network import ConditionalUNet, noise_scheduler, unet_config
 from cxrlib.samplers import SAMPLERS, generate
 from cxrlib.sampling import (
     SyntheticCohortError,
@@ -43,14 +44,14 @@ def smoke(tmp_path_factory):
         run = RunLayout.open(params)
         cohort = prepare_cohort(params, run, progress=False)
     torch.manual_seed(0)
-    model = ConditionalUNet(unet_config(params.diffusion, params.data.resolution)).eval()
-    return params, cohort.manifest, model, run
+    model = ConditionalUNet(**unet_config(params.diffusion, params.data.resolution)).eval()
+    return params, cohort.manifest, CXRPipeline(model, noise_scheduler(params.diffusion)), run
 
 
 @pytest.mark.parametrize("sampler", SAMPLERS)
 def test_an_image_depends_on_its_seed_not_its_batch(smoke, sampler):
-    params, manifest, model, _ = smoke
-    sched = noise_scheduler(params.diffusion)
+    params, manifest, generator, _ = smoke
+    model, sched = generator.unet, generator.scheduler
     cond = np.zeros((3, 22), dtype=np.float32)
     together = generate(model, sched, cond, [5, 6, 7], sampler, 3, 2.0, 0.7, batch_size=3)
     alone = generate(model, sched, cond[:1], [6], sampler, 3, 2.0, 0.7)
@@ -103,9 +104,9 @@ def test_rebalance_weights_equalise_groups(smoke):
 
 
 def test_generation_resumes_without_duplicates_or_losses(smoke, tmp_path):
-    params, manifest, model, run = smoke
+    params, manifest, generator, run = smoke
     plan = replica_plan(params, manifest, "step-0000004").head(150)  # 3 shards of 64
-    source = diffusion_source(params, model)
+    source = diffusion_source(params, generator)
     whole, part = replace(run, root=tmp_path / "whole"), replace(run, root=tmp_path / "part")
     generate_cohort(params, plan, source, whole, "replicas", progress=False)
     ref = finalize_cohort(plan, whole, "replicas", params.sampling.shard_size)
@@ -138,9 +139,9 @@ def test_generation_resumes_without_duplicates_or_losses(smoke, tmp_path):
 
 
 def test_two_processes_split_the_shards(smoke, tmp_path):
-    params, manifest, model, run = smoke
+    params, manifest, generator, run = smoke
     plan = replica_plan(params, manifest, "step-0000004").head(150)
-    source = diffusion_source(params, model)
+    source = diffusion_source(params, generator)
     here = replace(run, root=tmp_path)
     first = generate_cohort(params, plan, source, here, "replicas", rank=0, world=2,
                             progress=False)
@@ -151,8 +152,7 @@ def test_two_processes_split_the_shards(smoke, tmp_path):
 
 
 def test_explorer_callbacks_return_images_for_the_widgets(smoke):
-    params, _, model, _ = smoke
-    ex = SamplingExplorer(model, noise_scheduler(params.diffusion))
+    ex = SamplingExplorer(smoke[2])
     ex.steps.value, ex.count.value, ex.seed.value = 2, 3, 10
     ex.labels["Cardiomegaly"].value = "present"
     ex.labels["No Finding"].value = "absent"

@@ -1,0 +1,88 @@
+"""The trained generator as a diffusers pipeline: :class:`CXRPipeline`.
+
+A ``DiffusionPipeline`` holding the conditional UNet (:class:`cxrlib.network.ConditionalUNet`)
+and its training schedule; its call takes a condition (age, sex, race, the 14 CheXpert
+findings), the guidance weight w and rescale phi, the sampler and steps, and per-image seeds,
+and samples through :func:`cxrlib.samplers.generate`, so its images are exactly cxrlib's for
+the same seeds. It is also the one value the explorer and the synthetic cohorts sample from,
+built from a run's checkpoint (:meth:`CXRPipeline.from_checkpoint`) or from a folder written
+by ``python -m cxrlib export-generator`` (:mod:`cxrlib.export`; :meth:`CXRPipeline.from_exported`
+in cxrlib, ``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`` anywhere). Its
+config records the NaN-label encoding and the checkpoint the weights came from (the
+provenance of synthetic images), so both routes give the same cohorts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import DDPMScheduler, DiffusionPipeline, ImagePipelineOutput
+from PIL import Image
+
+from cxrlib.condition import condition_row, encode_conditions
+from cxrlib.config import DiffusionSpec
+from cxrlib.network import ConditionalUNet, load_weights, noise_scheduler
+from cxrlib.samplers import generate
+
+
+class CXRPipeline(DiffusionPipeline):
+    """Conditional chest X-ray generator: ``pipe(age=70, sex="Female", findings=["Edema"],
+    num_images=4, seed=0).images``."""
+
+    model_cpu_offload_seq = "unet"
+
+    def __init__(self, unet: ConditionalUNet, scheduler: DDPMScheduler,
+                 nan_label_value: float = 0.0, checkpoint: str = ""):
+        super().__init__()
+        self.register_modules(unet=unet, scheduler=scheduler)
+        self.register_to_config(nan_label_value=nan_label_value, checkpoint=checkpoint)
+
+    @classmethod
+    def from_checkpoint(cls, folder: Path, spec: DiffusionSpec) -> CXRPipeline:
+        """The EMA model of a training checkpoint with the run's schedule."""
+        return cls(load_weights(folder, use_ema=True), noise_scheduler(spec),
+                   spec.nan_label_value, folder.name)
+
+    @classmethod
+    def from_exported(cls, folder: Path) -> CXRPipeline:
+        """A folder written by ``export-generator``, loaded part by part, so its
+        ``cxr_pipeline.py`` (the hook for ``DiffusionPipeline.from_pretrained``) is not run."""
+        folder = Path(folder)
+        index = cls.load_config(folder)
+        return cls(ConditionalUNet.from_pretrained(folder / "unet"),
+                   DDPMScheduler.from_pretrained(folder / "scheduler"),
+                   index["nan_label_value"], index["checkpoint"])
+
+    @torch.no_grad()
+    def __call__(self, age: float = 60.0, sex: str = "Male", race: str = "White",
+                 findings: Mapping[str, float] | Iterable[str] = ("No Finding",),
+                 num_images: int | None = None, seed: int | Sequence[int] = 0,
+                 guidance: float = 0.0, guidance_rescale: float = 0.7, sampler: str = "ddim",
+                 steps: int = 50, batch_size: int = 64, output_type: str = "pil",
+                 return_dict: bool = True) -> ImagePipelineOutput | tuple:
+        """Images of one condition.
+
+        ``findings``: the labels present, or a mapping label -> 1, 0 or NaN (uncertain).
+        ``seed``: an int gives seeds seed .. seed + num_images - 1 (one image by default), a
+        sequence one image per seed; each image has its own seed, as in cxrlib's cohorts, so
+        it does not depend on the batch. ``guidance`` is w (0: the plain conditional model,
+        the authors' scale s is w = s - 1), ``sampler`` one of ddpm, ddim, dpmpp.
+        ``output_type``: ``"pil"`` (grayscale PIL images) or ``"np"`` (n x R x R uint8).
+        """
+        if isinstance(seed, int):
+            seeds = list(range(seed, seed + (num_images or 1)))
+        else:
+            seeds = [int(s) for s in seed]
+            if num_images not in (None, len(seeds)):
+                raise ValueError(f"num_images={num_images} but {len(seeds)} seeds given")
+        if output_type not in ("pil", "np"):
+            raise ValueError(f"output_type must be 'pil' or 'np', not '{output_type}'")
+        cond = encode_conditions(condition_row(age, sex, race, findings),
+                                 self.config.nan_label_value)
+        images = generate(self.unet, self.scheduler, np.repeat(cond, len(seeds), axis=0),
+                          seeds, sampler, steps, guidance, guidance_rescale, batch_size)
+        out = [Image.fromarray(im) for im in images] if output_type == "pil" else images
+        return ImagePipelineOutput(images=out) if return_dict else (out,)

@@ -1,0 +1,140 @@
+"""The network of the conditional DDPM and what sampling needs to load it: no training stack.
+
+:class:`ConditionalUNet` is diffusers' ``UNet2DModel`` with the condition embedding
+(:mod:`cxrlib.condition`) added to its timestep embedding; for the null embedding it gives
+eps(x_t, null), so one network serves classifier-free guidance. It is a diffusers
+``ModelMixin`` + ``ConfigMixin``, so ``save_pretrained`` / ``from_pretrained`` work on it,
+and its state-dict keys (``unet.*``, ``cond_embed.*``) are those of every checkpoint.
+
+Differences from the authors' code: the variance is fixed (DDPM's ``fixed_small``) rather than
+learned, since diffusers' samplers (DDIM, DPM-Solver++) do not use a learned variance and the
+paper samples with DDIM; the UNet's attention heads have one width per head (diffusers'
+``attention_head_dim``), chosen so the first attention level has ``attention_heads`` heads.
+
+The read side of a training checkpoint (``step-XXXXXXX/``, written by
+:func:`cxrlib.diffusion.save_checkpoint`) lives here too, so sampling, the explorer and the
+audit load a model without importing the trainer.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from diffusers import ConfigMixin, DDPMScheduler, ModelMixin, UNet2DModel
+from diffusers.configuration_utils import register_to_config
+from safetensors.torch import load_file
+
+from cxrlib.condition import ConditionEmbedding
+from cxrlib.config import DiffusionSpec
+from cxrlib.layout import RunLayout
+
+
+class DiffusionError(ValueError):
+    """The diffusion model cannot be built, trained or loaded as asked; the message says why
+    and what to do."""
+
+
+def unet_config(spec: DiffusionSpec, resolution: int) -> dict:
+    """:class:`ConditionalUNet` arguments for a spec (the architecture saved in checkpoints)."""
+    levels = [resolution // 2**i for i in range(len(spec.channel_mult))]
+    if levels[-1] < 1 or resolution % 2 ** (len(spec.channel_mult) - 1):
+        raise DiffusionError(f"diffusion.channel_mult has {len(spec.channel_mult)} levels, too "
+                             f"many for {resolution} px images")
+    down = ["AttnDownBlock2D" if r in spec.attention_resolutions else "DownBlock2D"
+            for r in levels]
+    channels = [spec.base_channels * m for m in spec.channel_mult]
+    attn_channels = [c for c, r in zip(channels, levels, strict=True)
+                     if r in spec.attention_resolutions] or [channels[-1]]
+    groups = math.gcd(32, spec.base_channels)
+    return {
+        "sample_size": resolution, "in_channels": 1, "out_channels": 1,
+        "block_out_channels": channels, "layers_per_block": spec.layers_per_block,
+        "down_block_types": down,
+        "up_block_types": [b.replace("Down", "Up") for b in reversed(down)],
+        "attention_head_dim": max(1, attn_channels[0] // spec.attention_heads),
+        "resnet_time_scale_shift": "scale_shift", "dropout": spec.dropout,
+        "norm_num_groups": groups, "class_embed_type": "identity",
+    }
+
+
+def noise_scheduler(spec: DiffusionSpec) -> DDPMScheduler:
+    """The training schedule: cosine betas rescaled to zero terminal SNR, v or eps targets."""
+    return DDPMScheduler(num_train_timesteps=spec.num_train_timesteps,
+                         beta_schedule=spec.beta_schedule,
+                         rescale_betas_zero_snr=spec.zero_terminal_snr,
+                         prediction_type=spec.prediction_type,
+                         timestep_spacing="trailing", clip_sample=True)
+
+
+class ConditionalUNet(ModelMixin, ConfigMixin):
+    """diffusers UNet2DModel plus the condition embedding added to its timestep embedding.
+
+    The arguments are :func:`unet_config`'s keys, passed on to ``UNet2DModel``; they are the
+    model's diffusers config (``config.json`` of a saved model)."""
+
+    @register_to_config
+    def __init__(self, *, sample_size: int, in_channels: int, out_channels: int,
+                 block_out_channels: list[int], layers_per_block: int,
+                 down_block_types: list[str], up_block_types: list[str],
+                 attention_head_dim: int, resnet_time_scale_shift: str, dropout: float,
+                 norm_num_groups: int, class_embed_type: str):
+        super().__init__()
+        self.unet = UNet2DModel(
+            sample_size=sample_size, in_channels=in_channels, out_channels=out_channels,
+            block_out_channels=block_out_channels, layers_per_block=layers_per_block,
+            down_block_types=down_block_types, up_block_types=up_block_types,
+            attention_head_dim=attention_head_dim,
+            resnet_time_scale_shift=resnet_time_scale_shift, dropout=dropout,
+            norm_num_groups=norm_num_groups, class_embed_type=class_embed_type)
+        self.cond_embed = ConditionEmbedding(block_out_channels[0] * 4)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
+                drop: torch.Tensor | None = None) -> torch.Tensor:
+        return self.unet(x, t, class_labels=self.cond_embed(cond, drop)).sample
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading training checkpoints: RunLayout.checkpoints/step-XXXXXXX/ with state.json (step,
+# identity = architecture and schedule), model.safetensors and ema.safetensors.
+
+
+def checkpoint_dirs(root: Path) -> list[Path]:
+    """The complete checkpoint folders under ``root``, oldest first."""
+    return sorted(p for p in root.glob("step-*") if p.is_dir() and (p / "state.json").exists())
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    """The newest complete checkpoint folder under ``root`` (None if there is none)."""
+    dirs = checkpoint_dirs(root)
+    return dirs[-1] if dirs else None
+
+
+def trained_checkpoint(run: RunLayout) -> Path:
+    """The latest checkpoint of a run's diffusion stage (notebook 02), for sampling; an error
+    that says what to run when there is none."""
+    ckpt = latest_checkpoint(run.checkpoints)
+    if ckpt is None:
+        raise DiffusionError(f"no diffusion checkpoint under {run.checkpoints}; run "
+                             "notebook 02 (or cxrlib train-diffusion) first")
+    return ckpt
+
+
+def read_checkpoint_state(folder: Path) -> dict:
+    """A checkpoint's ``state.json``: its step, identity (architecture, schedule) and more."""
+    return json.loads((folder / "state.json").read_text())
+
+
+def load_weights(folder: Path, use_ema: bool = True) -> ConditionalUNet:
+    """A model from a checkpoint folder, with its EMA weights by default (for sampling)."""
+    state = read_checkpoint_state(folder)
+    model = ConditionalUNet(**state["identity"]["unet"])
+    model.load_state_dict(load_file(folder / "model.safetensors"))
+    if use_ema:
+        shadow = load_file(folder / "ema.safetensors")
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p.copy_(shadow[name])
+    return model.eval()
