@@ -180,7 +180,7 @@ def generate_cohort(params: Params, plan: pd.DataFrame, model: ConditionalUNet, 
         images = generate(model, train_sched, cond[lo:hi], plan["seed"].to_numpy()[lo:hi],
                           spec.sampler, spec.steps, spec.guidance, spec.guidance_rescale,
                           spec.batch_size)
-        with atomic_path(run.synthetic_shard(strategy, s)) as tmp:
+        with atomic_path(run.synthetic_shard(strategy, s), expected_bytes=images.nbytes) as tmp:
             np.savez(tmp, images=images,
                      image_ids=plan["image_id"].to_numpy()[lo:hi].astype(str),
                      checkpoint=np.array(checkpoint))
