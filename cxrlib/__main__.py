@@ -1,4 +1,5 @@
-"""Command line: ``python -m cxrlib run --params params/demo.yaml [--stage 01_data_prep]``."""
+"""Command line: ``python -m cxrlib run --params params/demo.yaml [--stage 01_data_prep]``;
+``python -m cxrlib verify --params params/demo.yaml`` checks a run against its records."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 from cxrlib.config import ParamsError, load_params
 from cxrlib.layout import STAGES, RunLayout
 from cxrlib.pipeline import run_pipeline
+from cxrlib.runlock import writing
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,6 +42,13 @@ def main(argv: list[str] | None = None) -> int:
                           "under accelerate launch for several GPUs); needs notebook 03's "
                           "synthetic cohorts")
     grid.add_argument("--params", type=Path, required=True)
+    verify = sub.add_parser("verify", help="check a run's files against what each stage "
+                            "recorded when it finished; names what is missing, truncated or "
+                            "changed, and the stage to run again (exit 1 if anything is)")
+    verify.add_argument("--params", type=Path, required=True)
+    verify.add_argument("--quick", action="store_true", help="sizes, and checksums only of "
+                        "files whose modification time changed (the check a stage makes of "
+                        "its inputs); default: every checksum")
     args = parser.parse_args(argv)
     try:
         if args.command == "check":
@@ -54,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
             return _export_generator(args.params, args.out)
         if args.command == "run-experiments":
             return _run_experiments(args.params)
+        if args.command == "verify":
+            return _verify(args.params, full=not args.quick)
         load_params(args.params)  # fail before any work on a bad file
         run_pipeline(args.params, tuple(args.stage or STAGES), force=args.force,
                      quiet=args.quiet)
@@ -72,10 +83,11 @@ def _train_diffusion(params_file: Path) -> int:
 
     params = load_params(params_file)
     run = RunLayout.open(params)
-    cohort = load_cohort(params, run)
-    if cohort.cache_dir is None:
-        raise SystemExit("a metadata-only run has no images to train on")
-    result = train_diffusion(params, cohort.manifest, ImageCache(cohort.cache_dir), run)
+    with writing(run, "02_diffusion_training"):
+        cohort = load_cohort(params, run)
+        if cohort.cache_dir is None:
+            raise SystemExit("a metadata-only run has no images to train on")
+        result = train_diffusion(params, cohort.manifest, ImageCache(cohort.cache_dir), run)
     if result.is_main_process:
         print(f"processes: {result.num_processes}; steps {result.resumed_from} -> "
               f"{result.steps_done}; checkpoint {result.checkpoint}")
@@ -90,12 +102,13 @@ def _generate_synthetic(params_file: Path, exported: Path | None) -> int:
 
     params = load_params(params_file)
     run = RunLayout.open(params)
-    cohort = load_cohort(params, run)
-    generator = (CXRPipeline.from_exported(exported) if exported is not None
-                 else CXRPipeline.from_checkpoint(trained_checkpoint(run), params.diffusion))
-    for strategy in params.sampling.strategies:
-        synth = build_synthetic_cohort(params, cohort.manifest, generator, run, strategy)
-        print(f"{strategy}: {len(synth)} synthetic images")
+    with writing(run, "03_sampling_explorer"):
+        cohort = load_cohort(params, run)
+        generator = (CXRPipeline.from_exported(exported) if exported is not None
+                     else CXRPipeline.from_checkpoint(trained_checkpoint(run), params.diffusion))
+        for strategy in params.sampling.strategies:
+            synth = build_synthetic_cohort(params, cohort.manifest, generator, run, strategy)
+            print(f"{strategy}: {len(synth)} synthetic images")
     return 0
 
 
@@ -113,9 +126,34 @@ def _run_experiments(params_file: Path) -> int:
 
     params = load_params(params_file)
     run = RunLayout.open(params)
-    results = run_grid(params, grid_data(params, run), run)
+    with writing(run, "04_classifier_experiments"):
+        results = run_grid(params, grid_data(params, run), run)
     print(f"{len(results)} experiment(s) finished under {run.experiments}")
     return 0
+
+
+def _verify(params_file: Path, full: bool) -> int:
+    """Every stage's record against the disk: one line per stage, each problem named."""
+    from cxrlib.records import check_stage, describe
+
+    run = RunLayout.open(load_params(params_file), create=False)
+    if not run.root.is_dir():
+        raise FileNotFoundError(f"no run folder {run.root}; nothing to verify")
+    failed = False
+    for stage in STAGES:
+        problems = check_stage(run, stage, full=full)
+        if problems is None:
+            print(f"{stage}: no record (not finished yet, or finished before records "
+                  "existed): not checked")
+        elif problems:
+            failed = True
+            print(f"{stage}: {len(problems)} problem(s)\n{describe(problems, params_file)}")
+        else:
+            files = run.stage_files(stage)
+            mb = sum(p.stat().st_size for p in files) / 1e6
+            print(f"{stage}: ok ({len(files)} files, {mb:,.1f} MB"
+                  f"{'' if full else ', quick check'})")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -117,7 +117,9 @@ def save_checkpoint(accelerator: Accelerator, root: Path, step: int, model: Cond
     final = root / f"step-{step:07d}"
 
     def write() -> Path:
-        with replace_folder(final) as tmp:
+        previous = latest_checkpoint(root)  # a new checkpoint needs about its space
+        need = sum(f.stat().st_size for f in previous.iterdir()) if previous else 0
+        with replace_folder(final, expected_bytes=need) as tmp:
             for rank, state in enumerate(rngs):
                 save_file(state, tmp / f"rng-{rank}.safetensors")
             names = [n for n, _ in model.named_parameters()]

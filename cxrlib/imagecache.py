@@ -106,7 +106,13 @@ class ImageCache:
                 f"no image cache in {self.folder} (expected images.npy and index.parquet); "
                 "run notebook 01 (data preparation) for this run first"
             )
-        self.images = np.load(arr_path, mmap_mode="r")
+        try:
+            self.images = np.load(arr_path, mmap_mode="r")
+        except ValueError as err:  # numpy: the header asks for more bytes than the file has
+            raise ValueError(
+                f"image cache {arr_path} is truncated or damaged ({arr_path.stat().st_size:,} "
+                f"bytes; {err}); python -m cxrlib verify names the stage to run again, or "
+                "delete the folder and rebuild it (notebook 01)") from None
         self.image_ids = pd.read_parquet(index_path)["image_id"].tolist()
         if len(self.image_ids) != len(self.images):
             raise ValueError(

@@ -18,6 +18,12 @@ experiment folders) is found here rather than typed out again by each reader::
     <run>/04_classifier_experiments/          notebook 04
         <experiment>/seed-<s>/                model, config, history, predictions
     <run>/05_statistics/                      notebook 05
+    <run>/records/<stage>.json                size and sha256 of every file a stage wrote,
+                                              recorded when it finished (cxrlib.records)
+    <run>/.writer.lock, .writer.json          the one-writer lock and its holder (cxrlib.runlock)
+
+Names that start with a dot are scratch: temporary files of writes in progress
+(:mod:`cxrlib.io`), the lock; no record lists them.
 
 The rendered reports of a run go to ``reports/<run.name>/`` (:meth:`RunLayout.reports`).
 """
@@ -40,10 +46,17 @@ STAGES: tuple[str, ...] = ("01_data_prep", "02_diffusion_training", "03_sampling
 RUNS_DIR_ENV = "CXRLIB_RUNS_DIR"
 #: Where rendered reports go, relative to the parameter file's project.
 REPORTS_DIR = "reports"
+#: Where each stage's record of the files it wrote goes, inside the run.
+RECORDS_DIR = "records"
 #: Keys a run may change between invocations: how long to train, how often to save, how many
 #: worker processes. Everything else defines the run and must stay as it was.
 _FREE_KEYS = frozenset({"data.workers", "sampling.batch_size",
                         *(f"diffusion.{k}" for k in DiffusionSpec.RUN_LENGTH_KEYS)})
+
+
+class RunFolderError(ParamsError):
+    """A run folder cannot be used as asked: another process writes into it, or files of it
+    fail verification; the message names what and says what to do."""
 
 
 @dataclass(frozen=True)
@@ -86,8 +99,10 @@ class RunLayout:
                     f"run folder {self.root} was made with different parameters "
                     f"(keys differ: {', '.join(diff[:8])}); give the run a new run.name, "
                     f"or delete the folder to start it again")
-        if before != current:
-            atomic_write_text(self.params, params.to_json())  # the latest invocation
+        if before != current:  # the latest invocation, unless another process writes the run
+            from cxrlib.runlock import unless_busy  # here: runlock builds on this module
+
+            unless_busy(self, lambda: atomic_write_text(self.params, params.to_json()))
 
     # -- the run as a whole --------------------------------------------------------------
     @property
@@ -107,6 +122,29 @@ class RunLayout:
     def executed(self, stage: str) -> Path:
         """Where the pipeline keeps notebook ``stage`` as executed for this run."""
         return self.root / "notebooks" / f"{self.stage(stage).name}.ipynb"
+
+    def stage_files(self, stage: str) -> list[Path]:
+        """Every file stage ``stage`` wrote: its folder and its executed notebook, without
+        scratch names (a leading dot: writes in progress), sorted."""
+        found = [p for p in self.stage(stage).rglob("*")
+                 if p.is_file() and not any(part.startswith(".")
+                                            for part in p.relative_to(self.root).parts)]
+        executed = self.executed(stage)
+        return sorted(found + ([executed] if executed.is_file() else []))
+
+    def record(self, stage: str) -> Path:
+        """What ``stage`` wrote (sizes, checksums), recorded when it finished."""
+        return self.root / RECORDS_DIR / f"{self.stage(stage).name}.json"
+
+    @property
+    def lock(self) -> Path:
+        """The lock file of the run's one writer (:mod:`cxrlib.runlock`)."""
+        return self.root / ".writer.lock"
+
+    @property
+    def holder(self) -> Path:
+        """Who holds :attr:`lock`: process, host, stage, since when (JSON)."""
+        return self.root / ".writer.json"
 
     def reports(self, reports_root: Path | None = None) -> Path:
         """Where the run's rendered pages go: ``reports/<run.name>/`` by default."""

@@ -4,7 +4,9 @@
 file injected, writes the executed copy to ``<run>/notebooks/``, and renders it to HTML (code
 hidden) under ``reports/<run name>/``. A failing notebook stops the chain and names the cell.
 The notebooks' own output (messages, progress bars) streams to the terminal while they run,
-unless ``quiet``; each stage ends with one line: its time and where its HTML went. Afterwards
+unless ``quiet``; each stage ends with one line: its time and where its HTML went. Each
+stage runs under the run's one-writer lock, after the earlier stages' files were checked
+against their records, and is recorded when it finishes (:func:`cxrlib.runlock.writing`). Afterwards
 the stage times go into the run's ``summary.json``, which is copied beside the HTML.
 """
 
@@ -26,6 +28,7 @@ from cxrlib.config import load_params
 from cxrlib.io import atomic_write_text
 from cxrlib.layout import STAGES, RunLayout
 from cxrlib.progress import PROGRESS_ENV
+from cxrlib.runlock import hold, writing
 from cxrlib.summary import NESTED, PRIMARY_KEYS, SCHEMA, read_summary, update_summary
 
 NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent / "notebooks"
@@ -83,15 +86,16 @@ def run_stage(stage: str, params_file: Path, reports_root: Path | None = None,
         return executed
     executed.parent.mkdir(parents=True, exist_ok=True)
     partial = executed.with_name(f".{stage}.running.ipynb")
-    print(f"[run] {stage} -> {executed}", flush=True)
-    try:
-        _execute(NOTEBOOKS_DIR / f"{stage}.ipynb", partial, params_file, quiet)
-    except papermill.PapermillExecutionError as err:
-        raise SystemExit(
-            f"{stage} failed in cell {err.exec_count}: {err.ename}: {err.evalue}\n"
-            f"The partly executed notebook is {partial}"
-        ) from None
-    partial.replace(executed)
+    with writing(run, stage):  # the kernel writes under this process's lock
+        print(f"[run] {stage} -> {executed}", flush=True)
+        try:
+            _execute(NOTEBOOKS_DIR / f"{stage}.ipynb", partial, params_file, quiet)
+        except papermill.PapermillExecutionError as err:
+            raise SystemExit(
+                f"{stage} failed in cell {err.exec_count}: {err.ename}: {err.evalue}\n"
+                f"The partly executed notebook is {partial}"
+            ) from None
+        partial.replace(executed)
     page = render_html(executed, run.reports(reports_root) / f"{stage}.html")
     secs = stage_seconds(executed)
     took = f"{secs / 60:.1f} min" if secs is not None else "time not recorded"
@@ -201,7 +205,8 @@ def run_pipeline(params_file: Path, stages: tuple[str, ...] = STAGES, force: boo
     for stage in stages:
         run_stage(stage, params_file, reports_root, force=force, quiet=quiet)
     run = RunLayout.open(load_params(params_file))
-    summary = record_stage_times(run, reports_root)
+    with hold(run, "stage times"):
+        summary = record_stage_times(run, reports_root)
     print(f"[summary] {run.reports(reports_root) / run.summary.name}: "
           f"{summary['minutes_total']:.1f} min of notebooks")
     index = render_index(params_file, reports_root)

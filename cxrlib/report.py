@@ -18,6 +18,7 @@ from pydantic import BaseModel
 from cxrlib.io import atomic_path, atomic_write_parquet, atomic_write_text
 from cxrlib.kinds import Kind
 from cxrlib.labels import CHEXPERT_LABELS
+from cxrlib.runlock import claim, finish
 
 if TYPE_CHECKING:  # the figures need no torch; only sample_grid reads a cache
     from cxrlib.imagecache import ImageCache
@@ -26,11 +27,23 @@ if TYPE_CHECKING:  # the figures need no torch; only sample_grid reads a cache
 
 class Outputs:
     """Where one stage of a run saves what it shows: :meth:`RunLayout.stage`. Every file a
-    notebook writes goes through one of these methods (temporary name, then rename)."""
+    notebook writes goes through one of these methods (temporary name, then rename).
+
+    Made in a notebook's first cell, it claims the run's one-writer lock for the stage
+    (:func:`cxrlib.runlock.claim`: the earlier stages' files checked first); the last cell's
+    :meth:`finish` records the stage and lets go. Under ``cxrlib run`` the runner does both.
+    """
 
     def __init__(self, run: RunLayout, stage: str):
+        claim(run, stage)
+        self._run, self._stage = run, stage
         self.folder = run.stage(stage)
         self.folder.mkdir(parents=True, exist_ok=True)
+
+    def finish(self) -> None:
+        """The stage is done: record its files (:mod:`cxrlib.records`) and release the run's
+        lock, where this kernel took it."""
+        finish(self._run, self._stage)
 
     def text(self, text: str, name: str) -> str:
         """A statement or finding, as ``<name>.txt``; returns the text for printing."""

@@ -249,7 +249,7 @@ def generate_cohort(params: Params, plan: pd.DataFrame, source: ImageSource, run
     for s in tqdm(todo, desc=f"{strategy} shards", disable=not progress):
         lo, hi = s * size, min((s + 1) * size, len(plan))
         images = source(plan.iloc[lo:hi])
-        with atomic_path(run.synthetic_shard(strategy, s)) as tmp:
+        with atomic_path(run.synthetic_shard(strategy, s), expected_bytes=images.nbytes) as tmp:
             np.savez(tmp, images=images,
                      image_ids=plan["image_id"].to_numpy()[lo:hi].astype(str),
                      checkpoint=np.array(checkpoint))
