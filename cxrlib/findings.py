@@ -47,7 +47,8 @@ def _verdict_text(row: dict, spec: StatsSpec) -> str:
 
 def _mde(row: dict) -> str:
     """The MDE from t at the comparison's df, and at its family's first Holm level."""
-    text = f"MDE {row['mde']:.3f} (80% power, t at {row['df']:.1f} df"
+    df = f"t at {row['df']:.1f} df" if np.isfinite(row["df"]) else "infinite df"
+    text = f"MDE {row['mde']:.3f} (80% power, {df}"
     if row["family_size"] > 1:
         text += f"; {row['mde_holm']:.3f} at Holm's first level, alpha/{row['family_size']:.0f}"
     return text + ")"
@@ -206,8 +207,10 @@ def _claim_rule(row: dict, spec: StatsSpec) -> str:
         f" ({row['mde_holm']:.3f} at its family's first Holm level)"
         if row["family_size"] > 1 else "")
     if row["test"] == "gain":
+        worse = row["p_holm"] < spec.alpha
         return {SUPPORTED: f"a gain ({holm} < {spec.alpha:g})",
-                CONTRADICTED: f"no gain: worse ({holm}) or equivalent ({ci90} inside "
+                CONTRADICTED: f"no gain: worse ({holm} < {spec.alpha:g})" if worse else
+                              f"no gain as large as the margin: equivalent ({ci90} inside "
                               f"+/-{margin:g})",
                 INCONCLUSIVE: f"neither a gain nor its absence is shown ({holm}); {mde}, so "
                               f"a smaller gain may be missed"}[row["verdict"]]

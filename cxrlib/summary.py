@@ -38,7 +38,8 @@ NESTED: dict[str, tuple[str, ...]] = {
     "sex_fidelity": ("synthetic_auroc", "real_auroc"),
 }
 #: Keys of each row of the list entries: a primary comparison (``mde`` and ``mde_holm`` from
-#: t at its df, at alpha and at its family's first Holm level), a manipulation check, a claim.
+#: t at its df, at alpha and at its family's first Holm level; ``df`` null = infinite, one
+#: seed), a manipulation check, a claim.
 PRIMARY_KEYS: tuple[str, ...] = ("experiment", "baseline", "test_set", "delta", "ci_low",
                                  "ci_high", "df", "p", "p_holm", "mde", "mde_holm", "verdict")
 CHECK_KEYS: tuple[str, ...] = ("experiment", "baseline", "check", "expected", "test_set",
