@@ -32,7 +32,9 @@ from cxrlib.stats import auroc_table, patient_bootstrap_weights, weighted_auroc
 
 #: Ratio of synthetic to real fidelity that counts as carrying the conditions (issue 11).
 FIDELITY_TARGET = 0.9
-
+#: A ratio whose CI lies wholly above this is over-separation (synthetic images easier to
+#: read than real ones: exaggerated, not faithful), never a pass of the target (issue 18).
+OVER_SEPARATION = 1.05
 
 
 
@@ -273,22 +275,25 @@ class FidelityResult:
     alpha: float
 
     def table(self) -> pd.DataFrame:
-        """One row per measure: synthetic and real with CIs, the ratio with its CI, and
-        whether the ratio reaches :data:`FIDELITY_TARGET` (None when the real value is not
-        above chance, so that the ratio means nothing)."""
+        """One row per measure: synthetic and real with CIs, the ratio with its CI, whether
+        its CI lies above :data:`OVER_SEPARATION` (``over_separation``) and whether the ratio
+        reaches :data:`FIDELITY_TARGET` without over-separating (``meets_target``); both None
+        when the real value is not above chance, so that the ratio means nothing."""
         rows = []
         for key, name, stat in MEASURES:
             syn, real = self.estimates[key]
             ratio, low, high = ratio_ci(syn, real, self.alpha)
+            judged = bool(np.isfinite(ratio) and real.value > _CHANCE[key])
+            over = bool(low > OVER_SEPARATION) if judged else None
             rows.append({"measure": name, "statistic": stat, "synthetic": syn.value,
                          "synthetic_ci_low": syn.ci_low, "synthetic_ci_high": syn.ci_high,
                          "n_synthetic": syn.n_images, "real": real.value,
                          "real_ci_low": real.ci_low, "real_ci_high": real.ci_high,
                          "n_real": real.n_images, "ratio": ratio, "ratio_ci_low": low,
                          "ratio_ci_high": high,
-                         "chance": _CHANCE[key],
-                         "meets_target": bool(ratio >= FIDELITY_TARGET)
-                         if np.isfinite(ratio) and real.value > _CHANCE[key] else None})
+                         "chance": _CHANCE[key], "over_separation": over,
+                         "meets_target": bool(ratio >= FIDELITY_TARGET and not over)
+                         if judged else None})
         return pd.DataFrame(rows)
 
     def summary_entries(self) -> dict[str, dict[str, object]]:
@@ -301,7 +306,8 @@ class FidelityResult:
                      f"{syn_key}_ci": [row["synthetic_ci_low"], row["synthetic_ci_high"]],
                      f"{real_key}_ci": [row["real_ci_low"], row["real_ci_high"]],
                      "ratio_ci": [row["ratio_ci_low"], row["ratio_ci_high"]],
-                     "meets_0.9x_real": row["meets_target"], "n_synthetic": row["n_synthetic"],
+                     "meets_0.9x_real": row["meets_target"],
+                     "over_separation": row["over_separation"], "n_synthetic": row["n_synthetic"],
                      "n_real": row["n_real"], "ci_level": 1 - self.alpha}
             if key == "fidelity":
                 entry.update(labels=self.labels, labels_left_out=sorted(self.left_out),
@@ -312,7 +318,8 @@ class FidelityResult:
     def sentences(self, synthetic: str = "synthetic images",
                   real: str = "real validation images") -> list[str]:
         """Generated statements: each measure, synthetic against real, CIs, the ratio, and
-        whether it is at least 0.9x real; then the label rule and the labels left out."""
+        whether it is at least 0.9x real or over-separates (CI above 1.05: not a pass); then
+        the label rule and the labels left out."""
         pct = f"{1 - self.alpha:.0%}"
         lines = []
         for row in self.table().to_dict("records"):
@@ -330,8 +337,13 @@ class FidelityResult:
                     f"not above chance ({row['chance']:g}): the judge or probe does not read "
                     "this on real images, so the ratio to real means nothing.")
                 continue
-            verdict = ("at least" if row["meets_target"] else "below") + \
-                f" {FIDELITY_TARGET:g}x real"
+            if row["over_separation"]:
+                verdict = (f"over-separation: the CI lies above {OVER_SEPARATION:g}, so the "
+                           f"synthetic images are easier to read than real ones (exaggerated, "
+                           f"not a pass of the {FIDELITY_TARGET:g}x target)")
+            else:
+                verdict = ("at least" if row["meets_target"] else "below") + \
+                    f" {FIDELITY_TARGET:g}x real"
             lines.append(
                 f"{name.capitalize()}: {stat} {row['synthetic']:.3f} ({pct} CI "
                 f"{row['synthetic_ci_low']:.3f}-{row['synthetic_ci_high']:.3f}) on "

@@ -9,6 +9,13 @@ import pandas as pd
 
 from cxrlib.config import StatsSpec
 from cxrlib.kinds import Kind
+from cxrlib.study_tables import (
+    CONTRADICTED,
+    INCONCLUSIVE,
+    KEPT_STEPS_DIFFER,
+    NOT_TESTED,
+    SUPPORTED,
+)
 
 
 def _p(p: float) -> str:
@@ -38,13 +45,27 @@ def _verdict_text(row: dict, spec: StatsSpec) -> str:
             f"the {ci90} is not inside +/-{margin:g})")
 
 
+def _mde(row: dict) -> str:
+    """The MDE from t at the comparison's df, and at its family's first Holm level."""
+    df = f"t at {row['df']:.1f} df" if np.isfinite(row["df"]) else "infinite df"
+    text = f"MDE {row['mde']:.3f} (80% power, {df}"
+    if row["family_size"] > 1:
+        text += f"; {row['mde_holm']:.3f} at Holm's first level, alpha/{row['family_size']:.0f}"
+    return text + ")"
+
+
+def _delta(row: dict, spec: StatsSpec) -> str:
+    """Levels, delta, CI, unadjusted p and MDE of one comparison row."""
+    return (f"macro AUROC {row['auroc']:.3f} vs {row['baseline_auroc']:.3f}, delta "
+            f"{row['delta']:+.3f} ({_ci(row, spec)}, {_p(row['p'])}, {_mde(row)}; "
+            f"{_seed_note(int(row['n_seeds']))})")
+
+
 def comparison_sentence(row: dict, spec: StatsSpec, what: str = "") -> str:
     """One comparison: delta, CI, p, MDE and the verdict with its rule."""
     label = f"{row['experiment']}{f' ({what})' if what else ''}"
-    return (f"On {row['test_set']}, {label} vs {row['baseline']}: macro AUROC "
-            f"{row['auroc']:.3f} vs {row['baseline_auroc']:.3f}, delta {row['delta']:+.3f} "
-            f"({_ci(row, spec)}, {_p(row['p'])}, MDE {row['mde']:.3f}; "
-            f"{_seed_note(int(row['n_seeds']))}): {_verdict_text(row, spec)}.")
+    return (f"On {row['test_set']}, {label} vs {row['baseline']}: {_delta(row, spec)}: "
+            f"{_verdict_text(row, spec)}.")
 
 
 def design_sentences(summary: pd.DataFrame, spec: StatsSpec) -> list[str]:
@@ -66,26 +87,41 @@ def design_sentences(summary: pd.DataFrame, spec: StatsSpec) -> list[str]:
 
 
 def primary_sentences(primary: pd.DataFrame, spec: StatsSpec) -> list[str]:
-    """The pre-specified comparisons, each real + synthetic row followed by its controls at
-    the same k (Holm over the primary comparisons of one test set)."""
+    """The pre-specified hypotheses (Holm over the primary comparisons of one test set)."""
+    return [comparison_sentence(row, spec) for row in primary.to_dict("records")]
+
+
+def check_sentences(checks: pd.DataFrame, spec: StatsSpec) -> list[str]:
+    """The manipulation checks: each control against its baseline, what was expected and
+    why, and whether it held (each check judged on its own CI, outside the Holm families)."""
     out = []
-    for (_test_set, _k), g in primary.groupby(["test_set", "k"], sort=False):
-        rows = g.to_dict("records")
-        for row in sorted(rows, key=lambda r: Kind(r["kind"]).control):
-            kind = Kind(row["kind"])
-            out.append(comparison_sentence(row, spec, kind.description if kind.control else ""))
+    for row in checks.to_dict("records"):
+        if row["expected"] == "reported":
+            outcome = f"reported, no outcome expected ({row['verdict']} on its own CI)"
+        elif pd.isna(row["held"]):
+            outcome = "not testable (no macro AUROC under the label rule)"
+        else:
+            outcome = (f"{row['verdict']} (judged alone, outside the Holm families): the "
+                       f"check {'held' if row['held'] else 'FAILED'}")
+        out.append(f"Manipulation check ({row['check']}; expected {row['expected']}, since "
+                   f"{row['why']}): on {row['test_set']}, {row['experiment']} vs "
+                   f"{row['baseline']}: {_delta(row, spec)}: {outcome}.")
     return out
 
 
 def dose_sentences(dose: pd.DataFrame, spec: StatsSpec) -> list[str]:
-    """The dose-response tests: does the gain grow with k?"""
+    """The dose-response tests: does the gain grow with k (k = 0, the baseline, included)?"""
     out = []
     for row in dose.to_dict("records"):
+        where = f"On {row['test_set']}, {row['kind']} at {row['real_fraction']:.0%} real data"
+        if row["reason"] != "-":
+            out.append(f"{where}: no dose-response slope, {row['reason']}.")
+            continue
         trend = ("rises" if row["slope_per_k"] > 0 else "falls") if row["p_holm"] < spec.alpha \
             else "shows no trend"
-        out.append(f"On {row['test_set']}, {row['kind']} at {row['real_fraction']:.0%} real data "
-                   f"{trend} with k ({row['k_values']}): slope {row['slope_per_k']:+.4f} macro "
-                   f"AUROC per +1 k ({_ci(row, spec)}, Holm-adjusted {_p(row['p_holm'])}; "
+        out.append(f"{where} {trend} with k ({row['k_values']}, k = 0 the baseline): slope "
+                   f"{row['slope_per_k']:+.4f} macro AUROC per +1 k ({_ci(row, spec)}, "
+                   f"Holm-adjusted {_p(row['p_holm'])}, {_mde(row)}; "
                    f"{'primary' if row['primary'] else 'secondary'}; "
                    f"{_seed_note(int(row['n_seeds']))}).")
     return out
@@ -93,8 +129,8 @@ def dose_sentences(dose: pd.DataFrame, spec: StatsSpec) -> list[str]:
 
 def secondary_sentences(comparisons: pd.DataFrame, spec: StatsSpec) -> list[str]:
     """Synthetic-only experiments (equivalence to real), then a count of the other secondary
-    comparisons that were better or worse, naming them."""
-    secondary = comparisons[~comparisons["primary"]]
+    comparisons (neither hypotheses nor controls) that were better or worse, naming them."""
+    secondary = comparisons[~comparisons["primary"] & ~comparisons["control"]]
     alone = secondary["kind"] == Kind.SYNTHETIC_ONLY
     out = [comparison_sentence(row, spec, Kind.SYNTHETIC_ONLY.description)
            for row in secondary[alone].to_dict("records")]
@@ -125,13 +161,93 @@ def subgroup_sentences(did: pd.DataFrame, spec: StatsSpec) -> list[str]:
     return out
 
 
+def flag_sentences(flags: pd.DataFrame) -> list[str]:
+    """Compared pairs whose kept steps differ more than two-fold, and arms that did not
+    converge: a comparison of them measures training as well as data."""
+    out = []
+    for row in flags.to_dict("records"):
+        if row["flag"] == KEPT_STEPS_DIFFER:
+            out.append(f"Flag: {row['experiment']} kept step {row['kept_step']:.0f} against "
+                       f"{row['baseline_kept_step']:.0f} for {row['baseline']} (means over "
+                       f"seeds): the {row['flag']}, so their comparison also measures how long "
+                       f"each trained.")
+        else:
+            out.append(f"Flag: {row['experiment']} {row['flag']} in "
+                       f"{row['seeds_not_converged']:.0f} of {row['n_seeds']:.0f} seeds (it ran "
+                       f"its whole step budget under protocol converged and may still have "
+                       f"been improving).")
+    return out
+
+
+def _claim_estimate(row: dict, spec: StatsSpec) -> str:
+    return f"{row['tested']}, delta {row['delta']:+.3f} ({_ci(row, spec)})"
+
+
+def claims_summary(claims: pd.DataFrame, spec: StatsSpec) -> list[str]:
+    """One sentence per claim of the paper: its verdict on each test set it was tested on."""
+    out = []
+    for number, g in claims.groupby("claim", sort=True):
+        head = f"Claim {number} ({g['statement'].iloc[0]})"
+        if (g["verdict"] == NOT_TESTED).all():
+            out.append(f"{head}: {NOT_TESTED} ({g['tested'].iloc[0]}).")
+            continue
+        parts = [f"{row['verdict']} on {row['test_set']} by {_claim_estimate(row, spec)}"
+                 if row["verdict"] != NOT_TESTED else f"not tested {row['scope']}ly "
+                 f"({row['tested']})" for row in g.to_dict("records")]
+        out.append(f"{head}: " + "; ".join(parts) + ".")
+    return out
+
+
+def _claim_rule(row: dict, spec: StatsSpec) -> str:
+    """Why a claim row got its verdict, with the MDE where it is inconclusive."""
+    margin = spec.equivalence_margin
+    ci90 = f"90% CI {row['ci90_low']:+.3f} to {row['ci90_high']:+.3f}"
+    holm = f"Holm-adjusted {_p(row['p_holm'])}"
+    mde = f"the comparison detects {row['mde']:.3f} with 80% power" + (
+        f" ({row['mde_holm']:.3f} at its family's first Holm level)"
+        if row["family_size"] > 1 else "")
+    if row["test"] == "gain":
+        worse = row["p_holm"] < spec.alpha
+        return {SUPPORTED: f"a gain ({holm} < {spec.alpha:g})",
+                CONTRADICTED: f"no gain: worse ({holm} < {spec.alpha:g})" if worse else
+                              f"no gain as large as the margin: equivalent ({ci90} inside "
+                              f"+/-{margin:g})",
+                INCONCLUSIVE: f"neither a gain nor its absence is shown ({holm}); {mde}, so "
+                              f"a smaller gain may be missed"}[row["verdict"]]
+    return {SUPPORTED: f"equivalent ({ci90} inside +/-{margin:g}) or better",
+            CONTRADICTED: f"worse beyond the margin ({holm}, {ci90})",
+            INCONCLUSIVE: f"the {ci90} is not inside +/-{margin:g} and the arm is not shown "
+                          f"worse; {mde}"}[row["verdict"]]
+
+
+def claim_sentences(claims: pd.DataFrame, spec: StatsSpec) -> list[str]:
+    """The claims table as sentences: each tested row with its estimate, verdict and rule,
+    the synthetic arm's exchange rate where one was given, and the confounds not removed."""
+    out = []
+    for row in claims[claims["verdict"] != NOT_TESTED].to_dict("records"):
+        text = (f"Claim {row['claim']} on {row['test_set']}: {_claim_estimate(row, spec)}: "
+                f"{row['verdict']}, {_claim_rule(row, spec)}.")
+        if np.isfinite(row["exchange_rate"]):
+            beyond = (", extrapolated beyond the learning curve"
+                      if row["exchange_extrapolated"] else "")
+            text += (f" One synthetic image is worth {row['exchange_rate']:.2f} real images "
+                     f"({round(100 * (1 - spec.alpha))}% CI {row['exchange_ci_low']:.2f} to "
+                     f"{row['exchange_ci_high']:.2f}{beyond}).")
+        out.append(text + f" Confounds not removed: {row['confounds']}.")
+    return out
+
+
 def study_findings(summary: pd.DataFrame, primary: pd.DataFrame, dose: pd.DataFrame,
-                   comparisons: pd.DataFrame, did: pd.DataFrame, spec: StatsSpec) -> list[str]:
-    """All sentences of notebook 05 in reading order: design, primary, dose-response,
-    secondary, subgroups."""
-    out = design_sentences(summary, spec) + primary_sentences(_testable(primary), spec)
-    out += dose_sentences(dose, spec) if len(dose) else []
-    out += secondary_sentences(_testable(comparisons), spec)
+                   comparisons: pd.DataFrame, did: pd.DataFrame, spec: StatsSpec, *,
+                   claims: pd.DataFrame, checks: pd.DataFrame,
+                   flags: pd.DataFrame) -> list[str]:
+    """All sentences of notebook 05 in reading order: the paper's claims (one summary
+    sentence each, then the claims table's rows), design, primary, manipulation checks,
+    dose-response, secondary, training flags, subgroups."""
+    out = claims_summary(claims, spec) + claim_sentences(claims, spec)
+    out += design_sentences(summary, spec) + primary_sentences(_testable(primary), spec)
+    out += check_sentences(checks, spec) + (dose_sentences(dose, spec) if len(dose) else [])
+    out += secondary_sentences(_testable(comparisons), spec) + flag_sentences(flags)
     return out + (subgroup_sentences(did, spec) if len(did) else [])
 
 

@@ -509,7 +509,7 @@ class Estimate:
 
     ``ci_*`` is the (1 - alpha) t interval, ``ci90_*`` the (1 - 2 alpha) one used by TOST;
     ``seed_se`` is NaN with one seed (training variance not estimated); ``mde`` is the minimum
-    detectable effect at 80% power and level alpha, (z_{1-alpha/2} + z_{0.8}) * se.
+    detectable effect at 80% power and level alpha (:func:`minimum_detectable_effect`).
     """
 
     estimate: float
@@ -526,6 +526,12 @@ class Estimate:
     patient_se: float
     mde: float
 
+    @classmethod
+    def missing(cls, n_seeds: int) -> Estimate:
+        """No estimate (NaN throughout): a contrast that cannot be formed or is not tested."""
+        nan = math.nan
+        return cls(nan, nan, nan, nan, nan, nan, nan, nan, n_seeds, nan, nan, nan, nan)
+
     def equivalence_p(self, margin: float) -> float:
         """TOST p: the larger one-sided p of delta > -margin and delta < +margin."""
         if self.se == 0:
@@ -540,6 +546,16 @@ def _t_p(estimate: float, se: float, df: float) -> float:
     if se == 0:
         return 1.0 if estimate == 0 else 0.0
     return float(2 * sps.t.sf(abs(estimate) / se, df))
+
+
+def minimum_detectable_effect(se: float, df: float, level: float) -> float:
+    """The smallest true difference a two-sided t test at ``level`` finds with
+    :data:`MDE_POWER` power: (t_{1-level/2, df} + t_{power, df}) * se, at the comparison's own
+    (Satterthwaite) df, so that it matches the test actually run; with 2 to 5 df it is far
+    larger than the normal-quantile value, which it equals at infinite df (one seed)."""
+    if not (math.isfinite(se) and df > 0):
+        return math.nan
+    return float((sps.t.ppf(1 - level / 2, df) + sps.t.ppf(MDE_POWER, df)) * se)
 
 
 def seed_estimate(values: np.ndarray, patient_cov: np.ndarray, alpha: float) -> Estimate:
@@ -564,10 +580,9 @@ def seed_estimate(values: np.ndarray, patient_cov: np.ndarray, alpha: float) -> 
     se = math.sqrt(total)
     p = _t_p(estimate, se, df)
     half, half90 = sps.t.ppf(1 - alpha / 2, df) * se, sps.t.ppf(1 - alpha, df) * se
-    mde = (sps.norm.ppf(1 - alpha / 2) + sps.norm.ppf(MDE_POWER)) * se
     return Estimate(estimate, se, df, estimate - half, estimate + half, estimate - half90,
                     estimate + half90, p, n, seed_sd, math.sqrt(seed_var), math.sqrt(patient_var),
-                    float(mde))
+                    minimum_detectable_effect(se, df, alpha))
 
 
 def contrast(sm: SeedMacros, weights: dict[Hashable, float], alpha: float) -> Estimate:
@@ -580,8 +595,7 @@ def contrast(sm: SeedMacros, weights: dict[Hashable, float], alpha: float) -> Es
     reps = np.vstack([sum(w * sm.replicates[k][s] for k, w in weights.items()) for s in seeds])
     reps = reps[:, np.isfinite(reps).all(axis=0)]
     if not np.isfinite(values).all() or reps.shape[1] < 2:
-        nan = math.nan
-        return Estimate(nan, nan, nan, nan, nan, nan, nan, nan, len(seeds), nan, nan, nan, nan)
+        return Estimate.missing(len(seeds))
     return seed_estimate(values, np.atleast_2d(np.cov(reps)), alpha)
 
 

@@ -1,7 +1,8 @@
 """The run's headline numbers in one JSON file, :attr:`cxrlib.layout.RunLayout.summary`.
 
-Each stage adds its own keys (notebook 03 the generator's fidelity, notebook 05 the baseline
-and the primary comparisons, the pipeline the stage times); :func:`update_summary` merges
+Each stage adds its own keys (notebook 03 the generator's fidelity, notebook 05 the baseline,
+the primary comparisons, the manipulation checks, the paper's claims and each arm's protocol
+and steps, the pipeline the stage times); :func:`update_summary` merges
 them atomically, so a stage never loses what another wrote. The pipeline copies the file to
 ``reports/<run>/summary.json`` beside the rendered pages. No torch here.
 """
@@ -25,15 +26,30 @@ SCHEMA: dict[str, type | tuple[type, ...]] = {
     "internal_test_images": int,
     "seeds": list,
     "optimizer_steps": dict,
+    "kept_step": dict,
+    "protocol": dict,
     "primary": list,
+    "manipulation_checks": list,
+    "claims": list,
 }
 #: Keys inside the nested entries.
 NESTED: dict[str, tuple[str, ...]] = {
     "fidelity": ("synthetic_macro_auroc", "real_macro_auroc", "ratio"),
     "sex_fidelity": ("synthetic_auroc", "real_auroc"),
 }
+#: Keys of each row of the list entries: a primary comparison (``mde`` and ``mde_holm`` from
+#: t at its df, at alpha and at its family's first Holm level; ``df`` null = infinite, one
+#: seed), a manipulation check, a claim.
 PRIMARY_KEYS: tuple[str, ...] = ("experiment", "baseline", "test_set", "delta", "ci_low",
-                                 "ci_high", "p", "mde")
+                                 "ci_high", "df", "p", "p_holm", "mde", "mde_holm", "verdict")
+CHECK_KEYS: tuple[str, ...] = ("experiment", "baseline", "check", "expected", "test_set",
+                               "delta", "ci_low", "ci_high", "verdict", "held")
+CLAIM_KEYS: tuple[str, ...] = ("claim", "statement", "test_set", "tested", "delta", "ci_low",
+                               "ci_high", "mde", "mde_holm", "verdict", "confounds",
+                               "exchange_rate")
+ROW_KEYS: dict[str, tuple[str, ...]] = {"primary": PRIMARY_KEYS,
+                                        "manipulation_checks": CHECK_KEYS,
+                                        "claims": CLAIM_KEYS}
 
 
 def read_summary(run: RunLayout) -> dict[str, Any]:
@@ -73,8 +89,11 @@ def schema_problems(summary: dict[str, Any]) -> list[str]:
         entry = summary.get(key)
         if isinstance(entry, dict):
             problems += [f"key '{key}.{k}' missing" for k in inner if k not in entry]
-    for i, row in enumerate(summary.get("primary") or []):
-        missing = [k for k in PRIMARY_KEYS if k not in row]
-        if missing:
-            problems.append(f"primary[{i}] lacks {missing}")
+    for key, inner in ROW_KEYS.items():
+        for i, row in enumerate(summary.get(key) or []):
+            missing = [k for k in inner if k not in row]
+            if missing:
+                problems.append(f"{key}[{i}] lacks {missing}")
+    if isinstance(summary.get("claims"), list) and not summary["claims"]:
+        problems.append("key 'claims' is empty (every claim has a row, tested or not)")
     return problems

@@ -12,6 +12,8 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 
 from cxrlib import audit, audit_figures
 from cxrlib.audit_fidelity import (
+    FIDELITY_TARGET,
+    OVER_SEPARATION,
     DemographicProbes,
     fidelity_comparison,
     fidelity_estimate,
@@ -244,6 +246,17 @@ def test_fidelity_comparison_ratio_sentences_and_summary():
                                   probes, min_per_class=10, n_boot=100)
     assert flipped.table().loc[0, "meets_target"] is None  # real below chance: no ratio verdict
     assert "means nothing" in flipped.sentences()[0]
+    # Synthetic images easier to read than real ones: a ratio CI above 1.05 over-separates,
+    # which is reported as such and is no pass of the 0.9x target.
+    assert not table["over_separation"].any() and entries["fidelity"]["over_separation"] is False
+    over = fidelity_comparison(syn, scores(syn, 3.0), syn_f, val, scores(val, 0.3), val_f,
+                               probes, min_per_class=10, n_boot=100)
+    cond = over.table().iloc[0]
+    assert cond["ratio_ci_low"] > OVER_SEPARATION and cond["ratio"] >= FIDELITY_TARGET
+    assert cond["over_separation"] and not cond["meets_target"]
+    entry = over.summary_entries()["fidelity"]
+    assert entry["over_separation"] is True and entry["meets_0.9x_real"] is False
+    assert "over-separation" in over.sentences()[0] and "at least" not in over.sentences()[0]
     fig = audit_figures.fidelity_figure(res.per_label)
     try:
         assert any(t.get_text() == "not in macro" for t in fig.axes[0].texts)

@@ -13,6 +13,7 @@ from sklearn.metrics import roc_auc_score
 
 from cxrlib import findings, stats, study_tables
 from cxrlib.config import PrimarySpec, StatsSpec
+from cxrlib.kinds import Kind
 from cxrlib.stats import (
     SeedMacros,
     adjust_holm,
@@ -22,10 +23,12 @@ from cxrlib.stats import (
     delong_test,
     holm,
     label_rule,
+    minimum_detectable_effect,
     patient_bootstrap_weights,
     seed_macros,
     weighted_auroc,
 )
+from cxrlib.summary import PRIMARY_KEYS, schema_problems
 
 LABELS = tuple(f"Label{j}" for j in range(10))
 
@@ -245,7 +248,8 @@ def test_contrast_two_level_variance_by_hand():
     half = sps.t.ppf(0.975, est.df) * est.se
     assert (est.ci_low, est.ci_high) == pytest.approx((0.02 - half, 0.02 + half))
     assert est.p == pytest.approx(2 * sps.t.sf(0.02 / est.se, est.df))
-    assert est.mde == pytest.approx((1.959964 + 0.841621) * est.se, rel=1e-5)
+    assert est.mde == pytest.approx((sps.t.ppf(0.975, est.df) + sps.t.ppf(0.8, est.df))
+                                    * est.se)
     one = contrast(hand_macros({"b": [0.8], "e": [0.83]}, {"b": reps_b[:1],
                                                           "e": reps_b[:1] + 0.5 * shared}),
                    {"e": 1.0, "b": -1.0}, 0.05)
@@ -290,6 +294,7 @@ GRID = {"real_only.f100": ("real_only", 0, 1.0),
         "real_plus_synthetic_x1.f100": ("real_plus_synthetic", 1, 1.0),
         "real_plus_synthetic_x2.f100": ("real_plus_synthetic", 2, 1.0),
         "real_repeated_x2.f100": ("real_repeated", 2, 1.0),
+        "real_plus_oracle_x2.f100": ("real_plus_oracle", 2, 1.0),
         "synthetic_only_x1.f100": ("synthetic_only", 1, 1.0),
         "real_only.f50": ("real_only", 0, 0.5),
         "real_plus_synthetic_x2.f50": ("real_plus_synthetic", 2, 0.5)}
@@ -300,6 +305,7 @@ def study():
     rng = np.random.default_rng(3)
     signals = {"real_only.f100": 1.2, "real_plus_synthetic_x1.f100": 1.4,
                "real_plus_synthetic_x2.f100": 2.2, "real_repeated_x2.f100": 1.2,
+               "real_plus_oracle_x2.f100": 2.4,
                "synthetic_only_x1.f100": 1.19, "real_only.f50": 1.0,
                "real_plus_synthetic_x2.f50": 1.0}
     frame = make_study(rng, signals, n_patients=400)
@@ -310,17 +316,14 @@ def study():
 def test_primary_analysis_is_the_prespecified_set(study):
     frame, grid, spec, macros = study
     primary = study_tables.primary_analysis(frame, grid, spec)
-    assert set(study_tables.PRIMARY_COLUMNS) <= set(primary.columns)
+    assert set(PRIMARY_KEYS) <= set(primary.columns)
+    # the hypotheses only: real_repeated is named in stats.primary.kinds but is a control
     assert primary["experiment"].tolist() == ["real_plus_synthetic_x1.f100",
-                                              "real_plus_synthetic_x2.f100",
-                                              "real_repeated_x2.f100"]
+                                              "real_plus_synthetic_x2.f100"]
     assert (primary["baseline"] == "real_only.f100").all()
-    np.testing.assert_allclose(primary["mde"], (1.959964 + 0.841621) * primary["se"], rtol=1e-5)
     np.testing.assert_allclose(primary["p_holm"], holm(primary["p"]))
     big = primary.set_index("experiment").loc["real_plus_synthetic_x2.f100"]
     assert big["delta"] > 0.05 and big["p_holm"] < 0.05 and big["verdict"] == "better"
-    assert primary.set_index("experiment").loc["real_repeated_x2.f100", "verdict"] in (
-        "matches", "not shown equivalent")
     # The same rows, to the last digit, inside the table of all comparisons.
     every = study_tables.compare_experiments(macros, grid, spec)
     pd.testing.assert_frame_equal(
@@ -346,16 +349,25 @@ def test_secondary_comparisons_and_synthetic_only_equivalence(study):
     assert every.loc["real_plus_synthetic_x2.f50", "baseline"] == "real_only.f50"
 
 
-def test_dose_response_slope(study):
+def test_dose_response_includes_k0_and_needs_three_doses(study):
     _, grid, spec, macros = study
     dose = study_tables.dose_response(macros, grid, spec).set_index("real_fraction")
-    assert list(dose.index) == [1.0]             # 50% has one k: no trend to test
     row = dose.loc[1.0]
     sm = macros["internal"]
     mean = {e: np.mean(list(sm.point[e].values())) for e in GRID}
-    expected = mean["real_plus_synthetic_x2.f100"] - mean["real_plus_synthetic_x1.f100"]
-    assert row["slope_per_k"] == pytest.approx(expected)
-    assert row["slope_per_k"] > 0 and row["primary"] and row["k_values"] == "1, 2"
+    ks = np.array([0.0, 1.0, 2.0])                 # the baseline is dose 0
+    levels = [mean["real_only.f100"], mean["real_plus_synthetic_x1.f100"],
+              mean["real_plus_synthetic_x2.f100"]]
+    assert row["slope_per_k"] == pytest.approx(np.polyfit(ks, levels, 1)[0])
+    assert row["slope_per_k"] > 0 and row["primary"] and row["k_values"] == "0, 1, 2"
+    assert row["reason"] == "-" and row["mde_holm"] == pytest.approx(row["mde"])  # m = 1
+    # 50% has k = 2 and its baseline only: two doses give no slope, and the row says why
+    two = dose.loc[0.5]
+    assert two["n_doses"] == 2 and np.isnan(two["slope_per_k"]) and np.isnan(two["p_holm"])
+    assert "only 2 dose(s) (k = 0, 2; k = 0 is real_only.f50)" in two["reason"]
+    text = findings.dose_sentences(dose.reset_index(), spec)
+    assert any("no dose-response slope" in t and "at least 3" in t for t in text)
+    assert any("k = 0 the baseline" in t for t in text)
 
 
 def test_compare_labels_with_seeds(study):
@@ -440,9 +452,12 @@ def test_seed_spread_and_compute_table(study):
     assert spread.loc["real_only.f100", "macro_auroc_min"] == pytest.approx(min(values))
     old = study_tables.compute_table(grid)           # a run from before the compute columns
     assert old["optimizer_steps"].isna().all() and (old["train_seconds"] == 2.0).all()
-    new = study_tables.compute_table(grid.assign(optimizer_steps=[10, 20, 30, 40, 50, 60, 70],
-                                                 images_seen=320))
-    assert new.set_index("experiment").loc["real_only.f50", "optimizer_steps"] == 60
+    assert old["kept_step"].isna().all() and old["protocol"].isna().all()
+    new = study_tables.compute_table(grid.assign(
+        optimizer_steps=[10, 20, 30, 40, 50, 60, 70, 80], best_step=[5, 10, 15, 20, 25, 30, 35, 40],
+        images_seen=320, protocol="converged"))
+    row = new.set_index("experiment").loc["real_only.f50"]
+    assert (row["optimizer_steps"], row["kept_step"], row["protocol"]) == (70, 35, "converged")
 
 
 # --- Findings ---------------------------------------------------------------------------------
@@ -453,20 +468,212 @@ def test_findings_state_numbers_and_rules(study):
     primary = study_tables.primary_analysis(macros, grid, spec)
     every = study_tables.compare_experiments(macros, grid, spec)
     dose = study_tables.dose_response(macros, grid, spec)
+    checks = study_tables.manipulation_checks(macros, grid, spec)
+    claims = study_tables.claims_table(every, grid, spec)
+    flags = study_tables.training_flags(grid, every, checks)
     _, did = study_tables.subgroup_analysis(frame, *study_tables.subgroup_pair(grid, spec),
                                             spec.model_copy(update={"subgroups": ["sex"]}))
-    text = findings.study_findings(summary, primary, dose, every, did, spec)
+    text = findings.study_findings(summary, primary, dose, every, did, spec, claims=claims,
+                                   checks=checks, flags=flags)
+    # the findings open with one sentence per claim of the paper
+    assert [t[:8] for t in text[:3]] == ["Claim 1 ", "Claim 2 ", "Claim 3 "]
+    assert "not tested externally (no external test set in this run)" in text[0]
+    assert "supported on internal by real_plus_synthetic_x2.f100" in text[0]
+    assert "not tested in this run (no synthetic_only arm with k = 2, 3" in text[1]
     assert any("at least 10 positives and 10 negatives" in s and "left out: -" in s
                for s in text)
     big = primary.set_index("experiment").loc["real_plus_synthetic_x2.f100"]
     sentence = next(s for s in text if s.startswith(
         "On internal, real_plus_synthetic_x2.f100 vs real_only.f100"))
     assert f"delta {big['delta']:+.3f}" in sentence and f"MDE {big['mde']:.3f}" in sentence
+    assert f"{big['mde_holm']:.3f} at Holm's first level, alpha/2" in sentence
     assert "3 seeds paired by seed" in sentence and "better (Holm-adjusted p" in sentence
-    control = text.index(next(s for s in text if "real_repeated_x2.f100 (the real rows" in s))
-    assert control == text.index(sentence) + 1          # the control sits beside k = 2
+    check = next(s for s in text if s.startswith(
+        "Manipulation check (control: real + perfect generator; expected better"))
+    assert "real_plus_oracle_x2.f100 vs real_only.f100" in check and "check held" in check
+    assert text.index(check) > text.index(sentence)         # checks follow the hypotheses
+    assert any(s.startswith("Manipulation check (more real data beats less") for s in text)
     assert any("synthetic_only_x1.f100 (synthetic training images only)" in s
                and ("not shown equivalent" in s or "matches (TOST" in s) for s in text)
     assert any("difference-in-differences" in s for s in text)
     one_seed = findings.design_sentences(summary.assign(n_seeds=1), spec)
     assert "training variance is not estimated" in one_seed[1]
+
+
+# --- Inference at its real degrees of freedom (issue 18) --------------------------------------
+
+def test_mde_uses_t_at_the_comparisons_df_and_the_holm_level():
+    se = 0.01
+    normal = (sps.norm.ppf(0.975) + sps.norm.ppf(0.8)) * se
+    small = minimum_detectable_effect(se, 2.5, 0.05)
+    assert small == pytest.approx((sps.t.ppf(0.975, 2.5) + sps.t.ppf(0.8, 2.5)) * se)
+    assert small > 1.5 * normal                          # 2-5 df: far above the normal value
+    assert minimum_detectable_effect(se, np.inf, 0.05) == pytest.approx(normal)
+    assert minimum_detectable_effect(se, 1e6, 0.05) == pytest.approx(normal, rel=1e-4)
+    first_holm = minimum_detectable_effect(se, 4.0, 0.05 / 3)  # three hypotheses
+    assert first_holm == pytest.approx((sps.t.ppf(1 - 0.05 / 6, 4.0) + sps.t.ppf(0.8, 4.0)) * se)
+    assert first_holm > minimum_detectable_effect(se, 4.0, 0.05)
+    assert np.isnan(minimum_detectable_effect(np.nan, 3.0, 0.05))
+
+
+def test_primary_mde_at_the_familys_holm_level(study):
+    _, grid, spec, macros = study
+    primary = study_tables.primary_analysis(macros, grid, spec)
+    assert (primary["family_size"] == 2).all()
+    for row in primary.to_dict("records"):
+        assert row["mde"] == pytest.approx(minimum_detectable_effect(row["se"], row["df"], 0.05))
+        assert row["mde_holm"] == pytest.approx(
+            minimum_detectable_effect(row["se"], row["df"], 0.05 / 2))
+        assert row["mde_holm"] > row["mde"] > 0
+
+
+def test_controls_are_manipulation_checks_outside_the_holm_family(study):
+    _, grid, spec, macros = study
+    hypotheses_only = grid[~grid["kind"].map(lambda k: Kind(k).control)]
+    alone = study_tables.primary_analysis(macros, hypotheses_only, spec)
+    with_controls = study_tables.primary_analysis(macros, grid, spec)
+    pd.testing.assert_series_equal(with_controls["p_holm"], alone["p_holm"])
+    named = spec.model_copy(update={"primary": PrimarySpec(
+        kinds=[Kind.REAL_PLUS_SYNTHETIC, Kind.REAL_PLUS_ORACLE, Kind.REAL_REPEATED])})
+    pd.testing.assert_series_equal(
+        study_tables.primary_analysis(macros, grid, named)["p_holm"], alone["p_holm"])
+    every = study_tables.compare_experiments(macros, grid, spec).set_index("experiment")
+    oracle = every.loc["real_plus_oracle_x2.f100"]
+    assert oracle["control"] and not oracle["primary"]
+    assert oracle["family"] == "check: real_plus_oracle_x2.f100 vs real_only.f100: internal"
+    checks = study_tables.manipulation_checks(macros, grid, spec)
+    assert list(zip(checks["experiment"], checks["baseline"], strict=True)) == [
+        ("real_repeated_x2.f100", "real_only.f100"), ("real_plus_oracle_x2.f100", "real_only.f100"),
+        ("real_only.f100", "real_only.f50")]             # more real data beats less
+    np.testing.assert_allclose(checks["p_holm"], checks["p"])  # each check is judged alone
+    by = checks.set_index("experiment")
+    assert by.loc["real_plus_oracle_x2.f100", "delta"] == pytest.approx(oracle["delta"])
+    assert by.loc["real_plus_oracle_x2.f100", ["expected", "verdict", "held"]].tolist() == [
+        "better", "better", True]
+    assert by.loc["real_repeated_x2.f100", "expected"] == "not better"
+    assert by.loc["real_repeated_x2.f100", "held"]
+    more = by.loc["real_only.f100"]
+    assert more["check"] == study_tables.MORE_REAL and more["delta"] > 0
+    assert more["held"] == more["verdict"].startswith("better")
+    assert set(study_tables.CHECK_EXPECTATIONS) == {k for k in Kind if k.control}
+
+
+def test_check_outcomes_follow_their_expectation():
+    held = study_tables._held
+    assert held("better", "better") and not held("not shown equivalent", "better")
+    assert held("worse", "not better") and not held("better (within the equivalence margin)",
+                                                    "not better")
+    assert held("not shown equivalent", "not worse") and not held("worse", "not worse")
+    assert held("better", "reported") is None and held("n/a", "better") is None
+
+
+def _claims_grid() -> pd.DataFrame:
+    """A grid with the arms of the three claims, protocol steps, passes and kept steps."""
+    arms = {"real_only.f20": ("real_only", 0, 0.2, 300, 12.0),
+            "real_plus_synthetic_x2.f20": ("real_plus_synthetic", 2, 0.2, 900, 4.0),
+            "synthetic_only_x1.f20": ("synthetic_only", 1, 0.2, 300, 0.0),
+            "synthetic_only_x2.f20": ("synthetic_only", 2, 0.2, 300, 0.0),
+            "real_only.f10": ("real_only", 0, 0.1, 200, 12.0),
+            "real_plus_synthetic_x2.f10": ("real_plus_synthetic", 2, 0.1, 300, 4.0),
+            "nih_only": ("external_only", 0, 1.0, 100, 6.0),
+            "nih_plus_synthetic_x1": ("external_plus_synthetic", 1, 1.0, 150, 3.0)}
+    return pd.DataFrame([{"experiment": e, "kind": kind, "k": k, "real_fraction": f,
+                          "train_site": "nih" if kind.startswith("external") else "chexpert",
+                          "seed": 0, "protocol": "steps", "best_step": kept,
+                          "passes_per_real_image": passes, "converged": True}
+                         for e, (kind, k, f, kept, passes) in arms.items()])
+
+
+def _claims_comparisons(grid: pd.DataFrame) -> pd.DataFrame:
+    """Comparison rows as compare_experiments gives them, with chosen numbers and verdicts."""
+    rows = [("real_plus_synthetic_x2.f20", "chexpert (internal)", 0.03, 0.01, 0.05, "better"),
+            ("real_plus_synthetic_x2.f20", "nih (external)", 0.01, -0.02, 0.04,
+             "not shown equivalent"),
+            ("real_plus_synthetic_x2.f10", "chexpert (internal)", -0.05, -0.07, -0.03, "worse"),
+            ("synthetic_only_x1.f20", "chexpert (internal)", -0.08, -0.1, -0.06, "worse"),
+            ("synthetic_only_x2.f20", "chexpert (internal)", -0.004, -0.012, 0.004, "matches"),
+            ("nih_plus_synthetic_x1", "nih (external)", -0.03, -0.05, -0.01, "worse")]
+    info = study_tables.experiment_info(grid).set_index("experiment")
+    return pd.DataFrame([{"experiment": e, "baseline": info.loc[e, "baseline"],
+                          "kind": info.loc[e, "kind"], "k": info.loc[e, "k"],
+                          "real_fraction": info.loc[e, "real_fraction"], "test_set": t,
+                          "delta": d, "ci_low": lo, "ci_high": hi, "ci90_low": lo + 0.002,
+                          "ci90_high": hi - 0.002, "p_holm": 0.01 if v in ("better", "worse")
+                          else 0.5, "mde": 0.029, "mde_holm": 0.043, "family_size": 2,
+                          "verdict": v} for e, t, d, lo, hi, v in rows])
+
+
+def test_claim_verdicts():
+    verdict = study_tables.claim_verdict
+    assert verdict("gain", "better (within the equivalence margin)", 0.001, 0.01, 0.02) == (
+        "supported")
+    assert verdict("gain", "worse", -0.05, -0.03, 0.02) == "contradicted"
+    assert verdict("gain", "matches", -0.01, 0.01, 0.02) == "contradicted"  # no gain that size
+    assert verdict("gain", "not shown equivalent", -0.01, 0.03, 0.02) == "inconclusive"
+    assert verdict("equivalence", "worse (within the equivalence margin)", -0.019, -0.001,
+                   0.02) == "supported"
+    assert verdict("equivalence", "worse", -0.05, -0.03, 0.02) == "contradicted"
+    assert verdict("equivalence", "not shown equivalent", -0.03, 0.01, 0.02) == "inconclusive"
+    assert verdict("equivalence", "better", 0.01, 0.05, 0.02) == "supported"
+
+
+def test_claims_table_answers_the_papers_claims():
+    grid = _claims_grid()
+    comparisons = _claims_comparisons(grid)
+    exchange = pd.DataFrame([{"experiment": "real_plus_synthetic_x2.f20",
+                              "test_set": "chexpert (internal)", "rate": 0.5, "ci_low": 0.2,
+                              "ci_high": 0.9, "extrapolated": True}])
+    claims = study_tables.claims_table(comparisons, grid, StatsSpec(), exchange)
+    got = {(r["claim"], r["test_set"], r["experiment"]): r["verdict"]
+           for r in claims.to_dict("records")}
+    assert got == {  # the primary fraction (20%) only; synthetic only at k = 2-3 only
+        (1, "chexpert (internal)", "real_plus_synthetic_x2.f20"): "supported",
+        (1, "nih (external)", "real_plus_synthetic_x2.f20"): "inconclusive",
+        (2, "chexpert (internal)", "synthetic_only_x2.f20"): "supported",
+        (3, "nih (external)", "nih_plus_synthetic_x1"): "contradicted"}
+    first = claims.iloc[0]
+    assert (first["exchange_rate"], first["exchange_extrapolated"]) == (0.5, True)
+    assert np.isnan(claims.iloc[1]["exchange_rate"])
+    assert "distillation" in first["confounds"]
+    assert "see each real image 4.0 vs 12.0 times" in first["confounds"]   # protocol steps
+    assert "kept steps differ more than 2-fold (900 vs 300)" in first["confounds"]
+    assert "external_plus_real" in claims.iloc[3]["confounds"]
+    spec = StatsSpec()
+    summary = findings.claims_summary(claims, spec)
+    assert len(summary) == 3 and summary[2].startswith("Claim 3 (an external site's data")
+    assert "contradicted on nih (external) by nih_plus_synthetic_x1 vs nih_only" in summary[2]
+    text = findings.claim_sentences(claims, spec)
+    assert "worth 0.50 real images (95% CI 0.20 to 0.90, extrapolated" in text[0]
+    assert "detects 0.029 with 80% power (0.043 at its family's first Holm level)" in text[1]
+    # without the arms (or an external test set) a claim is not tested in this run
+    internal = comparisons[comparisons["kind"] == "real_plus_synthetic"]
+    internal = internal[internal["test_set"] == "chexpert (internal)"]
+    few = study_tables.claims_table(internal, grid, spec)
+    assert few["verdict"].tolist() == ["not tested in this run", "supported",
+                                       "not tested in this run", "not tested in this run"]
+    assert few.iloc[0]["tested"] == "no external test set in this run"
+    assert few.iloc[2]["tested"] == ("no synthetic_only arm with k = 2, 3 at 20% real data in "
+                                     "the grid")
+
+
+def test_training_flags_name_kept_steps_and_unconverged_arms():
+    grid = _claims_grid()
+    grid.loc[grid["experiment"] == "nih_plus_synthetic_x1", ["protocol", "converged"]] = [
+        "converged", False]
+    flags = study_tables.training_flags(grid, _claims_comparisons(grid))
+    kept = flags[flags["flag"] == study_tables.KEPT_STEPS_DIFFER]
+    assert kept["experiment"].tolist() == ["real_plus_synthetic_x2.f20"]   # 900 vs 300
+    stuck = flags[flags["flag"] == study_tables.NOT_CONVERGED].iloc[0]
+    assert (stuck["experiment"], stuck["seeds_not_converged"], stuck["n_seeds"]) == (
+        "nih_plus_synthetic_x1", 1, 1)
+    text = findings.flag_sentences(flags)
+    assert "kept step 900 against 300 for real_only.f20" in text[0]
+    assert "did not converge in 1 of 1 seeds" in text[1]
+
+
+def test_summary_schema_checks_the_new_rows():
+    summary = {"primary": [{k: 0 for k in PRIMARY_KEYS if k != "mde_holm"}], "claims": []}
+    problems = schema_problems(summary)
+    assert "primary[0] lacks ['mde_holm']" in problems
+    assert any("'claims' is empty" in p for p in problems)
+    assert "missing key 'manipulation_checks'" in problems
