@@ -31,6 +31,7 @@ SCHEMA: dict[str, type | tuple[type, ...]] = {
     "primary": list,
     "manipulation_checks": list,
     "claims": list,
+    "exchange_rate": dict,
 }
 #: Keys inside the nested entries.
 NESTED: dict[str, tuple[str, ...]] = {
