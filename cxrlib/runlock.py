@@ -67,9 +67,12 @@ class Holder:
 
     @classmethod
     def this_process(cls, stage: str) -> Holder:
+        script = Path(sys.argv[0])  # python -m cxrlib runs cxrlib/__main__.py
+        program = f"python -m {script.parent.name}" if script.name == "__main__.py" \
+            else script.name
         return cls(os.getpid(), socket.gethostname(), stage,
                    datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                   " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:200], uuid4().hex)
+                   " ".join([program, *sys.argv[1:]])[:200], uuid4().hex)
 
     def describe(self) -> str:
         return (f"process {self.pid} on host {self.host}, stage {self.stage}, since "

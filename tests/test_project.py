@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from cxrlib import pipeline
+from cxrlib.__main__ import main
 from cxrlib.config import Params, ParamsError, load_params
 from cxrlib.layout import STAGES, RunLayout
 from cxrlib.pipeline import run_pipeline, run_stage
@@ -149,6 +150,9 @@ def test_pipeline_runs_every_stage_and_renders_the_reports(tmp_path, capsys):
     page = index.read_text()
     assert "Key numbers" in page and "<code>minutes_total</code>" in page
     assert "<code>fidelity.ratio</code>" in page and "Primary comparisons" in page
+    # each stage recorded what it wrote, under the runner's lock; the finished run verifies
+    assert all(run.record(s).exists() for s in STAGES) and not run.holder.exists()
+    assert main(["verify", "--params", str(ROOT / "params" / "smoke.yaml")]) == 0
     run_pipeline(ROOT / "params" / "smoke.yaml", reports_root=reports)
     assert capsys.readouterr().out.count("[skip]") == len(STAGES)
 
