@@ -28,16 +28,18 @@ from cxrlib import diffusion
 from cxrlib.__main__ import main
 from cxrlib.config import load_params
 from cxrlib.data import prepare_cohort
-from cxrlib.diffusion import latest_checkpoint, load_weights, train_diffusion
+from cxrlib.diffusion import train_diffusion
 from cxrlib.experiments import grid_data, run_experiment, training_set
+from cxrlib.generator import CXRPipeline
 from cxrlib.grid import plan_grid
 from cxrlib.imagecache import ImageCache
 from cxrlib.io import DiskFullError
 from cxrlib.layout import RUNS_DIR_ENV, RunLayout
+from cxrlib.network import latest_checkpoint, load_weights
 from cxrlib.records import VerificationError, check_stage, file_sha256, read_record
 from cxrlib.report import Outputs
 from cxrlib.runlock import RunBusyError, hold, read_holder, writing
-from cxrlib.sampling import generate_cohort, replica_plan
+from cxrlib.sampling import diffusion_source, generate_cohort, replica_plan
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "params" / "smoke.yaml"
@@ -271,8 +273,10 @@ def test_a_full_disk_during_a_shard(built, tmp_path, monkeypatch):
         run.synthetic_shard("replicas", s).unlink()
     first = file_sha256(run.synthetic_shard("replicas", 0))
     _fill_disk_at(monkeypatch, np, "savez", "shard-00001")
+    generator = CXRPipeline.from_checkpoint(ckpt, params.diffusion)
     with pytest.raises(DiskFullError) as err:
-        generate_cohort(params, plan, load_weights(ckpt), run, "replicas", progress=False)
+        generate_cohort(params, plan, diffusion_source(params, generator), run, "replicas",
+                        progress=False)
     images = params.sampling.shard_size * params.data.resolution ** 2  # uint8
     assert f"disk full while writing {run.synthetic_shard('replicas', 1)}: it needs at least " \
            f"{images / 1e6:,.1f} MB free" in str(err.value)
