@@ -39,10 +39,10 @@ class DiskFullError(RuntimeError):
 
 
 def _size(path: Path) -> int:
-    """Bytes of a file, or of every file under a folder (0 when it does not exist)."""
-    if path.is_file():
-        return path.stat().st_size
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.exists() else 0
+    """Bytes on disk of a file, or of every file under a folder (0 when it does not exist);
+    a sparse file (a memory map not yet written) counts only what is allocated."""
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    return sum(min(st.st_size, st.st_blocks * 512) for st in (f.stat() for f in files))
 
 
 def _disk_full(err: BaseException, folder: Path) -> bool:
@@ -174,8 +174,8 @@ def write_image_cache(folder: Path, capacity: int, resolution: int) -> Iterator[
     """
     folder.mkdir(parents=True, exist_ok=True)
     shape = (capacity, resolution, resolution)
-    with atomic_path(folder / CACHE_IMAGES) as tmp:
-        images = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
+    with atomic_path(folder / CACHE_IMAGES, expected_bytes=int(np.prod(shape))) as tmp:
+        images = _memmap(tmp, np.dtype(np.uint8), shape)
         writer = CacheWriter(images)
         try:
             yield writer
@@ -188,11 +188,27 @@ def write_image_cache(folder: Path, capacity: int, resolution: int) -> Iterator[
     atomic_write_parquet(pd.DataFrame({"image_id": writer.image_ids}), folder / CACHE_INDEX)
 
 
+def _memmap(path: Path, dtype: np.dtype, shape: tuple[int, ...]) -> np.memmap:
+    """A new .npy file opened as a writable memory map, its blocks allocated first: a disk
+    too small fails here, as an OSError a write names (:class:`DiskFullError`), instead of
+    killing the process with SIGBUS when a page of the map cannot be written."""
+    images = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+    try:
+        with open(path, "r+b") as f:
+            os.posix_fallocate(f.fileno(), 0, os.path.getsize(path))
+    except OSError as err:
+        if err.errno in (errno.EOPNOTSUPP, errno.EINVAL):  # not supported by this file system
+            return images
+        del images
+        raise
+    return images
+
+
 def _compact(images: np.ndarray, rows: int, path: Path) -> None:
     """Replace the .npy file ``path`` by its first ``rows`` rows (copied in chunks)."""
-    with atomic_path(path) as tmp:
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=images.dtype,
-                                        shape=(rows, *images.shape[1:]))
+    shape = (rows, *images.shape[1:])
+    with atomic_path(path, expected_bytes=int(np.prod(shape)) * images.itemsize) as tmp:
+        out = _memmap(tmp, images.dtype, shape)
         for start in range(0, rows, 4096):
             stop = min(start + 4096, rows)
             out[start:stop] = images[start:stop]

@@ -226,7 +226,10 @@ def writing(run: RunLayout, stage: str) -> Iterator[None]:
     with hold(run, stage) as taken:
         _on_main(lambda: check_inputs(run, stage) if taken else None)
         yield
-        _on_main(lambda: record_stage(run, stage) if taken else None)
+        # The stages end with every process's writes done (their last step runs on_main) and
+        # may have closed the process group (Accelerator.end_training): no collective here.
+        if taken:
+            record_stage(run, stage)
 
 
 def claim(run: RunLayout, stage: str) -> None:

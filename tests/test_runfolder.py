@@ -33,7 +33,7 @@ from cxrlib.experiments import grid_data, run_experiment, training_set
 from cxrlib.generator import CXRPipeline
 from cxrlib.grid import plan_grid
 from cxrlib.imagecache import ImageCache
-from cxrlib.io import DiskFullError
+from cxrlib.io import DiskFullError, write_image_cache
 from cxrlib.layout import RUNS_DIR_ENV, RunLayout
 from cxrlib.network import latest_checkpoint, load_weights
 from cxrlib.records import VerificationError, check_stage, file_sha256, read_record
@@ -299,6 +299,26 @@ def test_a_full_disk_during_a_predictions_file(built, tmp_path, monkeypatch):
         run_experiment(exp, params, data, training_set(exp, params, data), run)
     assert file_sha256(done.predictions) == before  # the old predictions, whole
     assert _scratch(done.root) == []
+
+
+def test_a_disk_too_small_for_an_image_cache_fails_before_writing_it(tmp_path, monkeypatch):
+    """The cache's memory map is allocated first: a full disk is an error naming the file and
+    its size, not a SIGBUS half way through, and the cache there before is kept."""
+    folder = tmp_path / "cache_32"
+    with write_image_cache(folder, 2, 32) as cache:
+        cache.add(["a", "b"], np.ones((2, 32, 32), np.uint8))
+    before = _digests(folder)
+
+    def no_space(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", no_space)
+    full = re.escape(f"disk full while writing {folder / 'images.npy'}: it needs at least "
+                     "1.0 MB free")
+    with pytest.raises(DiskFullError, match=full), write_image_cache(folder, 1000, 32) as cache:
+        cache.add(["c"], np.zeros((1, 32, 32), np.uint8))
+    assert _digests(folder) == before and _scratch(folder) == []
+    assert ImageCache(folder).image_ids == ["a", "b"]
 
 
 # ---------------------------------------------------------------------------------------------
