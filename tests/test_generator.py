@@ -23,7 +23,7 @@ from cxrlib.imagecache import ImageCache
 from cxrlib.layout import RunLayout
 from cxrlib.network import load_weights, noise_scheduler
 from cxrlib.samplers import generate
-from cxrlib.sampling import generate_cohort, replica_plan
+from cxrlib.sampling import diffusion_source, generate_cohort, replica_plan
 from cxrlib.summary import update_summary
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -135,7 +135,8 @@ def test_cohort_from_the_exported_folder_equals_the_checkpoints(exported, tmp_pa
     for name, gen in (("checkpoint", CXRPipeline.from_checkpoint(ckpt, params.diffusion)),
                       ("exported", CXRPipeline.from_exported(out))):
         here = RunLayout(tmp_path / name, run.resolution, run.name, run.project)
-        generate_cohort(params, plan, gen, here, "replicas", progress=False)
+        generate_cohort(params, plan, diffusion_source(params, gen), here, "replicas",
+                        progress=False)
         shards[name] = np.load(here.synthetic_shard("replicas", 0))
     assert np.array_equal(shards["checkpoint"]["images"], shards["exported"]["images"])
     assert str(shards["exported"]["checkpoint"]) == ckpt.name
