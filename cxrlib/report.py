@@ -415,8 +415,9 @@ def exchange_figure(curve: pd.DataFrame, rates: pd.DataFrame) -> plt.Figure:
     beyond the measured sizes is drawn hollow (extrapolated)."""
     tests = list(dict.fromkeys(curve["test_set"]))
     fig, axes = plt.subplots(1, len(tests), figsize=(4.8 * len(tests), 4.0), squeeze=False)
-    palette = dict(zip(dict.fromkeys(rates["experiment"]), sns.color_palette("tab10")[1:],
-                       strict=False))
+    colours = sns.color_palette("tab10")[1:]  # red (the curve) left out
+    palette = {e: colours[i % len(colours)]
+               for i, e in enumerate(dict.fromkeys(rates["experiment"]))}
     for ax, test in zip(axes[0], tests, strict=True):
         c = curve[curve["test_set"] == test].sort_values("real_images")
         grid_n = np.geomspace(c["real_images"].min() / 1.5, c["real_images"].max() * 2, 60)
