@@ -24,7 +24,7 @@ from pydantic import (
     model_validator,
 )
 
-from cxrlib.kinds import Kind
+from cxrlib.kinds import ORACLE_STRATEGIES, Kind
 from cxrlib.labels import CHEXPERT_LABELS, RACE_VALUES
 
 Split = Literal["train", "val", "test"]
@@ -581,7 +581,7 @@ class Params(_Strict):
             if max(ks, default=0) > self.sampling.replicas:
                 raise ValueError(f"experiments.{key} asks for {max(ks)} renders per row but "
                                  f"sampling.replicas is {self.sampling.replicas}")
-        oracles = [s for s in self.sampling.strategies if s.startswith("oracle")]
+        oracles = [s for s in self.sampling.strategies if s in ORACLE_STRATEGIES]
         real_sites = [s.site for s in self.data.sites if s.reader != "phantom"]
         if oracles and real_sites:
             raise ValueError(

@@ -144,8 +144,8 @@ def training_set(exp: Experiment, params: Params, data: GridData) -> pd.DataFram
     if recipe.synthetic != "none" and recipe.cohort not in data.synthetic:
         raise DataError(f"experiment {exp.name} needs the synthetic cohort '{recipe.cohort}'; "
                         "add it to sampling.strategies and run notebook 03")
-    pool = data.synthetic.get(recipe.cohort, data.synthetic.get("replicas"))
-    synth = pool.iloc[:0] if pool is not None else pd.DataFrame(columns=real.columns)
+    pool = data.synthetic.get(recipe.cohort)
+    synth = real.iloc[:0]
     if recipe.synthetic == "all_replicas":
         synth = pool[pool["replica"] < exp.k]
     elif recipe.synthetic == "internal_real":

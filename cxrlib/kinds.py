@@ -13,6 +13,10 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Literal
 
+#: Synthetic cohorts whose images are fresh phantom renders of their source rows (a perfect
+#: generator, :func:`cxrlib.sampling.oracle_source`), not the diffusion model's.
+ORACLE_STRATEGIES: tuple[str, ...] = ("oracle", "oracle_smooth")
+
 
 @dataclass(frozen=True)
 class Recipe:
@@ -84,11 +88,6 @@ class Kind(StrEnum):
         (the same rows repeated, labels shuffled, a perfect generator, more real images), so
         it tests the instrument and stays outside the Holm family of the hypotheses."""
         return self in _CONTROLS
-
-    @property
-    def oracle(self) -> bool:
-        """Trained on fresh phantom renders (a perfect generator): phantom cohorts only."""
-        return self.recipe.cohort.startswith("oracle")
 
     def experiment_name(self, k: int, real_fraction: float, site: str) -> str:
         """The experiment's name: ``real_only.f20``, ``real_plus_synthetic_x2.f20``,

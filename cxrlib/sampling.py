@@ -42,6 +42,7 @@ from cxrlib.io import (
     process_state,
     write_image_cache,
 )
+from cxrlib.kinds import ORACLE_STRATEGIES
 from cxrlib.labels import CHEXPERT_LABELS, MANIFEST_COLUMNS
 from cxrlib.layout import RunLayout
 from cxrlib.phantom import ORACLE_STREAM, STYLES, render_jpeg, smooth_style
@@ -55,8 +56,6 @@ PROVENANCE_COLUMNS: tuple[str, ...] = (
 )
 
 
-#: Strategies whose images are fresh phantom renders (a perfect generator), not the model's.
-ORACLE_STRATEGIES: tuple[str, ...] = ("oracle", "oracle_smooth")
 #: What an oracle cohort's ``checkpoint`` and ``sampler`` columns name.
 PHANTOM_RENDERER = "phantom-renderer"
 
