@@ -282,6 +282,10 @@ class ExperimentSpec(_Strict):
     #: real training data; every supplementation experiment runs at each fraction.
     real_fractions: list[Annotated[float, Field(gt=0, le=1)]] = Field(
         default_factory=lambda: [1.0])
+    #: The real fractions at which the supplemented and control arms run (None = every real
+    #: fraction); real only runs at every one of ``real_fractions`` (the learning curve of the
+    #: exchange rate needs three or more).
+    supplement_fractions: list[Annotated[float, Field(gt=0, le=1)]] | None = None
     #: Real + replicas 0..k-1 of every real training row (k = 1 is +100%; the paper: 1..10).
     supplement_k: list[Annotated[int, Field(ge=1, le=10)]] = Field(
         default_factory=lambda: [1])
@@ -589,6 +593,10 @@ class Params(_Strict):
                 f"phantom images of a row, which real data (site(s) {real_sites}) cannot "
                 "have; remove it, and use the exchange rate against real-only arms at several "
                 "experiments.real_fractions as the positive control")
+        stray = sorted(set(grid.supplement_fractions or []) - set(grid.real_fractions))
+        if stray:
+            raise ValueError(f"experiments.supplement_fractions {stray} are not in "
+                             f"experiments.real_fractions {grid.real_fractions}")
         external = {s.site for s in self.data.sites if s.role == "external"}
         for e in grid.external:
             if e.site not in external:

@@ -263,6 +263,17 @@ def test_a_step_budget_gives_every_training_set_the_same_steps():
     assert len(per_epoch) == 4 and all(len(r) == 7 for r in per_epoch)  # 6 full + 1 of 2
 
 
+def test_supplement_fractions_keep_the_other_arms_at_the_listed_fractions():
+    params = load_params(ROOT / "params" / "smoke.yaml",
+                         {"experiments.supplement_fractions": [0.5]})
+    names = [e.name for e in plan_grid(params)]
+    assert {"real_only.f100", "real_only.f50", "real_only.f25"} <= set(names)
+    assert not [n for n in names if n != "real_only.f100" and n.endswith(".f100")]
+    assert "real_plus_oracle_x1.f50" in names and "real_plus_oracle_x1.f25" not in names
+    with pytest.raises(ParamsError, match="supplement_fractions .0.3. are not in"):
+        load_params(ROOT / "params" / "smoke.yaml", {"experiments.supplement_fractions": [0.3]})
+
+
 def test_converged_protocol_validates_every_eval_every_steps_up_to_its_ceiling():
     spec = ClassifierSpec(batch_size=8, protocol="converged", max_steps=100, eval_every=25)
     for n in (20, 333):
