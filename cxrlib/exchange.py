@@ -6,15 +6,16 @@ training images ``n``. The curve is fitted as ``auroc = a + b ln n`` (log-linear
 when ``b > 0``), the simplest form that follows the diminishing returns seen in learning
 curves with two parameters, so three sizes leave one degree of freedom to show the fit.
 
-Every supplemented internal arm is placed on its seed's curve: the real images ``n_eq`` that
-would give its AUROC, ``worth = n_eq - n_real`` (what its extra images bought) and the rate
-``r = worth / n_extra`` ("one synthetic image is worth r real images"). A perfect generator
+Every supplemented internal arm is placed on the curve through its paired per-seed delta to
+its own baseline (real only at the same fraction): ``n_eq = n_base exp(delta / b)`` real
+images would give its AUROC, ``worth = n_eq - n_real`` is what its extra images bought, and
+``r = worth / n_extra`` is "one synthetic image is worth r real images". A perfect generator
 should come out near ``r = 1`` (when its images add as much as new patients' would), labels
-shuffled at or below 0: that is the instrument's calibration. ``r`` is computed per seed (each
-seed draws its own real subsets and its own curve) and under each shared patient-bootstrap
-replicate, and combined like any contrast (:func:`cxrlib.stats.seed_estimate`: seeds as a
-random effect, t with Satterthwaite df). An arm whose ``n_eq`` lies outside the sizes the curve
-was measured at is marked ``extrapolated``.
+shuffled at or below 0: that is the instrument's calibration. ``r`` is computed per seed and
+under each shared patient-bootstrap replicate (b refitted to each) and combined like any
+contrast (:func:`cxrlib.stats.seed_estimate`: seeds as a random effect, t with Satterthwaite
+df). Where the curve is not shown to rise (b's replicates reach 0) no rate is given; an arm
+whose ``n_eq`` lies outside the measured sizes is marked ``extrapolated``.
 
 Written here because no library inverts a per-seed learning curve with this variance model;
 the fit is numpy's least squares.
@@ -97,14 +98,29 @@ def learning_curve(macros: dict[str, SeedMacros], grid: pd.DataFrame) -> pd.Data
     return pd.DataFrame(rows)
 
 
+def _pooled_slope(sm: SeedMacros, curve: list[str], log_n: np.ndarray,
+                  seeds: list[Hashable]) -> tuple[float, np.ndarray]:
+    """The curve's slope fitted to the seed means, and under each patient-bootstrap replicate
+    (the replicates' seed means)."""
+    y = np.array([np.mean([sm.point[e][s] for s in seeds]) for e in curve])
+    reps = np.vstack([np.mean([sm.replicates[e][s] for s in seeds], axis=0) for e in curve])
+    return _fit(log_n, y)[1], np.polyfit(log_n, reps, 1)[0]
+
+
 def exchange_rates(macros: dict[str, SeedMacros], grid: pd.DataFrame,
                    spec: StatsSpec) -> pd.DataFrame:
     """The exchange rate of every placed arm on every test set with a learning curve.
 
-    ``grid`` is :func:`cxrlib.grid.grid_results` (per experiment and seed: kind, n_real,
-    n_synthetic, n_unique_real). Columns: experiment, kind, k, test_set, n_real, n_extra,
-    real_equivalent (n_eq, mean over seeds), worth (n_eq - n_real), rate with ci_low, ci_high
-    (two-level, t), df, n_seeds, extrapolated, curve_max (the largest size measured).
+    An arm is placed through its paired per-seed delta to its own baseline (real only at the
+    same fraction, a point of the curve) and the curve's slope b: ``n_eq = n_base exp(delta /
+    b)``, so seed-to-seed noise in the curve's height cancels as it does in every comparison.
+    b is fitted to the seed means (and to each patient-bootstrap replicate's); where its
+    replicates do not lie above 0 with 1 - alpha/2 of their mass, the curve is not shown to
+    rise and no rate is given (``note`` says so). The seed-to-seed spread of b itself is not
+    propagated. ``grid`` is :func:`cxrlib.grid.grid_results` (per experiment and seed: kind,
+    n_real, n_synthetic, n_unique_real). Columns: experiment, kind, k, test_set, n_real,
+    n_extra, real_equivalent (n_eq, mean over seeds), worth (n_eq - n_real), rate with ci_low,
+    ci_high (two-level, t), df, n_seeds, extrapolated, curve_min, curve_max, slope, note.
     """
     arms, placed = curve_arms(grid), placed_arms(grid)
     if len(arms) < MIN_SIZES:
@@ -118,46 +134,47 @@ def exchange_rates(macros: dict[str, SeedMacros], grid: pd.DataFrame,
         curve = [e for e in arms["experiment"] if e in sm.point]
         if len(curve) < MIN_SIZES:
             continue
-        sizes = [np.mean([n_real[(e, s)] for s in sm.point[e]]) for e in curve]
+        curve_seeds = sorted(set.intersection(*(set(sm.point[e]) for e in curve)), key=str)
+        log_n = np.array([np.mean([np.log(n_real[(e, s)]) for s in curve_seeds])
+                          for e in curve])
+        slope, slope_reps = _pooled_slope(sm, curve, log_n, curve_seeds)
+        rises = slope > 0 and np.mean(slope_reps > 0) >= 1 - spec.alpha / 2
+        sizes = np.exp(log_n)
         for arm in placed.itertuples(index=False):
-            if arm.experiment not in sm.point:
+            base = Kind(arm.kind).baseline_name(arm.real_fraction, arm.train_site)
+            if arm.experiment not in sm.point or base not in sm.point:
                 continue
-            seeds = sorted(set.intersection(*(set(sm.point[e]) for e in [*curve,
-                                                                         arm.experiment])),
-                           key=str)
-            values, reps, worth, n_eq = [], [], [], []
-            for s in seeds:
-                log_n = np.log([n_real[(e, s)] for e in curve])
-                a, b = _fit(log_n, np.array([sm.point[e][s] for e in curve]))
-                eq = float(_worth(sm.point[arm.experiment][s], a, b))
-                own, added = n_real[(arm.experiment, s)], extra[(arm.experiment, s)]
-                values.append((eq - own) / added)
-                worth.append(eq - own)
-                n_eq.append(eq)
-                curve_reps = np.vstack([sm.replicates[e][s] for e in curve])
-                slope, intercept = np.polyfit(log_n, curve_reps, 1)
-                eq_rep = _worth(sm.replicates[arm.experiment][s], intercept, slope)
-                reps.append((eq_rep - own) / added)
-            values_arr, reps_arr = np.array(values), np.vstack(reps)
-            reps_arr = reps_arr[:, np.isfinite(reps_arr).all(axis=0)]
-            ok = np.isfinite(values_arr).all() and reps_arr.shape[1] >= 2
-            est = seed_estimate(values_arr, np.atleast_2d(np.cov(reps_arr)), spec.alpha) \
-                if ok else None
-            mean_eq = float(np.mean(n_eq)) if ok else np.nan
+            seeds = sorted(set(sm.point[arm.experiment]) & set(sm.point[base]), key=str)
+            own = np.array([n_real[(arm.experiment, s)] for s in seeds])
+            start = np.array([n_real[(base, s)] for s in seeds])
+            added = np.array([extra[(arm.experiment, s)] for s in seeds])
+            delta = np.array([sm.point[arm.experiment][s] - sm.point[base][s] for s in seeds])
+            n_eq = start * np.exp(delta / slope) if rises else np.full(len(seeds), np.nan)
+            est = None
+            if rises:
+                reps = np.vstack([
+                    (start[i] * np.exp((sm.replicates[arm.experiment][s]
+                                        - sm.replicates[base][s]) / slope_reps) - own[i])
+                    / added[i] for i, s in enumerate(seeds)])
+                reps = reps[:, np.isfinite(reps).all(axis=0)]
+                est = seed_estimate((n_eq - own) / added, np.atleast_2d(np.cov(reps)),
+                                    spec.alpha)
+            mean_eq = float(n_eq.mean())
             rows.append({
                 "experiment": arm.experiment, "kind": arm.kind, "k": arm.k,
                 "real_fraction": arm.real_fraction, "test_set": sm.test_set,
-                "n_real": float(np.mean([n_real[(arm.experiment, s)] for s in seeds])),
-                "n_extra": float(np.mean([extra[(arm.experiment, s)] for s in seeds])),
+                "n_real": float(own.mean()), "n_extra": float(added.mean()),
                 "n_synthetic": float(np.mean([n_syn[(arm.experiment, s)] for s in seeds])),
-                "real_equivalent": mean_eq, "worth": float(np.mean(worth)) if ok else np.nan,
+                "real_equivalent": mean_eq, "worth": float((n_eq - own).mean()),
                 "rate": est.estimate if est else np.nan,
                 "ci_low": est.ci_low if est else np.nan,
                 "ci_high": est.ci_high if est else np.nan,
                 "df": est.df if est else np.nan, "n_seeds": len(seeds),
-                "extrapolated": bool(not ok or mean_eq > max(sizes) or mean_eq < min(sizes)),
-                "curve_min": min(sizes), "curve_max": max(sizes),
-                "note": "" if ok else "the curve does not rise for some seed or replicate"})
+                "extrapolated": bool(rises and not sizes.min() <= mean_eq <= sizes.max()),
+                "curve_min": float(sizes.min()), "curve_max": float(sizes.max()),
+                "slope": slope,
+                "note": "" if rises else "no rate: the learning curve is not shown to rise "
+                                         "on this test set (its slope's bootstrap reaches 0)"})
     return pd.DataFrame(rows)
 
 
@@ -175,6 +192,9 @@ def calibration_held(rates: pd.DataFrame, test_set: str) -> dict[str, str]:
             out[kind.value] = f"{kind.label}: not in this grid, so not checked"
             continue
         row = rows.loc[rows["k"].idxmax()]
+        if not np.isfinite(row["rate"]):
+            out[kind.value] = f"{kind.label}: {row['note']}, so not checked"
+            continue
         ci = f"r = {row['rate']:.2f} (95% CI {row['ci_low']:.2f} to {row['ci_high']:.2f})"
         if kind is Kind.REAL_PLUS_ORACLE:
             held = row["ci_low"] <= 1 <= row["ci_high"]

@@ -425,8 +425,9 @@ def exchange_figure(curve: pd.DataFrame, rates: pd.DataFrame) -> plt.Figure:
         ax.plot(grid_n, a + b * np.log(grid_n), color="red", lw=1, alpha=0.7,
                 label=f"fit: {a:.3f} + {b:.3f} ln n")
         ax.plot(c["real_images"], c["macro_auroc"], "o", color="red", label="real only")
-        for r in rates[rates["test_set"] == test].to_dict("records"):
-            y = a + b * np.log(r["real_equivalent"]) if r["real_equivalent"] > 0 else np.nan
+        placed = rates[(rates["test_set"] == test) & np.isfinite(rates["rate"])]
+        for r in placed.to_dict("records"):
+            y = a + b * np.log(r["real_equivalent"])
             colour = palette[r["experiment"]]
             ax.annotate("", xy=(r["real_equivalent"], y), xytext=(max(r["n_real"], 1), y),
                         arrowprops={"arrowstyle": "->", "color": colour, "lw": 1.2})

@@ -39,8 +39,9 @@ def _grid(rates: dict[str, float]) -> tuple[pd.DataFrame, dict[str, dict[int, fl
 
 def _macros(point: dict[str, dict[int, float]], noise: float = 0.002) -> dict[str, SeedMacros]:
     rng = np.random.default_rng(0)
-    reps = {e: {s: v + rng.normal(0, noise, 200) for s, v in by.items()}
-            for e, by in point.items()}
+    # The patient bootstrap is shared by every seed: one resampling noise per experiment.
+    shared = {e: rng.normal(0, noise, 200) for e in point}
+    reps = {e: {s: v + shared[e] for s, v in by.items()} for e, by in point.items()}
     return {"internal": SeedMacros("internal", ("x",), (), 2000, 1500, point, reps,
                                    {e: float(np.mean(list(v.values()))) for e, v in
                                     point.items()})}
