@@ -78,3 +78,12 @@ def test_fewer_than_three_sizes_is_an_error_naming_the_key():
     two = grid[grid["experiment"] != "real_only.f20"]
     with pytest.raises(ValueError, match="experiments.real_fractions"):
         exchange_rates(_macros(point), two, StatsSpec())
+
+
+def test_no_rate_where_the_curve_is_flat():
+    grid, point = _grid({"oracle": 1.0, "shuffled": 0.0})
+    flat = {e: {s: 0.7 + (0.0 if e.startswith("real_only") else 0.01) for s in by}
+            for e, by in point.items()}
+    rates = exchange_rates(_macros(flat, noise=0.01), grid, StatsSpec())
+    assert rates["rate"].isna().all() and rates["note"].str.contains("not well").all()
+    assert "so not checked" in calibration_held(rates, "internal")["real_plus_oracle"]
