@@ -313,6 +313,12 @@ class ExperimentSpec(_Strict):
     #: rows that have synthetic replicas), since the draw is part of a recipe's variance.
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
 
+    @property
+    def supplemented(self) -> list[float]:
+        """The real fractions at which the arms other than real only run."""
+        return self.real_fractions if self.supplement_fractions is None \
+            else self.supplement_fractions
+
 
 class DataCheckSpec(_Strict):
     """Notebook 01's learnability check: a small classifier on the prepared cohort."""

@@ -48,11 +48,9 @@ def plan_grid(params: Params) -> list[Experiment]:
     """Every experiment x seed of ``params.experiments``, baselines first."""
     grid, internal = params.experiments, "+".join(params.internal_sites())
     recipes: list[tuple[Kind, int, float, str]] = []
-    supplemented = grid.real_fractions if grid.supplement_fractions is None \
-        else grid.supplement_fractions
     for f in grid.real_fractions:
         recipes.append((Kind.REAL_ONLY, 0, f, internal))
-        if f not in supplemented:
+        if f not in grid.supplemented:
             continue
         for kind, ks in ((Kind.REAL_PLUS_SYNTHETIC, grid.supplement_k),
                          (Kind.REAL_REPEATED, grid.repeated_k),

@@ -142,29 +142,54 @@ def record_stage_times(run: RunLayout, reports_root: Path | None = None) -> dict
 
 
 def _number(value: Any) -> str:
+    """A table cell: floats to 3 significant digits, booleans as yes/no, missing as -."""
+    if value is None or (isinstance(value, float) and value != value):
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
     return f"{value:.3g}" if isinstance(value, float) else html.escape(str(value))
 
 
+def _rows_html(title: str, rows: list[dict[str, Any]], keys: tuple[str, ...]) -> str:
+    """A titled table of ``rows`` with the columns ``keys`` (empty when there are no rows)."""
+    if not rows:
+        return ""
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in keys)
+    body = "".join("<tr>" + "".join(f"<td>{_number(r.get(c))}</td>" for c in keys) + "</tr>"
+                   for r in rows)
+    return f"<h3>{html.escape(title)}</h3><table><tr>{head}</tr>{body}</table>"
+
+
+#: The columns of the index page's tables: what fits a page (summary.json keeps the rest).
+_CLAIM_COLUMNS = ("claim", "test_set", "tested", "delta", "ci_low", "ci_high", "mde",
+                  "verdict", "exchange_rate")
+_CHECK_COLUMNS = ("check", "experiment", "test_set", "expected", "delta", "ci_low",
+                  "ci_high", "verdict", "held")
+_RATE_COLUMNS = ("experiment", "rate", "ci_low", "ci_high", "extrapolated")
+
+
 def summary_html(summary: dict[str, Any], link: str) -> str:
-    """The summary's key numbers (its schema's scalar and nested entries, then the primary
-    comparisons) as HTML; stage times are already in the list of pages."""
+    """The answer first (the paper's claims, the manipulation checks, the exchange rate on
+    the headline test set), then the summary's key numbers (its schema's scalar and nested
+    entries) and the primary comparisons, as HTML; stage times are in the list of pages."""
     rows = [(key, summary[key]) for key, kind in SCHEMA.items()
             if kind not in (dict, list) and key in summary]
     rows += [(f"{key}.{sub}", summary[key][sub]) for key, inner in NESTED.items()
              for sub in inner if sub in (summary.get(key) or {})]
     if not rows:
         return ""
+    rates = [{"experiment": arm, **entry}
+             for arm, entry in (summary.get("exchange_rate") or {}).items()]
+    answer = (_rows_html("The paper's claims", summary.get("claims") or [], _CLAIM_COLUMNS)
+              + _rows_html("Manipulation checks (positive and negative controls)",
+                           summary.get("manipulation_checks") or [], _CHECK_COLUMNS)
+              + _rows_html("Exchange rate (internal test set): real images one extra image "
+                           "is worth", rates, _RATE_COLUMNS))
     cells = "".join(f"<tr><td><code>{html.escape(k)}</code></td><td>{_number(v)}</td></tr>"
                     for k, v in rows)
-    out = (f"<h2>Key numbers</h2><p>From <a href='{link}'>{link}</a>.</p>"
-           f"<table>{cells}</table>")
-    primary = summary.get("primary") or []
-    if primary:
-        head = "".join(f"<th>{html.escape(c)}</th>" for c in PRIMARY_KEYS)
-        body = "".join("<tr>" + "".join(f"<td>{_number(r.get(c))}</td>" for c in PRIMARY_KEYS)
-                       + "</tr>" for r in primary)
-        out += f"<h3>Primary comparisons</h3><table><tr>{head}</tr>{body}</table>"
-    return out
+    return (f"<h2>What the run found</h2><p>From <a href='{link}'>{link}</a>.</p>{answer}"
+            f"<h2>Key numbers</h2><table>{cells}</table>"
+            + _rows_html("Primary comparisons", summary.get("primary") or [], PRIMARY_KEYS))
 
 
 def render_index(params_file: Path, reports_root: Path | None = None) -> Path:
