@@ -161,6 +161,7 @@ def browser(lab) -> Iterator[object]:
 
 
 def test_explorer_generates_and_compares_in_jupyterlab(lab, browser):
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as EC
     from selenium.webdriver.support.ui import Select, WebDriverWait
@@ -169,7 +170,10 @@ def test_explorer_generates_and_compares_in_jupyterlab(lab, browser):
     shots = folder / "screenshots"
     shots.mkdir()
     browser.get(f"{base}/lab/tree/explorer.ipynb?token={token}")
-    wait = WebDriverWait(browser, STARTUP_S)
+    # An output image can be replaced between finding it and reading it (the widget redraws):
+    # the wait then looks again instead of failing.
+    wait = WebDriverWait(browser, STARTUP_S,
+                         ignored_exceptions=(StaleElementReferenceException,))
     wait.until(lambda d: d.execute_script(
         "const app = window.jupyterapp; const nb = app && app.shell.currentWidget;"
         "return !!(nb && nb.sessionContext && nb.sessionContext.session"
