@@ -386,10 +386,11 @@ def supplementation_figure(summary: pd.DataFrame, fraction: float) -> plt.Figure
         ax.axhline(base["macro_auroc"], color="red", lw=1.5,
                    label=f"{Kind.REAL_ONLY.label} (baseline)")
         ax.axhspan(base["ci_low"], base["ci_high"], color="red", alpha=0.1)
-        _errorbar(ax, t[t["kind"] == Kind.REAL_PLUS_SYNTHETIC], "pct",
-                  Kind.REAL_PLUS_SYNTHETIC.label, color=palette[0])
-        _errorbar(ax, t[t["kind"] == Kind.SYNTHETIC_ONLY], "pct", Kind.SYNTHETIC_ONLY.label,
-                  color=palette[1], ls="--")
+        for kind, style in ((Kind.REAL_PLUS_SYNTHETIC, {"color": palette[0]}),
+                            (Kind.SYNTHETIC_ONLY, {"color": palette[1], "ls": "--"})):
+            curve = t[t["kind"] == kind]
+            if len(curve):  # a kind the grid did not run gets no (empty) legend entry
+                _errorbar(ax, curve, "pct", kind.label, **style)
         for kind, colour in ((Kind.REAL_PLUS_REBALANCED, palette[2]),  # red is the baseline's
                              (Kind.REAL_REPEATED, palette[5]),
                              (Kind.REAL_PLUS_SHUFFLED, palette[4]),

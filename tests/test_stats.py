@@ -677,3 +677,21 @@ def test_summary_schema_checks_the_new_rows():
     assert "primary[0] lacks ['mde_holm']" in problems
     assert any("'claims' is empty" in p for p in problems)
     assert "missing key 'manipulation_checks'" in problems
+
+
+def test_supplementation_figure_legend_names_only_the_kinds_that_ran():
+    """Figure 3 on a grid without synthetic-only arms lists no empty "synthetic only" entry."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from cxrlib.report import supplementation_figure
+
+    rows = [("real_only", 0, 0.80), ("real_plus_synthetic", 1, 0.81),
+            ("real_plus_synthetic", 2, 0.82), ("real_plus_oracle", 2, 0.84)]
+    summary = pd.DataFrame([{"kind": kind, "k": k, "real_fraction": 0.05, "test_set": "internal",
+                             "macro_auroc": a, "ci_low": a - 0.01, "ci_high": a + 0.01}
+                            for kind, k, a in rows])
+    fig = supplementation_figure(summary, 0.05)
+    labels = fig.axes[0].get_legend_handles_labels()[1]
+    assert Kind.SYNTHETIC_ONLY.label not in labels
+    assert {Kind.REAL_PLUS_SYNTHETIC.label, Kind.REAL_PLUS_ORACLE.label} <= set(labels)
