@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, get_args
 
 import yaml
 from pydantic import (
@@ -433,10 +433,16 @@ class RebalanceSpec(_Strict):
         return self
 
 
+#: The samplers (:mod:`cxrlib.samplers`): ancestral DDPM, DDIM (eta 0 and 1), DPM-Solver++ as an
+#: ODE and as an SDE solver.
+Sampler = Literal["ddpm", "ddim", "ddim_eta", "dpmpp", "sde_dpmpp"]
+SAMPLERS: tuple[str, ...] = get_args(Sampler)
+
+
 class SamplingSpec(_Strict):
     """Sampling (notebook 03): sampler, guidance, the synthetic cohorts and the audit."""
 
-    sampler: Literal["ddpm", "ddim", "dpmpp"] = "ddim"
+    sampler: Sampler = "ddim"
     steps: PositiveInt = 50
     #: Guidance w (:data:`Guidance`); 0 = the plain conditional model (the authors' setting).
     guidance: Guidance = 0.0
@@ -458,7 +464,7 @@ class SamplingSpec(_Strict):
     #: Audit: how many synthetic and real images to compare, and the guidance sweep grid.
     audit_images: PositiveInt = 500
     sweep_guidance: list[Guidance] = Field(default_factory=lambda: [0.0, 1.0, 3.0])
-    sweep_samplers: list[Literal["ddpm", "ddim", "dpmpp"]] = Field(
+    sweep_samplers: list[Sampler] = Field(
         default_factory=lambda: ["ddim", "dpmpp"])
     sweep_steps: list[PositiveInt] = Field(default_factory=lambda: [10, 25])
     sweep_images: PositiveInt = 128

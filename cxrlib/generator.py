@@ -69,7 +69,7 @@ class CXRPipeline(DiffusionPipeline):
         ``seed``: an int gives seeds seed .. seed + num_images - 1 (one image by default), a
         sequence one image per seed; each image has its own seed, as in cxrlib's cohorts, so
         it does not depend on the batch. ``guidance`` is w (0: the plain conditional model,
-        the authors' scale s is w = s - 1), ``sampler`` one of ddpm, ddim, dpmpp.
+        the authors' scale s is w = s - 1), ``sampler`` one of :data:`cxrlib.config.SAMPLERS`.
         ``output_type``: ``"pil"`` (grayscale PIL images) or ``"np"`` (n x R x R uint8).
         """
         if isinstance(seed, int):

@@ -2,10 +2,14 @@
 
 Samplers come from diffusers and are configured from the training schedule (cosine, zero
 terminal SNR, v-prediction, "trailing" timestep spacing): ``ddpm`` (ancestral, stochastic),
-``ddim`` (deterministic, eta 0, the paper's sampler) and ``dpmpp`` (DPM-Solver++ multistep,
-second order). Guidance is :func:`guided_output`, continuous in the weight w
-(:data:`cxrlib.config.Guidance`: w = 0 the plain conditional model, the authors' scale s is
-w = s - 1), rescaled with phi.
+``ddim`` (deterministic, eta 0, the paper's sampler), ``ddim_eta`` (DDIM with eta 0.5: fresh
+noise at every step, half of DDPM's posterior standard deviation, on DDIM's grid), ``dpmpp``
+(DPM-Solver++ multistep, second order, an ODE solver) and ``sde_dpmpp`` (its SDE variant,
+SDE-DPM-Solver++, second order). The stochastic ones re-inject noise at every step, which
+deterministic few-step solvers are known to lose high-frequency detail without (EDM, Karras et
+al. 2022, keeps stochastic sampling for its harder data sets). Guidance is
+:func:`guided_output`, continuous in the weight w (:data:`cxrlib.config.Guidance`: w = 0 the
+plain conditional model, the authors' scale s is w = s - 1), rescaled with phi.
 
 Every image has its own seed: the initial noise and, for DDPM, the noise of every step come
 from a generator seeded with it, so an image is the same whatever batch it is generated in.
@@ -25,10 +29,14 @@ import numpy as np
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, SchedulerMixin
 
+from cxrlib.config import SAMPLERS
 from cxrlib.network import ConditionalUNet
 from cxrlib.progress import tqdm
 
-SAMPLERS: tuple[str, ...] = ("ddpm", "ddim", "dpmpp")
+#: DDIM's eta for each DDIM sampler name (eta 0: deterministic). Not eta 1 (DDPM's variance,
+#: which ``ddpm`` samples): with zero terminal SNR the first step's sqrt(1 - alpha_prev -
+#: sigma^2) is sqrt(0) there, and rounding makes it NaN (every image came out black).
+DDIM_ETA: dict[str, float] = {"ddim": 0.0, "ddim_eta": 0.5}
 
 
 def guided_output(model: ConditionalUNet, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
@@ -70,11 +78,13 @@ def sample_images(model: ConditionalUNet, scheduler: SchedulerMixin, cond: np.nd
     x = torch.stack([torch.randn(1, res, res, generator=g) for g in gens]).to(device)
     c = torch.as_tensor(cond, dtype=torch.float32, device=device)
     scheduler.set_timesteps(steps)
+    # DDIM takes its eta per step (diffusers' DDIMScheduler.step); the others have none
+    extra = {"eta": scheduler.cxrlib_eta} if hasattr(scheduler, "cxrlib_eta") else {}
     for t in tqdm(scheduler.timesteps, desc="sampling", disable=not progress):
         tt = torch.full((x.shape[0],), int(t), device=device, dtype=torch.long)
         out = guided_output(model, scheduler.scale_model_input(x, t), tt, c, guidance,
                            rescale_phi)
-        x = scheduler.step(out, t, x, generator=gens).prev_sample
+        x = scheduler.step(out, t, x, generator=gens, **extra).prev_sample
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)[:, 0].cpu().numpy()
 
 
@@ -84,15 +94,19 @@ def ddim_for(train_scheduler: DDPMScheduler) -> DDIMScheduler:
 
 
 def make_sampler(name: str, train_scheduler: DDPMScheduler):
-    """A diffusers sampler configured like the training schedule."""
+    """A diffusers sampler configured like the training schedule (a DDIM one carries its
+    eta as ``cxrlib_eta``, which :func:`sample_images` passes to every step)."""
     config = train_scheduler.config
     if name == "ddpm":
         return DDPMScheduler.from_config(config)
-    if name == "ddim":
-        return ddim_for(train_scheduler)
-    if name == "dpmpp":
+    if name in DDIM_ETA:
+        scheduler = ddim_for(train_scheduler)
+        scheduler.cxrlib_eta = DDIM_ETA[name]
+        return scheduler
+    if name in ("dpmpp", "sde_dpmpp"):
+        algorithm = "dpmsolver++" if name == "dpmpp" else "sde-dpmsolver++"
         return DPMSolverMultistepScheduler.from_config(
-            config, algorithm_type="dpmsolver++", solver_order=2, timestep_spacing="trailing",
+            config, algorithm_type=algorithm, solver_order=2, timestep_spacing="trailing",
             final_sigmas_type="zero")
     raise ValueError(f"unknown sampler '{name}'; use one of {SAMPLERS}")
 

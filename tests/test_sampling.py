@@ -61,6 +61,18 @@ def test_an_image_depends_on_its_seed_not_its_batch(smoke, sampler):
     assert not np.array_equal(together[0], together[2])
 
 
+@pytest.mark.parametrize(("stochastic", "deterministic"),
+                         [("ddim_eta", "ddim"), ("sde_dpmpp", "dpmpp")])
+def test_stochastic_samplers_inject_step_noise(smoke, stochastic, deterministic):
+    """The same seeds through a stochastic sampler and its deterministic twin: the initial
+    noise is the same, so any difference comes from the noise added at each step."""
+    _, _, generator, _ = smoke
+    cond = np.zeros((2, 22), dtype=np.float32)
+    runs = {name: generate(generator.unet, generator.scheduler, cond, [5, 6], name, 3, 1.0, 0.7)
+            for name in (stochastic, deterministic)}
+    assert not np.array_equal(runs[stochastic], runs[deterministic])
+
+
 def test_replica_plan_uses_training_rows_only(smoke):
     params, manifest, _, _ = smoke
     plan = replica_plan(params, manifest, "step-0000004")
