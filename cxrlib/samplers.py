@@ -12,9 +12,11 @@ al. 2022, keeps stochastic sampling for its harder data sets). Guidance is
 plain conditional model, the authors' scale s is w = s - 1), rescaled with phi.
 
 Every image has its own seed: the initial noise and, for DDPM, the noise of every step come
-from a generator seeded with it, so an image is the same whatever batch it is generated in.
-Cohort seeds are derived from (run seed, source image id, replica) by :func:`image_seed`, so
-any synthetic image can be regenerated exactly from its manifest row. The preview grids of
+from a generator seeded with it, so an image is the same whatever batch it is generated in
+(up to float rounding: the UNet's batched convolutions differ by about 1e-6 between batch
+sizes, which moves the odd pixel by one grey level). Cohort seeds are derived from (run seed,
+source image id, replica) by :func:`image_seed`, so any synthetic image can be regenerated
+from its manifest row. The preview grids of
 training (:mod:`cxrlib.diffusion`), the explorer, the synthetic cohorts, the audit's sweep,
 the diffusers pipeline (:mod:`cxrlib.generator`) and the benchmarks all sample through this
 module.

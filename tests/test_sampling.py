@@ -56,9 +56,12 @@ def test_an_image_depends_on_its_seed_not_its_batch(smoke, sampler):
     together = generate(model, sched, cond, [5, 6, 7], sampler, 3, 2.0, 0.7, batch_size=3)
     alone = generate(model, sched, cond[:1], [6], sampler, 3, 2.0, 0.7)
     again = generate(model, sched, cond, [5, 6, 7], sampler, 3, 2.0, 0.7, batch_size=2)
-    assert np.array_equal(together[1], alone[0])
-    assert np.array_equal(together, again)
-    assert not np.array_equal(together[0], together[2])
+    # the same up to float rounding: the UNet's batched convolutions differ by ~1e-6 between
+    # batch sizes, which can move a pixel across a grey-level boundary
+    for a, b in ((together[1], alone[0]), (together, again)):
+        diff = np.abs(a.astype(int) - b.astype(int))
+        assert diff.max() <= 1 and (diff > 0).mean() < 0.005
+    assert np.abs(together[0].astype(int) - together[2].astype(int)).mean() > 5
 
 
 @pytest.mark.parametrize(("stochastic", "deterministic"),
