@@ -1,7 +1,7 @@
 """The synthetic cohorts used to supplement real data: plans, sharded generation, the merge.
 
 Images come from :mod:`cxrlib.samplers` (one seed per image, derived from the run seed, the
-source image id and the replica, so any synthetic image can be regenerated exactly from its
+source image id and the replica, so any synthetic image can be regenerated from its
 manifest row).
 
 Two condition strategies build a synthetic cohort from the real TRAINING rows only:
