@@ -5,8 +5,10 @@ a site) are masked out per label instead of being treated as negatives. Training
 HF Accelerate (device, mixed precision, several GPUs), augments on the device
 (:mod:`cxrlib.augment`), keeps an EMA of the weights for evaluation, keeps the weights of the
 epoch with the lowest validation loss and stops early after ``patience`` epochs without
-improvement. One trainer serves the audit's judge (notebook 03) and the experiment grid
-(notebook 04, :mod:`cxrlib.experiments`).
+improvement. Every history row says the precision it trained in
+(:func:`cxrlib.hardware.precision_label`). One trainer serves the learnability check (notebook
+01), the audit's judge (notebook 03) and the experiment grid (notebook 04,
+:mod:`cxrlib.experiments`).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import json
 import math
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -27,13 +29,14 @@ import timm.optim
 import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
+from timm.scheduler import CosineLRScheduler
 from timm.utils import ModelEmaV3
 from torch import nn
 
 from cxrlib.augment import augment_batch
 from cxrlib.cohort import SUBGROUP_COLUMNS
 from cxrlib.config import ClassifierSpec, diff_keys
-from cxrlib.hardware import resolve_precision
+from cxrlib.hardware import precision_label, resolve_precision
 from cxrlib.imagecache import CombinedCache, ImageCache, to_model_input
 from cxrlib.io import on_main, replace_folder
 from cxrlib.labels import CHEXPERT_LABELS
@@ -159,6 +162,14 @@ class TrainResult:
     best_step: int = 0
     images_seen: int = 0
 
+    @property
+    def precision(self) -> str:
+        """What it trained in (:func:`cxrlib.hardware.precision_label`); ``not recorded``
+        for a classifier saved before histories said it."""
+        if "precision" not in self.history or self.history["precision"].isna().all():
+            return "not recorded"
+        return "; ".join(dict.fromkeys(self.history["precision"].dropna()))
+
 
 def _label_matrix(df: pd.DataFrame) -> np.ndarray:
     return df[list(CHEXPERT_LABELS)].to_numpy(dtype=np.float32)
@@ -172,12 +183,12 @@ def _loader(dataset: BatchDataset, workers: int, pin: bool) -> torch.utils.data.
 
 @torch.no_grad()
 def _eval_loss(model: nn.Module, loader: torch.utils.data.DataLoader,
-               accelerator: Accelerator) -> float:
+               accelerator: Accelerator, layout: torch.memory_format) -> float:
     """Masked BCE over this process's validation share, summed over all processes."""
     model.eval()
     total = torch.zeros(2, device=accelerator.device, dtype=torch.float64)
     for x, y in loader:
-        x, y = x.to(accelerator.device), y.to(accelerator.device)
+        x, y = x.to(accelerator.device).contiguous(memory_format=layout), y.to(accelerator.device)
         with accelerator.autocast():
             logits = model(x)
         known = (~torch.isnan(y)).sum()
@@ -192,27 +203,44 @@ def _accelerator(spec: ClassifierSpec) -> Accelerator:
                        cpu=not cuda)
 
 
+def lr_schedule(spec: ClassifierSpec, optimizer: torch.optim.Optimizer
+                ) -> CosineLRScheduler | None:
+    """The learning-rate schedule of ``spec.lr_schedule``, stepped with the optimizer step
+    count (``step_update``); None for a constant rate."""
+    if spec.lr_schedule == "constant":
+        return None
+    return CosineLRScheduler(optimizer, t_initial=spec.lr_decay_steps or spec.max_steps,
+                             lr_min=spec.lr / 100, warmup_t=spec.warmup_steps,
+                             warmup_lr_init=spec.lr / 100, t_in_epochs=False)
+
+
 def train_classifier(spec: ClassifierSpec, train: pd.DataFrame, val: pd.DataFrame,
                      cache: ImageCache | CombinedCache, seed: int = 0,
-                     progress: bool = True) -> TrainResult:
+                     progress: bool = True,
+                     on_round: Callable[[nn.Module, dict], None] | None = None) -> TrainResult:
     """Train on ``train`` rows with early stopping on ``val`` loss; returns the best model.
 
     Augmentations (``spec.augment``) run per image on the device; the EMA of the weights
     (``spec.ema_decay`` > 0) is what validation scores and what is returned. Under
     ``accelerate launch`` every process trains on its share of each global batch (DDP) and
     the validation loss is summed over processes, so all stop at the same epoch.
+    ``on_round(model, row)`` is called after each validation round with the weights it scored
+    and its history row, outside the round's timed seconds (benchmarks score them there).
     """
     if len(train) == 0 or len(val) == 0:
         raise ValueError(f"classifier training needs train and val rows (got {len(train)} "
                          f"train, {len(val)} val)")
     accelerator = _accelerator(spec)
+    precision = precision_label(accelerator.mixed_precision)
     rank, world = accelerator.process_index, accelerator.num_processes
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     gen = torch.Generator(device=accelerator.device).manual_seed(seed * 1000 + rank)
-    model = build_model(spec)
+    layout = torch.channels_last if spec.channels_last else torch.contiguous_format
+    model = build_model(spec).to(memory_format=layout)
     opt = timm.optim.create_optimizer_v2(model, opt=spec.optimizer, lr=spec.lr,
                                          weight_decay=spec.weight_decay)
+    schedule = lr_schedule(spec, opt)
     model, opt = accelerator.prepare(model, opt)
     # EMA with timm's warm-up (decay grows as 1 - (1 + step)^-2/3 up to ema_decay), so a
     # short run is not averaged into its random initialisation.
@@ -237,6 +265,7 @@ def train_classifier(spec: ClassifierSpec, train: pd.DataFrame, val: pd.DataFram
         for x, y in _loader(train_set, spec.loader_workers, pin):
             x, y = augment_batch(x.to(accelerator.device), y.to(accelerator.device),
                                  spec.augment, gen)
+            x = x.contiguous(memory_format=layout)
             with accelerator.autocast():
                 logits = model(x)
             loss = masked_bce(logits.float(), y)
@@ -245,15 +274,21 @@ def train_classifier(spec: ClassifierSpec, train: pd.DataFrame, val: pd.DataFram
             opt.step()
             opt.zero_grad(set_to_none=True)
             step += 1
+            if schedule is not None:
+                schedule.step_update(step)
             seen += len(x) * world
             if ema is not None:
                 ema.update(accelerator.unwrap_model(model), step)
             losses.append(loss.item())
         scored = ema.module if ema is not None else model
-        val_loss = _eval_loss(scored, _loader(val_set, spec.loader_workers, pin), accelerator)
+        val_loss = _eval_loss(scored, _loader(val_set, spec.loader_workers, pin), accelerator,
+                              layout)
         history.append({"epoch": epoch, "step": step, "images_seen": seen,
                         "train_loss": float(np.mean(losses)), "val_loss": val_loss,
-                        "seconds": time.perf_counter() - started, "train_images": len(train)})
+                        "seconds": time.perf_counter() - started, "train_images": len(train),
+                        "lr": opt.param_groups[0]["lr"], "precision": precision})
+        if on_round is not None:
+            on_round(accelerator.unwrap_model(scored), history[-1])
         bar.set_postfix(train=f"{np.mean(losses):.3f}", val=f"{val_loss:.3f}")
         if not np.isfinite(val_loss):
             raise ValueError(f"classifier training diverged at epoch {epoch} (validation loss "

@@ -237,6 +237,12 @@ class ClassifierSpec(_Strict):
     eval_every: PositiveInt = 50
     batch_size: PositiveInt = 64
     lr: Annotated[float, Field(gt=0)] = 1e-3
+    #: ``constant``: ``lr`` throughout. ``cosine``: linear warm-up over ``warmup_steps``, then
+    #: cosine decay to 1% of ``lr`` at ``lr_decay_steps`` (None = ``max_steps``), held there
+    #: after (timm's CosineLRScheduler, stepped per optimizer step).
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    warmup_steps: Annotated[int, Field(ge=0)] = 0
+    lr_decay_steps: PositiveInt | None = None
     weight_decay: Annotated[float, Field(ge=0)] = 1e-4
     optimizer: Literal["adamw", "lion"] = "adamw"
     #: Early stopping: epochs without a better validation loss before stopping.
@@ -246,6 +252,9 @@ class ClassifierSpec(_Strict):
     ema_decay: Annotated[float, Field(ge=0, lt=1)] = 0.0
     #: ``auto`` as for the diffusion model (:func:`cxrlib.hardware.resolve_precision`).
     mixed_precision: Literal["no", "fp16", "bf16", "auto"] = "no"
+    #: NHWC memory layout for the model and its input batches (oneDNN's bf16 convolutions
+    #: and tensor cores prefer it; the arithmetic is the same).
+    channels_last: bool = False
     #: DataLoader worker processes reading the image cache (0 = in the training process).
     loader_workers: Annotated[int, Field(ge=0)] = 0
     augment: AugmentSpec = Field(default_factory=AugmentSpec)
@@ -256,6 +265,13 @@ class ClassifierSpec(_Strict):
             raise ValueError("classifier.protocol 'converged' needs classifier.max_steps: a "
                              "budget large enough that no arm reaches it (arms that do are "
                              "flagged not converged)")
+        return self
+
+    @model_validator(mode="after")
+    def _cosine_needs_horizon(self) -> ClassifierSpec:
+        if self.lr_schedule == "cosine" and (self.lr_decay_steps or self.max_steps) is None:
+            raise ValueError("classifier.lr_schedule 'cosine' needs classifier.lr_decay_steps "
+                             "(or max_steps): the step at which the decay ends")
         return self
 
 

@@ -38,7 +38,7 @@ from safetensors.torch import load_file, save_file
 from cxrlib.cohort import training_rows
 from cxrlib.condition import dropout_mask, encode_conditions
 from cxrlib.config import DiffusionSpec, Params, diff_keys
-from cxrlib.hardware import describe_precision, resolve_precision
+from cxrlib.hardware import describe_precision, precision_label, resolve_precision
 from cxrlib.imagecache import ImageCache, to_model_input
 from cxrlib.io import atomic_path, atomic_write_text, on_main, replace_folder
 from cxrlib.labels import CHEXPERT_LABELS
@@ -317,10 +317,11 @@ def train_diffusion(params: Params, manifest: pd.DataFrame, cache: ImageCache, r
     if start is not None:
         check_identity(start, identity)
 
-    precision = resolve_precision(spec.mixed_precision)
-    accelerator = Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
+    accelerator = Accelerator(mixed_precision=resolve_precision(spec.mixed_precision),
+                              cpu=not torch.cuda.is_available())
+    ran = precision_label(accelerator.mixed_precision)  # each history row says it (resumes)
     if progress and accelerator.is_main_process:
-        print(describe_precision(spec.mixed_precision, precision))
+        print(describe_precision(spec.mixed_precision, accelerator.mixed_precision))
     torch.manual_seed(params.run.seed)
     model = ConditionalUNet(**identity["unet"])
     import timm.optim  # Lion lives in timm; imported here to keep module import light
@@ -375,7 +376,7 @@ def train_diffusion(params: Params, manifest: pd.DataFrame, cache: ImageCache, r
         step += 1
         loss_all = accelerator.gather(loss.detach()[None]).mean().item()
         history.append({"step": step, "loss": loss_all, "grad_norm": float(grad_norm),
-                        "lr": lr_scheduler.get_last_lr()[0]})
+                        "lr": lr_scheduler.get_last_lr()[0], "precision": ran})
         bar.update(1)
         bar.set_postfix(loss=f"{loss_all:.4f}")
         done = step == spec.max_steps

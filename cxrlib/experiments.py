@@ -260,7 +260,8 @@ def run_experiment(exp: Experiment, params: Params, data: GridData, train: pd.Da
         "images_seen": result.images_seen,
         "passes_per_real_image": round(passes_per_real_image(
             result.images_seen, config["n_real"], len(train), config["n_unique_real"]), 2),
-        "validation_site": str(val["site"].iloc[0]), "train_seconds": round(seconds, 1)})
+        "validation_site": str(val["site"].iloc[0]), "train_seconds": round(seconds, 1),
+        "precision": result.precision})
 
     def write() -> None:
         atomic_write_text(out.config, json.dumps(config, indent=1))

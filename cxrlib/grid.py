@@ -87,8 +87,9 @@ def load_histories(run: RunLayout) -> pd.DataFrame:
 
 
 def grid_results(run: RunLayout) -> pd.DataFrame:
-    """One row per finished experiment and seed: its recipe, training-set sizes and steps
-    (AUROCs come from the statistics stage, on the predictions)."""
+    """One row per finished experiment and seed: its recipe, training-set sizes, steps,
+    seconds and the precision it trained in (AUROCs come from the statistics stage, on the
+    predictions)."""
     rows = []
     for done in run.finished_experiments():
         config = json.loads(done.config.read_text())
@@ -96,7 +97,7 @@ def grid_results(run: RunLayout) -> pd.DataFrame:
             "name", "kind", "k", "real_fraction", "train_site", "seed", "n_real", "n_synthetic",
             "n_unique_real", "protocol", "best_epoch", "epochs_run", "stopped_early",
             "converged", "optimizer_steps", "best_step", "images_seen",
-            "passes_per_real_image", "validation_site", "train_seconds")})
+            "passes_per_real_image", "validation_site", "train_seconds", "precision")})
     table = pd.DataFrame(rows).rename(columns={"name": "experiment"})
     if len(table):
         table["synthetic %"] = (100 * table["n_synthetic"] / table["n_real"].where(

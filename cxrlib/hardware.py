@@ -1,12 +1,36 @@
 """Which numeric precision a device runs fastest: one decision for every trainer.
 
-``mixed_precision: auto`` resolves here. On CUDA it is bf16 where the GPU supports it, else
-fp16. On a CPU it is bf16 autocast only when the CPU has bf16 units (Intel AMX or
-AVX512-BF16, where oneDNN has native bf16 convolution and matmul kernels), and plain fp32
-elsewhere, where bf16 is emulated and slower. Whether bf16 pays off on a given CPU and model
-is measured by ``benchmarks/bench_diffusion_trainer.py`` (on the demo's 32 px UNet on a
-2-core AVX512-BF16 machine without AMX it did not reliably; see the README). fp16 autocast on
-a CPU has no fast kernels, so it falls back to fp32 too.
+``mixed_precision: auto`` resolves here (:func:`resolve_precision`). On CUDA it is bf16 where
+the GPU supports it, else fp16. On a CPU it is bf16 autocast only when the CPU has bf16 units
+(Intel AMX or AVX512-BF16, where oneDNN has native bf16 convolution and matmul kernels), and
+plain fp32 elsewhere, where bf16 is emulated. fp16 autocast on a CPU has no fast kernels, so it
+falls back to fp32 too.
+
+The CPU rule is by measurement: bf16 against fp32 on the kinds of CPU it was measured on
+(``benchmarks/bench_diffusion_trainer.py`` for the UNet, demo preset at 32 px, batch 32;
+the classifier is timm resnet10t at 32 px, batch 64):
+
+==============================  ==========  ===================================  ==========
+CPU (cores; bf16 units)         model       fp32 -> bf16 autocast                ratio
+==============================  ==========  ===================================  ==========
+Xeon (2; avx512_bf16, no AMX)   UNet        58.5 -> 81.5 img/s (+ channels_last  1.39x
+                                            + compile: 92.4, 1.58x)
+Xeon (2; avx512_bf16, no AMX),  UNet        158.9 -> 182.3 img/s                 1.15x
+  a faster machine                          (reports/benchmarks/diffusion_trainer.txt)
+Xeon (2; amx_bf16, avx512_bf16) UNet        107 -> 146 img/s (+ channels_last    1.36x
+                                            + compile: 160, 1.49x; issue 20)
+Xeon (2; avx512_bf16, no AMX)   classifier  0.153 -> 0.105 s/step, one 5% arm end    1.46x
+                                            to end, validation loss 0.318 / 0.320
+Xeon (2; amx_bf16, avx512_bf16) classifier  800 -> 750-780 img/s (training step      0.94-0.98x
+                                            alone; + channels_last: 870, 1.09x)
+==============================  ==========  ===================================  ==========
+
+So bf16 pays off for the UNet on both kinds of CPU with bf16 units and for the classifier on
+the one without AMX; on an AMX CPU the classifier's step was as fast in bf16 as in fp32
+(``benchmarks/bench_classifier_ttq.py`` measures it end to end, channels_last included).
+No CPU without bf16 units has been measured in bf16; there it stays fp32. Every trainer
+records what it ran in (:func:`precision_label`), and the run's ``summary.json`` says it per
+stage (:func:`cxrlib.summary.stage_precisions`).
 """
 
 from __future__ import annotations
@@ -18,6 +42,9 @@ import torch
 
 #: /proc/cpuinfo flags of CPU units that compute in bf16.
 BF16_CPU_FLAGS: tuple[str, ...] = ("amx_bf16", "avx512_bf16")
+#: What each of Accelerate's ``mixed_precision`` values computes in.
+PRECISION_NAMES: dict[str, str] = {"no": "fp32", "fp16": "fp16 autocast",
+                                   "bf16": "bf16 autocast"}
 
 
 @functools.cache
@@ -43,10 +70,15 @@ def resolve_precision(requested: str, cuda: bool | None = None) -> str:
     return "no"
 
 
+def precision_label(resolved: str, cuda: bool | None = None) -> str:
+    """What a trainer computes in and on what, as its history and the run summary record it:
+    ``bf16 autocast (CPU bf16 units: avx512_bf16)``, ``fp32 (GPU: NVIDIA H200)``."""
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    where = (f"GPU: {torch.cuda.get_device_name()}" if cuda
+             else f"CPU bf16 units: {', '.join(cpu_bf16_units()) or 'none'}")
+    return f"{PRECISION_NAMES[resolved]} ({where})"
+
+
 def describe_precision(requested: str, resolved: str) -> str:
-    """One log line: what was asked, what runs, and why."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    units = ", ".join(cpu_bf16_units()) or "none"
-    why = f"CPU bf16 units: {units}" if device == "cpu" else "GPU"
-    name = {"no": "fp32", "fp16": "fp16 autocast", "bf16": "bf16 autocast"}[resolved]
-    return f"precision: {name} on {device} (asked: {requested}; {why})"
+    """One log line: what runs, on what, and what was asked."""
+    return f"precision: {precision_label(resolved)}; asked: {requested}"

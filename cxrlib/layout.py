@@ -8,9 +8,11 @@ experiment folders) is found here rather than typed out again by each reader::
     <run>/summary.json                        the headline numbers (cxrlib.summary)
     <run>/notebooks/<stage>.ipynb             executed notebooks (cxrlib.pipeline)
     <run>/01_data_prep/                       figures and tables of notebook 01
+        check_history.csv                     the learnability check's training history
         cohort/manifest.parquet, dropped.parquet, cache_<res>/
         phantom/<site>/                       rendered phantom sites
     <run>/02_diffusion_training/              notebook 02
+        loss_history.csv                      the loss (and precision) of every step
         checkpoints/step-XXXXXXX/, previews/
     <run>/03_sampling_explorer/               notebook 03
         synthetic/<strategy>/manifest.parquet, cache_<res>/
@@ -48,6 +50,15 @@ RUNS_DIR_ENV = "CXRLIB_RUNS_DIR"
 REPORTS_DIR = "reports"
 #: Where each stage's record of the files it wrote goes, inside the run.
 RECORDS_DIR = "records"
+#: The training histories each stage writes (glob patterns in its folder; every row says the
+#: precision it trained in): notebook 01's learnability check and 02's loss history (their
+#: tables ``check_history`` and ``loss_history``), 03's judge, 04's experiments.
+TRAINING_HISTORIES: dict[str, str] = {
+    "01_data_prep": "check_history.csv",
+    "02_diffusion_training": "loss_history.csv",
+    "03_sampling_explorer": "judge/history.csv",
+    "04_classifier_experiments": "*/seed-*/history.csv",
+}
 #: Keys a run may change between invocations: how long to train, how often to save, how many
 #: worker processes. Everything else defines the run and must stay as it was.
 _FREE_KEYS = frozenset({"data.workers", "sampling.batch_size",
@@ -131,6 +142,12 @@ class RunLayout:
                                             for part in p.relative_to(self.root).parts)]
         executed = self.executed(stage)
         return sorted(found + ([executed] if executed.is_file() else []))
+
+    def training_histories(self, stage: str) -> list[Path]:
+        """The training histories stage ``stage`` wrote (:data:`TRAINING_HISTORIES`), sorted;
+        empty for a stage that trains nothing or has not run."""
+        pattern = TRAINING_HISTORIES.get(stage)
+        return sorted(self.stage(stage).glob(pattern)) if pattern else []
 
     def record(self, stage: str) -> Path:
         """What ``stage`` wrote (sizes, checksums), recorded when it finished."""

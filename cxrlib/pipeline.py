@@ -7,7 +7,8 @@ The notebooks' own output (messages, progress bars) streams to the terminal whil
 unless ``quiet``; each stage ends with one line: its time and where its HTML went. Each
 stage runs under the run's one-writer lock, after the earlier stages' files were checked
 against their records, and is recorded when it finishes (:func:`cxrlib.runlock.writing`). Afterwards
-the stage times go into the run's ``summary.json``, which is copied beside the HTML.
+the stage times and the precision each stage trained in go into the run's ``summary.json``,
+which is copied beside the HTML.
 """
 
 from __future__ import annotations
@@ -29,7 +30,14 @@ from cxrlib.io import atomic_write_text
 from cxrlib.layout import STAGES, RunLayout
 from cxrlib.progress import PROGRESS_ENV
 from cxrlib.runlock import hold, writing
-from cxrlib.summary import NESTED, PRIMARY_KEYS, SCHEMA, read_summary, update_summary
+from cxrlib.summary import (
+    NESTED,
+    PRIMARY_KEYS,
+    SCHEMA,
+    read_summary,
+    stage_precisions,
+    update_summary,
+)
 
 NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 
@@ -125,8 +133,9 @@ def stage_seconds(executed: Path) -> float | None:
 
 
 def record_stage_times(run: RunLayout, reports_root: Path | None = None) -> dict[str, Any]:
-    """Every executed stage's minutes (papermill's recorded durations) into the run's
-    ``summary.json``, then the summary copied (atomically) to ``reports/<run>/``."""
+    """Every executed stage's minutes (papermill's recorded durations) and the precision
+    each trained in (:func:`cxrlib.summary.stage_precisions`) into the run's ``summary.json``,
+    then the summary copied (atomically) to ``reports/<run>/``."""
     minutes = {}
     for stage in STAGES:
         executed = run.executed(stage)
@@ -134,7 +143,7 @@ def record_stage_times(run: RunLayout, reports_root: Path | None = None) -> dict
         if secs is not None:
             minutes[stage] = round(secs / 60, 2)
     summary = update_summary(run, minutes_total=round(sum(minutes.values()), 2),
-                             minutes_per_stage=minutes)
+                             minutes_per_stage=minutes, precision=stage_precisions(run))
     reports = run.reports(reports_root)
     reports.mkdir(parents=True, exist_ok=True)
     atomic_write_text(reports / run.summary.name, run.summary.read_text())
@@ -193,11 +202,13 @@ def summary_html(summary: dict[str, Any], link: str) -> str:
 
 
 def render_index(params_file: Path, reports_root: Path | None = None) -> Path:
-    """``reports/<run>/index.html``: a link per rendered stage with its run time, and the
-    run summary's headline numbers."""
+    """``reports/<run>/index.html``: a link per rendered stage with its run time and the
+    precision it trained in, and the run summary's headline numbers."""
     params = load_params(params_file)
     run = RunLayout.open(params)
     reports = run.reports(reports_root)
+    summary = read_summary(run)
+    precision = summary.get("precision", {})
     items, total = [], 0.0
     for stage in STAGES:
         if not (reports / f"{stage}.html").exists():
@@ -205,7 +216,10 @@ def render_index(params_file: Path, reports_root: Path | None = None) -> Path:
         executed = run.executed(stage)
         secs = stage_seconds(executed) if executed.exists() else None
         total += secs or 0.0
-        took = f" ({secs / 60:.1f} min)" if secs else ""
+        notes = [f"{secs / 60:.1f} min"] if secs else []
+        if stage in precision:
+            notes.append(html.escape(precision[stage]))
+        took = f" ({'; '.join(notes)})" if notes else ""
         items.append(f'<li><a href="{stage}.html">{html.escape(stage)}</a>{took}: '
                      f"{html.escape(STAGE_TITLES[stage])}</li>")
     body = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>cxrlib report: "
@@ -215,7 +229,7 @@ def render_index(params_file: Path, reports_root: Path | None = None) -> Path:
             f"</code></h1><p>Parameter file: <code>{html.escape(params_file.name)}</code>. "
             f"Notebooks executed headless with papermill; code hidden. Total notebook time "
             f"{total / 60:.1f} min.</p><ol>{''.join(items)}</ol>"
-            f"{summary_html(read_summary(run), run.summary.name)}<h2>Parameters</h2><pre>"
+            f"{summary_html(summary, run.summary.name)}<h2>Parameters</h2><pre>"
             f"{html.escape(params.to_json())}</pre></body></html>")
     dest = reports / "index.html"
     dest.parent.mkdir(parents=True, exist_ok=True)

@@ -2,7 +2,8 @@
 
 Each stage adds its own keys (notebook 03 the generator's fidelity, notebook 05 the baseline,
 the primary comparisons, the manipulation checks, the paper's claims and each arm's protocol
-and steps, the pipeline the stage times); :func:`update_summary` merges
+and steps, the pipeline the stage times and, from the stages' training histories, the
+precision each stage trained in: :func:`stage_precisions`); :func:`update_summary` merges
 them atomically, so a stage never loses what another wrote. The pipeline copies the file to
 ``reports/<run>/summary.json`` beside the rendered pages. No torch here.
 """
@@ -13,13 +14,16 @@ import json
 import math
 from typing import Any
 
+import pandas as pd
+
 from cxrlib.io import atomic_write_text
-from cxrlib.layout import RunLayout
+from cxrlib.layout import STAGES, RunLayout
 
 #: Keys every finished run's summary holds, and the type of each (issue 11's schema).
 SCHEMA: dict[str, type | tuple[type, ...]] = {
     "minutes_total": (int, float),
     "minutes_per_stage": dict,
+    "precision": dict,
     "fidelity": dict,
     "sex_fidelity": dict,
     "baseline_internal_macro_auroc": (int, float),
@@ -76,6 +80,22 @@ def update_summary(run: RunLayout, **entries: Any) -> dict[str, Any]:
     summary = {**read_summary(run), **_plain(entries)}
     atomic_write_text(run.summary, json.dumps(summary, indent=1, sort_keys=True))
     return summary
+
+
+def stage_precisions(run: RunLayout) -> dict[str, str]:
+    """The precision each stage trained in, from its training histories' ``precision``
+    column (:meth:`RunLayout.training_histories`): ``{"02_diffusion_training": "bf16 autocast
+    (CPU bf16 units: avx512_bf16)", ...}``, the distinct values joined by ``; `` (a run resumed
+    on another machine has two). Stages that trained nothing, or wrote no such column, are
+    left out."""
+    found = {}
+    for stage in STAGES:
+        values = [v for path in run.training_histories(stage)
+                  for v in pd.read_csv(path, usecols=lambda c: c == "precision")
+                  .get("precision", pd.Series(dtype=object)).dropna()]
+        if values:
+            found[stage] = "; ".join(dict.fromkeys(values))
+    return found
 
 
 def schema_problems(summary: dict[str, Any]) -> list[str]:

@@ -26,6 +26,7 @@ from cxrlib.condition import (
 from cxrlib.config import load_params
 from cxrlib.data import prepare_cohort
 from cxrlib.diffusion import batch_indices, train_diffusion
+from cxrlib.hardware import precision_label
 from cxrlib.imagecache import ImageCache
 from cxrlib.labels import CHEXPERT_LABELS
 from cxrlib.layout import RunLayout
@@ -139,6 +140,8 @@ def test_resume_after_interruption_equals_uninterrupted(smoke, tmp_path):
     for k in a:
         assert torch.equal(a[k], b[k]), f"{k} differs after resume"
     assert whole.history["loss"].tolist() == resumed.history["loss"].tolist()
+    # every step's row says what it trained in (a resume on another machine would differ)
+    assert set(resumed.history["precision"]) == {precision_label("no")}
 
 
 def test_checkpoint_from_another_config_is_refused(smoke, tmp_path):
@@ -214,7 +217,16 @@ def test_precision_auto_follows_the_cpu(tmp_path, monkeypatch):
         assert hardware.resolve_precision("bf16", cuda=False) == auto  # no emulated bf16
         assert hardware.resolve_precision("fp16", cuda=False) == "no"
         assert hardware.resolve_precision("no", cuda=False) == "no"
+        # what the trainers record: what ran and the CPU's bf16 units that decided it
+        units = "amx_bf16, avx512_bf16" if auto == "bf16" else "none"
+        assert hardware.precision_label(auto, cuda=False) == (
+            f"{hardware.PRECISION_NAMES[auto]} (CPU bf16 units: {units})")
     assert hardware.resolve_precision("fp16", cuda=True) == "fp16"
+    assert hardware.resolve_precision("no", cuda=True) == "no"
+    monkeypatch.setattr(hardware.torch.cuda, "is_bf16_supported", lambda: False)
+    assert hardware.resolve_precision("auto", cuda=True) == "fp16"  # pre-Ampere GPUs
+    monkeypatch.setattr(hardware.torch.cuda, "get_device_name", lambda: "NVIDIA H200")
+    assert hardware.precision_label("bf16", cuda=True) == "bf16 autocast (GPU: NVIDIA H200)"
 
 
 def test_channels_last_trains_the_same_model(smoke, tmp_path):

@@ -43,6 +43,7 @@ from cxrlib.experiments import (
     training_sets,
 )
 from cxrlib.grid import plan_grid
+from cxrlib.hardware import precision_label
 from cxrlib.imagecache import CombinedCache, ImageCache, decode
 from cxrlib.io import atomic_write_parquet, write_image_cache
 from cxrlib.kinds import Kind
@@ -283,6 +284,43 @@ def test_converged_protocol_validates_every_eval_every_steps_up_to_its_ceiling()
         ClassifierSpec(protocol="converged")
 
 
+def test_cosine_schedule_warms_up_decays_and_holds():
+    spec = ClassifierSpec(lr=1e-2, lr_schedule="cosine", warmup_steps=10, max_steps=400,
+                          lr_decay_steps=100)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=spec.lr)
+    schedule = classify.lr_schedule(spec, opt)
+    lrs = []
+    for step in range(1, 151):
+        schedule.step_update(step)
+        lrs.append(opt.param_groups[0]["lr"])
+    assert lrs[0] < lrs[4] < lrs[8] < lrs[9] <= 1e-2 < lrs[9] * 1.03  # warm-up to lr
+    assert all(a >= b for a, b in zip(lrs[9:100], lrs[10:100], strict=False))  # decays
+    assert lrs[99:] == pytest.approx([1e-4] * 51)  # 1% of lr, held after lr_decay_steps
+    assert classify.lr_schedule(ClassifierSpec(), opt) is None  # constant: no schedule
+    with pytest.raises(ValueError, match="needs classifier.lr_decay_steps"):
+        ClassifierSpec(lr_schedule="cosine")
+
+
+def test_channels_last_trains_the_same_classifier(grid_run):
+    """channels_last changes the memory layout of the model and its batches, not the
+    arithmetic; every history row says the precision it trained in, and ``on_round`` sees
+    the weights each round scored."""
+    params, _, data = grid_run
+    train = data.manifest[data.manifest["split"] == "train"].head(64)
+    val = data.manifest[data.manifest["split"] == "val"].head(32)
+    spec = params.classifier.model_copy(update={"augment": OFF})
+    rounds = []
+    a = classify.train_classifier(spec, train, val, data.cache, progress=False,
+                                  on_round=lambda m, row: rounds.append((m.training, row)))
+    b = classify.train_classifier(spec.model_copy(update={"channels_last": True}), train, val,
+                                  data.cache, progress=False)
+    np.testing.assert_allclose(a.history["val_loss"], b.history["val_loss"], rtol=1e-3)
+    np.testing.assert_allclose(a.history["train_loss"], b.history["train_loss"], rtol=1e-3)
+    assert set(a.history["precision"]) == {precision_label("no")} == {b.precision}
+    assert [row["step"] for _, row in rounds] == a.history["step"].tolist()
+    assert not any(training for training, _ in rounds)  # scored in eval mode
+
+
 def test_external_arms_early_stop_on_their_own_site(grid_run):
     params, _, data = grid_run
     exps = {e.name: e for e in plan_grid(params)}
@@ -399,6 +437,7 @@ def test_grid_runs_writes_predictions_and_resumes(grid_run, monkeypatch):
                                       "padchest (external)"}
     assert len(preds) == 14 * preds["image_id"].nunique()
     assert set(preds["label"]) == set(CHEXPERT_LABELS)
+    assert set(results["precision"]) == {precision_label("no")}  # per arm: what it ran in
     # Resume: drop one experiment's predictions; only that one trains again.
     (run.experiment("synthetic_only_x1.f100", 0).predictions).unlink()
     trained = []

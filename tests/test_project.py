@@ -10,16 +10,18 @@ import sys
 from pathlib import Path
 
 import nbformat
+import pandas as pd
 import pytest
 import yaml
 
 from cxrlib import pipeline
 from cxrlib.__main__ import main
 from cxrlib.config import Params, ParamsError, load_params
+from cxrlib.hardware import precision_label
 from cxrlib.layout import STAGES, RunLayout
 from cxrlib.pipeline import run_pipeline, run_stage
 from cxrlib.progress import PROGRESS_ENV
-from cxrlib.summary import read_summary, schema_problems
+from cxrlib.summary import read_summary, schema_problems, stage_precisions
 
 ROOT = Path(__file__).resolve().parent.parent
 PARAM_FILES = sorted((ROOT / "params").glob("*.yaml"))
@@ -146,8 +148,12 @@ def test_pipeline_runs_every_stage_and_renders_the_reports(tmp_path, capsys):
     assert schema_problems(summary) == []  # every key of the headline summary, typed
     assert summary["seeds"] == [0] and summary["internal_test_images"] > 0
     assert set(summary["optimizer_steps"].values()) == {4}  # the smoke step budget, every arm
+    # the precision every training stage ran in (smoke: fp32 everywhere), also on the index
+    fp32 = precision_label("no")
+    assert summary["precision"] == {s: fp32 for s in STAGES if s != "05_statistics"}
     assert {row["test_set"] for row in summary["primary"]} >= {"chexpert (internal)"}
     page = index.read_text()
+    assert f"min; {fp32})" in page
     assert "Key numbers" in page and "<code>minutes_total</code>" in page
     assert "<code>fidelity.ratio</code>" in page and "Primary comparisons" in page
     # each stage recorded what it wrote, under the runner's lock; the finished run verifies
@@ -190,7 +196,29 @@ def test_run_streams_the_notebook_output_unless_quiet(tmp_path, monkeypatch, cap
     assert calls[1]["env"] is None  # today's behaviour: widget bars in the saved notebook
     summary = json.loads((tmp_path / "reports" / "smoke" / "summary.json").read_text())
     assert summary == {"minutes_total": 3.0, "minutes_per_stage": {"01_data_prep": 1.5,
-                                                                   "02_diffusion_training": 1.5}}
+                                                                   "02_diffusion_training": 1.5},
+                       "precision": {}}  # the stand-in kernels trained nothing
+
+
+def test_summary_says_the_precision_each_stage_trained_in(tmp_path, monkeypatch):
+    """From the training histories each stage wrote: distinct values joined (a run resumed
+    on another machine), stages without a precision column or history left out."""
+    monkeypatch.setenv("CXRLIB_RUNS_DIR", str(tmp_path))
+    run = RunLayout.open(load_params(ROOT / "params" / "smoke.yaml"))
+    fp32, bf16 = "fp32 (CPU bf16 units: none)", "bf16 autocast (GPU: NVIDIA H200)"
+    histories = {"01_data_prep/check_history.csv": [fp32, fp32],
+                 "02_diffusion_training/loss_history.csv": [None, fp32, bf16, bf16],
+                 "04_classifier_experiments/a/seed-0/history.csv": [bf16],
+                 "04_classifier_experiments/b/seed-1/history.csv": [bf16, bf16]}
+    for rel, values in histories.items():
+        (run.root / rel).parent.mkdir(parents=True, exist_ok=True)
+        pd.DataFrame({"step": range(len(values)), "precision": values}).to_csv(
+            run.root / rel, index=False)
+    run.judge.mkdir(parents=True)  # a judge saved before histories said their precision
+    pd.DataFrame({"step": [1]}).to_csv(run.judge / "history.csv", index=False)
+    assert stage_precisions(run) == {"01_data_prep": fp32,
+                                     "02_diffusion_training": f"{fp32}; {bf16}",
+                                     "04_classifier_experiments": bf16}
 
 
 def test_a_failing_notebook_names_the_stage_and_the_cell(tmp_path, monkeypatch):

@@ -1,0 +1,247 @@
+"""Benchmark: the classifier's time to quality, today's settings against candidate recipes.
+
+    python benchmarks/bench_classifier_ttq.py --params params/demo.yaml [--arm real_only.f05]
+        [--seeds 3] [--recipes today fp32 ...]
+
+Trains one arm of the grid (default: real only at the smallest real fraction, the primary
+comparisons' baseline) as notebook 04 does, until early stopping on its validation loss, under
+the preset's classifier settings (``today``) and under each candidate recipe, for ``--seeds``
+training seeds (each draws its own real subset, as in the grid). Every training runs in its own
+process (Accelerate fixes the precision once per process; peak memory is its own), seeds outer
+and recipes inner, so a noisy machine affects them alike. A recipe that is today's settings on
+this machine (``bf16`` where ``auto`` resolves to it) is not trained twice.
+
+After each validation round the weights it scored (the EMA) are scored on the whole internal
+validation set: macro AUROC, outside the round's timed seconds. Printed side by side, means
+over seeds:
+
+- ``to target``: training minutes (the rounds' steps and validation) until the validation macro
+  AUROC first reaches today's converged one (mean over seeds of its kept weights) less 0.005;
+- ``minutes``: until early stopping ended the arm, what the grid spends on it;
+- ``final`` and ``delta``: validation macro AUROC of the kept weights, and against today's;
+- the kept step, images/s (validation included), and each recipe's minutes over today's.
+
+The target (issue 20): the converged arm in at most half of today's minutes at equal internal
+validation AUROC (within 0.005, 3 seeds). The first line gives the machine and, as its
+reference figure, the fp32 recipe's images/s. Needs the run's manifest and cache (notebook
+01); an arm with synthetic images needs notebook 03's cohorts too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from cxrlib.config import ClassifierSpec, Params, load_params
+from cxrlib.hardware import cpu_bf16_units, precision_label, resolve_precision
+
+#: How close to today's converged validation macro AUROC counts as reaching it.
+TOLERANCE = 0.005
+#: Target ratio of a recipe's minutes to today's.
+TARGET_RATIO = 0.5
+
+
+#: The printed table's columns, in order, and their headings.
+COLUMNS: dict[str, str] = {
+    "ran": "ran", "seeds": "seeds", "reached": "reached", "to_target": "min to target",
+    "minutes": "min", "final": "final AUROC", "final_sd": "sd", "delta": "delta",
+    "kept_step": "kept step", "img_s": "img/s", "to_target_ratio": "x today (to target)",
+    "minutes_ratio": "x today (min)", "verdict": "<= 0.5x at delta >= -0.005"}
+
+
+def _cosine(spec: ClassifierSpec) -> dict[str, Any]:
+    """Twice the learning rate, warmed up over 2 validation rounds and decayed by cosine over
+    32 (800 steps in the demo, where today's arms keep steps 350-1,100)."""
+    return {"mixed_precision": "bf16", "lr": 2 * spec.lr, "lr_schedule": "cosine",
+            "warmup_steps": 2 * spec.eval_every, "lr_decay_steps": 32 * spec.eval_every}
+
+
+#: Each recipe's changes to the preset's classifier settings, and the share of validation
+#: patients its early stopping sees (``val_share``; the AUROC is always on all of them).
+RECIPES: dict[str, Callable[[ClassifierSpec], dict[str, Any]]] = {
+    "today": lambda s: {},
+    "fp32": lambda s: {"mixed_precision": "no"},
+    "bf16": lambda s: {"mixed_precision": "bf16"},
+    "bf16 + channels_last": lambda s: {"mixed_precision": "bf16", "channels_last": True},
+    "bf16, lr x2, cosine": _cosine,
+    "bf16, validate half as often": lambda s: {
+        "mixed_precision": "bf16", "eval_every": 2 * s.eval_every,
+        "patience": max(1, s.patience // 2)},
+    "bf16, early-stop on half the val": lambda s: {"mixed_precision": "bf16",
+                                                   "val_share": 0.5},
+}
+
+
+def recipe_settings(spec: ClassifierSpec, recipe: str) -> tuple[ClassifierSpec, float]:
+    """A recipe's classifier settings and the share of validation patients it stops on."""
+    changes = RECIPES[recipe](spec)
+    share = changes.pop("val_share", 1.0)
+    return spec.model_copy(update=changes), share
+
+
+def _as_run_here(spec: ClassifierSpec) -> dict[str, Any]:
+    """The settings as they run on this machine (``auto`` and fallbacks resolved)."""
+    return {**spec.model_dump(), "mixed_precision": resolve_precision(spec.mixed_precision)}
+
+
+def arm_experiments(params: Params, arm: str | None, seeds: int):
+    """The arm's experiment at seeds 0..``seeds``-1 (default arm: real only at the smallest
+    real fraction)."""
+    from cxrlib.grid import plan_grid
+    from cxrlib.kinds import Kind
+
+    plan = plan_grid(params)
+    if arm is None:
+        smallest = min(params.experiments.real_fractions)
+        arm = next(e.name for e in plan
+                   if e.kind is Kind.REAL_ONLY and e.real_fraction == smallest)
+    template = next((e for e in plan if e.name == arm), None)
+    if template is None:
+        raise SystemExit(f"no arm '{arm}' in the grid of {params.run.name}; arms: "
+                         f"{', '.join(dict.fromkeys(e.name for e in plan))}")
+    return [replace(template, seed=s) for s in range(seeds)]
+
+
+def train_one(params_file: str, arm: str | None, seed: int, recipe: str) -> dict[str, Any]:
+    """One training of the arm under a recipe: per round its seconds, step and validation
+    macro AUROC (all validation rows), and where it stopped."""
+    from cxrlib.classify import predict, predictions_frame, train_classifier
+    from cxrlib.cohort import patient_subset
+    from cxrlib.data import load_cohort
+    from cxrlib.experiments import GridData, experiment_validation, grid_data, training_set
+    from cxrlib.imagecache import ImageCache
+    from cxrlib.layout import RunLayout
+    from cxrlib.stats import auroc_table, macro_auroc
+
+    params = load_params(params_file)
+    run = RunLayout.open(params, create=False)
+    exp = arm_experiments(params, arm, seed + 1)[seed]
+    if exp.kind.recipe.synthetic == "none":
+        cohort = load_cohort(params, run)
+        data = GridData(cohort.manifest, ImageCache(cohort.cache_dir), {}, {})
+    else:
+        data = grid_data(params, run)
+    train = training_set(exp, params, data)
+    cache = data.combined_cache() if (train["source"] == "synthetic").any() else data.cache
+    val = experiment_validation(exp, params, data.manifest)
+    spec, share = recipe_settings(params.classifier, recipe)
+    aurocs: list[float] = []
+
+    def score(model, _row) -> None:
+        preds = predictions_frame(val, predict(model, val, data.cache), "validation")
+        aurocs.append(float(macro_auroc(auroc_table(preds))["macro_auroc"].iloc[0]))
+
+    result = train_classifier(spec, train, patient_subset(val, share, seed), cache, exp.seed,
+                              progress=False, on_round=score)
+    hist = result.history.assign(val_macro_auroc=aurocs)
+    return {"rounds": hist[["step", "seconds", "images_seen", "val_macro_auroc"]]
+            .to_dict("list"), "best_epoch": result.best_epoch, "best_step": result.best_step,
+            "steps": result.steps, "stopped_early": result.stopped_early,
+            "precision": result.precision, "train_images": len(train), "val_images": len(val),
+            "arm": exp.name}
+
+
+def summarise(runs: pd.DataFrame, today: str = "today") -> tuple[pd.DataFrame, float]:
+    """Per recipe, means over seeds: minutes to today's target, minutes, final AUROC, kept
+    step, images/s and the ratios to today's; and the target AUROC."""
+    def final(r: pd.Series) -> float:
+        return r["rounds"]["val_macro_auroc"][r["best_epoch"] - 1]
+
+    runs = runs.assign(final=runs.apply(final, axis=1))
+    target = float(runs.loc[runs["recipe"] == today, "final"].mean())
+
+    def per_run(r: pd.Series) -> pd.Series:
+        minutes = np.cumsum(r["rounds"]["seconds"]) / 60
+        reached = np.flatnonzero(np.asarray(r["rounds"]["val_macro_auroc"])
+                                 >= target - TOLERANCE)
+        return pd.Series({"to_target": minutes[reached[0]] if len(reached) else np.nan,
+                          "minutes": minutes[-1],
+                          "img_s": r["rounds"]["images_seen"][-1] / (minutes[-1] * 60)})
+
+    runs = runs.join(runs.apply(per_run, axis=1))
+    table = runs.groupby("recipe", sort=False).agg(
+        ran=("precision", lambda v: v.iloc[0].split(" (")[0]), seeds=("seed", "count"),
+        reached=("to_target", lambda v: f"{v.notna().sum()}/{len(v)}"),
+        to_target=("to_target", "mean"), minutes=("minutes", "mean"),
+        final=("final", "mean"), final_sd=("final", "std"), kept_step=("best_step", "mean"),
+        img_s=("img_s", "mean"))
+    table["delta"] = table["final"] - target
+    for col in ("to_target", "minutes"):
+        table[f"{col}_ratio"] = table[col] / table.loc[today, col]
+    table["verdict"] = np.where((table["minutes_ratio"] <= TARGET_RATIO)
+                                & (table["delta"] >= -TOLERANCE), "PASS", "-")
+    return table, target
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--params", default="params/demo.yaml")
+    ap.add_argument("--arm", help="grid arm to train (default: real only, smallest fraction)")
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
+    ap.add_argument("--out", type=Path, help="also write every training's rounds (CSV)")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        print(json.dumps(train_one(args.params, args.arm, args.seed, args.worker)))
+        return
+    params = load_params(args.params)
+    spec = params.classifier
+    recipes = ["today", *(r for r in args.recipes if r != "today")]
+    here = {r: (_as_run_here(recipe_settings(spec, r)[0]), recipe_settings(spec, r)[1])
+            for r in recipes}
+    same = {r: next(s for s in recipes if here[s] == here[r]) for r in recipes}
+    exps = arm_experiments(params, args.arm, args.seeds)
+    print(f"machine: {os.cpu_count()} CPUs, {os.environ.get('OMP_NUM_THREADS', 'all')} OMP "
+          f"threads, CPU bf16 units {', '.join(cpu_bf16_units()) or 'none'}; "
+          f"preset {Path(args.params).name}: {spec.backbone}, batch {spec.batch_size}, lr "
+          f"{spec.lr:g}, validation every {spec.eval_every} steps, patience {spec.patience}, "
+          f"mixed_precision {spec.mixed_precision} -> "
+          f"{precision_label(resolve_precision(spec.mixed_precision))}")
+    aliases = [f"{r} = {same[r]} here, not trained again" for r in recipes if same[r] != r]
+    print("; ".join([f"arm {exps[0].name}, seeds {[e.seed for e in exps]}", *aliases]))
+    rows = []
+    for exp in exps:
+        for recipe in (r for r in recipes if same[r] == r):
+            cmd = [sys.executable, __file__, "--worker", recipe, "--seed", str(exp.seed),
+                   "--params", args.params, "--arm", exp.name]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode:
+                raise SystemExit(f"{recipe}, seed {exp.seed} failed:\n{proc.stderr[-3000:]}")
+            out = json.loads(proc.stdout.strip().splitlines()[-1])
+            rows += [{"recipe": r, "seed": exp.seed, **out} for r in recipes
+                     if same[r] == recipe]
+            print(f"  seed {exp.seed} {recipe}: kept step {out['best_step']} of "
+                  f"{out['steps']}, {sum(out['rounds']['seconds']) / 60:.2f} min", flush=True)
+    runs = pd.DataFrame(rows)
+    table, target = summarise(runs)
+    first = runs.iloc[0]
+    print(f"{first['train_images']} training images, {first['val_images']} validation images; "
+          f"target: today's converged validation macro AUROC {target:.4f} - {TOLERANCE}")
+    if "fp32" in table.index:
+        print(f"reference: fp32 {table.loc['fp32', 'img_s']:.0f} img/s (validation included)")
+    with pd.option_context("display.width", 250, "display.max_columns", 30,
+                           "display.precision", 3):
+        print(table.rename(columns=COLUMNS)[list(COLUMNS.values())].to_string())
+    if args.out:
+        from cxrlib.io import atomic_path
+
+        long = pd.concat([pd.DataFrame(r["rounds"]).assign(recipe=r["recipe"], seed=r["seed"])
+                          for _, r in runs.iterrows()], ignore_index=True)
+        with atomic_path(args.out) as tmp:
+            long.to_csv(tmp, index=False)
+
+
+if __name__ == "__main__":
+    main()
