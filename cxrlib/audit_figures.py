@@ -141,7 +141,7 @@ def texture_figure(texture: pd.DataFrame, detectability: pd.DataFrame) -> plt.Fi
     axes[1].axvline(0.5, color="k", ls="--", lw=1)
     axes[1].set_yticks(range(len(names)), names)
     axes[1].set_ylim(len(names) - 0.5, -0.5)
-    axes[1].set_xlim(0.0, 1.0)
+    axes[1].set_xlim(0.0, 1.03)
     axes[1].set_xlabel("AUROC, real vs synthetic")
     axes[1].set_title("Detectability (0.5 = indistinguishable)")
     fig.tight_layout()
@@ -169,11 +169,12 @@ def sweep_figure(table: pd.DataFrame) -> plt.Figure:
     sns.lineplot(data=runs, x="guidance", y="recall", hue="setting", marker="o", ax=axes[1])
     axes[1].set_ylabel("recall (diversity)")
     for ax, column, name, level in ((axes[2], "texture_hf_ratio",
-                                     "high-frequency power ratio\n(1 = real)", 1.0),
+                                     "high-frequency power ratio\n(1 = real; log scale)", 1.0),
                                     (axes[3], "detectability_auroc",
                                      "detectability AUROC\n(0.5 = indistinguishable)", 0.5)):
         sns.lineplot(data=runs, x="guidance", y=column, hue="setting", marker="o", ax=ax)
         ax.axhline(level, color="grey", ls="--", lw=1)
         ax.set_ylabel(name)
+    axes[2].set_yscale("log")
     fig.tight_layout()
     return fig

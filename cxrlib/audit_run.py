@@ -140,8 +140,7 @@ def audit_reference(params: Params, manifest: pd.DataFrame, cache: ImageCache, r
         encoded = encoder(heldout_images)
     return AuditReference(
         judge, params.audit, params.classifier, params.run.seed, train, train_images,
-        train_features, heldout,
-        heldout_images, judge_features(judge, heldout_images),
+        train_features, heldout, heldout_images, judge_features(judge, heldout_images),
         predict_images(judge, heldout_images),
         DemographicProbes(train_features, train, params.run.seed), encoder, encoded)
 
