@@ -48,8 +48,13 @@ class Profile:
             {"seconds": 2, "share": 3})
 
     @staticmethod
-    def sentence(table: pd.DataFrame) -> str:
-        """The largest part of a :meth:`table`, in words."""
-        top = table["seconds"].idxmax()
-        return (f"Of {table['seconds'].sum():.0f} s timed, the largest part is {top}: "
-                f"{table.loc[top, 'seconds']:.1f} s ({table.loc[top, 'share']:.0%}).")
+    def sentence(table: pd.DataFrame, rest: str = REST) -> str:
+        """The largest named part of a :meth:`table` and the time outside the parts, in
+        words."""
+        parts = table.drop(index=rest, errors="ignore")
+        top = parts["seconds"].idxmax()
+        line = (f"Of {table['seconds'].sum():.0f} s, the largest part is {top}: "
+                f"{parts.loc[top, 'seconds']:.1f} s ({parts.loc[top, 'share']:.0%})")
+        if rest in table.index:
+            line += f"; {table.loc[rest, 'seconds']:.1f} s went to the {rest}"
+        return line + "."

@@ -159,5 +159,7 @@ def test_profile_adds_parts_and_names_the_largest():
     assert table.loc["audit replicas: memorization", "seconds"] == 4.0
     assert table["share"].sum() == pytest.approx(1.0, abs=0.01)
     assert table.loc[REST, "seconds"] == 0.0  # the parts added here took no clock time
-    assert Profile.sentence(table).startswith("Of 4 s timed, the largest part is audit "
-                                              "replicas: memorization: 4.0 s (89%)")
+    assert Profile.sentence(table) == (f"Of 4 s, the largest part is audit replicas: "
+                                       f"memorization: 4.0 s (89%); 0.0 s went to the {REST}.")
+    slow = table.assign(seconds=[0.0, 4.0, 0.5, 10.0])  # the rest is never the named part
+    assert "the largest part is audit replicas: memorization" in Profile.sentence(slow)
