@@ -4,7 +4,8 @@ For each sampler (DDPM, DDIM, DPM-Solver++) and step count, generates the same c
 seeds with the run's trained model (EMA weights) and prints images per second, macro
 conditional fidelity (the judge's AUROC against the conditions, with its patient-bootstrap
 CI), precision / recall / density / coverage and FID/KID against real **validation** images
-(never test images), beside the real-vs-real floor at the same n. Then answers: how few
+(never test images), beside the real-vs-real floor at the same n, and the texture's
+high-frequency power ratio and the detectability AUROC. Then answers: how few
 DPM-Solver++ steps match the paper's DDIM-200 (fidelity at least DDIM's CI lower bound, and
 recall and coverage no more than ``audit.diversity_tolerance`` below DDIM's), and at what
 speed-up? FID decides nothing: at n below the feature dimension it favours collapsed sets.
@@ -29,7 +30,8 @@ from cxrlib.network import load_weights, noise_scheduler, trained_checkpoint
 from cxrlib.samplers import timed_generate
 
 COLUMNS = ["sampler", "steps", "img_per_s", "fidelity_macro_auroc", "fidelity_ci_low",
-           "precision", "recall", "density", "coverage", "fid", "kid_mean"]
+           "precision", "recall", "density", "coverage", "fid", "kid_mean", "texture_hf_ratio",
+           "detectability_auroc"]
 
 
 def main() -> None:

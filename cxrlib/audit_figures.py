@@ -1,4 +1,5 @@
-"""Figures of the audit (notebook 03): distance against its floor, fidelity, memorization, sweep.
+"""Figures of the audit (notebook 03): distance against its floor, fidelity, memorization,
+texture and detectability, sweep.
 
 No torch here; inputs are the tables and results of :mod:`cxrlib.audit`,
 :mod:`cxrlib.audit_fidelity` and :mod:`cxrlib.audit_run`.
@@ -114,12 +115,47 @@ def fidelity_figure(per_label: pd.DataFrame) -> plt.Figure:
     return fig
 
 
+def texture_figure(texture: pd.DataFrame, detectability: pd.DataFrame) -> plt.Figure:
+    """Left: each cohort's synthetic / real power ratio per frequency band with its CI (log
+    scale; 1 = real texture). Right: each cohort's detectability AUROC with its CI (0.5 =
+    indistinguishable). Inputs: the ``texture`` and ``detectability`` tables of
+    :func:`cxrlib.audit_run.audit_tables`."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6), gridspec_kw={"width_ratios": [2, 1]})
+    for cohort, bands in texture.groupby(level="cohort", sort=False):
+        centre = (bands["f_low"] + bands["f_high"]) / 2
+        axes[0].errorbar(centre, bands["ratio"], yerr=[bands["ratio"] - bands["ci_low"],
+                                                       bands["ci_high"] - bands["ratio"]],
+                         marker="o", capsize=3, label=cohort)
+    axes[0].axhline(1.0, color="k", ls="--", lw=1)
+    axes[0].set_yscale("log")
+    axes[0].set_xlabel("radial frequency (cycles/pixel; 0.5 = Nyquist)")
+    axes[0].set_ylabel("power ratio, synthetic / real")
+    axes[0].set_title("Texture: power per frequency band")
+    axes[0].legend(fontsize=8)
+    names = list(detectability.index)
+    auroc = detectability["auroc"].astype(float)
+    axes[1].errorbar(auroc, range(len(names)),
+                     xerr=[auroc - detectability["ci_low"].astype(float),
+                           detectability["ci_high"].astype(float) - auroc],
+                     fmt="o", capsize=3)
+    axes[1].axvline(0.5, color="k", ls="--", lw=1)
+    axes[1].set_yticks(range(len(names)), names)
+    axes[1].set_ylim(len(names) - 0.5, -0.5)
+    axes[1].set_xlim(0.0, 1.03)
+    axes[1].set_xlabel("AUROC, real vs synthetic")
+    axes[1].set_title("Detectability (0.5 = indistinguishable)")
+    fig.tight_layout()
+    return fig
+
+
 def sweep_figure(table: pd.DataFrame) -> plt.Figure:
-    """Guidance sweep: conditional fidelity against coverage (diversity), and cost."""
+    """Guidance sweep: conditional fidelity against coverage (diversity), recall, the
+    texture's high-frequency power ratio and the detectability AUROC against guidance."""
     runs = table[table["sampler"] != "real"].assign(
         setting=lambda d: d["sampler"] + " x" + d["steps"].astype(str))
     floor = table[table["sampler"] == "real"]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7.2))
+    axes = axes.ravel()
     sns.scatterplot(data=runs, x="coverage", y="fidelity_macro_auroc", hue="setting",
                     size="guidance", ax=axes[0])
     if len(floor):
@@ -132,5 +168,13 @@ def sweep_figure(table: pd.DataFrame) -> plt.Figure:
     axes[0].legend(fontsize=7)
     sns.lineplot(data=runs, x="guidance", y="recall", hue="setting", marker="o", ax=axes[1])
     axes[1].set_ylabel("recall (diversity)")
+    for ax, column, name, level in ((axes[2], "texture_hf_ratio",
+                                     "high-frequency power ratio\n(1 = real; log scale)", 1.0),
+                                    (axes[3], "detectability_auroc",
+                                     "detectability AUROC\n(0.5 = indistinguishable)", 0.5)):
+        sns.lineplot(data=runs, x="guidance", y=column, hue="setting", marker="o", ax=ax)
+        ax.axhline(level, color="grey", ls="--", lw=1)
+        ax.set_ylabel(name)
+    axes[2].set_yscale("log")
     fig.tight_layout()
     return fig

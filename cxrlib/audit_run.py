@@ -1,5 +1,6 @@
 """Running the audit for a run (notebook 03, the sampler benchmark): the judge, the real
-reference images, each synthetic cohort, the guidance sweep and its verdict.
+reference images, each synthetic cohort (distance, fidelity, diversity, memorization, texture
+and detectability), the guidance sweep and its verdict.
 
 The judge is the run's real-only classifier (saved under ``<run>/classifiers/real_only``, which
 the classifier experiments reuse as their baseline). Every real reference image comes from the
@@ -39,11 +40,14 @@ from cxrlib.audit_fidelity import (
 from cxrlib.classify import predict_images, train_or_load
 from cxrlib.cohort import split_rows, training_rows
 from cxrlib.condition import encode_conditions
-from cxrlib.config import AuditSpec, Params
+from cxrlib.config import AuditSpec, ClassifierSpec, Params
+from cxrlib.detectability import DetectabilityResult, detectability, patient_split
 from cxrlib.imagecache import ImageCache
 from cxrlib.layout import RunLayout
 from cxrlib.network import ConditionalUNet, noise_scheduler
 from cxrlib.samplers import image_seed, timed_generate
+from cxrlib.texture import TextureResult, texture_comparison
+from cxrlib.timing import Profile
 
 
 def sample_rows(rows: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
@@ -56,10 +60,12 @@ def sample_rows(rows: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
 
 @dataclass
 class AuditReference:
-    """The judge, its probes, the optional second encoder and the real reference images."""
+    """The judge, its probes, the optional second encoder and the real reference images, and
+    the classifier settings the detectability classifier takes its backbone from."""
 
     judge: nn.Module
     spec: AuditSpec
+    classifier: ClassifierSpec
     seed: int
     train_rows: pd.DataFrame  # all real training rows of the diffusion sites
     train_images: np.ndarray
@@ -88,6 +94,19 @@ class AuditReference:
             parts.append(run(self.heldout_encoded, self.encoder(images)).assign(
                 space=spec.encoder))
         return pd.concat(parts, ignore_index=True)
+
+    def texture(self, images: np.ndarray, rows: pd.DataFrame) -> TextureResult:
+        """:func:`cxrlib.texture.texture_comparison` of synthetic images (``rows``: their
+        source patients) against the held-out real images."""
+        return texture_comparison(self.heldout_images, self.heldout_rows["patient_id"], images,
+                                  rows["patient_id"], self.spec.n_boot, self.seed)
+
+    def detectability(self, images: np.ndarray, rows: pd.DataFrame) -> DetectabilityResult:
+        """:func:`cxrlib.detectability.detectability` of synthetic images (``rows``: their
+        source patients) against the held-out real images."""
+        return detectability(self.heldout_images, self.heldout_rows["patient_id"], images,
+                             rows["patient_id"], self.classifier, self.spec.detectability,
+                             self.spec.n_boot, self.seed)
 
 
 def audit_reference(params: Params, manifest: pd.DataFrame, cache: ImageCache, run: RunLayout,
@@ -120,8 +139,8 @@ def audit_reference(params: Params, manifest: pd.DataFrame, cache: ImageCache, r
         encoder = load_encoder(params.audit.encoder, params.audit.encoder_cache, device)
         encoded = encoder(heldout_images)
     return AuditReference(
-        judge, params.audit, params.run.seed, train, train_images, train_features, heldout,
-        heldout_images, judge_features(judge, heldout_images),
+        judge, params.audit, params.classifier, params.run.seed, train, train_images,
+        train_features, heldout, heldout_images, judge_features(judge, heldout_images),
         predict_images(judge, heldout_images),
         DemographicProbes(train_features, train, params.run.seed), encoder, encoded)
 
@@ -136,6 +155,9 @@ class SyntheticAudit:
     memorization: MemorizationResult
     closest: pd.DataFrame
     images: np.ndarray
+    texture: TextureResult
+    detectability: DetectabilityResult
+    seconds: dict[str, float]  # wall-clock seconds of each part of the audit
 
     @property
     def distance_summary(self) -> pd.DataFrame:
@@ -159,6 +181,9 @@ def audit_tables(audits: dict[str, SyntheticAudit]) -> dict[str, pd.DataFrame]:
         "diversity": stack(lambda a: a.diversity),
         "memorization": pd.DataFrame({s: a.memorization.summary()
                                       for s, a in audits.items()}).T,
+        "texture": stack(lambda a: a.texture.bands.set_index("band")),
+        "detectability": pd.DataFrame([a.detectability.row() for a in audits.values()],
+                                      index=pd.Index(list(audits), name="cohort")),
     }
 
 
@@ -173,45 +198,65 @@ def memorization_sentences(memorization: pd.DataFrame) -> list[str]:
 
 def audit_synthetic(ref: AuditReference, synth: pd.DataFrame, synth_cache: ImageCache,
                     n_images: int, seed: int = 0) -> SyntheticAudit:
-    """Distance, conditional and demographic fidelity, diversity and memorization of a cohort.
+    """Distance, conditional and demographic fidelity, diversity, memorization, texture and
+    detectability of a cohort, with the seconds each part took.
 
     At most ``min(n_images, held-out images)`` synthetic images are audited, so that the
     memorization calibration set is at least as large as the audited set.
     """
-    rows = sample_rows(synth, min(n_images, len(ref.heldout_rows)), seed)
-    images = synth_cache.load(rows["image_id"])
-    feats = ref.embed(images)
+    timer = Profile()
     spec = ref.spec
-    fidelity = fidelity_comparison(rows, predict_images(ref.judge, images), feats,
-                                   ref.heldout_rows, ref.heldout_scores, ref.heldout_features,
-                                   ref.probes, spec.min_per_class, spec.n_boot, seed)
-    # Diversity: replicas of one source vs random pairs of different real validation images.
-    counts = synth["source_image_id"].map(synth["source_image_id"].value_counts())
-    multi = synth[counts.to_numpy() > 1]
-    keep = multi["source_image_id"].drop_duplicates().iloc[: max(1, len(rows) // 4)]
-    reps = multi[multi["source_image_id"].isin(keep)]
-    div = ms_ssim_diversity(synth_cache.load(reps["image_id"]), reps["source_image_id"].to_numpy())
-    pair_ids = np.random.default_rng(seed).permutation(len(ref.heldout_images)) // 2
-    real_div = ms_ssim_diversity(ref.heldout_images, pair_ids)
-    diversity = pd.DataFrame({
-        "set": ["synthetic replicas of one condition", "real: random pairs of images"],
-        "groups": [len(div), len(real_div)],
-        "mean MS-SSIM": [div["ms_ssim"].mean() if len(div) else np.nan,
-                         real_div["ms_ssim"].mean()],
-    })
-    position = pd.Series(np.arange(len(ref.train_rows)), index=ref.train_rows["image_id"])
-    source = rows["source_image_id"].map(position).fillna(-1).to_numpy(dtype=np.int64)
-    memo = memorization_audit(images, ref.train_images, ref.train_features, ref.heldout_images,
-                              ref.embed, spec.memorization_rate, source)
-    return SyntheticAudit(ref.distance(images, feats), fidelity, diversity, memo,
-                          closest_pairs(memo), images)
+    with timer.part("distance and fidelity"):
+        rows = sample_rows(synth, min(n_images, len(ref.heldout_rows)), seed)
+        images = synth_cache.load(rows["image_id"])
+        feats = ref.embed(images)
+        fidelity = fidelity_comparison(rows, predict_images(ref.judge, images), feats,
+                                       ref.heldout_rows, ref.heldout_scores,
+                                       ref.heldout_features, ref.probes, spec.min_per_class,
+                                       spec.n_boot, seed)
+        distance = ref.distance(images, feats)
+    with timer.part("diversity"):
+        # Replicas of one source vs random pairs of different real validation images.
+        counts = synth["source_image_id"].map(synth["source_image_id"].value_counts())
+        multi = synth[counts.to_numpy() > 1]
+        keep = multi["source_image_id"].drop_duplicates().iloc[: max(1, len(rows) // 4)]
+        reps = multi[multi["source_image_id"].isin(keep)]
+        div = ms_ssim_diversity(synth_cache.load(reps["image_id"]),
+                                reps["source_image_id"].to_numpy())
+        pair_ids = np.random.default_rng(seed).permutation(len(ref.heldout_images)) // 2
+        real_div = ms_ssim_diversity(ref.heldout_images, pair_ids)
+        diversity = pd.DataFrame({
+            "set": ["synthetic replicas of one condition", "real: random pairs of images"],
+            "groups": [len(div), len(real_div)],
+            "mean MS-SSIM": [div["ms_ssim"].mean() if len(div) else np.nan,
+                             real_div["ms_ssim"].mean()],
+        })
+    with timer.part("memorization"):
+        position = pd.Series(np.arange(len(ref.train_rows)), index=ref.train_rows["image_id"])
+        source = rows["source_image_id"].map(position).fillna(-1).to_numpy(dtype=np.int64)
+        memo = memorization_audit(images, ref.train_images, ref.train_features,
+                                  ref.heldout_images, ref.embed, spec.memorization_rate, source)
+    with timer.part("texture"):
+        texture = ref.texture(images, rows)
+    with timer.part("detectability"):
+        detect = ref.detectability(images, rows)
+    return SyntheticAudit(distance, fidelity, diversity, memo, closest_pairs(memo), images,
+                          texture, detect, timer.seconds)
+
+
+def realism_entries(audit: SyntheticAudit) -> dict[str, dict[str, object]]:
+    """``texture_hf_ratio`` and ``detectability_auroc`` of one cohort's audit for
+    :func:`cxrlib.summary.update_summary`."""
+    return {"texture_hf_ratio": audit.texture.summary_entry(),
+            "detectability_auroc": audit.detectability.summary_entry()}
 
 
 def score_setting(ref: AuditReference, rows: pd.DataFrame, images: np.ndarray,
                   labels: list[str]) -> dict[str, float]:
     """One generated set (the same conditions for every setting) scored for the sweep and the
     sampler benchmark: distance (mean over the floor's splits, judge space), macro
-    conditional fidelity over ``labels`` with its CI, and the sex probe's AUROC."""
+    conditional fidelity over ``labels`` with its CI, the sex probe's AUROC, the texture's
+    high-frequency power ratio and the detectability AUROC, each with its CI."""
     feats = ref.embed(images)
     dist = distance_summary(ref.distance(images, feats).query("space == 'judge'"))
     syn = dist[dist["comparison"] == "real vs synthetic"].iloc[0]
@@ -223,12 +268,26 @@ def score_setting(ref: AuditReference, rows: pd.DataFrame, images: np.ndarray,
             **{m: float(syn[m]) for m in ("fid", "kid_mean", "precision", "recall", "density",
                                           "coverage")},
             "fidelity_macro_auroc": macro.value, "fidelity_ci_low": macro.ci_low,
-            "fidelity_ci_high": macro.ci_high, "sex_auroc": sex.value}
+            "fidelity_ci_high": macro.ci_high, "sex_auroc": sex.value,
+            **_realism_columns(ref.texture(images, rows), ref.detectability(images, rows))}
+
+
+def _realism_columns(texture: TextureResult,
+                     detect: DetectabilityResult | None) -> dict[str, float]:
+    """The sweep's texture and detectability columns (NaN without a detectability)."""
+    hf = texture.hf
+    auroc = (detect.auroc, detect.ci_low, detect.ci_high) if detect else (np.nan,) * 3
+    return {"texture_hf_ratio": float(hf["ratio"]), "texture_ci_low": float(hf["ci_low"]),
+            "texture_ci_high": float(hf["ci_high"]), "detectability_auroc": auroc[0],
+            "detectability_ci_low": auroc[1], "detectability_ci_high": auroc[2]}
 
 
 def real_row(ref: AuditReference, n: int, labels: list[str]) -> dict[str, float]:
-    """The sweep's reference row: the real-vs-real floor at ``n`` and the judge's macro AUROC
-    and sex-probe AUROC on the held-out real images."""
+    """The sweep's reference row: the real-vs-real floor at ``n``, the judge's macro AUROC
+    and sex-probe AUROC on the held-out real images, and the texture ratio of one half of
+    their patients against the other (1 up to sampling). Its detectability is left NaN: a
+    real-vs-real classifier would cost another training to show chance (0.5), which the
+    tests check instead."""
     dist = distance_summary(distance_with_floor(
         ref.heldout_features, ref.heldout_features, n=n, splits=ref.spec.floor_splits,
         k=ref.spec.prdc_k, seed=ref.seed))
@@ -238,12 +297,18 @@ def real_row(ref: AuditReference, n: int, labels: list[str]) -> dict[str, float]
     sex = fidelity_estimate("sex", ref.heldout_rows,
                             ref.probes.predict(ref.heldout_features, ref.heldout_rows), (),
                             ref.spec.n_boot, ref.seed)
+    groups = ref.heldout_rows["patient_id"].to_numpy()
+    half = patient_split(groups, 0.5, ref.seed)
+    texture = texture_comparison(ref.heldout_images[~half], groups[~half],
+                                 ref.heldout_images[half], groups[half], ref.spec.n_boot,
+                                 ref.seed)
     return {"sampler": "real", "steps": 0, "guidance": np.nan, "n": int(floor["n"]),
             "dim": int(floor["dim"]),
             **{m: float(floor[m]) for m in ("fid", "kid_mean", "precision", "recall",
                                             "density", "coverage")},
             "fidelity_macro_auroc": macro.value, "fidelity_ci_low": macro.ci_low,
-            "fidelity_ci_high": macro.ci_high, "sex_auroc": sex.value, "sec_per_image": 0.0}
+            "fidelity_ci_high": macro.ci_high, "sex_auroc": sex.value,
+            **_realism_columns(texture, None), "sec_per_image": 0.0}
 
 
 def sweep_conditions(params: Params, ref: AuditReference, n: int,
@@ -258,20 +323,25 @@ def sweep_conditions(params: Params, ref: AuditReference, n: int,
 
 
 def guidance_sweep(params: Params, ref: AuditReference, model: ConditionalUNet,
-                   progress: bool = True) -> pd.DataFrame:
+                   progress: bool = True, profile: Profile | None = None) -> pd.DataFrame:
     """Guidance w x sampler x steps on the same conditions and seeds, each scored by
-    :func:`score_setting` with its seconds per image; first row: the real reference."""
+    :func:`score_setting` with its seconds per image; first row: the real reference.
+    ``profile`` gets the seconds of generating and of scoring."""
     spec = params.sampling
     rows, cond, seeds, labels = sweep_conditions(params, ref, spec.sweep_images)
     sched = noise_scheduler(params.diffusion)
-    out = [real_row(ref, len(rows), labels)]
+    profile = profile or Profile()
+    with profile.part("guidance sweep: scoring"):
+        out = [real_row(ref, len(rows), labels)]
     grid = [(s, k, g) for s in spec.sweep_samplers for k in spec.sweep_steps
             for g in spec.sweep_guidance]
     for sampler, steps, w in tqdm(grid, desc="guidance sweep", disable=not progress):
-        images, sec = timed_generate(model, sched, cond, seeds, sampler, steps, w,
-                                     spec.guidance_rescale, spec.batch_size)
-        out.append({"sampler": sampler, "steps": steps, "guidance": w,
-                    **score_setting(ref, rows, images, labels), "sec_per_image": sec})
+        with profile.part("guidance sweep: generation"):
+            images, sec = timed_generate(model, sched, cond, seeds, sampler, steps, w,
+                                         spec.guidance_rescale, spec.batch_size)
+        with profile.part("guidance sweep: scoring"):
+            out.append({"sampler": sampler, "steps": steps, "guidance": w,
+                        **score_setting(ref, rows, images, labels), "sec_per_image": sec})
     table = pd.DataFrame(out)
     table.attrs["labels"] = labels
     return table
@@ -288,7 +358,8 @@ def sweep_verdict(table: pd.DataFrame, tolerance: float = 0.05) -> str:
     diversity within ``tolerance`` of the most diverse setting tried (so at least that one is
     eligible); among them the highest macro conditional fidelity wins (ties: the faster).
     Settings with higher fidelity that lost diversity are named, not chosen. FID is reported
-    with n and the feature dimension beside its real-vs-real floor, but decides nothing.
+    with n and the feature dimension beside its real-vs-real floor, but decides nothing; so,
+    for now, do texture and detectability, which the chosen setting's line states.
     """
     real = table[table["sampler"] == "real"].iloc[0]
     runs = table[table["sampler"] != "real"].copy()
@@ -311,7 +382,11 @@ def sweep_verdict(table: pd.DataFrame, tolerance: float = 0.05) -> str:
             f"(95% CI {best['fidelity_ci_low']:.3f}-{best['fidelity_ci_high']:.3f}; the judge "
             f"on real validation images {real['fidelity_macro_auroc']:.3f}), recall "
             f"{best['recall']:.2f}, coverage {best['coverage']:.2f}, "
-            f"{best['sec_per_image']:.3f} s/image.")
+            f"{best['sec_per_image']:.3f} s/image; high-frequency power ratio "
+            f"{best['texture_hf_ratio']:.3g} ({best['texture_ci_low']:.3g}-"
+            f"{best['texture_ci_high']:.3g}; 1 = real), detectability AUROC "
+            f"{best['detectability_auroc']:.3f} ({best['detectability_ci_low']:.3f}-"
+            f"{best['detectability_ci_high']:.3f}; 0.5 = indistinguishable).")
         within = eligible[eligible["fidelity_macro_auroc"] >= best["fidelity_ci_low"]]
         cheap = within.sort_values("sec_per_image").iloc[0]
         if cheap["sec_per_image"] < best["sec_per_image"]:

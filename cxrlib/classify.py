@@ -311,6 +311,70 @@ def train_classifier(spec: ClassifierSpec, train: pd.DataFrame, val: pd.DataFram
                        images_seen=seen)
 
 
+def train_binary(spec: ClassifierSpec, images: np.ndarray, targets: np.ndarray,
+                 val_images: np.ndarray, val_targets: np.ndarray, seed: int = 0) -> TrainResult:
+    """A one-logit classifier of uint8 images (n x R x R) against 0/1 ``targets``, e.g. real
+    versus synthetic (:mod:`cxrlib.detectability`), where the 14-label trainer does not fit.
+
+    ``spec``'s backbone, optimizer, learning rate, weight decay, gradient clip and precision;
+    BCE over full batches of ``spec.batch_size`` drawn as :func:`round_plans` draws them
+    (protocol converged: validation loss every ``eval_every`` steps up to ``max_steps``, stop
+    after ``patience`` validations without a lower one); the weights of the lowest validation
+    loss are returned, in eval mode. No augmentation: the project's (noise, affine
+    resampling, mixing) would hide or add the very texture such a classifier should find.
+    One process; the global torch random state is left as it was.
+    """
+    spec = spec.model_copy(update={"protocol": "converged"})
+    accelerator = _accelerator(spec)
+    device = accelerator.device
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = build_model(spec, num_outputs=1)
+    opt = timm.optim.create_optimizer_v2(model, opt=spec.optimizer, lr=spec.lr,
+                                         weight_decay=spec.weight_decay)
+    model, opt = accelerator.prepare(model, opt)
+    x_all, y_all = to_model_input(images), torch.as_tensor(targets, dtype=torch.float32)
+    y_val = torch.as_tensor(val_targets, dtype=torch.float32)
+    loss_fn = nn.functional.binary_cross_entropy_with_logits
+    best_loss, best_epoch, best_step, best_state, waited, step = np.inf, 0, 0, None, 0, 0
+    seen = 0
+    history = []
+    plans = round_plans(len(images), spec, np.random.default_rng(seed))
+    for epoch, plan in enumerate(plans, start=1):
+        model.train()
+        losses = []
+        for idx in plan:
+            with accelerator.autocast():
+                logits = model(x_all[idx].to(device))[:, 0]
+            loss = loss_fn(logits.float(), y_all[idx].to(device))
+            accelerator.backward(loss)
+            accelerator.clip_grad_norm_(model.parameters(), spec.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            seen += len(idx)
+            losses.append(loss.item())
+        val_p = torch.from_numpy(predict_images(model, val_images)[:, 0])
+        val_loss = float(nn.functional.binary_cross_entropy(val_p, y_val))
+        history.append({"epoch": epoch, "step": step, "train_loss": float(np.mean(losses)),
+                        "val_loss": val_loss})
+        if val_loss < best_loss:
+            best_loss, best_epoch, best_step, waited = val_loss, epoch, step, 0
+            best_state = {k: v.detach().clone()
+                          for k, v in accelerator.unwrap_model(model).state_dict().items()}
+        else:
+            waited += 1
+            if waited >= spec.patience:
+                break
+    assert best_state is not None
+    final = build_model(spec.model_copy(update={"pretrained": False}), num_outputs=1)
+    final.load_state_dict(best_state)
+    final.to(device).eval()
+    return TrainResult(final, pd.DataFrame(history), best_epoch,
+                       stopped_early=len(history) < n_rounds(spec), steps=step,
+                       best_step=best_step, images_seen=seen)
+
+
 @torch.no_grad()
 def predict(model: nn.Module, df: pd.DataFrame, cache: ImageCache,
             batch_size: int = 128) -> np.ndarray:

@@ -492,6 +492,20 @@ class SamplingSpec(_Strict):
                                                     "sweep_scales": "sweep_guidance"})
 
 
+class DetectabilitySpec(_Strict):
+    """The real-versus-synthetic classifier of the audit (:mod:`cxrlib.detectability`): the
+    ``classifier`` section's backbone, optimizer, learning rate and precision, trained for a
+    small budget of its own so that it stays cheap beside the audit."""
+
+    #: Optimizer-step ceiling.
+    max_steps: PositiveInt = 60
+    #: Steps between validations (loss on held-out patients of the training half).
+    eval_every: PositiveInt = 10
+    #: Validations without a lower loss before stopping.
+    patience: PositiveInt = 3
+    batch_size: PositiveInt = 32
+
+
 class AuditSpec(_Strict):
     """The audit of generated images (notebook 03, the sampler benchmark): its rules and sizes.
 
@@ -517,6 +531,7 @@ class AuditSpec(_Strict):
     encoder: Annotated[str, Field(pattern=r"^xrv:[\w.-]+$")] | None = None
     #: Folder holding the encoder's weights file (null = torchxrayvision's own cache).
     encoder_cache: str | None = None
+    detectability: DetectabilitySpec = Field(default_factory=DetectabilitySpec)
 
 
 def _compared(kind: Kind) -> Kind:

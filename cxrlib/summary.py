@@ -1,11 +1,12 @@
 """The run's headline numbers in one JSON file, :attr:`cxrlib.layout.RunLayout.summary`.
 
-Each stage adds its own keys (notebook 03 the generator's fidelity, notebook 05 the baseline,
-the primary comparisons, the manipulation checks, the paper's claims and each arm's protocol
-and steps, the pipeline the stage times and, from the stages' training histories, the
-precision each stage trained in: :func:`stage_precisions`); :func:`update_summary` merges
-them atomically, so a stage never loses what another wrote. The pipeline copies the file to
-``reports/<run>/summary.json`` beside the rendered pages. No torch here.
+Each stage adds its own keys (notebook 03 the generator's fidelity, texture and
+detectability, notebook 05 the baseline, the primary comparisons, the manipulation checks,
+the paper's claims and each arm's protocol and steps, the pipeline the stage times and, from
+the stages' training histories, the precision each stage trained in: :func:`stage_precisions`);
+:func:`update_summary` merges them atomically, so a stage never loses what another wrote.
+The pipeline copies the file to ``reports/<run>/summary.json`` beside the rendered pages. No
+torch here.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ SCHEMA: dict[str, type | tuple[type, ...]] = {
     "precision": dict,
     "fidelity": dict,
     "sex_fidelity": dict,
+    "texture_hf_ratio": dict,
+    "detectability_auroc": dict,
     "baseline_internal_macro_auroc": (int, float),
     "internal_test_images": int,
     "seeds": list,
@@ -41,6 +44,8 @@ SCHEMA: dict[str, type | tuple[type, ...]] = {
 NESTED: dict[str, tuple[str, ...]] = {
     "fidelity": ("synthetic_macro_auroc", "real_macro_auroc", "ratio"),
     "sex_fidelity": ("synthetic_auroc", "real_auroc"),
+    "texture_hf_ratio": ("value", "ci_low", "ci_high"),
+    "detectability_auroc": ("value", "ci_low", "ci_high"),
 }
 #: Keys of each row of the list entries: a primary comparison (``mde`` and ``mde_holm`` from
 #: t at its df, at alpha and at its family's first Holm level; ``df`` null = infinite, one

@@ -238,8 +238,8 @@ def test_fidelity_comparison_ratio_sentences_and_summary():
     assert "below 0.9x real" in text and "at least 0.9x real" in text
     assert "Fracture (synthetic: 4 pos" in text and "95% CI" in text
     entries = res.summary_entries()
-    for key, inner in NESTED.items():
-        assert set(inner) <= set(entries[key])
+    for key in ("fidelity", "sex_fidelity"):
+        assert set(NESTED[key]) <= set(entries[key])
     assert set(entries["fidelity"]["ratio_ci"]) and entries["fidelity"]["min_per_class"] == 10
     assert {"synthetic_r", "real_r", "ratio"} <= set(entries["age_fidelity"])
     flipped = fidelity_comparison(syn, scores(syn, 0.3), syn_f, val, scores(val, -1.5), val_f,
@@ -400,13 +400,20 @@ def _sweep_table() -> pd.DataFrame:
     return table.assign(fidelity_ci_low=table["fidelity_macro_auroc"] - 0.05,
                         fidelity_ci_high=table["fidelity_macro_auroc"] + 0.05, fid=[1, 3, 0.5,
                                                                                    3, 2],
-                        n=64, dim=256)
+                        n=64, dim=256, texture_hf_ratio=[1.0, 0.2, 0.1, 0.3, 0.25],
+                        texture_ci_low=lambda d: d["texture_hf_ratio"] - 0.05,
+                        texture_ci_high=lambda d: d["texture_hf_ratio"] + 0.05,
+                        detectability_auroc=[np.nan, 0.9, 0.95, 0.85, 0.88],
+                        detectability_ci_low=lambda d: d["detectability_auroc"] - 0.05,
+                        detectability_ci_high=lambda d: d["detectability_auroc"] + 0.05)
 
 
 def test_sweep_verdict_does_not_reward_lost_diversity():
     text = sweep_verdict(_sweep_table(), tolerance=0.05)
     chosen = text.split("Chosen: ")[1]
     assert chosen.startswith("dpmpp with 10 steps at guidance w 0")
+    assert "high-frequency power ratio 0.3 (0.25-0.35" in chosen
+    assert "detectability AUROC 0.850 (0.800-0.900" in chosen
     assert "Passed over for lost diversity" in text and "guidance w 4 (0.900" in text
     assert "Cheapest eligible" not in text  # the chosen one is already the cheapest
     nan = _sweep_table().assign(fidelity_macro_auroc=np.nan)
