@@ -344,11 +344,29 @@ def guidance_sweep(params: Params, ref: AuditReference, model: ConditionalUNet,
                         **score_setting(ref, rows, images, labels), "sec_per_image": sec})
     table = pd.DataFrame(out)
     table.attrs["labels"] = labels
+    # what the cohorts were generated with, for sweep_verdict to compare with its choice
+    table.attrs["generated"] = {"sampler": spec.sampler, "steps": spec.steps,
+                                "guidance": spec.guidance}
     return table
 
 
 def _setting(row: pd.Series) -> str:
     return f"{row['sampler']} with {int(row['steps'])} steps at guidance w {row['guidance']:g}"
+
+
+def _generated_sentence(generated: dict | None, best: pd.Series) -> str:
+    """Whether the run's cohorts were generated at the setting the sweep chose (issue 18:
+    generate at the sweep's choice, or say why not)."""
+    if not generated:
+        return ""
+    used = pd.Series(generated)
+    if (used["sampler"] == best["sampler"] and int(used["steps"]) == int(best["steps"])
+            and float(used["guidance"]) == float(best["guidance"])):
+        return f"The synthetic cohorts were generated at this setting ({_setting(used)})."
+    return (f"The synthetic cohorts were generated with {_setting(used)} (`sampling:` in the "
+            f"parameter file), not the chosen setting: the sweep runs on validation conditions "
+            f"after generation, so set `sampling.sampler`, `steps` and `guidance` to "
+            f"{_setting(best)} and run notebook 03 again to generate at it.")
 
 
 def sweep_verdict(table: pd.DataFrame, tolerance: float = 0.05) -> str:
@@ -406,6 +424,7 @@ def sweep_verdict(table: pd.DataFrame, tolerance: float = 0.05) -> str:
                      f"{int(real['n'])} sweep conditions and the validation images, so "
                      f"conditional fidelity cannot decide; the most diverse setting is "
                      f"{_setting(best)} (coverage {best['coverage']:.2f}).")
+    lines.append(_generated_sentence(table.attrs.get("generated"), best))
     by_scale = runs.groupby("guidance")[["fidelity_macro_auroc", "coverage"]].mean()
     hi, lo = by_scale.index.max(), by_scale.index.min()
     if hi != lo:
@@ -417,4 +436,4 @@ def sweep_verdict(table: pd.DataFrame, tolerance: float = 0.05) -> str:
     lines.append(f"FID at n = {int(real['n'])} in d = {int(real['dim'])} judge dimensions "
                  f"(rank-deficient when n < d, so it favours low-variance sets): real vs real "
                  f"{real['fid']:.3g}, settings {runs['fid'].min():.3g}-{runs['fid'].max():.3g}.")
-    return " ".join(lines)
+    return " ".join(line for line in lines if line)

@@ -418,6 +418,15 @@ def test_sweep_verdict_does_not_reward_lost_diversity():
     assert "Cheapest eligible" not in text  # the chosen one is already the cheapest
     nan = _sweep_table().assign(fidelity_macro_auroc=np.nan)
     assert "cannot decide" in sweep_verdict(nan)
+    # the run's own generation setting is compared with the choice
+    same = _sweep_table()
+    same.attrs["generated"] = {"sampler": "dpmpp", "steps": 10, "guidance": 0.0}
+    assert "generated at this setting" in sweep_verdict(same, tolerance=0.05)
+    other = _sweep_table()
+    other.attrs["generated"] = {"sampler": "ddim", "steps": 10, "guidance": 4.0}
+    text_other = sweep_verdict(other, tolerance=0.05)
+    assert "generated with ddim with 10 steps at guidance w 4" in text_other
+    assert "not the chosen setting" in text_other
     # The demo's case: the best recall and the best coverage come from different settings, so
     # no setting is within tolerance of both; diversity = min(recall, coverage) still picks.
     split = _sweep_table()
