@@ -79,6 +79,13 @@ RECIPES: dict[str, Callable[[ClassifierSpec], dict[str, Any]]] = {
         "patience": max(1, s.patience // 2)},
     "bf16, early-stop on half the val": lambda s: {"mixed_precision": "bf16",
                                                    "val_share": 0.5},
+    "bf16 + channels_last, patience halved": lambda s: {
+        "mixed_precision": "bf16", "channels_last": True, "patience": max(1, s.patience // 2)},
+    "bf16 + channels_last, lr x2, cosine, patience halved": lambda s: {
+        **_cosine(s), "channels_last": True, "patience": max(1, s.patience // 2)},
+    "bf16 + channels_last, patience halved, half the val": lambda s: {
+        "mixed_precision": "bf16", "channels_last": True, "patience": max(1, s.patience // 2),
+        "val_share": 0.5},
 }
 
 

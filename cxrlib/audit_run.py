@@ -42,6 +42,7 @@ from cxrlib.cohort import split_rows, training_rows
 from cxrlib.condition import encode_conditions
 from cxrlib.config import AuditSpec, ClassifierSpec, Params
 from cxrlib.detectability import DetectabilityResult, detectability, patient_split
+from cxrlib.hardware import resolve_precision
 from cxrlib.imagecache import ImageCache
 from cxrlib.layout import RunLayout
 from cxrlib.network import ConditionalUNet, noise_scheduler
@@ -338,7 +339,8 @@ def guidance_sweep(params: Params, ref: AuditReference, model: ConditionalUNet,
     for sampler, steps, w in tqdm(grid, desc="guidance sweep", disable=not progress):
         with profile.part("guidance sweep: generation"):
             images, sec = timed_generate(model, sched, cond, seeds, sampler, steps, w,
-                                         spec.guidance_rescale, spec.batch_size)
+                                         spec.guidance_rescale, spec.batch_size,
+                                         precision=resolve_precision(spec.mixed_precision))
         with profile.part("guidance sweep: scoring"):
             out.append({"sampler": sampler, "steps": steps, "guidance": w,
                         **score_setting(ref, rows, images, labels), "sec_per_image": sec})

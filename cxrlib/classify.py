@@ -171,6 +171,39 @@ class TrainResult:
         return "; ".join(dict.fromkeys(self.history["precision"].dropna()))
 
 
+class EarlyStopping:
+    """The converged protocol's bookkeeping, shared by both trainers: keep the weights of the
+    lowest validation loss; stop after ``patience`` validations without a lower one."""
+
+    def __init__(self, patience: int):
+        self.patience = patience
+        self.best_loss, self.best_epoch, self.best_step, self.waited = np.inf, 0, 0, 0
+        self.best_state: dict[str, torch.Tensor] | None = None
+
+    def update(self, val_loss: float, epoch: int, step: int, model: nn.Module) -> bool:
+        """Record a validation round (``model``: the weights it scored); True = stop now."""
+        if val_loss < self.best_loss:
+            self.best_loss, self.best_epoch, self.best_step, self.waited = \
+                val_loss, epoch, step, 0
+            self.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            return False
+        self.waited += 1
+        return self.waited >= self.patience
+
+    def result(self, spec: ClassifierSpec, history: list[dict], device: torch.device,
+               rounds: int, steps: int, seen: int, num_outputs: int = len(CHEXPERT_LABELS)
+               ) -> TrainResult:
+        """The kept weights in a fresh model (eval mode) and how training went."""
+        if self.best_state is None:
+            raise RuntimeError("no validation round ran; nothing to keep")
+        final = build_model(spec.model_copy(update={"pretrained": False}), num_outputs)
+        final.load_state_dict(self.best_state)
+        final.to(device).eval()
+        return TrainResult(final, pd.DataFrame(history), self.best_epoch,
+                           stopped_early=len(history) < rounds, steps=steps,
+                           best_step=self.best_step, images_seen=seen)
+
+
 def _label_matrix(df: pd.DataFrame) -> np.ndarray:
     return df[list(CHEXPERT_LABELS)].to_numpy(dtype=np.float32)
 
@@ -217,8 +250,11 @@ def lr_schedule(spec: ClassifierSpec, optimizer: torch.optim.Optimizer
 def train_classifier(spec: ClassifierSpec, train: pd.DataFrame, val: pd.DataFrame,
                      cache: ImageCache | CombinedCache, seed: int = 0,
                      progress: bool = True,
-                     on_round: Callable[[nn.Module, dict], None] | None = None) -> TrainResult:
+                     on_round: Callable[[nn.Module, dict], None] | None = None,
+                     init: nn.Module | None = None) -> TrainResult:
     """Train on ``train`` rows with early stopping on ``val`` loss; returns the best model.
+    ``init``: start from these weights (a fine-tuning phase) instead of the backbone's own
+    initialisation; the optimizer, schedule and EMA start afresh.
 
     Augmentations (``spec.augment``) run per image on the device; the EMA of the weights
     (``spec.ema_decay`` > 0) is what validation scores and what is returned. Under
@@ -237,7 +273,10 @@ def train_classifier(spec: ClassifierSpec, train: pd.DataFrame, val: pd.DataFram
     rng = np.random.default_rng(seed)
     gen = torch.Generator(device=accelerator.device).manual_seed(seed * 1000 + rank)
     layout = torch.channels_last if spec.channels_last else torch.contiguous_format
-    model = build_model(spec).to(memory_format=layout)
+    model = build_model(spec)
+    if init is not None:
+        model.load_state_dict(init.state_dict())
+    model = model.to(memory_format=layout)
     opt = timm.optim.create_optimizer_v2(model, opt=spec.optimizer, lr=spec.lr,
                                          weight_decay=spec.weight_decay)
     schedule = lr_schedule(spec, opt)
@@ -251,7 +290,7 @@ def train_classifier(spec: ClassifierSpec, train: pd.DataFrame, val: pd.DataFram
     val_set = BatchDataset(cache, cache.rows_for(val["image_id"]), _label_matrix(val))
     val_set.plan = epoch_plan(len(val), spec.batch_size, None, rank, world)
     pin = accelerator.device.type == "cuda"
-    best_loss, best_epoch, best_step, best_state, waited = np.inf, 0, 0, None, 0
+    stopper = EarlyStopping(spec.patience)
     history, seen = [], 0
     rounds = n_rounds(spec)
     bar = tqdm(enumerate(round_plans(len(train), spec, rng, rank, world), start=1),
@@ -294,21 +333,9 @@ def train_classifier(spec: ClassifierSpec, train: pd.DataFrame, val: pd.DataFram
             raise ValueError(f"classifier training diverged at epoch {epoch} (validation loss "
                              f"{val_loss}); lower classifier.lr ({spec.lr}) or check the data "
                              f"(backbone {spec.backbone})")
-        if val_loss < best_loss:
-            best_loss, best_epoch, best_step, waited = val_loss, epoch, step, 0
-            best_state = {k: v.detach().clone()
-                          for k, v in accelerator.unwrap_model(scored).state_dict().items()}
-        else:
-            waited += 1
-            if waited >= spec.patience:
-                break
-    assert best_state is not None
-    final = build_model(spec.model_copy(update={"pretrained": False}))
-    final.load_state_dict(best_state)
-    final.to(accelerator.device).eval()
-    return TrainResult(final, pd.DataFrame(history), best_epoch,
-                       stopped_early=len(history) < rounds, steps=step, best_step=best_step,
-                       images_seen=seen)
+        if stopper.update(val_loss, epoch, step, accelerator.unwrap_model(scored)):
+            break
+    return stopper.result(spec, history, accelerator.device, rounds, step, seen)
 
 
 def train_binary(spec: ClassifierSpec, images: np.ndarray, targets: np.ndarray,
@@ -336,8 +363,8 @@ def train_binary(spec: ClassifierSpec, images: np.ndarray, targets: np.ndarray,
     x_all, y_all = to_model_input(images), torch.as_tensor(targets, dtype=torch.float32)
     y_val = torch.as_tensor(val_targets, dtype=torch.float32)
     loss_fn = nn.functional.binary_cross_entropy_with_logits
-    best_loss, best_epoch, best_step, best_state, waited, step = np.inf, 0, 0, None, 0, 0
-    seen = 0
+    stopper = EarlyStopping(spec.patience)
+    step = seen = 0
     history = []
     plans = round_plans(len(images), spec, np.random.default_rng(seed))
     for epoch, plan in enumerate(plans, start=1):
@@ -358,21 +385,9 @@ def train_binary(spec: ClassifierSpec, images: np.ndarray, targets: np.ndarray,
         val_loss = float(nn.functional.binary_cross_entropy(val_p, y_val))
         history.append({"epoch": epoch, "step": step, "train_loss": float(np.mean(losses)),
                         "val_loss": val_loss})
-        if val_loss < best_loss:
-            best_loss, best_epoch, best_step, waited = val_loss, epoch, step, 0
-            best_state = {k: v.detach().clone()
-                          for k, v in accelerator.unwrap_model(model).state_dict().items()}
-        else:
-            waited += 1
-            if waited >= spec.patience:
-                break
-    assert best_state is not None
-    final = build_model(spec.model_copy(update={"pretrained": False}), num_outputs=1)
-    final.load_state_dict(best_state)
-    final.to(device).eval()
-    return TrainResult(final, pd.DataFrame(history), best_epoch,
-                       stopped_early=len(history) < n_rounds(spec), steps=step,
-                       best_step=best_step, images_seen=seen)
+        if stopper.update(val_loss, epoch, step, accelerator.unwrap_model(model)):
+            break
+    return stopper.result(spec, history, device, n_rounds(spec), step, seen, num_outputs=1)
 
 
 @torch.no_grad()
@@ -427,16 +442,27 @@ def load_classifier(folder: Path, spec: ClassifierSpec | None = None) -> TrainRe
                        meta.get("images_seen", 0))
 
 
+def weights_crc(model: nn.Module) -> int:
+    """A checksum of a model's weights (which initial weights a fine-tuned model started from)."""
+    crc = 0
+    for name, tensor in model.state_dict().items():
+        crc = zlib.crc32(name.encode(), crc)
+        crc = zlib.crc32(tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy(), crc)
+    return crc
+
+
 def train_or_load(spec: ClassifierSpec, train: pd.DataFrame, val: pd.DataFrame,
                   cache: ImageCache | CombinedCache, folder: Path, seed: int = 0,
-                  progress: bool = True, reuse: tuple[Path, ...] = ()) -> TrainResult:
+                  progress: bool = True, reuse: tuple[Path, ...] = (),
+                  init: nn.Module | None = None) -> TrainResult:
     """Reuse a classifier saved in ``folder`` or in one of the ``reuse`` folders (same
-    settings, seed, training and validation rows), else train one; the result is saved in
-    ``folder``, so that a model is never trained twice for the same data. Only the main process
-    saves; the others wait for it."""
+    settings, seed, training and validation rows, initial weights), else train one; the result
+    is saved in ``folder``, so that a model is never trained twice for the same data. Only the
+    main process saves; the others wait for it."""
     ids = {"train_rows": len(train), "val_rows": len(val), "seed": seed,
            "train_ids_crc": zlib.crc32("\n".join(train["image_id"]).encode()),
-           "val_ids_crc": zlib.crc32("\n".join(val["image_id"]).encode())}
+           "val_ids_crc": zlib.crc32("\n".join(val["image_id"]).encode()),
+           "init_crc": None if init is None else weights_crc(init)}
     for candidate in (folder, *reuse):
         if (candidate / "classifier.json").exists():
             meta = json.loads((candidate / "classifier.json").read_text())
@@ -447,7 +473,7 @@ def train_or_load(spec: ClassifierSpec, train: pd.DataFrame, val: pd.DataFrame,
                     on_main(partial(save_classifier, result, spec, folder,
                                     {**ids, "reused_from": str(candidate)}))
                 return result
-    result = train_classifier(spec, train, val, cache, seed, progress)
+    result = train_classifier(spec, train, val, cache, seed, progress, init=init)
     on_main(partial(save_classifier, result, spec, folder, ids))
     return result
 

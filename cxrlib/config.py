@@ -38,6 +38,10 @@ Subgroup = Literal["sex", "age_band", "race", "view"]
 #: The authors' scale s (out = null + s (cond - null), with s = 0 meaning the plain conditional
 #: model) maps to w = s - 1 for s > 0, and their s = 0 to w = 0.
 Guidance = Annotated[float, Field(ge=-1.0)]
+#: Precision of a stage: Accelerate's ``mixed_precision`` values, or ``auto``
+#: (:func:`cxrlib.hardware.resolve_precision`: bf16 autocast on GPUs and on CPUs with bf16
+#: units, fp32 elsewhere).
+MixedPrecision = Literal["no", "fp16", "bf16", "auto"]
 
 
 def _renamed_guidance(data: Any, section: str, renamed: dict[str, str]) -> Any:
@@ -251,7 +255,7 @@ class ClassifierSpec(_Strict):
     #: EMA decay of the weights used for validation and evaluation (0 = no EMA).
     ema_decay: Annotated[float, Field(ge=0, lt=1)] = 0.0
     #: ``auto`` as for the diffusion model (:func:`cxrlib.hardware.resolve_precision`).
-    mixed_precision: Literal["no", "fp16", "bf16", "auto"] = "no"
+    mixed_precision: MixedPrecision = "no"
     #: NHWC memory layout for the model and its input batches (oneDNN's bf16 convolutions
     #: and tensor cores prefer it; the arithmetic is the same).
     channels_last: bool = False
@@ -324,6 +328,11 @@ class ExperimentSpec(_Strict):
     #: Real + k renders without detector noise and grain (``oracle_smooth`` strategy): whether
     #: missing detector noise costs a perfect generator its gain.
     oracle_smooth_k: list[Annotated[int, Field(ge=1, le=10)]] = Field(default_factory=list)
+    #: Pretrain on replicas 0..k-1 of the real rows, then fine-tune on the real rows (both
+    #: phases early-stopped under the grid's protocol; RoentGen-v2 reports pretraining beating
+    #: mixing): how the same synthetic images are used, beside ``supplement_k``'s mixing.
+    synthetic_pretrain_k: list[Annotated[int, Field(ge=1, le=10)]] = Field(
+        default_factory=list)
     external: list[ExternalExperimentSpec] = Field(default_factory=list)
     #: Training seeds per cell of the grid; each seed also draws its own real subset (inside the
     #: rows that have synthetic replicas), since the draw is part of a recipe's variance.
@@ -387,7 +396,7 @@ class DiffusionSpec(_Strict):
     max_steps: PositiveInt = 1000
     #: ``auto``: bf16 autocast on GPUs and on CPUs with bf16 units (AMX, AVX512-BF16), fp32 on
     #: other CPUs (:func:`cxrlib.hardware.resolve_precision`).
-    mixed_precision: Literal["no", "fp16", "bf16", "auto"] = "no"
+    mixed_precision: MixedPrecision = "no"
     #: NHWC memory layout for the UNet's convolutions (faster with oneDNN and on tensor cores).
     channels_last: bool = False
     #: ``torch.compile`` the UNet for training (compiles once per process, then runs faster).
@@ -464,6 +473,9 @@ class SamplingSpec(_Strict):
     guidance: Guidance = 0.0
     guidance_rescale: Fraction = 0.7
     batch_size: PositiveInt = 64
+    #: The UNet's precision while sampling the cohorts and the sweep; the scheduler's
+    #: arithmetic stays fp32. ``auto`` as for training.
+    mixed_precision: MixedPrecision = "no"
     #: Replicas per training row (k = 10 is +1000%).
     replicas: Annotated[int, Field(ge=1, le=10)] = 3
     #: Share of the training rows (drawn by patient, seeded) that get synthetic images. The
@@ -611,7 +623,8 @@ class Params(_Strict):
     def _experiments_fit(self) -> Params:
         grid = self.experiments
         needed = max([*grid.supplement_k, *grid.synthetic_only_k, grid.rebalance_k,
-                      *grid.shuffled_k, *(k for e in grid.external for k in e.synthetic_k)],
+                      *grid.shuffled_k, *grid.synthetic_pretrain_k,
+                      *(k for e in grid.external for k in e.synthetic_k)],
                      default=0)
         if needed > self.sampling.replicas:
             raise ValueError(f"experiments ask for {needed} synthetic replicas but "

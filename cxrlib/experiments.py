@@ -237,19 +237,28 @@ def run_experiment(exp: Experiment, params: Params, data: GridData, train: pd.Da
                    progress: bool = False) -> pd.DataFrame:
     """Train (or reuse) one experiment's classifier and write its predictions on every test
     set; returns the predictions. Only the main process writes files."""
-    out = run.experiment(exp.name, exp.seed)
-    cache = data.combined_cache() if (train["source"] == "synthetic").any() else data.cache
+    out, full = run.experiment(exp.name, exp.seed), train
     val = experiment_validation(exp, params, data.manifest)
     started = time.perf_counter()
+    pretrain: TrainResult | None = None
+    if exp.kind.recipe.pretrain:
+        # phase 1 on the synthetic rows alone, phase 2 fine-tunes its kept weights on the real
+        # rows; each early-stops on the same validation rows
+        synthetic = train[train["source"] == "synthetic"]
+        pretrain = train_or_load(params.classifier, synthetic, val, data.combined_cache(),
+                                 out.pretrain_model, exp.seed, progress)
+        train = train[train["source"] == "real"]
+    cache = data.combined_cache() if (train["source"] == "synthetic").any() else data.cache
     result: TrainResult = train_or_load(params.classifier, train, val, cache, out.model,
-                                        exp.seed, progress, reuse)
+                                        exp.seed, progress, reuse,
+                                        init=pretrain.model if pretrain else None)
     seconds = time.perf_counter() - started
     preds = pd.concat([predictions_frame(rows, predict(result.model, rows, data.cache), name)
                        for name, rows in test_sets(params, data.manifest).items()],
                       ignore_index=True)
     preds.insert(0, "experiment", exp.name)
     preds.insert(1, "seed", exp.seed)
-    config = _config(exp, params, train)
+    config = _config(exp, params, full)
     config.update({
         "best_epoch": result.best_epoch, "epochs_run": len(result.history),
         "stopped_early": result.stopped_early,
@@ -262,11 +271,25 @@ def run_experiment(exp: Experiment, params: Params, data: GridData, train: pd.Da
             result.images_seen, config["n_real"], len(train), config["n_unique_real"]), 2),
         "validation_site": str(val["site"].iloc[0]), "train_seconds": round(seconds, 1),
         "precision": result.precision})
+    history = result.history
+    if pretrain is not None:
+        # the arm's compute is both phases': steps count on from the pretraining's end
+        config.update({
+            "converged": config["converged"] and pretrain.stopped_early,
+            "optimizer_steps": pretrain.steps + result.steps,
+            "best_step": pretrain.steps + result.best_step,
+            "images_seen": pretrain.images_seen + result.images_seen,
+            "pretrain_steps": pretrain.steps, "pretrain_best_step": pretrain.best_step})
+        history = pd.concat([pretrain.history.assign(phase="pretrain"),
+                             history.assign(phase="fine-tune",
+                                            epoch=history["epoch"] + len(pretrain.history),
+                                            step=history["step"] + pretrain.steps)],
+                            ignore_index=True)
 
     def write() -> None:
         atomic_write_text(out.config, json.dumps(config, indent=1))
         with atomic_path(out.history) as tmp:
-            result.history.assign(experiment=exp.name, seed=exp.seed).to_csv(tmp, index=False)
+            history.assign(experiment=exp.name, seed=exp.seed).to_csv(tmp, index=False)
         atomic_write_parquet(preds, out.predictions)  # last: marks it done
 
     on_main(write)

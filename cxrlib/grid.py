@@ -59,6 +59,7 @@ def plan_grid(params: Params) -> list[Experiment]:
                          (Kind.REAL_PLUS_ORACLE_SMOOTH, grid.oracle_smooth_k),
                          (Kind.SYNTHETIC_ONLY, grid.synthetic_only_k),
                          (Kind.ORACLE_ONLY, grid.oracle_only_k),
+                         (Kind.SYNTHETIC_PRETRAIN, grid.synthetic_pretrain_k),
                          (Kind.REAL_PLUS_REBALANCED,
                           [grid.rebalance_k] if grid.rebalance_k else [])):
             recipes += [(kind, k, f, internal) for k in ks]
@@ -97,7 +98,8 @@ def grid_results(run: RunLayout) -> pd.DataFrame:
             "name", "kind", "k", "real_fraction", "train_site", "seed", "n_real", "n_synthetic",
             "n_unique_real", "protocol", "best_epoch", "epochs_run", "stopped_early",
             "converged", "optimizer_steps", "best_step", "images_seen",
-            "passes_per_real_image", "validation_site", "train_seconds", "precision")})
+            "passes_per_real_image", "validation_site", "train_seconds", "precision",
+            "pretrain_steps", "pretrain_best_step")})
     table = pd.DataFrame(rows).rename(columns={"name": "experiment"})
     if len(table):
         table["synthetic %"] = (100 * table["n_synthetic"] / table["n_real"].where(

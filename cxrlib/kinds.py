@@ -31,6 +31,8 @@ class Recipe:
     training images as ``all_replicas`` would add synthetic ones (the external-site control).
     ``cohort`` is the synthetic cohort (``sampling.strategies``) the synthetic rows come from:
     the diffusion model's ``replicas`` or the phantom renderer's ``oracle`` / ``oracle_smooth``.
+    ``pretrain``: the synthetic rows are a first training phase of their own and the real rows
+    fine-tune its kept weights (:func:`cxrlib.experiments.run_experiment`), not one mixed set.
     """
 
     real: Literal["internal", "external"]
@@ -39,6 +41,7 @@ class Recipe:
     keep_real: bool = True
     real_copies: bool = False
     cohort: Literal["replicas", "rebalance", "oracle", "oracle_smooth"] = "replicas"
+    pretrain: bool = False
 
 
 class Kind(StrEnum):
@@ -56,6 +59,7 @@ class Kind(StrEnum):
     ORACLE_ONLY = "oracle_only"
     REAL_PLUS_ORACLE_SMOOTH = "real_plus_oracle_smooth"
     EXTERNAL_PLUS_REAL = "external_plus_real"
+    SYNTHETIC_PRETRAIN = "synthetic_pretrain"
 
     @property
     def recipe(self) -> Recipe:
@@ -124,6 +128,7 @@ _RECIPES: dict[Kind, Recipe] = {
     Kind.ORACLE_ONLY: Recipe("internal", "replicas", keep_real=False, cohort="oracle"),
     Kind.REAL_PLUS_ORACLE_SMOOTH: Recipe("internal", "replicas", cohort="oracle_smooth"),
     Kind.EXTERNAL_PLUS_REAL: Recipe("external", "internal_real"),
+    Kind.SYNTHETIC_PRETRAIN: Recipe("internal", "replicas", pretrain=True),
 }
 _CONTROLS = frozenset({Kind.REAL_REPEATED, Kind.REAL_PLUS_SHUFFLED, Kind.REAL_PLUS_ORACLE,
                        Kind.ORACLE_ONLY, Kind.REAL_PLUS_ORACLE_SMOOTH, Kind.EXTERNAL_PLUS_REAL})
@@ -140,6 +145,7 @@ _LABELS: dict[Kind, str] = {
     Kind.ORACLE_ONLY: "control: perfect generator only",
     Kind.REAL_PLUS_ORACLE_SMOOTH: "control: real + perfect generator without detector noise",
     Kind.EXTERNAL_PLUS_REAL: "control: external site + internal real",
+    Kind.SYNTHETIC_PRETRAIN: "synthetic pretraining, real fine-tuning",
 }
 _DESCRIPTIONS: dict[Kind, str] = {
     Kind.REAL_ONLY: "the real rows alone",
@@ -158,4 +164,6 @@ _DESCRIPTIONS: dict[Kind, str] = {
                                   "noise and grain",
     Kind.EXTERNAL_PLUS_REAL: "the external site's real training data and as many internal real "
                              "images as the synthetic arm adds",
+    Kind.SYNTHETIC_PRETRAIN: "pretraining on the real rows' synthetic replicas, then "
+                             "fine-tuning on the real rows",
 }

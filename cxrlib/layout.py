@@ -261,6 +261,11 @@ class ExperimentFolder:
         return self.root / "model"
 
     @property
+    def pretrain_model(self) -> Path:
+        """The first phase of a synthetic-pretraining arm (its synthetic rows only)."""
+        return self.root / "pretrain-model"
+
+    @property
     def config(self) -> Path:
         return self.root / "config.json"
 

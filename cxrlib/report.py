@@ -387,7 +387,8 @@ def supplementation_figure(summary: pd.DataFrame, fraction: float) -> plt.Figure
                    label=f"{Kind.REAL_ONLY.label} (baseline)")
         ax.axhspan(base["ci_low"], base["ci_high"], color="red", alpha=0.1)
         for kind, style in ((Kind.REAL_PLUS_SYNTHETIC, {"color": palette[0]}),
-                            (Kind.SYNTHETIC_ONLY, {"color": palette[1], "ls": "--"})):
+                            (Kind.SYNTHETIC_ONLY, {"color": palette[1], "ls": "--"}),
+                            (Kind.SYNTHETIC_PRETRAIN, {"color": palette[3], "ls": ":"})):
             curve = t[t["kind"] == kind]
             if len(curve):  # a kind the grid did not run gets no (empty) legend entry
                 _errorbar(ax, curve, "pct", kind.label, **style)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import time
 import zlib
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -41,8 +42,8 @@ from cxrlib.progress import tqdm
 DDIM_ETA: dict[str, float] = {"ddim": 0.0, "ddim_eta": 0.5}
 
 
-def guided_output(model: ConditionalUNet, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
-                  guidance: float, rescale_phi: float) -> torch.Tensor:
+def guided_output(model: Callable[..., torch.Tensor], x: torch.Tensor, t: torch.Tensor,
+                  cond: torch.Tensor, guidance: float, rescale_phi: float) -> torch.Tensor:
     """Classifier-free guidance with rescaling (Lin et al. 2024, eq. 15-16), continuous in
     the weight w = ``guidance`` (:data:`cxrlib.config.Guidance`).
 
@@ -66,14 +67,19 @@ def guided_output(model: ConditionalUNet, x: torch.Tensor, t: torch.Tensor, cond
     return out
 
 
+#: Autocast dtype of each resolved precision (:func:`cxrlib.hardware.resolve_precision`).
+AUTOCAST_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 @torch.no_grad()
 def sample_images(model: ConditionalUNet, scheduler: SchedulerMixin, cond: np.ndarray,
                   seeds: list[int], guidance: float, rescale_phi: float, steps: int,
-                  progress: bool = False) -> np.ndarray:
+                  progress: bool = False, precision: str = "no") -> np.ndarray:
     """Images (n x R x R uint8) for conditions and per-image seeds with a diffusers scheduler
     configured like the training schedule. Each image's initial noise and step noise (for
     stochastic samplers) come from its own seeded generator, so an image does not depend on
-    the batch it is generated in."""
+    the batch it is generated in. ``precision`` (a resolved ``mixed_precision``: ``no``,
+    ``bf16``, ``fp16``) is the UNet's autocast; guidance and the scheduler step run in fp32."""
     device = next(model.parameters()).device
     res = model.unet.config.sample_size
     gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
@@ -82,10 +88,17 @@ def sample_images(model: ConditionalUNet, scheduler: SchedulerMixin, cond: np.nd
     scheduler.set_timesteps(steps)
     # DDIM takes its eta per step (diffusers' DDIMScheduler.step); the others have none
     extra = {"eta": scheduler.cxrlib_eta} if hasattr(scheduler, "cxrlib_eta") else {}
+    autocast = torch.autocast(device.type, dtype=AUTOCAST_DTYPES.get(precision),
+                              enabled=precision in AUTOCAST_DTYPES)
+
+    def unet(*args: torch.Tensor) -> torch.Tensor:
+        with autocast:
+            return model(*args).float()
+
     for t in tqdm(scheduler.timesteps, desc="sampling", disable=not progress):
         tt = torch.full((x.shape[0],), int(t), device=device, dtype=torch.long)
-        out = guided_output(model, scheduler.scale_model_input(x, t), tt, c, guidance,
-                           rescale_phi)
+        out = guided_output(unet, scheduler.scale_model_input(x, t), tt, c, guidance,
+                            rescale_phi)
         x = scheduler.step(out, t, x, generator=gens, **extra).prev_sample
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)[:, 0].cpu().numpy()
 
@@ -122,8 +135,9 @@ def image_seed(run_seed: int, key: str, replica: int) -> int:
 def generate(model: ConditionalUNet, train_scheduler: DDPMScheduler, cond: np.ndarray,
              seeds: list[int] | np.ndarray, sampler: str = "ddim", steps: int = 50,
              guidance: float = 0.0, guidance_rescale: float = 0.7,
-             batch_size: int = 64, progress: bool = False) -> np.ndarray:
-    """Images (n x R x R uint8) for condition vectors and per-image seeds, in batches."""
+             batch_size: int = 64, progress: bool = False, precision: str = "no") -> np.ndarray:
+    """Images (n x R x R uint8) for condition vectors and per-image seeds, in batches, with
+    the UNet in ``precision`` (:func:`sample_images`)."""
     res = model.unet.config.sample_size
     out = np.empty((len(seeds), res, res), dtype=np.uint8)
     batches = range(0, len(seeds), batch_size)
@@ -131,7 +145,8 @@ def generate(model: ConditionalUNet, train_scheduler: DDPMScheduler, cond: np.nd
         stop = min(start + batch_size, len(seeds))
         out[start:stop] = sample_images(model, make_sampler(sampler, train_scheduler),
                                         cond[start:stop], list(seeds[start:stop]),
-                                        guidance, guidance_rescale, steps)
+                                        guidance, guidance_rescale, steps,
+                                        precision=precision)
     return out
 
 

@@ -34,6 +34,7 @@ from cxrlib.cohort import AGE_BANDS, AGE_UNKNOWN, age_band, source_rows
 from cxrlib.condition import encode_conditions
 from cxrlib.config import Params, SamplingSpec
 from cxrlib.generator import CXRPipeline
+from cxrlib.hardware import precision_label, resolve_precision
 from cxrlib.imagecache import decode
 from cxrlib.io import (
     atomic_path,
@@ -52,11 +53,12 @@ from cxrlib.samplers import generate, image_seed
 #: Columns a synthetic manifest adds to the real schema.
 PROVENANCE_COLUMNS: tuple[str, ...] = (
     "source_image_id", "replica", "seed", "strategy", "checkpoint", "sampler", "steps",
-    "guidance", "guidance_rescale",
+    "guidance", "guidance_rescale", "precision",
 )
 
 
-#: What an oracle cohort's ``checkpoint`` and ``sampler`` columns name.
+#: What an oracle cohort's ``checkpoint`` and ``sampler`` columns name (its ``precision``
+#: is empty: no network computes it).
 PHANTOM_RENDERER = "phantom-renderer"
 
 
@@ -85,6 +87,7 @@ def _synthetic_rows(source: pd.DataFrame, replica: np.ndarray, seeds: np.ndarray
     rows["steps"] = spec.steps
     rows["guidance"] = spec.guidance
     rows["guidance_rescale"] = spec.guidance_rescale
+    rows["precision"] = precision_label(resolve_precision(spec.mixed_precision))
     # patient_id and study_id stay those of the source row: leakage checks follow them.
     return rows[list(MANIFEST_COLUMNS) + list(PROVENANCE_COLUMNS)]
 
@@ -106,7 +109,7 @@ def replica_plan(params: Params, manifest: pd.DataFrame, checkpoint: str,
     plan = _synthetic_rows(rep_rows, replica, seeds, strategy, spec, checkpoint)
     if strategy in ORACLE_STRATEGIES:
         plan = plan.assign(sampler=PHANTOM_RENDERER, steps=0, guidance=np.nan,
-                           guidance_rescale=np.nan)
+                           guidance_rescale=np.nan, precision="")
     return plan.sort_values(["replica", "source_image_id"], kind="stable").reset_index(drop=True)
 
 
@@ -176,7 +179,7 @@ def diffusion_source(params: Params, generator: CXRPipeline) -> ImageSource:
         cond = encode_conditions(rows, params.diffusion.nan_label_value)
         return generate(generator.unet, generator.scheduler, cond, rows["seed"].to_numpy(),
                         spec.sampler, spec.steps, spec.guidance, spec.guidance_rescale,
-                        spec.batch_size)
+                        spec.batch_size, precision=resolve_precision(spec.mixed_precision))
 
     return images
 

@@ -8,6 +8,7 @@ diffusion model and run in seconds.
 from __future__ import annotations
 
 import io
+import json
 import os
 import pickle
 import shutil
@@ -23,7 +24,7 @@ from PIL import Image
 
 from cxrlib import classify
 from cxrlib.augment import augment_batch, mix_batch, random_affine
-from cxrlib.classify import epoch_plan, masked_bce, round_plans
+from cxrlib.classify import epoch_plan, masked_bce, round_plans, weights_crc
 from cxrlib.cohort import CohortError, patient_subset, real_subset, source_rows
 from cxrlib.config import (
     AugmentSpec,
@@ -38,11 +39,12 @@ from cxrlib.experiments import (
     check_grid_leakage,
     experiment_validation,
     grid_data,
+    run_experiment,
     run_grid,
     training_set,
     training_sets,
 )
-from cxrlib.grid import plan_grid
+from cxrlib.grid import Experiment, plan_grid
 from cxrlib.hardware import precision_label
 from cxrlib.imagecache import CombinedCache, ImageCache, decode
 from cxrlib.io import atomic_write_parquet, write_image_cache
@@ -497,3 +499,44 @@ def test_grid_under_two_processes_through_accelerate(grid_run):
         preds = pd.read_parquet(run.experiment(name, 0).predictions)
         assert preds["score"].notna().all() and len(preds) == len(
             pd.read_parquet(run.experiment("real_only.f100", 0).predictions))
+
+
+def test_synthetic_pretraining_fine_tunes_the_pretrained_weights_on_the_real_rows(
+        grid_run, monkeypatch):
+    """Kind synthetic_pretrain: phase 1 trains on the real rows' replicas alone, phase 2 on the
+    real rows alone from phase 1's kept weights; steps of both phases are reported and the
+    arm's compute is their sum."""
+    params, run, data = grid_run
+    exp = Experiment(Kind.SYNTHETIC_PRETRAIN, 1, 0.5, "chexpert", 0)
+    train = training_set(exp, params, data)
+    assert (train["source"] == "synthetic").sum() == (train["source"] == "real").sum() > 0
+    calls = []
+    real_train = classify.train_classifier
+
+    def spy(spec, rows, val, cache, seed, progress, on_round=None, init=None):
+        result = real_train(spec, rows, val, cache, seed, progress, init=init)
+        calls.append((set(rows["source"]), None if init is None else weights_crc(init),
+                      weights_crc(result.model)))
+        return result
+
+    monkeypatch.setattr(classify, "train_classifier", spy)
+    run_experiment(exp, params, data, train, run)
+    (pre_rows, pre_init, pre_out), (fine_rows, fine_init, _) = calls
+    assert pre_rows == {"synthetic"} and pre_init is None
+    assert fine_rows == {"real"} and fine_init == pre_out  # starts from the kept weights
+    out = run.experiment(exp.name, exp.seed)
+    config = json.loads(out.config.read_text())
+    history = pd.read_csv(out.history)
+    assert config["optimizer_steps"] == history["step"].max() > config["pretrain_steps"] > 0
+    assert config["best_step"] > config["pretrain_steps"]  # counted on from phase 1's end
+    assert list(dict.fromkeys(history["phase"])) == ["pretrain", "fine-tune"]
+    assert history["step"].is_monotonic_increasing
+    assert config["n_synthetic"] == config["n_real"]  # the arm's supplement, as for mixing
+    # the saved fine-tuned model is reused for the same initial weights only
+    calls.clear()
+    real = train[train["source"] == "real"]
+    val = experiment_validation(exp, params, data.manifest)
+    for init in (classify.load_classifier(out.pretrain_model).model, None):
+        classify.train_or_load(params.classifier, real, val, data.cache, out.model, 0, False,
+                               init=init)
+    assert len(calls) == 1 and calls[0][1] is None
