@@ -38,9 +38,9 @@ from cxrlib.layout import RunLayout
 from cxrlib.network import load_weights, noise_scheduler, trained_checkpoint
 from cxrlib.samplers import timed_generate
 
-COLUMNS = ["sampler", "steps", "precision", "img_per_s", "fidelity_macro_auroc", "fidelity_ci_low",
-           "precision", "recall", "density", "coverage", "fid", "kid_mean", "texture_hf_ratio",
-           "detectability_auroc", "grey_levels_from_fp32"]
+COLUMNS = ["sampler", "steps", "unet_precision", "img_per_s", "fidelity_macro_auroc",
+           "fidelity_ci_low", "precision", "recall", "density", "coverage", "fid", "kid_mean",
+           "texture_hf_ratio", "detectability_auroc", "grey_levels_from_fp32"]
 
 
 def main() -> None:
@@ -84,7 +84,7 @@ def main() -> None:
                 fp32 = images if precision == "no" else fp32
                 diff = (np.abs(images.astype(float) - fp32).mean() if fp32 is not None
                         else np.nan)
-                res = {"sampler": sampler, "steps": steps, "precision": precision,
+                res = {"sampler": sampler, "steps": steps, "unet_precision": precision,
                        "img_per_s": 1 / sec, "grey_levels_from_fp32": float(diff),
                        **score_setting(ref, rows, images, labels)}
                 results.append(res)
@@ -94,7 +94,7 @@ def main() -> None:
     print("\n" + table[COLUMNS].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     if len(args.precisions) > 1:
         precision_verdict(table)
-    table = table[table.precision == args.precisions[0]]
+    table = table[table.unet_precision == args.precisions[0]]
     if not args.ddim_steps or not args.dpmpp_steps:
         return
     tol = params.audit.diversity_tolerance
@@ -119,12 +119,12 @@ def main() -> None:
 
 def precision_verdict(table: pd.DataFrame) -> None:
     """Per setting: the other precisions' speed and scores against the first one's."""
-    first = table.precision.iloc[0]
+    first = table.unet_precision.iloc[0]
     scores = ["fidelity_macro_auroc", "recall", "coverage", "texture_hf_ratio",
               "detectability_auroc"]
-    base = table[table.precision == first].set_index(["sampler", "steps"])
-    other = table[table.precision != first].set_index(["sampler", "steps"])
-    out = other[["precision"]].assign(
+    base = table[table.unet_precision == first].set_index(["sampler", "steps"])
+    other = table[table.unet_precision != first].set_index(["sampler", "steps"])
+    out = other[["unet_precision"]].assign(
         speed_up=other.img_per_s / base.img_per_s,
         **{f"d_{s}": other[s] - base[s] for s in scores},
         grey_levels=other.grey_levels_from_fp32)
