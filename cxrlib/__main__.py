@@ -7,7 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from cxrlib.config import ParamsError, load_params
+from cxrlib.config import ParamsError, load_params, parse_overrides
 from cxrlib.layout import STAGES, RunLayout
 from cxrlib.pipeline import run_pipeline
 from cxrlib.runlock import writing
@@ -21,6 +21,10 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--stage", action="append", choices=STAGES,
                      help="run only this stage (repeatable); default: all, in order")
     run.add_argument("--force", action="store_true", help="run stages already executed again")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a dotted key of the parameter file for every stage "
+                     "(repeatable; VALUE is YAML), e.g. --set run.name=demo-sde "
+                     "--set sampling.sampler=sde_dpmpp")
     run.add_argument("--quiet", action="store_true", help="do not stream the notebooks' output "
                      "(messages, progress bars); show papermill's cell counter only")
     check = sub.add_parser("check", help="validate a parameter file and exit")
@@ -65,9 +69,10 @@ def main(argv: list[str] | None = None) -> int:
             return _run_experiments(args.params)
         if args.command == "verify":
             return _verify(args.params, full=not args.quick)
-        load_params(args.params)  # fail before any work on a bad file
+        overrides = parse_overrides(args.set)
+        load_params(args.params, overrides)  # fail before any work on a bad file
         run_pipeline(args.params, tuple(args.stage or STAGES), force=args.force,
-                     quiet=args.quiet)
+                     quiet=args.quiet, overrides=overrides or None)
     except (ParamsError, ValueError, RuntimeError, FileNotFoundError, KeyError) as err:
         # DataError, CohortError, DiffusionError and SyntheticCohortError subclass these: one line,
         # not a traceback, for the errors cxrlib raises about the user's data and parameters.

@@ -334,8 +334,7 @@ def guidance_sweep(params: Params, ref: AuditReference, model: ConditionalUNet,
     profile = profile or Profile()
     with profile.part("guidance sweep: scoring"):
         out = [real_row(ref, len(rows), labels)]
-    grid = [(s, k, g) for s in spec.sweep_samplers for k in spec.sweep_steps
-            for g in spec.sweep_guidance]
+    grid = spec.sweep_grid()
     for sampler, steps, w in tqdm(grid, desc="guidance sweep", disable=not progress):
         with profile.part("guidance sweep: generation"):
             images, sec = timed_generate(model, sched, cond, seeds, sampler, steps, w,
@@ -376,10 +375,12 @@ def sweep_verdict(table: pd.DataFrame, tolerance: float = 0.05) -> str:
 
     A setting's diversity is the lower of its recall and coverage; eligible settings have a
     diversity within ``tolerance`` of the most diverse setting tried (so at least that one is
-    eligible); among them the highest macro conditional fidelity wins (ties: the faster).
+    eligible). Among them the highest macro conditional fidelity leads, and every eligible
+    setting whose fidelity lies inside its 95% CI ties with it; of those the one a
+    real-versus-synthetic classifier tells apart least (lowest detectability AUROC) is chosen,
+    then the faster: conditional fidelity first, realism among settings it cannot separate.
     Settings with higher fidelity that lost diversity are named, not chosen. FID is reported
-    with n and the feature dimension beside its real-vs-real floor, but decides nothing; so,
-    for now, do texture and detectability, which the chosen setting's line states.
+    with n and the feature dimension beside its real-vs-real floor, but decides nothing.
     """
     real = table[table["sampler"] == "real"].iloc[0]
     runs = table[table["sampler"] != "real"].copy()
@@ -395,8 +396,12 @@ def sweep_verdict(table: pd.DataFrame, tolerance: float = 0.05) -> str:
              + (f" The macro averages {', '.join(table.attrs['labels'])}."
                 if table.attrs.get("labels") else "")]
     if eligible["fidelity_macro_auroc"].notna().any():
-        best = eligible.sort_values(["fidelity_macro_auroc", "sec_per_image"],
-                                    ascending=[False, True]).iloc[0]
+        top = eligible.sort_values(["fidelity_macro_auroc", "sec_per_image"],
+                                   ascending=[False, True]).iloc[0]
+        within = eligible[eligible["fidelity_macro_auroc"] >= top["fidelity_ci_low"]]
+        best = within.assign(_d=within["detectability_auroc"].fillna(np.inf)).sort_values(
+            ["_d", "sec_per_image"]).iloc[0] if within["detectability_auroc"].notna().any() \
+            else top
         lines.append(
             f"Chosen: {_setting(best)}: macro fidelity AUROC {best['fidelity_macro_auroc']:.3f} "
             f"(95% CI {best['fidelity_ci_low']:.3f}-{best['fidelity_ci_high']:.3f}; the judge "
@@ -407,13 +412,18 @@ def sweep_verdict(table: pd.DataFrame, tolerance: float = 0.05) -> str:
             f"{best['texture_ci_high']:.3g}; 1 = real), detectability AUROC "
             f"{best['detectability_auroc']:.3f} ({best['detectability_ci_low']:.3f}-"
             f"{best['detectability_ci_high']:.3f}; 0.5 = indistinguishable).")
-        within = eligible[eligible["fidelity_macro_auroc"] >= best["fidelity_ci_low"]]
+        if best.name != top.name:
+            lines.append(
+                f"It ties the highest fidelity ({_setting(top)}: "
+                f"{top['fidelity_macro_auroc']:.3f}, CI low {top['fidelity_ci_low']:.3f}) and "
+                f"is harder to tell from real images (detectability "
+                f"{best['detectability_auroc']:.3f} against {top['detectability_auroc']:.3f}).")
         cheap = within.sort_values("sec_per_image").iloc[0]
         if cheap["sec_per_image"] < best["sec_per_image"]:
             lines.append(f"Cheapest eligible setting inside that CI: {_setting(cheap)} "
                          f"({cheap['fidelity_macro_auroc']:.3f}, "
                          f"{cheap['sec_per_image']:.3f} s/image).")
-        passed = runs[~ok & (runs["fidelity_macro_auroc"] > best["fidelity_macro_auroc"])]
+        passed = runs[~ok & (runs["fidelity_macro_auroc"] > top["fidelity_macro_auroc"])]
         if len(passed):
             lines.append("Passed over for lost diversity despite higher fidelity: "
                          + "; ".join(f"{_setting(r)} ({r['fidelity_macro_auroc']:.3f}, recall "

@@ -464,6 +464,14 @@ Sampler = Literal["ddpm", "ddim", "ddim_eta", "dpmpp", "sde_dpmpp"]
 SAMPLERS: tuple[str, ...] = get_args(Sampler)
 
 
+class SweepSetting(_Strict):
+    """One setting of the audit's sweep: sampler, steps and guidance w."""
+
+    sampler: Sampler
+    steps: PositiveInt
+    guidance: Guidance
+
+
 class SamplingSpec(_Strict):
     """Sampling (notebook 03): sampler, guidance, the synthetic cohorts and the audit."""
 
@@ -495,7 +503,17 @@ class SamplingSpec(_Strict):
     sweep_samplers: list[Sampler] = Field(
         default_factory=lambda: ["ddim", "dpmpp"])
     sweep_steps: list[PositiveInt] = Field(default_factory=lambda: [10, 25])
+    #: Settings to sweep instead of the product of the three lists above (when not empty):
+    #: e.g. guidance at one sampler plus another sampler at its own step count.
+    sweep_settings: list[SweepSetting] = Field(default_factory=list)
     sweep_images: PositiveInt = 128
+
+    def sweep_grid(self) -> list[tuple[str, int, float]]:
+        """The (sampler, steps, guidance w) settings the audit's sweep scores."""
+        if self.sweep_settings:
+            return [(s.sampler, s.steps, s.guidance) for s in self.sweep_settings]
+        return [(s, k, g) for s in self.sweep_samplers for k in self.sweep_steps
+                for g in self.sweep_guidance]
 
     @model_validator(mode="before")
     @classmethod
@@ -730,7 +748,27 @@ def _check_paths(params: Params, file: Path) -> None:
                 )
 
 
-def load_params(file: str | os.PathLike[str], overrides: dict[str, Any] | None = None) -> Params:
+#: Dotted keys over a parameter file (``{"run.name": "demo-sde", "sampling.steps": 25}``).
+Overrides = dict[str, Any] | None
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` strings (the command line's ``--set``) as :data:`Overrides`; each value
+    is read as YAML (``25`` a number, ``[0, 1]`` a list, ``sde_dpmpp`` a string)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ParamsError(f"--set {item!r}: expected KEY=VALUE with a dotted key, e.g. "
+                              "--set sampling.steps=25")
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise ParamsError(f"--set {item!r}: the value is not valid YAML: {exc}") from None
+    return out
+
+
+def load_params(file: str | os.PathLike[str], overrides: Overrides = None) -> Params:
     """Load and validate a parameter file; ``overrides`` are dotted keys (``run.name``)."""
     path = Path(file)
     try:

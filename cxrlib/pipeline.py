@@ -14,6 +14,7 @@ which is copied beside the HTML.
 from __future__ import annotations
 
 import html
+import json
 import os
 import sys
 from collections.abc import Iterator
@@ -25,7 +26,7 @@ import nbformat
 import papermill
 from nbconvert import HTMLExporter
 
-from cxrlib.config import load_params
+from cxrlib.config import Overrides, load_params
 from cxrlib.io import atomic_write_text
 from cxrlib.layout import STAGES, RunLayout
 from cxrlib.progress import PROGRESS_ENV
@@ -66,12 +67,15 @@ def _environment(name: str, value: str) -> Iterator[None]:
             os.environ[name] = before
 
 
-def _execute(source: Path, dest: Path, params_file: Path, quiet: bool) -> None:
+def _execute(source: Path, dest: Path, params_file: Path, quiet: bool,
+             overrides: Overrides = None) -> None:
     """Papermill: the cell counter alone when ``quiet``, else the kernel's stdout and stderr
     streamed to ours, with cxrlib's progress bars drawn for a terminal or a log as ours is."""
+    parameters: dict[str, Any] = {"params_file": str(params_file.resolve()), "progress": True}
+    if overrides:
+        parameters["overrides"] = overrides
     kwargs: dict[str, Any] = {
-        "cwd": str(NOTEBOOKS_DIR), "kernel_name": "python3",
-        "parameters": {"params_file": str(params_file.resolve()), "progress": True},
+        "cwd": str(NOTEBOOKS_DIR), "kernel_name": "python3", "parameters": parameters,
     }
     if quiet:
         papermill.execute_notebook(str(source), str(dest), progress_bar=True, **kwargs)
@@ -85,9 +89,10 @@ def _execute(source: Path, dest: Path, params_file: Path, quiet: bool) -> None:
 
 
 def run_stage(stage: str, params_file: Path, reports_root: Path | None = None,
-              force: bool = False, quiet: bool = False) -> Path:
-    """Execute one notebook for a parameter file; returns the executed notebook's path."""
-    run = RunLayout.open(load_params(params_file))
+              force: bool = False, quiet: bool = False, overrides: Overrides = None) -> Path:
+    """Execute one notebook for a parameter file (and ``overrides``, dotted keys over it);
+    returns the executed notebook's path."""
+    run = RunLayout.open(load_params(params_file, overrides))
     executed = run.executed(stage)
     if executed.exists() and not force:
         print(f"[skip] {stage}: already executed ({executed}); use --force to run it again")
@@ -97,7 +102,7 @@ def run_stage(stage: str, params_file: Path, reports_root: Path | None = None,
     with writing(run, stage):  # the kernel writes under this process's lock
         print(f"[run] {stage} -> {executed}", flush=True)
         try:
-            _execute(NOTEBOOKS_DIR / f"{stage}.ipynb", partial, params_file, quiet)
+            _execute(NOTEBOOKS_DIR / f"{stage}.ipynb", partial, params_file, quiet, overrides)
         except papermill.PapermillExecutionError as err:
             raise SystemExit(
                 f"{stage} failed in cell {err.exec_count}: {err.ename}: {err.evalue}\n"
@@ -201,10 +206,13 @@ def summary_html(summary: dict[str, Any], link: str) -> str:
             + _rows_html("Primary comparisons", summary.get("primary") or [], PRIMARY_KEYS))
 
 
-def render_index(params_file: Path, reports_root: Path | None = None) -> Path:
+def render_index(params_file: Path, reports_root: Path | None = None,
+                 overrides: Overrides = None) -> Path:
     """``reports/<run>/index.html``: a link per rendered stage with its run time and the
     precision it trained in, and the run summary's headline numbers."""
-    params = load_params(params_file)
+    params = load_params(params_file, overrides)
+    changed = "".join(f", <code>{html.escape(k)}: {html.escape(json.dumps(v))}</code>"
+                      for k, v in (overrides or {}).items())
     run = RunLayout.open(params)
     reports = run.reports(reports_root)
     summary = read_summary(run)
@@ -226,7 +234,8 @@ def render_index(params_file: Path, reports_root: Path | None = None) -> Path:
             f"{html.escape(params.run.name)}</title><style>td,th{{padding:0 .8em 0 0;"
             f"text-align:left}}</style></head><body style='font-family:sans-serif;"
             f"max-width:60em;margin:2em auto'><h1>Run <code>{html.escape(params.run.name)}"
-            f"</code></h1><p>Parameter file: <code>{html.escape(params_file.name)}</code>. "
+            f"</code></h1><p>Parameter file: <code>{html.escape(params_file.name)}</code>"
+            f"{' with ' + changed[2:] if changed else ''}. "
             f"Notebooks executed headless with papermill; code hidden. Total notebook time "
             f"{total / 60:.1f} min.</p><ol>{''.join(items)}</ol>"
             f"{summary_html(summary, run.summary.name)}<h2>Parameters</h2><pre>"
@@ -238,16 +247,20 @@ def render_index(params_file: Path, reports_root: Path | None = None) -> Path:
 
 
 def run_pipeline(params_file: Path, stages: tuple[str, ...] = STAGES, force: bool = False,
-                 reports_root: Path | None = None, quiet: bool = False) -> Path:
+                 reports_root: Path | None = None, quiet: bool = False,
+                 overrides: Overrides = None) -> Path:
     """Run the given stages in order (a failure stops the chain), record the stage times in
-    the run's summary, then write the index page."""
+    the run's summary, then write the index page. ``overrides`` (dotted keys, e.g.
+    ``{"run.name": "demo-sde", "sampling.sampler": "sde_dpmpp"}``) change the parameter file
+    for every stage: a variant of a preset without a copy of it."""
     for stage in stages:
-        run_stage(stage, params_file, reports_root, force=force, quiet=quiet)
-    run = RunLayout.open(load_params(params_file))
+        run_stage(stage, params_file, reports_root, force=force, quiet=quiet,
+                  overrides=overrides)
+    run = RunLayout.open(load_params(params_file, overrides))
     with hold(run, "stage times"):
         summary = record_stage_times(run, reports_root)
     print(f"[summary] {run.reports(reports_root) / run.summary.name}: "
           f"{summary['minutes_total']:.1f} min of notebooks")
-    index = render_index(params_file, reports_root)
+    index = render_index(params_file, reports_root, overrides)
     print(f"[index] {index}")
     return index

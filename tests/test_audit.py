@@ -435,6 +435,17 @@ def test_sweep_verdict_does_not_reward_lost_diversity():
     split_text = sweep_verdict(split, tolerance=0.05)
     assert split_text.split("Chosen: ")[1].startswith("dpmpp with 10 steps at guidance w 0")
     assert "most diverse (dpmpp with 10 steps at guidance w 0" in split_text
+    # Among settings inside the leader's fidelity CI the least detectable is chosen: here
+    # ddim g0 (0.70, inside dpmpp g0's 0.67-0.77) that a classifier tells from real less well.
+    realism = _sweep_table()
+    realism.loc[1, "detectability_auroc"] = 0.60
+    realism_text = sweep_verdict(realism, tolerance=0.05)
+    assert realism_text.split("Chosen: ")[1].startswith("ddim with 10 steps at guidance w 0")
+    assert "ties the highest fidelity (dpmpp with 10 steps at guidance w 0: 0.720" in realism_text
+    assert "detectability 0.600 against 0.850" in realism_text
+    outside = realism.copy()
+    outside.loc[1, "fidelity_macro_auroc"] = 0.60  # below the CI: fidelity decides again
+    assert sweep_verdict(outside, tolerance=0.05).split("Chosen: ")[1].startswith("dpmpp")
     fig = audit_figures.sweep_figure(_sweep_table())
     plt.close(fig)
 

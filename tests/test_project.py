@@ -16,7 +16,7 @@ import yaml
 
 from cxrlib import pipeline
 from cxrlib.__main__ import main
-from cxrlib.config import Params, ParamsError, load_params
+from cxrlib.config import Params, ParamsError, load_params, parse_overrides
 from cxrlib.hardware import precision_label
 from cxrlib.layout import STAGES, RunLayout
 from cxrlib.pipeline import run_pipeline, run_stage
@@ -247,3 +247,32 @@ def test_statistics_stage_loads_without_the_training_stack():
              "cxrlib.findings, cxrlib.report; print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_set_overrides_reach_every_stage_and_the_index(tmp_path, monkeypatch):
+    """``cxrlib run --set KEY=VALUE``: values read as YAML, a malformed item named, and the
+    overrides passed to each notebook as its ``overrides`` parameter (papermill stubbed: the
+    stage records what it was given instead of executing)."""
+    assert parse_overrides(["sampling.steps=25", "run.name=demo-sde", "x.y=[0, 1.5]"]) == {
+        "sampling.steps": 25, "run.name": "demo-sde", "x.y": [0, 1.5]}
+    with pytest.raises(ParamsError, match="expected KEY=VALUE"):
+        parse_overrides(["sampling.steps"])
+    given = []
+
+    def fake(source, dest, **kwargs):
+        given.append(kwargs["parameters"])
+        nbformat.write(nbformat.v4.new_notebook(), dest)
+
+    monkeypatch.setattr(pipeline.papermill, "execute_notebook", fake)
+    monkeypatch.setattr(pipeline, "render_html", lambda executed, page: page)
+    monkeypatch.setenv("CXRLIB_RUNS_DIR", str(tmp_path / "runs"))
+    overrides = parse_overrides(["run.name=smoke-variant", "sampling.steps=2"])
+    index = run_pipeline(ROOT / "params" / "smoke.yaml", ("01_data_prep",), quiet=True,
+                         reports_root=tmp_path / "reports", overrides=overrides)
+    assert given == [{"params_file": str((ROOT / "params" / "smoke.yaml").resolve()),
+                      "progress": True, "overrides": overrides}]
+    run = RunLayout.open(load_params(ROOT / "params" / "smoke.yaml", overrides))
+    assert json.loads(run.params.read_text())["sampling"]["steps"] == 2
+    assert "with <code>run.name: &quot;smoke-variant&quot;</code>" in index.read_text()
+    assert main(["run", "--params", str(ROOT / "params" / "smoke.yaml"), "--set",
+                 "sampling.stepz=2"]) == 2  # an unknown key fails before any work
