@@ -51,13 +51,17 @@ def _explorer_notebook(params_file: Path) -> nbformat.NotebookNode:
     """Notebook 03's parameters, loading and explorer cells (not the cohorts or the audit)."""
     source = nbformat.read(ROOT / "notebooks" / "03_sampling_explorer.ipynb", as_version=4)
     code = [c for c in source.cells if c.cell_type == "code"]
+    parameters = next(c for c in code if "parameters" in c.metadata.get("tags", []))
     load = next(c for c in code if "from_checkpoint(" in c.source)
     build = next(c for c in code if "SamplingExplorer(" in c.source)
     nb = nbformat.v4.new_notebook()
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3 (cxrlib)",
                                  "language": "python"}
-    nb.cells = [nbformat.v4.new_code_cell(f"params_file = {str(params_file)!r}\n"
-                                          f"run_name = ''\nprogress = False"),
+    # the notebook's own parameters (every one it reads), then this test's values, as
+    # papermill would inject them
+    nb.cells = [nbformat.v4.new_code_cell(f"{parameters.source}\n"
+                                          f"params_file = {str(params_file)!r}\n"
+                                          "progress = False"),
                 nbformat.v4.new_code_cell(load.source), nbformat.v4.new_code_cell(build.source)]
     return nb
 
