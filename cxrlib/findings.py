@@ -4,11 +4,14 @@ written by hand. No computation here beyond formatting."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pandas as pd
 
 from cxrlib.config import StatsSpec
 from cxrlib.kinds import Kind
+from cxrlib.stats import seeds_for_mde
 from cxrlib.study_tables import (
     CONTRADICTED,
     INCONCLUSIVE,
@@ -198,6 +201,20 @@ def claims_summary(claims: pd.DataFrame, spec: StatsSpec) -> list[str]:
     return out
 
 
+def _seeds_needed(row: dict, spec: StatsSpec) -> str:
+    """What would make a comparison detect the equivalence margin: more training seeds (how
+    many, from its own variance terms), or more test patients where no seed count would."""
+    margin = spec.equivalence_margin
+    if not (row.get("mde", math.inf) > margin and np.isfinite(row.get("n_seeds", np.nan))):
+        return ""
+    n = seeds_for_mde(row["seed_se"], row["patient_se"], int(row["n_seeds"]), margin,
+                      spec.alpha)
+    if n is None:
+        return (f"; no number of training seeds would bring it to {margin:g}: the test set's "
+                "own variance is too large")
+    return f"; {n} training seeds (not {int(row['n_seeds'])}) would detect {margin:g}"
+
+
 def _claim_rule(row: dict, spec: StatsSpec) -> str:
     """Why a claim row got its verdict, with the MDE where it is inconclusive."""
     margin = spec.equivalence_margin
@@ -213,7 +230,8 @@ def _claim_rule(row: dict, spec: StatsSpec) -> str:
                               f"no gain as large as the margin: equivalent ({ci90} inside "
                               f"+/-{margin:g})",
                 INCONCLUSIVE: f"neither a gain nor its absence is shown ({holm}); {mde}, so "
-                              f"a smaller gain may be missed"}[row["verdict"]]
+                              f"a smaller gain may be missed{_seeds_needed(row, spec)}"
+                }[row["verdict"]]
     return {SUPPORTED: f"equivalent ({ci90} inside +/-{margin:g}) or better",
             CONTRADICTED: f"worse beyond the margin ({holm}, {ci90})",
             INCONCLUSIVE: f"the {ci90} is not inside +/-{margin:g} and the arm is not shown "

@@ -558,6 +558,25 @@ def minimum_detectable_effect(se: float, df: float, level: float) -> float:
     return float((sps.t.ppf(1 - level / 2, df) + sps.t.ppf(MDE_POWER, df)) * se)
 
 
+def seeds_for_mde(seed_se: float, patient_se: float, n_seeds: int, target: float,
+                  level: float, most: int = 100) -> int | None:
+    """The fewest training seeds at which a comparison like this one would detect ``target``
+    (its MDE at most that), from its own variance terms: the between-seed term shrinks as
+    1 / seeds, the test set's (patient) term does not; Satterthwaite df as in
+    :func:`seed_estimate`. None when no number up to ``most`` does (the test set's own
+    variance alone is too large: more test patients would be needed) or with one seed."""
+    if not (n_seeds > 1 and math.isfinite(seed_se) and math.isfinite(patient_se)):
+        return None
+    per_seed = seed_se ** 2 * n_seeds  # the variance of one seed's paired delta
+    for n in range(2, most + 1):
+        seed_var = per_seed / n
+        total = seed_var + patient_se ** 2
+        df = math.inf if seed_var == 0 else total ** 2 / (seed_var ** 2 / (n - 1))
+        if minimum_detectable_effect(math.sqrt(total), df, level) <= target:
+            return n
+    return None
+
+
 def seed_estimate(values: np.ndarray, patient_cov: np.ndarray, alpha: float) -> Estimate:
     """Combine per-seed values (S,) and their patient-level covariance (S, S) into an estimate.
 

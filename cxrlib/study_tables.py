@@ -800,6 +800,8 @@ def claims_table(comparisons: pd.DataFrame, grid: pd.DataFrame, spec: StatsSpec,
                 **{c: row[c] for c in ("test_set", "experiment", "baseline", "k", "delta",
                                        "ci_low", "ci_high", "ci90_low", "ci90_high",
                                        "p_holm", "mde", "mde_holm", "family_size")},
+                # the variance terms that say how many seeds would reach the margin
+                **{c: row.get(c, math.nan) for c in ("n_seeds", "seed_se", "patient_se")},
                 "verdict": claim_verdict(claim.test, row["verdict"], row["ci90_low"],
                                          row["ci90_high"], spec.equivalence_margin),
                 "confounds": "; ".join([*claim.confounds, *_pair_confounds(grid, row)]),
@@ -809,7 +811,8 @@ def claims_table(comparisons: pd.DataFrame, grid: pd.DataFrame, spec: StatsSpec,
                 "exchange_extrapolated": None if rate is None else bool(rate["extrapolated"])})
     columns = ["claim", "statement", "scope", "test_set", "tested", "experiment", "baseline",
                "k", "delta", "ci_low", "ci_high", "ci90_low", "ci90_high", "p_holm", "mde",
-               "mde_holm", "family_size", "test", "verdict", "confounds", "exchange_rate",
+               "mde_holm", "family_size", "n_seeds", "seed_se", "patient_se", "test", "verdict",
+               "confounds", "exchange_rate",
                "exchange_ci_low",
                "exchange_ci_high", "exchange_extrapolated"]
     return pd.DataFrame(rows).reindex(columns=columns)

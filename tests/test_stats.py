@@ -26,6 +26,7 @@ from cxrlib.stats import (
     minimum_detectable_effect,
     patient_bootstrap_weights,
     seed_macros,
+    seeds_for_mde,
     weighted_auroc,
 )
 from cxrlib.summary import PRIMARY_KEYS, schema_problems
@@ -514,6 +515,23 @@ def test_mde_uses_t_at_the_comparisons_df_and_the_holm_level():
     assert first_holm == pytest.approx((sps.t.ppf(1 - 0.05 / 6, 4.0) + sps.t.ppf(0.8, 4.0)) * se)
     assert first_holm > minimum_detectable_effect(se, 4.0, 0.05)
     assert np.isnan(minimum_detectable_effect(np.nan, 3.0, 0.05))
+
+
+def test_seeds_for_mde_is_the_fewest_seeds_whose_mde_reaches_the_target():
+    """The demo's internal comparison: 5 seeds, MDE 0.025 against a 0.02 target."""
+    seed_se, patient_se, n = 0.0075, 0.002, 5
+
+    def mde_at(k: int) -> float:  # the same comparison with k seeds
+        seed_var = seed_se ** 2 * n / k
+        total = seed_var + patient_se ** 2
+        return minimum_detectable_effect(np.sqrt(total), total ** 2 / (seed_var ** 2 / (k - 1)),
+                                         0.05)
+
+    assert mde_at(n) > 0.02
+    k = seeds_for_mde(seed_se, patient_se, n, 0.02, 0.05)
+    assert k is not None and k > n and mde_at(k) <= 0.02 < mde_at(k - 1)
+    assert seeds_for_mde(seed_se, 0.02, n, 0.02, 0.05) is None  # the test set's own variance
+    assert seeds_for_mde(seed_se, patient_se, 1, 0.02, 0.05) is None  # one seed: unknown
 
 
 def test_primary_mde_at_the_familys_holm_level(study):
