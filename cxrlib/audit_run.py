@@ -399,9 +399,10 @@ def sweep_verdict(table: pd.DataFrame, tolerance: float = 0.05) -> str:
         top = eligible.sort_values(["fidelity_macro_auroc", "sec_per_image"],
                                    ascending=[False, True]).iloc[0]
         within = eligible[eligible["fidelity_macro_auroc"] >= top["fidelity_ci_low"]]
-        best = within.assign(_d=within["detectability_auroc"].fillna(np.inf)).sort_values(
-            ["_d", "sec_per_image"]).iloc[0] if within["detectability_auroc"].notna().any() \
-            else top
+        best = top
+        if within["detectability_auroc"].notna().any():  # realism breaks the tie
+            best = within.assign(realism=within["detectability_auroc"].fillna(np.inf)) \
+                .sort_values(["realism", "sec_per_image"]).iloc[0]
         lines.append(
             f"Chosen: {_setting(best)}: macro fidelity AUROC {best['fidelity_macro_auroc']:.3f} "
             f"(95% CI {best['fidelity_ci_low']:.3f}-{best['fidelity_ci_high']:.3f}; the judge "

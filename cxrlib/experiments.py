@@ -237,19 +237,19 @@ def run_experiment(exp: Experiment, params: Params, data: GridData, train: pd.Da
                    progress: bool = False) -> pd.DataFrame:
     """Train (or reuse) one experiment's classifier and write its predictions on every test
     set; returns the predictions. Only the main process writes files."""
-    out, full = run.experiment(exp.name, exp.seed), train
+    out = run.experiment(exp.name, exp.seed)
     val = experiment_validation(exp, params, data.manifest)
     started = time.perf_counter()
     pretrain: TrainResult | None = None
+    fit = train  # the rows the (last) training phase fits
     if exp.kind.recipe.pretrain:
         # phase 1 on the synthetic rows alone, phase 2 fine-tunes its kept weights on the real
         # rows; each early-stops on the same validation rows
-        synthetic = train[train["source"] == "synthetic"]
-        pretrain = train_or_load(params.classifier, synthetic, val, data.combined_cache(),
-                                 out.pretrain_model, exp.seed, progress)
-        train = train[train["source"] == "real"]
-    cache = data.combined_cache() if (train["source"] == "synthetic").any() else data.cache
-    result: TrainResult = train_or_load(params.classifier, train, val, cache, out.model,
+        pretrain = train_or_load(params.classifier, train[train["source"] == "synthetic"], val,
+                                 data.combined_cache(), out.pretrain_model, exp.seed, progress)
+        fit = train[train["source"] == "real"]
+    cache = data.combined_cache() if (fit["source"] == "synthetic").any() else data.cache
+    result: TrainResult = train_or_load(params.classifier, fit, val, cache, out.model,
                                         exp.seed, progress, reuse,
                                         init=pretrain.model if pretrain else None)
     seconds = time.perf_counter() - started
@@ -258,7 +258,7 @@ def run_experiment(exp: Experiment, params: Params, data: GridData, train: pd.Da
                       ignore_index=True)
     preds.insert(0, "experiment", exp.name)
     preds.insert(1, "seed", exp.seed)
-    config = _config(exp, params, full)
+    config = _config(exp, params, train)
     config.update({
         "best_epoch": result.best_epoch, "epochs_run": len(result.history),
         "stopped_early": result.stopped_early,
@@ -268,7 +268,7 @@ def run_experiment(exp: Experiment, params: Params, data: GridData, train: pd.Da
         "optimizer_steps": result.steps, "best_step": result.best_step,
         "images_seen": result.images_seen,
         "passes_per_real_image": round(passes_per_real_image(
-            result.images_seen, config["n_real"], len(train), config["n_unique_real"]), 2),
+            result.images_seen, config["n_real"], len(fit), config["n_unique_real"]), 2),
         "validation_site": str(val["site"].iloc[0]), "train_seconds": round(seconds, 1),
         "precision": result.precision})
     history = result.history
