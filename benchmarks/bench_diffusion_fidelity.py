@@ -1,110 +1,259 @@
-"""Benchmark: does the diffusion model carry its conditions, against training minutes?
+"""Benchmark: time to quality of the generator, recipe against recipe, in one run.
 
-Trains the run's diffusion model once per variant (plain MSE, and Min-SNR-gamma weighting;
-Hang et al. 2023) for the same number of steps on the same data, and at every checkpoint
-scores generated images with the audit's judge (notebook 03's real-only classifier): macro
-AUROC of the judge on synthetic images against their conditions, sex-probe AUROC, recall and
-coverage (so that a gain in fidelity bought with diversity shows), beside the same judge on
-real validation images. One table, so the demo's step count, loss weighting and guidance are
-chosen by measurement:
+For each candidate training recipe (today's demo recipe and changes to it) the run's diffusion
+model is trained on the same data, and chosen checkpoints are scored with the audit's judge
+(notebook 03's real-only classifier) on images generated at the demo's sampler, guidance and
+precision: macro AUROC of the judge against the images' conditions (conditional fidelity),
+sex-probe AUROC, recall and coverage (so a gain bought with diversity shows), texture and
+detectability. The target is today's recipe's fidelity after its full ``max_steps``; a recipe
+reaches it at its first checkpoint whose fidelity is at least the target less
+``--tolerance``.
+
+Minutes are measured, not read off the training runs (which share the two cores with
+scoring): a throughput phase times every recipe's training step side by side, in alternating
+rounds (best of ``--rounds``), plus its set-up (model, optimiser, and compilation where the
+recipe compiles). A checkpoint's minutes are set-up plus steps times seconds per step.
+Printed: the machine and its fp32 reference figure (img/s of today's recipe in fp32), the
+checkpoint table, and per recipe the minutes to the target and the fidelity at half of
+today's minutes:
 
     python benchmarks/bench_diffusion_fidelity.py --params params/demo.yaml \\
-        --steps 2000 --every 500 --images 400 --guidance 0 1
+        --out reports/benchmarks/diffusion_ttq
 
 Needs the run's manifest and cache (notebook 01). Trains or loads the judge in the run folder
-(as notebook 03 does); the diffusion checkpoints go to a temporary folder. Minutes are wall
-time of training steps on this machine; the line above the table names the machine.
+(as notebook 03 does); the diffusion checkpoints go to a temporary folder.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import tempfile
 import time
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 
 from cxrlib.audit_run import audit_reference, real_row, score_setting, sweep_conditions
-from cxrlib.config import load_params
+from cxrlib.config import Params, load_params
 from cxrlib.data import load_cohort
 from cxrlib.diffusion import train_diffusion
-from cxrlib.hardware import cpu_bf16_units, describe_precision, resolve_precision
+from cxrlib.hardware import cpu_bf16_units, resolve_precision
 from cxrlib.imagecache import ImageCache
+from cxrlib.io import atomic_write_text
 from cxrlib.layout import RunLayout
 from cxrlib.network import checkpoint_dirs, load_weights, noise_scheduler, read_checkpoint_state
 from cxrlib.samplers import generate
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A candidate: diffusion overrides on the run's params and the steps it trains for."""
+
+    name: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+    #: Steps as a share of today's ``max_steps`` (a cosine recipe decays over exactly these).
+    share: float = 0.5
+    #: The checkpoints scored, as shares of today's ``max_steps`` (each at most ``share``).
+    score_at: tuple[float, ...] = (0.25, 0.5)
+    #: A recipe that changes only how fast a step runs (compilation) shares this recipe's
+    #: training math: its fidelity curve is that recipe's, on its own measured clock.
+    same_math_as: str | None = None
+
+
+#: The candidates (issue 20): throughput (compile), batch size with a scaled learning rate,
+#: the schedule, and two from the literature. ``today`` trains the params' full max_steps.
+RECIPES: dict[str, Recipe] = {r.name: r for r in (
+    Recipe("today", share=1.0, score_at=(0.5, 0.75, 1.0)),
+    Recipe("fp32", {"mixed_precision": "no"}),
+    Recipe("compile", {"compile": True}, share=1.0, same_math_as="today"),
+    # Adam's square-root rule: twice the batch at sqrt(2) times the rate, for as many images
+    # as the half-length recipes see.
+    Recipe("batch64", {"batch_size": 64, "lr_scale": 2 ** 0.5}, share=0.25, score_at=(0.25,)),
+    # Scored at its end only: a cosine run's earlier checkpoints are not a shorter cosine run.
+    Recipe("cosine", {"lr_schedule": "cosine"}, score_at=(0.5,)),
+    Recipe("cosine-lr2x", {"lr_schedule": "cosine", "lr_scale": 2.0}, score_at=(0.5,)),
+    Recipe("immiscible", {"noise_assignment": "immiscible"}),  # Li et al. 2024
+    Recipe("min-snr", {"snr_gamma": 5.0}),  # Hang et al. 2023
+)}
+
+
+def recipe_params(params: Params, recipe: Recipe, steps: int, every: int) -> Params:
+    """The run's params with the recipe's diffusion overrides, trained for ``steps``."""
+    spec = params.diffusion
+    over = dict(recipe.overrides)
+    lr = spec.lr * over.pop("lr_scale", 1.0)
+    return params.model_copy(update={"diffusion": spec.model_copy(update={
+        **over, "lr": lr, "max_steps": steps, "checkpoint_every": every,
+        "keep_checkpoints": steps // every + 1, "sample_every": 10**9, "sample_steps": 2,
+        "resume": "never"})})
 
 
 def _stamp(stamps: dict[int, float], step: int) -> None:
     stamps[step] = time.perf_counter()
 
 
+def throughput(params: Params, cohort, cache: ImageCache, layout: RunLayout,
+               recipes: list[Recipe], steps: int, rounds: int) -> pd.DataFrame:
+    """Seconds per training step and set-up seconds per recipe: ``rounds`` alternating
+    rounds of ``steps`` steps each (the first few steps are warm-up), best round kept."""
+    best: dict[str, tuple[float, float]] = {}
+    for _ in range(rounds):
+        for recipe in recipes:
+            run = recipe_params(params, recipe, steps, steps)
+            stamps: dict[int, float] = {}
+            with tempfile.TemporaryDirectory() as tmp:
+                t0 = time.perf_counter()
+                train_diffusion(run, cohort.manifest, cache, replace(layout, root=Path(tmp)),
+                                progress=False, on_step=partial(_stamp, stamps))
+            warm = max(5, steps // 4)
+            per_step = (stamps[steps - 1] - stamps[warm]) / (steps - 1 - warm)
+            setup = stamps[1] - t0 - per_step
+            old = best.get(recipe.name)
+            if old is None or per_step < old[0]:
+                best[recipe.name] = (per_step, max(setup, 0.0))
+    return pd.DataFrame([{"recipe": name, "s_per_step": s, "setup_s": setup,
+                          "img_per_s": recipe_params(params, RECIPES[name], 1, 1)
+                          .diffusion.batch_size / s}
+                         for name, (s, setup) in best.items()])
+
+
+def fidelity_curve(params: Params, cohort, cache: ImageCache, layout: RunLayout, ref,
+                   recipe: Recipe, cond, seeds, rows, labels: list[str]) -> list[dict]:
+    """Train one recipe and score its ``score_at`` checkpoints at the demo's sampling
+    settings."""
+    today = params.diffusion.max_steps
+    steps = round(today * recipe.share)
+    scored = {round(today * a) for a in recipe.score_at}
+    run = recipe_params(params, recipe, steps, math.gcd(*scored))
+    sched, s = noise_scheduler(run.diffusion), params.sampling
+    out = []
+    with tempfile.TemporaryDirectory() as tmp:
+        scratch = replace(layout, root=Path(tmp))
+        train_diffusion(run, cohort.manifest, cache, scratch, progress=True)
+        for ckpt in checkpoint_dirs(scratch.checkpoints):
+            step = read_checkpoint_state(ckpt)["step"]
+            if step not in scored:
+                continue
+            images = generate(load_weights(ckpt), sched, cond, seeds, s.sampler, s.steps,
+                              s.guidance, s.guidance_rescale, s.batch_size,
+                              precision=resolve_precision(s.mixed_precision))
+            out.append({"recipe": recipe.name, "step": step,
+                        **score_setting(ref, rows, images, labels)})
+            print(pd.DataFrame(out[-1:]).to_string(index=False), flush=True)
+    return out
+
+
+def summarise(curves: pd.DataFrame, speed: pd.DataFrame, target: float, tolerance: float,
+              today_minutes: float) -> pd.DataFrame:
+    """Per recipe: minutes to the target (NaN if never reached), fidelity at the last
+    checkpoint within half of today's minutes, and both as ratios to today."""
+    rows = []
+    for name, curve in curves.groupby("recipe", sort=False):
+        reached = curve[curve["fidelity_macro_auroc"] >= target - tolerance]
+        half = curve[curve["minutes"] <= today_minutes / 2 + 1e-9]
+        at_half = half.iloc[-1] if len(half) else None
+        minutes = float(reached["minutes"].iloc[0]) if len(reached) else np.nan
+        rows.append({
+            "recipe": name, "img_per_s": float(speed.set_index("recipe").at[name, "img_per_s"]),
+            "steps_to_target": int(reached["step"].iloc[0]) if len(reached) else None,
+            "minutes_to_target": minutes, "x_today": minutes / today_minutes,
+            "fidelity_at_half": float(at_half["fidelity_macro_auroc"]) if at_half is not None
+            else np.nan,
+            "step_at_half": int(at_half["step"]) if at_half is not None else None,
+            "best_fidelity": float(curve["fidelity_macro_auroc"].max())})
+    return pd.DataFrame(rows)
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--params", default="params/demo.yaml")
-    ap.add_argument("--steps", type=int, default=2000)
-    ap.add_argument("--every", type=int, default=500, help="score a checkpoint every N steps")
+    ap.add_argument("--recipes", nargs="+", default=["today", "compile", "batch64", "cosine",
+                                                     "immiscible"], choices=list(RECIPES))
     ap.add_argument("--images", type=int, default=400, help="generated images per score")
-    ap.add_argument("--guidance", type=float, nargs="+", default=[0.0, 1.0],
-                    help="guidance w values (0: the plain conditional model)")
-    ap.add_argument("--snr-gamma", type=float, default=5.0)
-    ap.add_argument("--variants", nargs="+", default=["plain", "min-snr"],
-                    choices=["plain", "min-snr"])
-    ap.add_argument("--out", help="also write the table to this CSV file")
+    ap.add_argument("--tolerance", type=float, default=0.01,
+                    help="a recipe reaches the target at fidelity >= target - tolerance")
+    ap.add_argument("--speed-steps", type=int, default=40, help="steps per throughput round")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--out", help="write <out>.txt (what is printed) and <out>.csv")
+    ap.add_argument("--curves", help="take the checkpoint scores from this earlier <out>.csv "
+                    "and only measure the speeds (the curves need not run alone; the speeds "
+                    "do)")
     args = ap.parse_args()
 
     params = load_params(args.params)
     layout = RunLayout.open(params, create=False)
     cohort = load_cohort(params, layout)
     cache = ImageCache(cohort.cache_dir)
-    ref = audit_reference(params, cohort.manifest, cache, layout, progress=False)
-    rows, cond, seeds, labels = sweep_conditions(params, ref, args.images, key="fidelity")
-    spec = params.diffusion
-    print(f"machine: {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, bf16 units "
-          f"{', '.join(cpu_bf16_units()) or 'none'}, cuda {torch.cuda.is_available()}; "
-          f"{describe_precision(spec.mixed_precision, resolve_precision(spec.mixed_precision))}")
-    print(f"{len(rows)} conditions from training rows; macro over {len(labels)} labels: "
-          f"{', '.join(labels)}")
-    table = [{"variant": "real validation images", "step": 0, "minutes": 0.0,
-              "guidance": float("nan"), **real_row(ref, len(rows), labels)}]
-    sched = noise_scheduler(spec)
-    for variant in args.variants:
-        gamma = args.snr_gamma if variant == "min-snr" else None
-        run = params.model_copy(update={"diffusion": spec.model_copy(update={
-            "snr_gamma": gamma, "max_steps": args.steps, "checkpoint_every": args.every,
-            "keep_checkpoints": args.steps // args.every + 1, "sample_every": 10**9,
-            "resume": "never"})})
-        stamps: dict[int, float] = {}
-        with tempfile.TemporaryDirectory() as tmp:
-            started = time.perf_counter()
-            scratch = replace(layout, root=Path(tmp))
-            train_diffusion(run, cohort.manifest, cache, scratch, progress=True,
-                            on_step=partial(_stamp, stamps))
-            for ckpt in checkpoint_dirs(scratch.checkpoints):
-                step = read_checkpoint_state(ckpt)["step"]
-                model = load_weights(ckpt)
-                for g in args.guidance:
-                    images = generate(model, sched, cond, seeds, params.sampling.sampler,
-                                      params.sampling.steps, g, params.sampling.guidance_rescale,
-                                      params.sampling.batch_size)
-                    table.append({"variant": variant if gamma is None
-                                  else f"{variant} (gamma {gamma:g})", "step": step,
-                                  "minutes": (stamps[step] - started) / 60, "guidance": g,
-                                  **score_setting(ref, rows, images, labels)})
-                    print(pd.DataFrame(table[-1:]).to_string(index=False, header=False),
-                          flush=True)
-    out = pd.DataFrame(table)
-    cols = ["variant", "step", "minutes", "guidance", "fidelity_macro_auroc", "fidelity_ci_low",
-            "fidelity_ci_high", "sex_auroc", "recall", "coverage", "fid"]
+    recipes = [RECIPES[n] for n in dict.fromkeys(["today", *args.recipes])]
+    lines: list[str] = []
+
+    def say(text: str) -> None:
+        print(text, flush=True)
+        lines.append(text)
+
+    if args.curves:
+        scores = pd.read_csv(args.curves)
+        recipes = [r for r in recipes if r.name in set(scores["recipe"])]
+    else:
+        ref = audit_reference(params, cohort.manifest, cache, layout, progress=False)
+        rows, cond, seeds, labels = sweep_conditions(params, ref, args.images, key="fidelity")
+        real = real_row(ref, len(rows), labels)
+        curves: list[dict] = [{"recipe": "real validation images", "step": 0, **real}]
+        for recipe in (r for r in recipes if r.same_math_as is None):
+            curves += fidelity_curve(params, cohort, cache, layout, ref, recipe, cond, seeds,
+                                     rows, labels)
+            if args.out:  # a later failure keeps the scores: rerun with --curves
+                atomic_write_text(Path(f"{args.out}.csv"), pd.DataFrame(curves).to_csv(index=False))
+        for recipe in (r for r in recipes if r.same_math_as is not None):
+            curves += [{**c, "recipe": recipe.name} for c in curves
+                       if c["recipe"] == recipe.same_math_as]
+        scores = pd.DataFrame(curves)
+    speed = throughput(params, cohort, cache, layout, [*recipes, RECIPES["fp32"]]
+                       if "fp32" not in args.recipes else recipes, args.speed_steps, args.rounds)
+    fp32 = speed.set_index("recipe").at["fp32", "img_per_s"]
+    say(f"machine: {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, bf16 units "
+        f"{', '.join(cpu_bf16_units()) or 'none'}, cuda {torch.cuda.is_available()}; "
+        f"reference figure: today's recipe in fp32 trains at {fp32:.1f} img/s")
+    say(f"today's recipe: {params.diffusion.mixed_precision} precision, batch "
+        f"{params.diffusion.batch_size}, lr {params.diffusion.lr:g} "
+        f"{params.diffusion.lr_schedule}, {params.diffusion.max_steps} steps; sampler "
+        f"{params.sampling.sampler} {params.sampling.steps} steps, guidance "
+        f"{params.sampling.guidance:g}, {args.images} images per score")
     with pd.option_context("display.width", 200, "display.precision", 3):
-        print(out[cols].to_string(index=False))
+        say("training speed (side by side, best of "
+            f"{args.rounds} alternating rounds of {args.speed_steps} steps):\n"
+            + speed.to_string(index=False))
+
+    real = scores[scores["recipe"] == "real validation images"].iloc[0]
+    table = scores.merge(speed, on="recipe")
+    table["minutes"] = (table["setup_s"] + table["step"] * table["s_per_step"]) / 60
+    today = table[table["recipe"] == "today"]
+    target = float(today.loc[today["step"].idxmax(), "fidelity_macro_auroc"])
+    today_minutes = float(today["minutes"].max())
+    summary = summarise(table, speed, target, args.tolerance, today_minutes)
+    cols = ["recipe", "step", "minutes", "fidelity_macro_auroc", "fidelity_ci_low",
+            "fidelity_ci_high", "sex_auroc", "recall", "coverage", "texture_hf_ratio",
+            "detectability_auroc"]
+    with pd.option_context("display.width", 220, "display.precision", 3):
+        say(f"real validation images: judge macro AUROC {real['fidelity_macro_auroc']:.3f}, "
+            f"sex probe {real['sex_auroc']:.3f}")
+        say("checkpoints (minutes = set-up + steps x measured s/step):\n"
+            + table[cols].to_string(index=False))
+        say(f"target: today's fidelity after {today['step'].max()} steps, {target:.3f} "
+            f"(ratio to real {target / real['fidelity_macro_auroc']:.3f}), reached at >= "
+            f"{target - args.tolerance:.3f}; today's minutes {today_minutes:.2f}\n"
+            + summary.to_string(index=False))
     if args.out:
-        out.to_csv(args.out, index=False)
+        atomic_write_text(Path(f"{args.out}.txt"), "\n".join(lines) + "\n")
+        atomic_write_text(Path(f"{args.out}.csv"), scores.to_csv(index=False))
 
 
 if __name__ == "__main__":

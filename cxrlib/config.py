@@ -389,6 +389,15 @@ class DiffusionSpec(_Strict):
     lr: Annotated[float, Field(gt=0)] = 2e-4
     weight_decay: Annotated[float, Field(ge=0)] = 0.0
     warmup_steps: Annotated[int, Field(ge=0)] = 100
+    #: ``constant``: ``lr`` after a linear warm-up over ``warmup_steps``. ``cosine``: the same
+    #: warm-up, then a cosine decay to 0 at ``max_steps`` (diffusers' ``get_scheduler``), so the
+    #: run ends on its lowest rate; a resumed run that changes ``max_steps`` changes the decay.
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    #: How a step pairs its images with their noise: ``independent`` draws (Ho et al. 2020), or
+    #: ``immiscible`` (Li et al. 2024, "Immiscible Diffusion"): the batch's noise draws are
+    #: reassigned to its images by the linear assignment of least total image-noise distance,
+    #: so each image is noised towards nearby noise; the noise stays N(0, I) per image.
+    noise_assignment: Literal["independent", "immiscible"] = "independent"
     grad_clip: Annotated[float, Field(gt=0)] = 1.0
     ema_decay: Fraction = 0.999
     #: Images per process per step (the global batch is this times the number of processes).

@@ -34,6 +34,7 @@ from diffusers import DDPMScheduler
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel, compute_snr
 from safetensors.torch import load_file, save_file
+from scipy.optimize import linear_sum_assignment
 
 from cxrlib.cohort import training_rows
 from cxrlib.condition import dropout_mask, encode_conditions
@@ -271,6 +272,16 @@ def diffusion_loss(pred: torch.Tensor, target: torch.Tensor, t: torch.Tensor,
     return (per_image * snr.clamp(max=spec.snr_gamma) / denom).mean()
 
 
+def immiscible_noise(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """The batch's noise draws reordered so that image i gets draw j(i), where j minimises the
+    summed squared distance between images and their noise (Li et al. 2024, Algorithm 1; the
+    Hungarian method of scipy). Each image still gets one N(0, I) draw, so the forward process
+    per image is unchanged; what changes is which image each draw diffuses."""
+    cost = torch.cdist(x0.flatten(1).float(), noise.flatten(1).float()).pow(2)
+    _, cols = linear_sum_assignment(cost.numpy())
+    return noise[torch.from_numpy(cols)]
+
+
 class _CachedRows(torch.utils.data.Dataset):
     """Training images (from the memory-mapped cache) and their condition vectors."""
 
@@ -328,8 +339,9 @@ def train_diffusion(params: Params, manifest: pd.DataFrame, cache: ImageCache, r
 
     optimizer = timm.optim.create_optimizer_v2(model, opt=spec.optimizer, lr=spec.lr,
                                                weight_decay=spec.weight_decay)
-    lr_scheduler = get_scheduler("constant_with_warmup", optimizer,
-                                 num_warmup_steps=spec.warmup_steps)
+    lr_scheduler = get_scheduler(
+        "cosine" if spec.lr_schedule == "cosine" else "constant_with_warmup", optimizer,
+        num_warmup_steps=spec.warmup_steps, num_training_steps=spec.max_steps)
     # foreach: one fused update over all tensors instead of a Python loop per tensor (the loop
     # cost the trainer 18% of its speed on a 2-core CPU, benchmarks/bench_diffusion_trainer.py)
     ema = EMAModel(model.parameters(), decay=spec.ema_decay, foreach=True)
@@ -357,6 +369,8 @@ def train_diffusion(params: Params, manifest: pd.DataFrame, cache: ImageCache, r
         x0, cond = data.batch(idx[rank * spec.batch_size:(rank + 1) * spec.batch_size])
         gen = step_generator(params.run.seed, step, rank)
         noise = torch.randn(x0.shape, generator=gen)
+        if spec.noise_assignment == "immiscible":
+            noise = immiscible_noise(x0, noise)
         t = torch.randint(0, spec.num_train_timesteps, (x0.shape[0],), generator=gen)
         drop = dropout_mask(x0.shape[0], spec.cond_dropout, gen)
         x0, noise, t, cond, drop = (v.to(accelerator.device) for v in (x0, noise, t, cond, drop))

@@ -25,7 +25,7 @@ from cxrlib.condition import (
 )
 from cxrlib.config import load_params
 from cxrlib.data import prepare_cohort
-from cxrlib.diffusion import batch_indices, train_diffusion
+from cxrlib.diffusion import batch_indices, immiscible_noise, train_diffusion
 from cxrlib.hardware import precision_label
 from cxrlib.imagecache import ImageCache
 from cxrlib.labels import CHEXPERT_LABELS
@@ -242,6 +242,42 @@ def test_channels_last_trains_the_same_model(smoke, tmp_path):
     assert wa.keys() == wb.keys()
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-2, atol=1e-3)  # AdamW, 4 steps
+
+
+def test_immiscible_assignment_pairs_images_with_nearer_noise():
+    """Immiscible noise is a reordering of the batch's own draws (each image still gets one
+    N(0, I) draw) that minimises the summed image-noise distance: never above the identity
+    pairing, and optimal against every other permutation of a small batch."""
+    import itertools
+
+    gen = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(5, 1, 4, 4, generator=gen), torch.randn(5, 1, 4, 4, generator=gen)
+    out = immiscible_noise(x0, noise)
+
+    def cost(n: torch.Tensor) -> float:
+        return float((x0 - n).pow(2).sum())
+
+    assert sorted(map(tuple, out.flatten(1).tolist())) == sorted(
+        map(tuple, noise.flatten(1).tolist()))
+    best = min(cost(noise[list(p)]) for p in itertools.permutations(range(5)))
+    assert cost(out) == pytest.approx(best)
+    assert cost(out) < cost(noise)
+
+
+def test_cosine_schedule_and_immiscible_noise_train(smoke, tmp_path):
+    """lr_schedule cosine warms up, then decays to 0 at max_steps; immiscible noise changes
+    the losses but trains; both are part of a checkpoint's identity."""
+    params, manifest, cache, run = smoke
+    spec = params.diffusion
+    cosine = params.model_copy(update={"diffusion": spec.model_copy(update={
+        "lr_schedule": "cosine", "warmup_steps": 1, "noise_assignment": "immiscible"})})
+    out = train_diffusion(cosine, manifest, cache, _scratch(run, tmp_path / "c"), progress=False)
+    lr = out.history["lr"].to_numpy()
+    assert lr[0] == pytest.approx(spec.lr)  # after the one warm-up step
+    assert np.all(np.diff(lr) <= 0) and lr[-1] == pytest.approx(0.0, abs=1e-12)
+    assert np.isfinite(out.history["loss"]).all()
+    with pytest.raises(DiffusionError, match="lr_schedule|noise_assignment"):
+        train_diffusion(params, manifest, cache, _scratch(run, tmp_path / "c"), progress=False)
 
 
 def test_sampling_without_a_trained_model_says_what_to_run(smoke, tmp_path):
