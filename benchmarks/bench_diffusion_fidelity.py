@@ -3,10 +3,10 @@
 Trains the run's diffusion model once per variant (plain MSE, and Min-SNR-gamma weighting;
 Hang et al. 2023) for the same number of steps on the same data, and at every checkpoint
 scores generated images with the audit's judge (notebook 03's real-only classifier): macro
-AUROC of the judge on synthetic images against their conditions, sex-probe AUROC, recall and
-coverage (so that a gain in fidelity bought with diversity shows), beside the same judge on
-real validation images. One table, so the demo's step count, loss weighting and guidance are
-chosen by measurement:
+AUROC of the judge on synthetic images against their conditions, sex- and view-probe
+AUROCs, recall and coverage (so that a gain in fidelity bought with diversity shows), beside
+the same judge on real validation images. One table, so the demo's step count, loss
+weighting and guidance are chosen by measurement:
 
     python benchmarks/bench_diffusion_fidelity.py --params params/demo.yaml \\
         --steps 2000 --every 500 --images 400 --guidance 0 1
@@ -63,8 +63,9 @@ def main() -> None:
     cohort = load_cohort(params, layout)
     cache = ImageCache(cohort.cache_dir)
     ref = audit_reference(params, cohort.manifest, cache, layout, progress=False)
-    rows, cond, seeds, labels = sweep_conditions(params, ref, args.images, key="fidelity")
     spec = params.diffusion
+    rows, cond, seeds, labels = sweep_conditions(params, ref, args.images,
+                                                 spec.condition_on_view, key="fidelity")
     print(f"machine: {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, bf16 units "
           f"{', '.join(cpu_bf16_units()) or 'none'}, cuda {torch.cuda.is_available()}; "
           f"{describe_precision(spec.mixed_precision, resolve_precision(spec.mixed_precision))}")
@@ -100,7 +101,7 @@ def main() -> None:
                           flush=True)
     out = pd.DataFrame(table)
     cols = ["variant", "step", "minutes", "guidance", "fidelity_macro_auroc", "fidelity_ci_low",
-            "fidelity_ci_high", "sex_auroc", "recall", "coverage", "fid"]
+            "fidelity_ci_high", "sex_auroc", "view_auroc", "recall", "coverage", "fid"]
     with pd.option_context("display.width", 200, "display.precision", 3):
         print(out[cols].to_string(index=False))
     if args.out:

@@ -99,7 +99,8 @@ def run_bare(params_file: str, steps: int, warmup: int) -> dict:
     spec = params.diffusion
     rows = training_rows(params, manifest)
     index = cache.rows_for(rows["image_id"])
-    cond_all = torch.from_numpy(encode_conditions(rows, spec.nan_label_value))
+    cond_all = torch.from_numpy(encode_conditions(rows, spec.nan_label_value,
+                                                  spec.condition_on_view))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
     model = ConditionalUNet(**unet_config(spec, params.data.resolution)).to(device)

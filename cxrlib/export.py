@@ -33,8 +33,8 @@ from cxrlib.summary import read_summary
 #: The module file in an exported folder that diffusers imports the pipeline class from.
 PIPELINE_MODULE = "cxr_pipeline"
 #: The audit's entries of ``summary.json`` the model card reports, in this order.
-AUDIT_KEYS: tuple[str, ...] = ("fidelity", "sex_fidelity", "age_fidelity", "detectability",
-                               "memorization")
+AUDIT_KEYS: tuple[str, ...] = ("fidelity", "sex_fidelity", "age_fidelity", "view_fidelity",
+                               "detectability", "memorization")
 
 _MODULE_SOURCE = f'''"""This folder's pipeline class is cxrlib's (pip install cxrlib); diffusers
 imports it from here, as model_index.json says, given trust_remote_code=True."""
@@ -66,14 +66,17 @@ def model_card(params: Params, run: RunLayout, checkpoint: Path, pipe: CXRPipeli
     state = read_checkpoint_state(checkpoint)
     n_params = sum(p.numel() for p in pipe.unet.parameters())
     sampling = params.sampling
+    with_view = pipe.unet.conditions_on_view
     lines = [
         "---", "library_name: diffusers",
         "tags: [cxrlib, chest-x-ray, ddpm, conditional-image-generation]", "---", "",
         f"# cxrlib conditional chest X-ray generator: run `{run.name}`, {checkpoint.name}", "",
         f"A conditional pixel-space DDPM ({n_params:,} parameters, {run.resolution} px "
         "grayscale) trained with cxrlib. The condition is age, sex, race and the 14 CheXpert "
-        "findings (22 values, `cxrlib.condition`); classifier-free guidance with weight w "
-        "(0: the plain conditional model) and rescale phi. Weights: the EMA weights of "
+        f"findings{' and the view (AP or PA)' if with_view else ''} "
+        f"({pipe.unet.config.cond_dim} values, `cxrlib.condition`); classifier-free guidance "
+        "with weight w (0: the plain conditional model) and rescale phi. Weights: the EMA "
+        "weights of "
         f"training checkpoint `{checkpoint.name}` (step {state['step']}). For research on "
         "synthetic data only, not for clinical use.", "",
         "## Use", "",
@@ -82,7 +85,8 @@ def model_card(params: Params, run: RunLayout, checkpoint: Path, pipe: CXRPipeli
         "```python", "from diffusers import DiffusionPipeline",
         'pipe = DiffusionPipeline.from_pretrained("PATH/TO/THIS/FOLDER", trust_remote_code=True)',
         'images = pipe(age=70, sex="Female", race="White", findings=["Cardiomegaly"], '
-        f'num_images=4, seed=0, guidance={sampling.guidance:g}, '
+        + ('view="PA", ' if with_view else '')
+        + f'num_images=4, seed=0, guidance={sampling.guidance:g}, '
         f'sampler="{sampling.sampler}", steps={sampling.steps}).images', "```", "",
         "Each image has its own seed, so an image is the same in any batch and equals "
         "cxrlib's for that seed. The run's synthetic cohorts were generated with sampler "
