@@ -394,6 +394,18 @@ class DiffusionSpec(_Strict):
     condition_on_view: bool = False
     #: Sites whose training split trains the model (default: the internal sites).
     sites: list[str] | None = None
+    #: The training rows the generator learns from (:func:`cxrlib.cohort.diffusion_rows`):
+    #: ``all`` training rows of ``sites``, or only the ``sources``, the rows of the patients
+    #: synthetic images are made for (:func:`cxrlib.cohort.source_rows`, a seeded draw of
+    #: ``sampling.source_fraction`` of them). It exists for the distillation confound: with
+    #: ``all`` and a source fraction below 1, the generator learns from patients outside
+    #: every arm's real subset, so a gain from its images may be information distilled from
+    #: those patients rather than a gain from synthesis. ``sources`` keeps the paper's design,
+    #: where the generator learns from exactly the training images it supplements (there: all
+    #: of them); arms at a real fraction below the source fraction still get images from a
+    #: generator that saw the other source patients. With a source fraction of 1 both are
+    #: the same rows.
+    train_on: Literal["all", "sources"] = "all"
     optimizer: Literal["lion", "adamw"] = "adamw"
     lr: Annotated[float, Field(gt=0)] = 2e-4
     weight_decay: Annotated[float, Field(ge=0)] = 0.0
@@ -449,7 +461,7 @@ class DiffusionSpec(_Strict):
     )
     #: Keys added after checkpoints were first written: a checkpoint's identity leaves them
     #: out at their defaults, so the checkpoints made before them still resume.
-    LATER_IDENTITY_KEYS: ClassVar[tuple[str, ...]] = ("condition_on_view",)
+    LATER_IDENTITY_KEYS: ClassVar[tuple[str, ...]] = ("condition_on_view", "train_on")
 
 
 class RebalanceSpec(_Strict):

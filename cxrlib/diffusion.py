@@ -35,7 +35,7 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel, compute_snr
 from safetensors.torch import load_file, save_file
 
-from cxrlib.cohort import training_rows
+from cxrlib.cohort import diffusion_rows
 from cxrlib.condition import dropout_mask, encode_conditions
 from cxrlib.config import DiffusionSpec, Params, diff_keys
 from cxrlib.hardware import describe_precision, precision_label, resolve_precision
@@ -73,7 +73,7 @@ def model_summary(params: Params) -> pd.DataFrame:
 
 def identity_config(params: Params) -> dict:
     """What a checkpoint must match to be resumed: architecture (with the condition width),
-    schedule, optimiser, data. Keys newer than the first checkpoints
+    schedule, optimiser, data (``train_on``). Keys newer than the first checkpoints
     (:attr:`DiffusionSpec.LATER_IDENTITY_KEYS`) are left out at their defaults, as those
     checkpoints were made without them."""
     spec = params.diffusion.model_dump(exclude=set(DiffusionSpec.RUN_LENGTH_KEYS))
@@ -259,13 +259,15 @@ def preview_conditions(rows: pd.DataFrame, nan_value: float,
 
 @dataclass
 class TrainingOutcome:
-    """Where a training run ended: its last checkpoint, the loss history and preview grids."""
+    """Where a training run ended: its last checkpoint, the loss history and preview grids,
+    and the image ids of the rows it learned from (:func:`cxrlib.cohort.diffusion_rows`)."""
 
     checkpoint: Path
     history: pd.DataFrame
     steps_done: int
     resumed_from: int
     preview_files: list[Path]
+    image_ids: list[str]
     num_processes: int = 1
     is_main_process: bool = True
 
@@ -310,14 +312,15 @@ def check_cache_matches(cache: ImageCache, rows: pd.DataFrame, resolution: int) 
 def train_diffusion(params: Params, manifest: pd.DataFrame, cache: ImageCache, run: RunLayout,
                     progress: bool = True,
                     on_step: Callable[[int], None] | None = None) -> TrainingOutcome:
-    """Train (or resume) the conditional DDPM for ``diffusion.max_steps`` optimiser steps.
+    """Train (or resume) the conditional DDPM for ``diffusion.max_steps`` optimiser steps on
+    :func:`cxrlib.cohort.diffusion_rows` (``diffusion.train_on``).
 
     Writes checkpoints and preview grids under the run's diffusion stage
     (:attr:`RunLayout.checkpoints`, :attr:`RunLayout.previews`).
     ``on_step(step)`` is called after each step (tests use it to interrupt a run).
     """
     spec = params.diffusion
-    rows = training_rows(params, manifest)
+    rows = diffusion_rows(params, manifest)
     check_cache_matches(cache, rows, params.data.resolution)
     identity = identity_config(params)
     ckpt_root = run.checkpoints
@@ -410,7 +413,7 @@ def train_diffusion(params: Params, manifest: pd.DataFrame, cache: ImageCache, r
         last_ckpt = latest_checkpoint(ckpt_root)
     accelerator.end_training()
     return TrainingOutcome(last_ckpt, pd.DataFrame(history), step, resume.step, previews,
-                           world, accelerator.is_main_process)
+                           rows["image_id"].tolist(), world, accelerator.is_main_process)
 
 
 def _preview(model: ConditionalUNet, ema: EMAModel, scheduler: DDPMScheduler,

@@ -22,7 +22,7 @@ from typing import Any
 
 import pandas as pd
 
-from cxrlib.cohort import training_rows
+from cxrlib.cohort import diffusion_rows
 from cxrlib.config import Params
 from cxrlib.generator import CXRPipeline
 from cxrlib.io import replace_folder
@@ -108,14 +108,16 @@ def _training_data(params: Params, run: RunLayout) -> list[str]:
     sites = [f"- `{s.site}`: reader `{s.reader}`, role {s.role}" for s in params.data.sites]
     if not run.manifest.exists():
         return [*sites, "", f"Sizes: missing (the run's manifest {run.manifest} is not there)."]
-    rows = training_rows(params, pd.read_parquet(run.manifest))
+    rows = diffusion_rows(params, pd.read_parquet(run.manifest))
     table = rows.groupby("site").agg(images=("image_id", "size"),
                                      patients=("patient_id", "nunique"))
     return [
         "Sites of the run (`phantom` readers are cxrlib's procedural phantoms drawn from public "
         "metadata, not real radiographs):", *sites, "",
-        f"The model was trained on the training split of {', '.join(table.index)}: "
-        f"{len(rows):,} images of {rows['patient_id'].nunique():,} patients.", "",
+        f"The model was trained on the training split of {', '.join(table.index)}"
+        + (" (only the patients synthetic images are made for, `diffusion.train_on: sources`)"
+           if params.diffusion.train_on == "sources" else "")
+        + f": {len(rows):,} images of {rows['patient_id'].nunique():,} patients.", "",
         "| site | images | patients |", "| --- | --- | --- |",
         *[f"| {site} | {r.images:,} | {r.patients:,} |" for site, r in table.iterrows()],
     ]

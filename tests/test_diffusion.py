@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cxrlib.cohort import CohortError, training_rows
+from cxrlib.cohort import CohortError, diffusion_rows, source_rows, training_rows
 from cxrlib.condition import (
     COND_DIM,
     LABEL_SLICE,
@@ -297,6 +297,22 @@ def test_view_conditioned_model_trains_samples_and_refuses_a_resume_without_it(s
               torch.zeros(1, 22))
     with pytest.raises(DiffusionError, match="different configuration.*condition_on_view"):
         train_diffusion(params, manifest, cache, here, progress=False)
+
+
+def test_train_on_sources_learns_from_the_source_rows_only(smoke, tmp_path):
+    params, manifest, cache, run = smoke
+    half = _with(params, "sampling", source_fraction=0.5)
+    sources = _with(half, "diffusion", train_on="sources")
+    assert diffusion_rows(half, manifest).equals(training_rows(params, manifest))
+    full = _with(params, "diffusion", train_on="sources")  # source fraction 1: the same rows
+    assert diffusion_rows(full, manifest).equals(training_rows(params, manifest))
+    here = _scratch(run, tmp_path)
+    outcome = train_diffusion(sources, manifest, cache, here, progress=False)
+    expected = source_rows(half, manifest)["image_id"].tolist()
+    assert outcome.image_ids == expected
+    assert len(expected) < len(training_rows(params, manifest))
+    with pytest.raises(DiffusionError, match="different configuration.*train_on"):
+        train_diffusion(half, manifest, cache, here, progress=False)
 
 
 def test_sampling_without_a_trained_model_says_what_to_run(smoke, tmp_path):
