@@ -204,14 +204,17 @@ def main() -> None:
         recipes = [r for r in recipes if r.name in set(scores["recipe"])]
     else:
         ref = audit_reference(params, cohort.manifest, cache, layout, progress=False)
-        rows, cond, seeds, labels = sweep_conditions(params, ref, args.images, key="fidelity")
+        rows, cond, seeds, labels = sweep_conditions(params, ref, args.images,
+                                                     params.diffusion.condition_on_view,
+                                                     key="fidelity")
         real = real_row(ref, len(rows), labels)
         curves: list[dict] = [{"recipe": "real validation images", "step": 0, **real}]
         for recipe in (r for r in recipes if r.same_math_as is None):
             curves += fidelity_curve(params, cohort, cache, layout, ref, recipe, cond, seeds,
                                      rows, labels)
             if args.out:  # a later failure keeps the scores: rerun with --curves
-                atomic_write_text(Path(f"{args.out}.csv"), pd.DataFrame(curves).to_csv(index=False))
+                atomic_write_text(Path(f"{args.out}.csv"),
+                                  pd.DataFrame(curves).to_csv(index=False))
         for recipe in (r for r in recipes if r.same_math_as is not None):
             curves += [{**c, "recipe": recipe.name} for c in curves
                        if c["recipe"] == recipe.same_math_as]
@@ -240,11 +243,12 @@ def main() -> None:
     today_minutes = float(today["minutes"].max())
     summary = summarise(table, speed, target, args.tolerance, today_minutes)
     cols = ["recipe", "step", "minutes", "fidelity_macro_auroc", "fidelity_ci_low",
-            "fidelity_ci_high", "sex_auroc", "recall", "coverage", "texture_hf_ratio",
+            "fidelity_ci_high", "sex_auroc", "view_auroc", "recall", "coverage",
+            "texture_hf_ratio",
             "detectability_auroc"]
     with pd.option_context("display.width", 220, "display.precision", 3):
         say(f"real validation images: judge macro AUROC {real['fidelity_macro_auroc']:.3f}, "
-            f"sex probe {real['sex_auroc']:.3f}")
+            f"sex probe {real['sex_auroc']:.3f}, view probe {real['view_auroc']:.3f}")
         say("checkpoints (minutes = set-up + steps x measured s/step):\n"
             + table[cols].to_string(index=False))
         say(f"target: today's fidelity after {today['step'].max()} steps, {target:.3f} "

@@ -91,15 +91,16 @@ def run_bare(params_file: str, steps: int, warmup: int) -> dict:
     import timm.optim
     from diffusers.training_utils import EMAModel
 
-    from cxrlib.cohort import training_rows
+    from cxrlib.cohort import diffusion_rows
     from cxrlib.condition import encode_conditions
     from cxrlib.network import ConditionalUNet, noise_scheduler, unet_config
 
     params, _, manifest, cache = _setup(params_file, steps)
     spec = params.diffusion
-    rows = training_rows(params, manifest)
+    rows = diffusion_rows(params, manifest)
     index = cache.rows_for(rows["image_id"])
-    cond_all = torch.from_numpy(encode_conditions(rows, spec.nan_label_value))
+    cond_all = torch.from_numpy(encode_conditions(rows, spec.nan_label_value,
+                                                  spec.condition_on_view))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
     model = ConditionalUNet(**unet_config(spec, params.data.resolution)).to(device)

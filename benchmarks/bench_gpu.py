@@ -122,7 +122,7 @@ def sample_rates(tiny: bool, images: int) -> list[dict[str, Any]]:
     spec = params.diffusion
     cohort = load_cohort(params, RunLayout.open(params, create=False))
     rows = training_rows(params, cohort.manifest).head(images)
-    cond = encode_conditions(rows, spec.nan_label_value)
+    cond = encode_conditions(rows, spec.nan_label_value, spec.condition_on_view)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
     model = ConditionalUNet(**unet_config(spec, params.data.resolution)).to(device).eval()

@@ -65,7 +65,8 @@ def main() -> None:
                           progress=False)
     model = load_weights(trained_checkpoint(run))
     sched = noise_scheduler(params.diffusion)
-    rows, cond, seeds, labels = sweep_conditions(params, ref, args.n, key="bench")
+    rows, cond, seeds, labels = sweep_conditions(params, ref, args.n, model.conditions_on_view,
+                                                 key="bench")
     real = real_row(ref, len(rows), labels)
     print(f"real vs real (n={real['n']}, d={real['dim']}, {params.audit.floor_splits} splits): "
           f"FID {real['fid']:.4g}  recall {real['recall']:.3f}  coverage {real['coverage']:.3f}; "

@@ -5,9 +5,11 @@
   images, and their ratio. A label enters the macro only with at least ``min_per_class``
   positives and as many negatives in *both* sets (:func:`macro_labels`); the set is fixed
   across bootstrap replicates and the labels left out are named.
-* **Demographic fidelity** (:class:`DemographicProbes`): a sex probe (AUROC) and an age probe
-  (Pearson r) fitted on real training features, scored on synthetic images against their
-  conditioned sex and age, and on real validation images.
+* **Demographic fidelity** (:class:`DemographicProbes`): a sex probe (AUROC), an age probe
+  (Pearson r) and a view probe (AP vs PA, AUROC) fitted on real training features, scored on
+  synthetic images against their conditioned sex and age and their source row's view (a
+  condition too for a model trained with ``diffusion.condition_on_view``), and on real
+  validation images.
 
 CIs resample patients (for a synthetic image, its source patient); the synthetic and the real
 set are independent (training vs validation patients), so the ratio's CI comes from the ratio
@@ -27,7 +29,7 @@ from sklearn.linear_model import LogisticRegression, Ridge
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from cxrlib.labels import CHEXPERT_LABELS
+from cxrlib.labels import CHEXPERT_LABELS, VIEW_CODES
 from cxrlib.stats import auroc_table, patient_bootstrap_weights, weighted_auroc
 
 #: Ratio of synthetic to real fidelity that counts as carrying the conditions (issue 11).
@@ -88,51 +90,73 @@ def conditional_fidelity(scores: np.ndarray, condition_labels: pd.DataFrame,
     return auroc_table(pd.concat(parts, ignore_index=True))
 
 
-class DemographicProbes:
-    """Sex and age read off judge features: a logistic regression (positive class Female) and
-    a ridge regression (years), both on standardised features, fitted on real training rows.
+def _logistic_probe(seed: int) -> Pipeline:
+    """A binary probe on judge features: standardised, L2-regularised logistic regression."""
+    return make_pipeline(StandardScaler(),
+                         LogisticRegression(C=0.1, max_iter=2000, random_state=seed))
 
-    Rows need ``sex`` (Male/Female; anything else is left out) and ``age`` (NaN left out).
+
+class DemographicProbes:
+    """Sex, age and view read off judge features: logistic regressions (positive classes
+    Female and AP) and a ridge regression (years), all on standardised features, fitted on
+    real training rows.
+
+    Rows need ``sex`` (Male/Female; anything else is left out), ``age`` (NaN left out) and
+    ``view`` (AP/PA; anything else is left out). Training rows of one view only (a site
+    without AP images) leave the view probe unfitted (``view`` None): its scores are NaN.
     """
 
     def __init__(self, features: np.ndarray, rows: pd.DataFrame, seed: int = 0):
         if len(features) != len(rows):
             raise ValueError(f"{len(features)} feature rows for {len(rows)} rows")
         x = np.asarray(features, dtype=np.float64)
-        sex, age = self._targets(rows)
+        sex, age, view = self._targets(rows)
         if len(np.unique(sex[~np.isnan(sex)])) < 2:
             raise ValueError("the sex probe needs Male and Female training rows")
         if (~np.isnan(age)).sum() < 2:
             raise ValueError("the age probe needs at least 2 known ages")
         known = ~np.isnan(sex)
-        self.sex: Pipeline = make_pipeline(
-            StandardScaler(), LogisticRegression(C=0.1, max_iter=2000, random_state=seed))
+        self.sex: Pipeline = _logistic_probe(seed)
         self.sex.fit(x[known], sex[known])
         known = ~np.isnan(age)
         self.age: Pipeline = make_pipeline(StandardScaler(), Ridge(alpha=1.0))
         self.age.fit(x[known], age[known])
         self.mean_age = float(age[known].mean())
+        known = ~np.isnan(view)
+        self.view: Pipeline | None = None
+        if len(np.unique(view[known])) == 2:
+            self.view = _logistic_probe(seed)
+            self.view.fit(x[known], view[known])
 
     @staticmethod
-    def _targets(rows: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
-        """Sex as 1 (Female) / 0 (Male) / NaN, and age in years (NaN unknown)."""
-        if not {"sex", "age"} <= set(rows.columns):
-            raise KeyError("rows need columns 'sex' and 'age'")
+    def _targets(rows: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Sex as 1 (Female) / 0 (Male) / NaN, age in years (NaN unknown), and view as
+        1 (AP) / 0 (PA) / NaN."""
+        missing = [c for c in ("sex", "age", "view") if c not in rows]
+        if missing:
+            raise KeyError(f"rows need columns 'sex', 'age' and 'view'; missing {missing}")
         sex = rows["sex"].map({"Male": 0.0, "Female": 1.0}).to_numpy(dtype=float)
-        return sex, rows["age"].to_numpy(dtype=float)
+        view = rows["view"].map(VIEW_CODES).to_numpy(dtype=float)
+        return sex, rows["age"].to_numpy(dtype=float), view
 
     def predict(self, features: np.ndarray, rows: pd.DataFrame) -> pd.DataFrame:
-        """Per row: sex_target, sex_score (P(Female)), age_target, age_pred."""
+        """Per row: sex_target, sex_score (P(Female)), age_target, age_pred, view_target,
+        view_score (P(AP); NaN without a view probe)."""
         x = np.asarray(features, dtype=np.float64)
-        sex, age = self._targets(rows)
+        sex, age, view = self._targets(rows)
+        view_score = (self.view.predict_proba(x)[:, 1] if self.view is not None
+                      else np.full(len(x), np.nan))
         return pd.DataFrame({"sex_target": sex, "sex_score": self.sex.predict_proba(x)[:, 1],
-                             "age_target": age, "age_pred": self.age.predict(x)})
+                             "age_target": age, "age_pred": self.age.predict(x),
+                             "view_target": view, "view_score": view_score})
 
     def evaluate(self, features: np.ndarray, rows: pd.DataFrame) -> dict[str, float | int]:
         """Point estimates: sex_auroc, sex_accuracy, sex_majority_accuracy, age_mae,
-        age_pearson_r, age_mae_mean_baseline (predicting the training mean), and counts."""
+        age_pearson_r, age_mae_mean_baseline (predicting the training mean), view_auroc, and
+        counts."""
         p = self.predict(features, rows)
         s, a = p.dropna(subset=["sex_target"]), p.dropna(subset=["age_target"])
+        v = p.dropna(subset=["view_target", "view_score"])
         both = s["sex_target"].nunique() == 2
         r = (float(np.corrcoef(a["age_pred"], a["age_target"])[0, 1])
              if len(a) > 1 and a["age_target"].std() > 0 and a["age_pred"].std() > 0
@@ -150,7 +174,9 @@ class DemographicProbes:
             "age_pearson_r": r,
             "age_mae_mean_baseline": float((a["age_target"] - self.mean_age).abs().mean())
             if len(a) else np.nan,
-            "n_sex": len(s), "n_age": len(a),
+            "view_auroc": float(weighted_auroc(v["view_target"], v["view_score"]))
+            if v["view_target"].nunique() == 2 else np.nan,
+            "n_sex": len(s), "n_age": len(a), "n_view": len(v),
         }
 
 
@@ -196,11 +222,13 @@ def fidelity_estimate(kind: str, rows: pd.DataFrame, scores: np.ndarray | pd.Dat
 
     ``kind``: ``"macro"`` (mean AUROC over ``labels`` of ``scores`` (N x 14, CHEXPERT order)
     against the label columns of ``rows``; the label set is fixed across replicates, a
-    replicate where a label lost a class averages the others), ``"sex"`` (AUROC of the
-    probe's ``sex_score`` against ``sex_target``; ``scores`` is :meth:`DemographicProbes.predict`)
-    or ``"age"`` (Pearson r of ``age_pred`` and ``age_target``). Patients (``rows.patient_id``;
-    for synthetic images their source patient) are resampled, so correlated images move
-    together. The probes and the judge are held fixed: the CI covers image sampling only.
+    replicate where a label lost a class averages the others), ``"sex"`` or ``"view"`` (AUROC
+    of the probe's ``sex_score`` against ``sex_target``, or ``view_score`` against
+    ``view_target``; ``scores`` is :meth:`DemographicProbes.predict`) or ``"age"`` (Pearson r
+    of ``age_pred`` and ``age_target``); rows without a target or score are left out.
+    Patients (``rows.patient_id``; for synthetic images their source patient) are resampled,
+    so correlated images move together. The probes and the judge are held fixed: the CI
+    covers image sampling only.
     """
     pid = rows["patient_id"].to_numpy()
     if kind == "macro":
@@ -220,15 +248,16 @@ def fidelity_estimate(kind: str, rows: pd.DataFrame, scores: np.ndarray | pd.Dat
             warnings.simplefilter("ignore", RuntimeWarning)
             boot = np.nanmean(np.stack(per_boot), axis=0)
         return _estimate(np.mean(per_point), boot, len(rows), len(set(pid)), alpha)
-    if kind not in ("sex", "age"):
-        raise ValueError(f"kind must be 'macro', 'sex' or 'age', got {kind!r}")
-    frame = pd.DataFrame(scores).assign(_pid=pid).dropna(subset=[f"{kind}_target"])
+    if kind not in ("sex", "view", "age"):
+        raise ValueError(f"kind must be 'macro', 'sex', 'view' or 'age', got {kind!r}")
+    score = "age_pred" if kind == "age" else f"{kind}_score"
+    frame = pd.DataFrame(scores).assign(_pid=pid).dropna(subset=[f"{kind}_target", score])
     if frame.empty:
         nan = np.full(n_boot, np.nan)
         return Estimate(np.nan, np.nan, np.nan, nan, 0, 0)
     weights = patient_bootstrap_weights(frame["_pid"].to_numpy(), n_boot, seed)
-    if kind == "sex":
-        t, s = frame["sex_target"].to_numpy(), frame["sex_score"].to_numpy()
+    if kind != "age":
+        t, s = frame[f"{kind}_target"].to_numpy(), frame[score].to_numpy()
         point = float(weighted_auroc(t, s)) if len(np.unique(t)) == 2 else np.nan
         boot = weighted_auroc(t, s, weights) if len(np.unique(t)) == 2 else np.full(n_boot,
                                                                                     np.nan)
@@ -250,22 +279,24 @@ def ratio_ci(synthetic: Estimate, real: Estimate, alpha: float = 0.05) -> tuple[
     return point, float(low), float(high)
 
 
-#: The three headline measures: (key in summary.json, what it is, the statistic's name).
+#: The headline measures: (key in summary.json, what it is, the statistic's name).
 MEASURES: tuple[tuple[str, str, str], ...] = (
     ("fidelity", "conditional fidelity", "macro AUROC"),
     ("sex_fidelity", "sex fidelity", "sex-probe AUROC"),
     ("age_fidelity", "age fidelity", "age-probe Pearson r"),
+    ("view_fidelity", "view fidelity", "view-probe AUROC"),
 )
 #: Chance level of each statistic: a ratio to a real value at or below it means nothing.
-_CHANCE = {"fidelity": 0.5, "sex_fidelity": 0.5, "age_fidelity": 0.0}
+_CHANCE = {"fidelity": 0.5, "sex_fidelity": 0.5, "age_fidelity": 0.0, "view_fidelity": 0.5}
 _SUMMARY_NAMES = {"fidelity": ("synthetic_macro_auroc", "real_macro_auroc"),
                   "sex_fidelity": ("synthetic_auroc", "real_auroc"),
-                  "age_fidelity": ("synthetic_r", "real_r")}
+                  "age_fidelity": ("synthetic_r", "real_r"),
+                  "view_fidelity": ("synthetic_auroc", "real_auroc")}
 
 
 @dataclass
 class FidelityResult:
-    """Synthetic vs real fidelity: per-label AUROCs, the three headline estimates, the rule."""
+    """Synthetic vs real fidelity: per-label AUROCs, the headline estimates, the rule."""
 
     per_label: pd.DataFrame
     estimates: dict[str, tuple[Estimate, Estimate]]
@@ -297,7 +328,7 @@ class FidelityResult:
         return pd.DataFrame(rows)
 
     def summary_entries(self) -> dict[str, dict[str, object]]:
-        """``fidelity``, ``sex_fidelity`` and ``age_fidelity`` for
+        """``fidelity``, ``sex_fidelity``, ``age_fidelity`` and ``view_fidelity`` for
         :func:`cxrlib.summary.update_summary` (NaN becomes null there)."""
         out = {}
         for row, (key, _, _) in zip(self.table().to_dict("records"), MEASURES, strict=True):
@@ -371,11 +402,11 @@ def fidelity_comparison(syn_rows: pd.DataFrame, syn_scores: np.ndarray,
                         probes: DemographicProbes, min_per_class: int = 10,
                         n_boot: int = 1000, seed: int = 0,
                         alpha: float = 0.05) -> FidelityResult:
-    """Conditional, sex and age fidelity of synthetic images (scored against their conditions)
-    beside the same judge and probes on real images (scored against their labels).
+    """Conditional, sex, age and view fidelity of synthetic images (scored against their
+    conditions) beside the same judge and probes on real images (scored against their labels).
 
-    Rows need the 14 label columns, ``sex``, ``age`` and ``patient_id`` (the source patient
-    for synthetic rows); scores are the judge's sigmoid outputs in CHEXPERT order.
+    Rows need the 14 label columns, ``sex``, ``age``, ``view`` and ``patient_id`` (the source
+    patient for synthetic rows); scores are the judge's sigmoid outputs in CHEXPERT order.
     """
     labels, left_out = macro_labels(syn_rows, real_rows, min_per_class=min_per_class)
     left_out = {lab: why.replace("set 1", "synthetic").replace("set 2", "real")
@@ -389,7 +420,8 @@ def fidelity_comparison(syn_rows: pd.DataFrame, syn_scores: np.ndarray,
     estimates = {}
     syn_demo, real_demo = (probes.predict(syn_features, syn_rows),
                            probes.predict(real_features, real_rows))
-    for key, kind in (("fidelity", "macro"), ("sex_fidelity", "sex"), ("age_fidelity", "age")):
+    for key, kind in (("fidelity", "macro"), ("sex_fidelity", "sex"), ("age_fidelity", "age"),
+                      ("view_fidelity", "view")):
         syn_in, real_in = ((syn_scores, real_scores) if kind == "macro"
                            else (syn_demo, real_demo))
         estimates[key] = (

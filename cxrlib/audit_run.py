@@ -256,21 +256,28 @@ def score_setting(ref: AuditReference, rows: pd.DataFrame, images: np.ndarray,
                   labels: list[str]) -> dict[str, float]:
     """One generated set (the same conditions for every setting) scored for the sweep and the
     sampler benchmark: distance (mean over the floor's splits, judge space), macro
-    conditional fidelity over ``labels`` with its CI, the sex probe's AUROC, the texture's
-    high-frequency power ratio and the detectability AUROC, each with its CI."""
+    conditional fidelity over ``labels`` with its CI, the sex and view probes' AUROCs, the
+    texture's high-frequency power ratio and the detectability AUROC, each with its CI."""
     feats = ref.embed(images)
     dist = distance_summary(ref.distance(images, feats).query("space == 'judge'"))
     syn = dist[dist["comparison"] == "real vs synthetic"].iloc[0]
     macro = fidelity_estimate("macro", rows, predict_images(ref.judge, images), labels,
                               ref.spec.n_boot, ref.seed)
-    sex = fidelity_estimate("sex", rows, ref.probes.predict(feats, rows), (), ref.spec.n_boot,
-                            ref.seed)
     return {"n": int(syn["n"]), "dim": int(syn["dim"]),
             **{m: float(syn[m]) for m in ("fid", "kid_mean", "precision", "recall", "density",
                                           "coverage")},
             "fidelity_macro_auroc": macro.value, "fidelity_ci_low": macro.ci_low,
-            "fidelity_ci_high": macro.ci_high, "sex_auroc": sex.value,
+            "fidelity_ci_high": macro.ci_high, **_probe_columns(ref, rows, feats),
             **_realism_columns(ref.texture(images, rows), ref.detectability(images, rows))}
+
+
+def _probe_columns(ref: AuditReference, rows: pd.DataFrame,
+                   features: np.ndarray) -> dict[str, float]:
+    """The sweep's ``sex_auroc`` and ``view_auroc``: the probes on images' judge features
+    against their rows' sex and view."""
+    probed = ref.probes.predict(features, rows)
+    return {f"{kind}_auroc": fidelity_estimate(kind, rows, probed, (), ref.spec.n_boot,
+                                               ref.seed).value for kind in ("sex", "view")}
 
 
 def _realism_columns(texture: TextureResult,
@@ -285,19 +292,16 @@ def _realism_columns(texture: TextureResult,
 
 def real_row(ref: AuditReference, n: int, labels: list[str]) -> dict[str, float]:
     """The sweep's reference row: the real-vs-real floor at ``n``, the judge's macro AUROC
-    and sex-probe AUROC on the held-out real images, and the texture ratio of one half of
-    their patients against the other (1 up to sampling). Its detectability is left NaN: a
-    real-vs-real classifier would cost another training to show chance (0.5), which the
-    tests check instead."""
+    and the sex- and view-probe AUROCs on the held-out real images, and the texture ratio of
+    one half of their patients against the other (1 up to sampling). Its detectability is
+    left NaN: a real-vs-real classifier would cost another training to show chance (0.5),
+    which the tests check instead."""
     dist = distance_summary(distance_with_floor(
         ref.heldout_features, ref.heldout_features, n=n, splits=ref.spec.floor_splits,
         k=ref.spec.prdc_k, seed=ref.seed))
     floor = dist[dist["comparison"] == "real vs real"].iloc[0]
     macro = fidelity_estimate("macro", ref.heldout_rows, ref.heldout_scores, labels,
                               ref.spec.n_boot, ref.seed)
-    sex = fidelity_estimate("sex", ref.heldout_rows,
-                            ref.probes.predict(ref.heldout_features, ref.heldout_rows), (),
-                            ref.spec.n_boot, ref.seed)
     groups = ref.heldout_rows["patient_id"].to_numpy()
     half = patient_split(groups, 0.5, ref.seed)
     texture = texture_comparison(ref.heldout_images[~half], groups[~half],
@@ -308,16 +312,18 @@ def real_row(ref: AuditReference, n: int, labels: list[str]) -> dict[str, float]
             **{m: float(floor[m]) for m in ("fid", "kid_mean", "precision", "recall",
                                             "density", "coverage")},
             "fidelity_macro_auroc": macro.value, "fidelity_ci_low": macro.ci_low,
-            "fidelity_ci_high": macro.ci_high, "sex_auroc": sex.value,
+            "fidelity_ci_high": macro.ci_high,
+            **_probe_columns(ref, ref.heldout_rows, ref.heldout_features),
             **_realism_columns(texture, None), "sec_per_image": 0.0}
 
 
-def sweep_conditions(params: Params, ref: AuditReference, n: int,
+def sweep_conditions(params: Params, ref: AuditReference, n: int, with_view: bool,
                      key: str = "sweep") -> tuple[pd.DataFrame, np.ndarray, list[int], list[str]]:
-    """Conditions (real training rows), their vectors and seeds, and the macro's labels
+    """Conditions (real training rows), their vectors (with the view for a model trained
+    with it: :attr:`ConditionalUNet.conditions_on_view`) and seeds, and the macro's labels
     (:func:`cxrlib.audit_fidelity.macro_labels` on these rows and the held-out images)."""
     rows = sample_rows(ref.train_rows, min(n, len(ref.heldout_rows) // 2), params.run.seed + 1)
-    cond = encode_conditions(rows, params.diffusion.nan_label_value)
+    cond = encode_conditions(rows, params.diffusion.nan_label_value, with_view)
     seeds = [image_seed(params.run.seed, f"{key}/{i}", 0) for i in range(len(rows))]
     labels, _ = macro_labels(rows, ref.heldout_rows, min_per_class=ref.spec.min_per_class)
     return rows, cond, seeds, labels
@@ -329,7 +335,8 @@ def guidance_sweep(params: Params, ref: AuditReference, model: ConditionalUNet,
     :func:`score_setting` with its seconds per image; first row: the real reference.
     ``profile`` gets the seconds of generating and of scoring."""
     spec = params.sampling
-    rows, cond, seeds, labels = sweep_conditions(params, ref, spec.sweep_images)
+    rows, cond, seeds, labels = sweep_conditions(params, ref, spec.sweep_images,
+                                                 model.conditions_on_view)
     sched = noise_scheduler(params.diffusion)
     profile = profile or Profile()
     with profile.part("guidance sweep: scoring"):

@@ -62,8 +62,9 @@ def internal_rows(params: Params, manifest: pd.DataFrame) -> pd.DataFrame:
 
 
 def training_rows(params: Params, manifest: pd.DataFrame) -> pd.DataFrame:
-    """The rows the diffusion model learns from: the training split of its sites
-    (``diffusion.sites``, by default the internal ones). Synthetic images are made from them."""
+    """The training split of the diffusion model's sites (``diffusion.sites``, by default the
+    internal ones): the rows synthetic images are made from (:func:`source_rows`) and, with
+    ``diffusion.train_on: all``, the rows the diffusion model learns from."""
     sites = params.diffusion.sites or params.internal_sites()
     unknown = sorted(set(sites) - set(manifest["site"]))
     if unknown:
@@ -81,6 +82,15 @@ def source_rows(params: Params, manifest: pd.DataFrame) -> pd.DataFrame:
     seeded draw of ``sampling.source_fraction`` of their patients."""
     return patient_subset(training_rows(params, manifest), params.sampling.source_fraction,
                           params.run.seed)
+
+
+def diffusion_rows(params: Params, manifest: pd.DataFrame) -> pd.DataFrame:
+    """The rows the diffusion model learns from (``diffusion.train_on``): all of
+    :func:`training_rows`, or only the :func:`source_rows`, so that the generator learns
+    from the patients it makes images for and no others."""
+    if params.diffusion.train_on == "sources":
+        return source_rows(params, manifest)
+    return training_rows(params, manifest)
 
 
 def real_subset(params: Params, manifest: pd.DataFrame, fraction: float,

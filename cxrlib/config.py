@@ -25,7 +25,7 @@ from pydantic import (
 )
 
 from cxrlib.kinds import ORACLE_STRATEGIES, Kind
-from cxrlib.labels import CHEXPERT_LABELS, RACE_VALUES
+from cxrlib.labels import CHEXPERT_LABELS, RACE_VALUES, VIEW_CODES
 
 Split = Literal["train", "val", "test"]
 View = Literal["AP", "PA", "LATERAL", "OTHER"]
@@ -195,6 +195,11 @@ class DataSpec(_Strict):
         if not any(s.role == "internal" for s in self.sites):
             raise ValueError("at least one site needs role 'internal'")
         return self
+
+    def kept_views(self) -> set[str]:
+        """The views data preparation keeps: ``views``, less the lateral and other views
+        with ``frontal_only``."""
+        return set(self.views) - ({"LATERAL", "OTHER"} if self.frontal_only else set())
 
 
 class AugmentSpec(_Strict):
@@ -383,8 +388,24 @@ class DiffusionSpec(_Strict):
     cond_dropout: Fraction = 0.1
     #: How a NaN label (uncertain under u-ignore, or not annotated) enters the condition vector.
     nan_label_value: float = 0.0
+    #: Add the view to the condition vector (AP = 1, PA = 0; 23 values instead of 22,
+    #: :mod:`cxrlib.condition`), so the generator can be asked for either projection. Off by
+    #: default: the authors' condition vector (the paper preset) has no view.
+    condition_on_view: bool = False
     #: Sites whose training split trains the model (default: the internal sites).
     sites: list[str] | None = None
+    #: The training rows the generator learns from (:func:`cxrlib.cohort.diffusion_rows`):
+    #: ``all`` training rows of ``sites``, or only the ``sources``, the rows of the patients
+    #: synthetic images are made for (:func:`cxrlib.cohort.source_rows`, a seeded draw of
+    #: ``sampling.source_fraction`` of them). It exists for the distillation confound: with
+    #: ``all`` and a source fraction below 1, the generator learns from patients outside
+    #: every arm's real subset, so a gain from its images may be information distilled from
+    #: those patients rather than a gain from synthesis. ``sources`` keeps the paper's design,
+    #: where the generator learns from exactly the training images it supplements (there: all
+    #: of them); arms at a real fraction below the source fraction still get images from a
+    #: generator that saw the other source patients. With a source fraction of 1 both are
+    #: the same rows.
+    train_on: Literal["all", "sources"] = "all"
     optimizer: Literal["lion", "adamw"] = "adamw"
     lr: Annotated[float, Field(gt=0)] = 2e-4
     weight_decay: Annotated[float, Field(ge=0)] = 0.0
@@ -447,6 +468,10 @@ class DiffusionSpec(_Strict):
         "max_steps", "checkpoint_every", "keep_checkpoints", "resume", "sample_every",
         "sample_steps", "preview_guidance", "guidance_rescale", "channels_last", "compile",
     )
+    #: Keys added after checkpoints were first written: a checkpoint's identity leaves them
+    #: out at their defaults, so the checkpoints made before them still resume.
+    LATER_IDENTITY_KEYS: ClassVar[tuple[str, ...]] = (
+        "condition_on_view", "train_on", "lr_schedule", "noise_assignment")
 
 
 class RebalanceSpec(_Strict):
@@ -685,6 +710,15 @@ class Params(_Strict):
             if e.site not in external:
                 raise ValueError(f"experiments.external: '{e.site}' is not an external site "
                                  f"(external sites: {sorted(external)})")
+        return self
+
+    @model_validator(mode="after")
+    def _view_condition_fits(self) -> Params:
+        other = sorted(self.data.kept_views() - set(VIEW_CODES))
+        if self.diffusion.condition_on_view and other:
+            raise ValueError(f"diffusion.condition_on_view encodes the views AP and PA only, but "
+                             f"the data keeps {other} (data.views, data.frontal_only); keep "
+                             "frontal views only, or set diffusion.condition_on_view to false")
         return self
 
     def internal_sites(self) -> list[str]:

@@ -293,7 +293,7 @@ READERS = {"chexpert": read_chexpert, "mimic": read_mimic, "csv": read_site_csv}
 def clean_rows(df: pd.DataFrame, params: Params, drops: DropLog, site: str) -> pd.DataFrame:
     """Drop (and log) rows with unknown sex, missing/zero/implausible age, unwanted views or
     missing labels."""
-    views = set(params.data.views) - ({"LATERAL", "OTHER"} if params.data.frontal_only else set())
+    views = params.data.kept_views()
     checks = [
         (df["view"].isin(views), f"view not in {sorted(views)}"),
         (df["sex"].isin(["Male", "Female"]), "sex unknown"),

@@ -6,9 +6,9 @@ follows the cosine schedule (Nichol & Dhariwal 2021) rescaled to zero terminal S
 2024: alpha_T = 0, so the last step is pure noise, as at sampling time). The network
 (:mod:`cxrlib.network`) predicts v = alpha_t eps - sigma_t x_0 (``v_prediction``; ``epsilon``
 selectable) and is trained with the mean squared error against it. The condition c (22
-values, :mod:`cxrlib.condition`) is replaced by a learned null embedding for a
-``cond_dropout`` share of images, so one network gives both eps(x_t, c) and eps(x_t, null)
-for classifier-free guidance.
+values, 23 with ``diffusion.condition_on_view``: :mod:`cxrlib.condition`) is replaced by a
+learned null embedding for a ``cond_dropout`` share of images, so one network gives both
+eps(x_t, c) and eps(x_t, null) for classifier-free guidance.
 
 Training runs through HF Accelerate, so the same code runs in a notebook on one device and under
 ``accelerate launch`` on several GPUs or nodes. Batches are a pure function of (seed, step) and
@@ -36,7 +36,7 @@ from diffusers.training_utils import EMAModel, compute_snr
 from safetensors.torch import load_file, save_file
 from scipy.optimize import linear_sum_assignment
 
-from cxrlib.cohort import training_rows
+from cxrlib.cohort import diffusion_rows
 from cxrlib.condition import dropout_mask, encode_conditions
 from cxrlib.config import DiffusionSpec, Params, diff_keys
 from cxrlib.hardware import describe_precision, precision_label, resolve_precision
@@ -73,8 +73,14 @@ def model_summary(params: Params) -> pd.DataFrame:
 
 
 def identity_config(params: Params) -> dict:
-    """What a checkpoint must match to be resumed: architecture, schedule, optimiser, data."""
+    """What a checkpoint must match to be resumed: architecture (with the condition width),
+    schedule, optimiser, data (``train_on``). Keys newer than the first checkpoints
+    (:attr:`DiffusionSpec.LATER_IDENTITY_KEYS`) are left out at their defaults, as those
+    checkpoints were made without them."""
     spec = params.diffusion.model_dump(exclude=set(DiffusionSpec.RUN_LENGTH_KEYS))
+    for key in DiffusionSpec.LATER_IDENTITY_KEYS:
+        if spec[key] == DiffusionSpec.model_fields[key].default:
+            del spec[key]
     return {"unet": unet_config(params.diffusion, params.data.resolution), "diffusion": spec,
             "seed": params.run.seed}
 
@@ -213,16 +219,18 @@ def condition_pairs(model: ConditionalUNet, scheduler: DDPMScheduler, base: pd.D
         variant = rows.copy()
         if name != "no finding":
             variant["No Finding"], variant[name] = 0.0, 1.0
-        cond = encode_conditions(variant, spec.nan_label_value)
+        cond = encode_conditions(variant, spec.nan_label_value, model.conditions_on_view)
         out[name] = sample_images(model, ddim_for(scheduler), cond, seeds, spec.preview_guidance,
                                   spec.guidance_rescale, steps or spec.sample_steps)
     return out
 
 
-def preview_conditions(rows: pd.DataFrame, nan_value: float) -> tuple[np.ndarray, list[str]]:
+def preview_conditions(rows: pd.DataFrame, nan_value: float,
+                       with_view: bool = False) -> tuple[np.ndarray, list[str]]:
     """Fixed preview conditions: the first training row's demographics with no finding, then
     with one finding switched on (cardiomegaly, effusion, support devices, edema), then with
-    the sex flipped. A grid row shares one seed, so differences come from the condition."""
+    the sex flipped and, ``with_view``, the view flipped. A grid row shares one seed, so
+    differences come from the condition."""
     base = rows.iloc[[0]].copy()
     for lab in CHEXPERT_LABELS:
         base[lab] = 0.0
@@ -237,8 +245,13 @@ def preview_conditions(rows: pd.DataFrame, nan_value: float) -> tuple[np.ndarray
     v["sex"] = "Female" if base["sex"].iloc[0] == "Male" else "Male"
     variants.append(v)
     names.append(f"sex {v['sex'].iloc[0].lower()}")
+    if with_view:
+        v = base.copy()
+        v["view"] = "PA" if base["view"].iloc[0] == "AP" else "AP"
+        variants.append(v)
+        names.append(f"view {v['view'].iloc[0]}")
     frame = pd.concat(variants, ignore_index=True)
-    return encode_conditions(frame, nan_value), names
+    return encode_conditions(frame, nan_value, with_view), names
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,13 +260,15 @@ def preview_conditions(rows: pd.DataFrame, nan_value: float) -> tuple[np.ndarray
 
 @dataclass
 class TrainingOutcome:
-    """Where a training run ended: its last checkpoint, the loss history and preview grids."""
+    """Where a training run ended: its last checkpoint, the loss history and preview grids,
+    and the image ids of the rows it learned from (:func:`cxrlib.cohort.diffusion_rows`)."""
 
     checkpoint: Path
     history: pd.DataFrame
     steps_done: int
     resumed_from: int
     preview_files: list[Path]
+    image_ids: list[str]
     num_processes: int = 1
     is_main_process: bool = True
 
@@ -285,10 +300,10 @@ def immiscible_noise(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
 class _CachedRows(torch.utils.data.Dataset):
     """Training images (from the memory-mapped cache) and their condition vectors."""
 
-    def __init__(self, cache: ImageCache, rows: pd.DataFrame, nan_value: float):
+    def __init__(self, cache: ImageCache, rows: pd.DataFrame, spec: DiffusionSpec):
         self.cache = cache
         self.index = cache.rows_for(rows["image_id"])
-        self.cond = encode_conditions(rows, nan_value)
+        self.cond = encode_conditions(rows, spec.nan_label_value, spec.condition_on_view)
 
     def __len__(self) -> int:
         return len(self.index)
@@ -308,14 +323,15 @@ def check_cache_matches(cache: ImageCache, rows: pd.DataFrame, resolution: int) 
 def train_diffusion(params: Params, manifest: pd.DataFrame, cache: ImageCache, run: RunLayout,
                     progress: bool = True,
                     on_step: Callable[[int], None] | None = None) -> TrainingOutcome:
-    """Train (or resume) the conditional DDPM for ``diffusion.max_steps`` optimiser steps.
+    """Train (or resume) the conditional DDPM for ``diffusion.max_steps`` optimiser steps on
+    :func:`cxrlib.cohort.diffusion_rows` (``diffusion.train_on``).
 
     Writes checkpoints and preview grids under the run's diffusion stage
     (:attr:`RunLayout.checkpoints`, :attr:`RunLayout.previews`).
     ``on_step(step)`` is called after each step (tests use it to interrupt a run).
     """
     spec = params.diffusion
-    rows = training_rows(params, manifest)
+    rows = diffusion_rows(params, manifest)
     check_cache_matches(cache, rows, params.data.resolution)
     identity = identity_config(params)
     ckpt_root = run.checkpoints
@@ -356,10 +372,11 @@ def train_diffusion(params: Params, manifest: pd.DataFrame, cache: ImageCache, r
     model, optimizer = accelerator.prepare(model, optimizer)
     ema.to(accelerator.device)
     scheduler = noise_scheduler(spec)
-    data = _CachedRows(cache, rows, spec.nan_label_value)
+    data = _CachedRows(cache, rows, spec)
     global_batch = spec.batch_size * world
     previews: list[Path] = []
-    preview_cond, preview_names = preview_conditions(rows, spec.nan_label_value)
+    preview_cond, preview_names = preview_conditions(rows, spec.nan_label_value,
+                                                     spec.condition_on_view)
     last_ckpt = start
 
     bar = tqdm(total=spec.max_steps, initial=step, desc="diffusion steps",
@@ -410,7 +427,7 @@ def train_diffusion(params: Params, manifest: pd.DataFrame, cache: ImageCache, r
         last_ckpt = latest_checkpoint(ckpt_root)
     accelerator.end_training()
     return TrainingOutcome(last_ckpt, pd.DataFrame(history), step, resume.step, previews,
-                           world, accelerator.is_main_process)
+                           rows["image_id"].tolist(), world, accelerator.is_main_process)
 
 
 def _preview(model: ConditionalUNet, ema: EMAModel, scheduler: DDPMScheduler,

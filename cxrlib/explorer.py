@@ -5,9 +5,10 @@ All logic lives here so it can be tested without a browser: the widgets only hol
 :meth:`SamplingExplorer.figure` draws the grid (with the condition written under each image).
 The compare mode (:meth:`SamplingExplorer.generate_comparison`,
 :meth:`SamplingExplorer.comparison_figure`) generates the same seeds without and with one
-change (a label, the sex, or another age) and draws the difference maps. Given the training
-images, each generated image can show its nearest training image and their pixel correlation,
-the memorization audit's measure (:func:`cxrlib.audit.nearest_neighbours`).
+change (a label, the sex, another age, or the other view for a model trained with the view)
+and draws the difference maps. Given the training images, each generated image can show its
+nearest training image and their pixel correlation, the memorization audit's measure
+(:func:`cxrlib.audit.nearest_neighbours`).
 Headless runs (papermill, nbconvert) call the same methods to show static figures.
 """
 
@@ -22,14 +23,15 @@ import numpy as np
 import pandas as pd
 
 from cxrlib.audit import nearest_neighbours
-from cxrlib.condition import condition_row, describe_condition, encode_conditions
+from cxrlib.condition import condition_row, describe_condition
 from cxrlib.generator import CXRPipeline
-from cxrlib.labels import CHEXPERT_LABELS, RACE_VALUES, SEXES
+from cxrlib.labels import CHEXPERT_LABELS, RACE_VALUES, SEXES, VIEW_CODES
 from cxrlib.samplers import SAMPLERS, generate
 
 LABEL_STATES = {"absent": 0.0, "present": 1.0}
-#: What the compare mode can change: the sex, the age, or one of the 14 labels.
-COMPARE_CHOICES: tuple[str, ...] = ("sex", "age", *CHEXPERT_LABELS)
+#: What the compare mode can change: the sex, the age, the view (offered only for a model
+#: trained with it), or one of the 14 labels.
+COMPARE_CHOICES: tuple[str, ...] = ("sex", "age", "view", *CHEXPERT_LABELS)
 
 
 @dataclass
@@ -48,10 +50,11 @@ class Comparison:
 
 
 class SamplingExplorer:
-    """Widgets for sex, age, race, the 14 labels, guidance, sampler, steps, seed and count,
-    the compare mode, and (with ``train_images``, N x R x R uint8, may be a memory map) the
-    nearest training image under each generated one. ``generator`` comes from a run's
-    checkpoint or an exported folder (:mod:`cxrlib.generator`)."""
+    """Widgets for sex, age, race, the view (shown only when the generator was trained with
+    it), the 14 labels, guidance, sampler, steps, seed and count, the compare mode, and (with
+    ``train_images``, N x R x R uint8, may be a memory map) the nearest training image under
+    each generated one. ``generator`` comes from a run's checkpoint or an exported folder
+    (:mod:`cxrlib.generator`)."""
 
     def __init__(self, generator: CXRPipeline, guidance_rescale: float = 0.7,
                  sampler: str = "ddim", steps: int = 25, train_images: np.ndarray | None = None):
@@ -62,6 +65,9 @@ class SamplingExplorer:
         self.sex = W.Dropdown(options=list(SEXES), value="Male", description="sex", style=style)
         self.age = W.IntSlider(value=60, min=18, max=95, description="age", style=style)
         self.race = W.Dropdown(options=list(RACE_VALUES), value="White", description="race",
+                               style=style)
+        self.with_view = generator.unet.conditions_on_view
+        self.view = W.Dropdown(options=list(VIEW_CODES), value="PA", description="view",
                                style=style)
         self.labels = {lab: W.ToggleButtons(options=list(LABEL_STATES), value="absent",
                                             description=lab, style={"description_width": "170px"})
@@ -78,7 +84,8 @@ class SamplingExplorer:
         self.nearest = W.Checkbox(value=False, description="nearest training image",
                                   disabled=train_images is None, indent=False)
         self.button = W.Button(description="Generate", button_style="primary")
-        self.compare = W.Dropdown(options=list(COMPARE_CHOICES), value="Cardiomegaly",
+        choices = [c for c in COMPARE_CHOICES if c != "view" or self.with_view]
+        self.compare = W.Dropdown(options=choices, value="Cardiomegaly",
                                   description="compare", style=style)
         self.compare_age = W.IntSlider(value=30, min=18, max=95, description="other age",
                                        style=style)
@@ -91,17 +98,18 @@ class SamplingExplorer:
         self.compare_button.on_click(self.on_compare)
 
     def condition_row(self) -> pd.DataFrame:
-        """The widgets' condition as one manifest-like row."""
+        """The widgets' condition as one manifest-like row (with the view for a model trained
+        with it)."""
         return condition_row(self.age.value, self.sex.value, self.race.value,
-                             {lab: LABEL_STATES[w.value] for lab, w in self.labels.items()})
+                             {lab: LABEL_STATES[w.value] for lab, w in self.labels.items()},
+                             self.view.value if self.with_view else None)
 
     def seeds(self) -> list[int]:
         """The seeds of the current widgets: first_seed .. first_seed + n - 1."""
         return [self.seed.value + i for i in range(self.count.value)]
 
     def _generate_for(self, row: pd.DataFrame, seeds: list[int]) -> tuple[np.ndarray, str]:
-        cond = np.repeat(encode_conditions(row, self.generator.config.nan_label_value),
-                         len(seeds), axis=0)
+        cond = np.repeat(self.generator.encode(row), len(seeds), axis=0)
         images = generate(self.generator.unet, self.generator.scheduler, cond, seeds,
                           self.sampler.value, self.steps.value, self.guidance.value,
                           self.guidance_rescale)
@@ -119,7 +127,7 @@ class SamplingExplorer:
         """The widgets' condition twice, differing only in what ``compare`` names, and the
         rows' titles. A label: absent, then present (a finding switched on also switches
         No Finding off, as in notebook 02). Sex: the widgets' sex, then the other one. Age:
-        the widgets' age, then ``other age``."""
+        the widgets' age, then ``other age``. View: the widgets' view, then the other one."""
         base = self.condition_row()
         first, second = base.copy(), base.copy()
         what = self.compare.value
@@ -127,6 +135,10 @@ class SamplingExplorer:
             other = next(s for s in SEXES if s != self.sex.value)
             second["sex"] = other
             return first, second, (f"sex {self.sex.value}", f"sex {other}")
+        if what == "view":
+            other = next(v for v in VIEW_CODES if v != self.view.value)
+            second["view"] = other
+            return first, second, (f"view {self.view.value}", f"view {other}")
         if what == "age":
             second["age"] = float(self.compare_age.value)
             return first, second, (f"age {self.age.value}", f"age {self.compare_age.value}")
@@ -249,7 +261,7 @@ class SamplingExplorer:
             plt.close(self.last_figure)
 
     def widget(self) -> W.Widget:
-        demo = W.VBox([self.sex, self.age, self.race])
+        demo = W.VBox([self.sex, self.age, self.race, *([self.view] if self.with_view else [])])
         how = W.VBox([self.guidance, self.sampler, self.steps, self.seed, self.count,
                       self.nearest, self.button])
         compare = W.HBox([self.compare, self.compare_age, self.compare_button])

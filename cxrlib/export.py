@@ -22,7 +22,7 @@ from typing import Any
 
 import pandas as pd
 
-from cxrlib.cohort import training_rows
+from cxrlib.cohort import diffusion_rows
 from cxrlib.config import Params
 from cxrlib.generator import CXRPipeline
 from cxrlib.io import replace_folder
@@ -33,8 +33,8 @@ from cxrlib.summary import read_summary
 #: The module file in an exported folder that diffusers imports the pipeline class from.
 PIPELINE_MODULE = "cxr_pipeline"
 #: The audit's entries of ``summary.json`` the model card reports, in this order.
-AUDIT_KEYS: tuple[str, ...] = ("fidelity", "sex_fidelity", "age_fidelity", "detectability",
-                               "memorization")
+AUDIT_KEYS: tuple[str, ...] = ("fidelity", "sex_fidelity", "age_fidelity", "view_fidelity",
+                               "detectability", "memorization")
 
 _MODULE_SOURCE = f'''"""This folder's pipeline class is cxrlib's (pip install cxrlib); diffusers
 imports it from here, as model_index.json says, given trust_remote_code=True."""
@@ -66,14 +66,17 @@ def model_card(params: Params, run: RunLayout, checkpoint: Path, pipe: CXRPipeli
     state = read_checkpoint_state(checkpoint)
     n_params = sum(p.numel() for p in pipe.unet.parameters())
     sampling = params.sampling
+    with_view = pipe.unet.conditions_on_view
     lines = [
         "---", "library_name: diffusers",
         "tags: [cxrlib, chest-x-ray, ddpm, conditional-image-generation]", "---", "",
         f"# cxrlib conditional chest X-ray generator: run `{run.name}`, {checkpoint.name}", "",
         f"A conditional pixel-space DDPM ({n_params:,} parameters, {run.resolution} px "
         "grayscale) trained with cxrlib. The condition is age, sex, race and the 14 CheXpert "
-        "findings (22 values, `cxrlib.condition`); classifier-free guidance with weight w "
-        "(0: the plain conditional model) and rescale phi. Weights: the EMA weights of "
+        f"findings{' and the view (AP or PA)' if with_view else ''} "
+        f"({pipe.unet.config.cond_dim} values, `cxrlib.condition`); classifier-free guidance "
+        "with weight w (0: the plain conditional model) and rescale phi. Weights: the EMA "
+        "weights of "
         f"training checkpoint `{checkpoint.name}` (step {state['step']}). For research on "
         "synthetic data only, not for clinical use.", "",
         "## Use", "",
@@ -82,7 +85,8 @@ def model_card(params: Params, run: RunLayout, checkpoint: Path, pipe: CXRPipeli
         "```python", "from diffusers import DiffusionPipeline",
         'pipe = DiffusionPipeline.from_pretrained("PATH/TO/THIS/FOLDER", trust_remote_code=True)',
         'images = pipe(age=70, sex="Female", race="White", findings=["Cardiomegaly"], '
-        f'num_images=4, seed=0, guidance={sampling.guidance:g}, '
+        + ('view="PA", ' if with_view else '')
+        + f'num_images=4, seed=0, guidance={sampling.guidance:g}, '
         f'sampler="{sampling.sampler}", steps={sampling.steps}).images', "```", "",
         "Each image has its own seed, so an image is the same in any batch and equals "
         "cxrlib's for that seed. The run's synthetic cohorts were generated with sampler "
@@ -104,14 +108,16 @@ def _training_data(params: Params, run: RunLayout) -> list[str]:
     sites = [f"- `{s.site}`: reader `{s.reader}`, role {s.role}" for s in params.data.sites]
     if not run.manifest.exists():
         return [*sites, "", f"Sizes: missing (the run's manifest {run.manifest} is not there)."]
-    rows = training_rows(params, pd.read_parquet(run.manifest))
+    rows = diffusion_rows(params, pd.read_parquet(run.manifest))
     table = rows.groupby("site").agg(images=("image_id", "size"),
                                      patients=("patient_id", "nunique"))
     return [
         "Sites of the run (`phantom` readers are cxrlib's procedural phantoms drawn from public "
         "metadata, not real radiographs):", *sites, "",
-        f"The model was trained on the training split of {', '.join(table.index)}: "
-        f"{len(rows):,} images of {rows['patient_id'].nunique():,} patients.", "",
+        f"The model was trained on the training split of {', '.join(table.index)}"
+        + (" (only the patients synthetic images are made for, `diffusion.train_on: sources`)"
+           if params.diffusion.train_on == "sources" else "")
+        + f": {len(rows):,} images of {rows['patient_id'].nunique():,} patients.", "",
         "| site | images | patients |", "| --- | --- | --- |",
         *[f"| {site} | {r.images:,} | {r.patients:,} |" for site, r in table.iterrows()],
     ]

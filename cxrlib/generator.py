@@ -2,9 +2,10 @@
 
 A ``DiffusionPipeline`` holding the conditional UNet (:class:`cxrlib.network.ConditionalUNet`)
 and its training schedule; its call takes a condition (age, sex, race, the 14 CheXpert
-findings), the guidance weight w and rescale phi, the sampler and steps, and per-image seeds,
-and samples through :func:`cxrlib.samplers.generate`, so its images are exactly cxrlib's for
-the same seeds. It is also the one value the explorer and the synthetic cohorts sample from,
+findings, and the view for a model trained with it), the guidance weight w and rescale phi,
+the sampler and steps, and per-image seeds, and samples through
+:func:`cxrlib.samplers.generate`, so its images are exactly cxrlib's for the same seeds. It is
+also the one value the explorer and the synthetic cohorts sample from,
 built from a run's checkpoint (:meth:`CXRPipeline.from_checkpoint`) or from a folder written
 by ``python -m cxrlib export-generator`` (:mod:`cxrlib.export`; :meth:`CXRPipeline.from_exported`
 in cxrlib, ``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`` anywhere). Its
@@ -18,6 +19,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from diffusers import DDPMScheduler, DiffusionPipeline, ImagePipelineOutput
 from PIL import Image
@@ -56,16 +58,24 @@ class CXRPipeline(DiffusionPipeline):
                    DDPMScheduler.from_pretrained(folder / "scheduler"),
                    index["nan_label_value"], index["checkpoint"])
 
+    def encode(self, rows: pd.DataFrame) -> np.ndarray:
+        """Condition vectors of manifest-like rows in the layout the UNet was trained with
+        (with the view or without: :attr:`ConditionalUNet.conditions_on_view`)."""
+        return encode_conditions(rows, self.config.nan_label_value,
+                                 self.unet.conditions_on_view)
+
     @torch.no_grad()
     def __call__(self, age: float = 60.0, sex: str = "Male", race: str = "White",
                  findings: Mapping[str, float] | Iterable[str] = ("No Finding",),
-                 num_images: int | None = None, seed: int | Sequence[int] = 0,
+                 view: str | None = None, num_images: int | None = None,
+                 seed: int | Sequence[int] = 0,
                  guidance: float = 0.0, guidance_rescale: float = 0.7, sampler: str = "ddim",
                  steps: int = 50, batch_size: int = 64, output_type: str = "pil",
                  return_dict: bool = True) -> ImagePipelineOutput | tuple:
         """Images of one condition.
 
         ``findings``: the labels present, or a mapping label -> 1, 0 or NaN (uncertain).
+        ``view``: AP or PA, for a model trained with the view (and only for one).
         ``seed``: an int gives seeds seed .. seed + num_images - 1 (one image by default), a
         sequence one image per seed; each image has its own seed, as in cxrlib's cohorts, so
         it does not depend on the batch. ``guidance`` is w (0: the plain conditional model,
@@ -80,8 +90,13 @@ class CXRPipeline(DiffusionPipeline):
                 raise ValueError(f"num_images={num_images} but {len(seeds)} seeds given")
         if output_type not in ("pil", "np"):
             raise ValueError(f"output_type must be 'pil' or 'np', not '{output_type}'")
-        cond = encode_conditions(condition_row(age, sex, race, findings),
-                                 self.config.nan_label_value)
+        if (view is not None) != self.unet.conditions_on_view:
+            raise ValueError("this generator was trained with the view in its condition "
+                             "(diffusion.condition_on_view); pass view='AP' or 'PA'"
+                             if view is None else
+                             f"view={view!r}: this generator was trained without the view "
+                             "(diffusion.condition_on_view false); leave view out")
+        cond = self.encode(condition_row(age, sex, race, findings, view))
         images = generate(self.unet, self.scheduler, np.repeat(cond, len(seeds), axis=0),
                           seeds, sampler, steps, guidance, guidance_rescale, batch_size)
         out = [Image.fromarray(im) for im in images] if output_type == "pil" else images

@@ -40,6 +40,9 @@ RACE_VALUES: tuple[str, ...] = (*RACE_GROUPS, RACE_OTHER, RACE_UNKNOWN)
 
 SEXES: tuple[str, ...] = ("Male", "Female")
 VIEWS: tuple[str, ...] = ("AP", "PA", "LATERAL", "OTHER")
+#: The frontal views as numbers, AP 1 and PA 0: the view of the condition vector
+#: (``diffusion.condition_on_view``) and the target of the audit's view probe.
+VIEW_CODES: dict[str, float] = {"PA": 0.0, "AP": 1.0}
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 
 #: Manifest columns shared by every source, before the 14 label columns.

@@ -27,7 +27,7 @@ from diffusers import ConfigMixin, DDPMScheduler, ModelMixin, UNet2DModel
 from diffusers.configuration_utils import register_to_config
 from safetensors.torch import load_file
 
-from cxrlib.condition import ConditionEmbedding
+from cxrlib.condition import COND_DIM, ConditionEmbedding, cond_dim, layout_with_view
 from cxrlib.config import DiffusionSpec
 from cxrlib.layout import RunLayout
 
@@ -38,7 +38,9 @@ class DiffusionError(ValueError):
 
 
 def unet_config(spec: DiffusionSpec, resolution: int) -> dict:
-    """:class:`ConditionalUNet` arguments for a spec (the architecture saved in checkpoints)."""
+    """:class:`ConditionalUNet` arguments for a spec (the architecture saved in checkpoints).
+    The condition width is named only with the view (``cond_dim`` 23): the authors' 22 is the
+    default, so the checkpoints made before the view keep their architecture as saved."""
     levels = [resolution // 2**i for i in range(len(spec.channel_mult))]
     if levels[-1] < 1 or resolution % 2 ** (len(spec.channel_mult) - 1):
         raise DiffusionError(f"diffusion.channel_mult has {len(spec.channel_mult)} levels, too "
@@ -57,6 +59,7 @@ def unet_config(spec: DiffusionSpec, resolution: int) -> dict:
         "attention_head_dim": max(1, attn_channels[0] // spec.attention_heads),
         "resnet_time_scale_shift": "scale_shift", "dropout": spec.dropout,
         "norm_num_groups": groups, "class_embed_type": "identity",
+        **({"cond_dim": cond_dim(True)} if spec.condition_on_view else {}),
     }
 
 
@@ -72,15 +75,16 @@ def noise_scheduler(spec: DiffusionSpec) -> DDPMScheduler:
 class ConditionalUNet(ModelMixin, ConfigMixin):
     """diffusers UNet2DModel plus the condition embedding added to its timestep embedding.
 
-    The arguments are :func:`unet_config`'s keys, passed on to ``UNet2DModel``; they are the
-    model's diffusers config (``config.json`` of a saved model)."""
+    The arguments are :func:`unet_config`'s keys, passed on to ``UNet2DModel`` but for
+    ``cond_dim``, the condition vector's width (:mod:`cxrlib.condition`); they are the model's
+    diffusers config (``config.json`` of a saved model)."""
 
     @register_to_config
     def __init__(self, *, sample_size: int, in_channels: int, out_channels: int,
                  block_out_channels: list[int], layers_per_block: int,
                  down_block_types: list[str], up_block_types: list[str],
                  attention_head_dim: int, resnet_time_scale_shift: str, dropout: float,
-                 norm_num_groups: int, class_embed_type: str):
+                 norm_num_groups: int, class_embed_type: str, cond_dim: int = COND_DIM):
         super().__init__()
         self.unet = UNet2DModel(
             sample_size=sample_size, in_channels=in_channels, out_channels=out_channels,
@@ -89,7 +93,13 @@ class ConditionalUNet(ModelMixin, ConfigMixin):
             attention_head_dim=attention_head_dim,
             resnet_time_scale_shift=resnet_time_scale_shift, dropout=dropout,
             norm_num_groups=norm_num_groups, class_embed_type=class_embed_type)
-        self.cond_embed = ConditionEmbedding(block_out_channels[0] * 4)
+        self.cond_embed = ConditionEmbedding(block_out_channels[0] * 4, cond_dim)
+
+    @property
+    def conditions_on_view(self) -> bool:
+        """Whether the model was trained with the view in its condition vector: the layout
+        every condition for it must be encoded with (``encode_conditions(..., with_view=)``)."""
+        return layout_with_view(self.config.cond_dim)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
                 drop: torch.Tensor | None = None) -> torch.Tensor:

@@ -31,7 +31,6 @@ import pandas as pd
 from PIL import Image
 
 from cxrlib.cohort import AGE_BANDS, AGE_UNKNOWN, age_band, source_rows
-from cxrlib.condition import encode_conditions
 from cxrlib.config import Params, SamplingSpec
 from cxrlib.generator import CXRPipeline
 from cxrlib.hardware import precision_label, resolve_precision
@@ -172,11 +171,12 @@ ImageSource = Callable[[pd.DataFrame], np.ndarray]
 
 
 def diffusion_source(params: Params, generator: CXRPipeline) -> ImageSource:
-    """The generator's images for plan rows, at the run's sampling settings."""
+    """The generator's images for plan rows, at the run's sampling settings; the rows'
+    conditions are encoded as the generator was trained (:meth:`CXRPipeline.encode`)."""
     spec = params.sampling
 
     def images(rows: pd.DataFrame) -> np.ndarray:
-        cond = encode_conditions(rows, params.diffusion.nan_label_value)
+        cond = generator.encode(rows)
         return generate(generator.unet, generator.scheduler, cond, rows["seed"].to_numpy(),
                         spec.sampler, spec.steps, spec.guidance, spec.guidance_rescale,
                         spec.batch_size, precision=resolve_precision(spec.mixed_precision))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
@@ -20,11 +22,13 @@ from cxrlib.audit_fidelity import (
     macro_labels,
     weighted_pearson,
 )
-from cxrlib.audit_run import sweep_verdict
+from cxrlib.audit_run import AuditReference, real_row, sweep_conditions, sweep_verdict
+from cxrlib.config import AuditSpec, ClassifierSpec, load_params
 from cxrlib.labels import CHEXPERT_LABELS
 from cxrlib.summary import NESTED
 
 R = 32
+SMOKE = Path(__file__).resolve().parent.parent / "params" / "smoke.yaml"
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -185,10 +189,13 @@ def _demographic_set(n: int, seed: int, informative: bool) -> tuple[np.ndarray, 
     sex = rng.choice(["Male", "Female"], size=n)
     age = rng.uniform(20, 90, size=n)
     feats = rng.normal(size=(n, 16))
+    view = rng.choice(["AP", "PA"], size=n)
     if informative:
         feats[:, 0] += np.where(sex == "Female", 2.0, -2.0)
         feats[:, 1] = (age - 55) / 20 + rng.normal(0, 0.05, size=n)
-    return feats, pd.DataFrame({"sex": sex, "age": age, "patient_id": np.arange(n) // 2})
+        feats[:, 2] += np.where(view == "AP", 2.0, -2.0)
+    return feats, pd.DataFrame({"sex": sex, "age": age, "view": view,
+                                "patient_id": np.arange(n) // 2})
 
 
 def test_demographic_probes_read_encoded_sex_and_age_and_not_noise():
@@ -205,6 +212,58 @@ def test_demographic_probes_read_encoded_sex_and_age_and_not_noise():
     res = probes.evaluate(noise_f, noise_rows)
     assert abs(res["sex_auroc"] - 0.5) < 0.1 and abs(res["age_pearson_r"]) < 0.2
     assert res["age_mae"] > 0.9 * res["age_mae_mean_baseline"]
+
+
+def test_view_probe_separates_encoded_view_and_leaves_the_sex_probe_as_it_was():
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    real_f, real_rows = _demographic_set(400, seed=0, informative=True)
+    probes = DemographicProbes(real_f, real_rows)
+    eval_f, eval_rows = _demographic_set(300, seed=1, informative=True)
+    eval_rows.loc[:9, "view"] = "LATERAL"  # not a frontal view: left out
+    res = probes.evaluate(eval_f, eval_rows)
+    assert res["view_auroc"] > 0.95 and res["n_view"] == 290
+    noise_f, noise_rows = _demographic_set(300, seed=3, informative=False)
+    assert abs(probes.evaluate(noise_f, noise_rows)["view_auroc"] - 0.5) < 0.1
+    # the sex probe is the one fitted before the view probe existed
+    known = real_rows["sex"] == "Female"
+    sex = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=2000,
+                                                             random_state=0))
+    sex.fit(real_f, known.to_numpy(dtype=float))
+    np.testing.assert_array_equal(probes.predict(eval_f, eval_rows)["sex_score"],
+                                  sex.predict_proba(eval_f)[:, 1])
+    # training rows of one view: no view probe, and NaN where its numbers would be
+    one_view = DemographicProbes(real_f, real_rows.assign(view="PA"))
+    assert one_view.view is None and np.isnan(one_view.evaluate(eval_f, eval_rows)["view_auroc"])
+    est = fidelity_estimate("view", eval_rows, one_view.predict(eval_f, eval_rows), n_boot=100)
+    assert np.isnan(est.value) and est.n_images == 0
+
+
+def test_real_row_and_sweep_conditions_report_the_view(judge):
+    """The sweep's real reference row gets the view probe's AUROC on the held-out images
+    beside the sex probe's, and sweep conditions carry the view for a model trained with it."""
+    real_f, real_rows = _demographic_set(200, seed=12, informative=True)
+    held_f, held_rows = _demographic_set(40, seed=13, informative=True)
+    train = pd.concat([_fidelity_rows(200, 14, 60).drop(columns=["sex", "age", "patient_id"]),
+                       real_rows], axis=1).assign(race="White")
+    held = pd.concat([_fidelity_rows(40, 15, 20).drop(columns=["sex", "age", "patient_id"]),
+                      held_rows], axis=1)
+    probes = DemographicProbes(real_f, train)
+    ref = AuditReference(judge, AuditSpec(n_boot=100, floor_splits=2, prdc_k=3),
+                         ClassifierSpec(), 0, train, blobs(200, 16), real_f, held,
+                         blobs(40, 17), held_f, np.random.default_rng(18).uniform(size=(40, 14)),
+                         probes)
+    row = real_row(ref, 10, [])
+    sex = fidelity_estimate("sex", held, probes.predict(held_f, held), n_boot=100)
+    view = fidelity_estimate("view", held, probes.predict(held_f, held), n_boot=100)
+    assert row["sex_auroc"] == sex.value and row["view_auroc"] == view.value > 0.9
+    params = load_params(SMOKE)
+    for with_view, width in ((False, 22), (True, 23)):
+        rows, cond, _, _ = sweep_conditions(params, ref, 10, with_view)
+        assert cond.shape == (len(rows), width)
+    assert cond[:, 22].tolist() == (rows["view"] == "AP").astype(float).tolist()
 
 
 def test_fidelity_comparison_ratio_sentences_and_summary():
@@ -234,12 +293,14 @@ def test_fidelity_comparison_ratio_sentences_and_summary():
     assert not cond["meets_target"]
     assert not table.loc["sex fidelity", "meets_target"]
     assert table.loc["age fidelity", "meets_target"]
+    assert table.loc["view fidelity", "meets_target"]  # synthetic view carried
     text = " ".join(res.sentences())
     assert "below 0.9x real" in text and "at least 0.9x real" in text
     assert "Fracture (synthetic: 4 pos" in text and "95% CI" in text
     entries = res.summary_entries()
     for key in ("fidelity", "sex_fidelity"):
         assert set(NESTED[key]) <= set(entries[key])
+    assert {"synthetic_auroc", "real_auroc", "ratio"} <= set(entries["view_fidelity"])
     assert set(entries["fidelity"]["ratio_ci"]) and entries["fidelity"]["min_per_class"] == 10
     assert {"synthetic_r", "real_r", "ratio"} <= set(entries["age_fidelity"])
     flipped = fidelity_comparison(syn, scores(syn, 0.3), syn_f, val, scores(val, -1.5), val_f,

@@ -14,24 +14,29 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cxrlib.cohort import CohortError, training_rows
+from cxrlib.cohort import CohortError, diffusion_rows, source_rows, training_rows
 from cxrlib.condition import (
     COND_DIM,
     LABEL_SLICE,
     ConditionEmbedding,
+    condition_row,
     decode_condition,
+    describe_condition,
     dropout_mask,
     encode_conditions,
+    layout_table,
 )
-from cxrlib.config import load_params
+from cxrlib.config import Params, ParamsError, load_params
 from cxrlib.data import prepare_cohort
 from cxrlib.diffusion import batch_indices, immiscible_noise, train_diffusion
+from cxrlib.generator import CXRPipeline
 from cxrlib.hardware import precision_label
 from cxrlib.imagecache import ImageCache
 from cxrlib.labels import CHEXPERT_LABELS
 from cxrlib.layout import RunLayout
-from cxrlib.network import DiffusionError
+from cxrlib.network import DiffusionError, load_weights
 from cxrlib.samplers import guided_output
+from cxrlib.sampling import diffusion_source, replica_plan
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "params" / "smoke.yaml"
@@ -54,6 +59,12 @@ def _scratch(run: RunLayout, folder: Path) -> RunLayout:
     return replace(run, root=folder)
 
 
+def _with(params: Params, section: str, **update) -> Params:
+    """``params`` with keys of one section changed."""
+    return params.model_copy(update={section: getattr(params, section).model_copy(
+        update=update)})
+
+
 def test_condition_layout_round_trip():
     rows = pd.DataFrame({"age": [67.0, 23.0], "sex": ["Female", "Male"],
                          "race": ["Asian", "Unknown"],
@@ -68,6 +79,27 @@ def test_condition_layout_round_trip():
     assert second["race"] == "Unknown" and vec[1, 3:8].sum() == 0  # other/unknown: all zeros
     assert second["labels"]["Edema"] == -1.0  # NaN encoded as params say
     assert list(vec[1, LABEL_SLICE]).count(1.0) == 13
+
+
+def test_condition_with_view_adds_ap_1_pa_0_and_keeps_the_22_values():
+    rows = pd.concat([condition_row(67, "Female", "Asian", ["Edema"], view="AP"),
+                      condition_row(23, "Male", "White", [], view="PA")], ignore_index=True)
+    plain, with_view = encode_conditions(rows), encode_conditions(rows, with_view=True)
+    assert plain.shape == (2, 22) and with_view.shape == (2, 23)
+    assert np.array_equal(with_view[:, :22], plain) and with_view[:, 22].tolist() == [1.0, 0.0]
+    assert decode_condition(with_view[0])["view"] == "AP" and "view" not in decode_condition(
+        plain[0])
+    assert describe_condition(with_view[1]) == "M 20s White PA | no labels"
+    assert len(layout_table()) == 22 and layout_table(with_view=True).loc[22, "block"] == "view"
+    with pytest.raises(ValueError, match=r"view \['LATERAL'\] cannot be encoded"):
+        encode_conditions(rows.assign(view=["AP", "LATERAL"]), with_view=True)
+    with pytest.raises(KeyError, match="'view'"):
+        encode_conditions(rows.drop(columns="view"), with_view=True)
+    with pytest.raises(ValueError, match="unknown view 'LL'"):
+        condition_row(50, "Male", "White", [], view="LL")
+    with pytest.raises(ParamsError, match=r"encodes the views AP and PA only.*'LATERAL'"):
+        load_params(SMOKE, {"diffusion.condition_on_view": True, "data.frontal_only": False,
+                            "data.views": ["AP", "PA", "LATERAL"]})
 
 
 def test_null_embedding_and_dropout_rate():
@@ -278,6 +310,43 @@ def test_cosine_schedule_and_immiscible_noise_train(smoke, tmp_path):
     assert np.isfinite(out.history["loss"]).all()
     with pytest.raises(DiffusionError, match="lr_schedule|noise_assignment"):
         train_diffusion(params, manifest, cache, _scratch(run, tmp_path / "c"), progress=False)
+def test_view_conditioned_model_trains_samples_and_refuses_a_resume_without_it(smoke,
+                                                                               tmp_path):
+    params, manifest, cache, run = smoke
+    on = _with(params, "diffusion", condition_on_view=True)
+    here = _scratch(run, tmp_path)
+    outcome = train_diffusion(on, manifest, cache, here, progress=False)
+    model = load_weights(outcome.checkpoint)
+    assert model.conditions_on_view and model.cond_embed.mlp[0].in_features == 23
+    generator = CXRPipeline.from_checkpoint(outcome.checkpoint, on.diffusion)
+    plan = replica_plan(on, manifest, outcome.checkpoint.name).head(3)
+    images = diffusion_source(on, generator)(plan)
+    assert images.shape == (3, 32, 32) and images.dtype == np.uint8
+    ap = generator(view="AP", num_images=2, steps=2, output_type="np").images
+    assert ap.shape == (2, 32, 32)
+    with pytest.raises(ValueError, match="pass view='AP' or 'PA'"):
+        generator(steps=2)
+    with pytest.raises(ValueError, match="have 22 values but this model takes 23"):
+        model(torch.zeros(1, 1, 32, 32), torch.zeros(1, dtype=torch.long),
+              torch.zeros(1, 22))
+    with pytest.raises(DiffusionError, match="different configuration.*condition_on_view"):
+        train_diffusion(params, manifest, cache, here, progress=False)
+
+
+def test_train_on_sources_learns_from_the_source_rows_only(smoke, tmp_path):
+    params, manifest, cache, run = smoke
+    half = _with(params, "sampling", source_fraction=0.5)
+    sources = _with(half, "diffusion", train_on="sources")
+    assert diffusion_rows(half, manifest).equals(training_rows(params, manifest))
+    full = _with(params, "diffusion", train_on="sources")  # source fraction 1: the same rows
+    assert diffusion_rows(full, manifest).equals(training_rows(params, manifest))
+    here = _scratch(run, tmp_path)
+    outcome = train_diffusion(sources, manifest, cache, here, progress=False)
+    expected = source_rows(half, manifest)["image_id"].tolist()
+    assert outcome.image_ids == expected
+    assert len(expected) < len(training_rows(params, manifest))
+    with pytest.raises(DiffusionError, match="different configuration.*train_on"):
+        train_diffusion(half, manifest, cache, here, progress=False)
 
 
 def test_sampling_without_a_trained_model_says_what_to_run(smoke, tmp_path):

@@ -102,3 +102,29 @@ def test_nearest_needs_training_images(explorer):
     assert bare.nearest.disabled
     with pytest.raises(ValueError, match="without train_images"):
         bare.nearest_training(np.zeros((1, 32, 32), np.uint8))
+
+
+def _widgets(widget) -> list:
+    """Every widget in a widget tree."""
+    return [widget, *(w for child in getattr(widget, "children", ()) for w in _widgets(child))]
+
+
+def test_view_dropdown_only_for_a_model_trained_with_the_view(explorer):
+    assert explorer.view not in _widgets(explorer.widget())
+    assert "view" not in explorer.compare.options and "view" not in explorer.condition_row()
+    params = load_params(ROOT / "params" / "smoke.yaml", {"diffusion.condition_on_view": True})
+    torch.manual_seed(0)
+    model = ConditionalUNet(**unet_config(params.diffusion, params.data.resolution)).eval()
+    ex = SamplingExplorer(CXRPipeline(model, noise_scheduler(params.diffusion)))
+    ex.steps.value, ex.count.value = 2, 2
+    assert ex.view in _widgets(ex.widget()) and "view" in ex.compare.options
+    ex.view.value = "AP"
+    assert ex.condition_row()["view"].item() == "AP"
+    images, captions = ex.generate()
+    assert images.shape == (2, 32, 32) and " AP | " in captions[0]
+    ex.compare.value = "view"
+    first, second, titles = ex.comparison_rows()
+    assert titles == ("view AP", "view PA")
+    assert first.drop(columns="view").equals(second.drop(columns="view"))
+    cmp = ex.generate_comparison()
+    assert not np.array_equal(cmp.without, cmp.with_)  # the view changes the images
