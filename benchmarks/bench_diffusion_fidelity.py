@@ -41,6 +41,7 @@ import pandas as pd
 import torch
 
 from cxrlib.audit_run import audit_reference, real_row, score_setting, sweep_conditions
+from cxrlib.condition import encode_conditions
 from cxrlib.config import Params, load_params
 from cxrlib.data import load_cohort
 from cxrlib.diffusion import train_diffusion
@@ -81,6 +82,9 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
     Recipe("cosine-lr2x", {"lr_schedule": "cosine", "lr_scale": 2.0}, score_at=(0.5,)),
     Recipe("immiscible", {"noise_assignment": "immiscible"}),  # Li et al. 2024
     Recipe("min-snr", {"snr_gamma": 5.0}),  # Hang et al. 2023
+    # Issue 19's generator variants, scored like the recipes (not speed candidates):
+    Recipe("view", {"condition_on_view": True}, score_at=(0.5,)),  # the view in the condition
+    Recipe("sources", {"train_on": "sources"}, score_at=(0.5,)),  # source patients only
 )}
 
 
@@ -125,14 +129,16 @@ def throughput(params: Params, cohort, cache: ImageCache, layout: RunLayout,
 
 
 def fidelity_curve(params: Params, cohort, cache: ImageCache, layout: RunLayout, ref,
-                   recipe: Recipe, cond, seeds, rows, labels: list[str]) -> list[dict]:
+                   recipe: Recipe, seeds, rows, labels: list[str]) -> list[dict]:
     """Train one recipe and score its ``score_at`` checkpoints at the demo's sampling
-    settings."""
+    settings, the conditions encoded in the recipe's own layout."""
     today = params.diffusion.max_steps
     steps = round(today * recipe.share)
     scored = {round(today * a) for a in recipe.score_at}
     run = recipe_params(params, recipe, steps, math.gcd(*scored))
     sched, s = noise_scheduler(run.diffusion), params.sampling
+    cond = encode_conditions(rows, run.diffusion.nan_label_value,
+                             with_view=run.diffusion.condition_on_view)
     out = []
     with tempfile.TemporaryDirectory() as tmp:
         scratch = replace(layout, root=Path(tmp))
@@ -168,7 +174,7 @@ def summarise(curves: pd.DataFrame, speed: pd.DataFrame, target: float, toleranc
             else np.nan,
             "step_at_half": int(at_half["step"]) if at_half is not None else None,
             "best_fidelity": float(curve["fidelity_macro_auroc"].max())})
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows).astype({"steps_to_target": "Int64", "step_at_half": "Int64"})
 
 
 def main() -> None:
@@ -204,14 +210,13 @@ def main() -> None:
         recipes = [r for r in recipes if r.name in set(scores["recipe"])]
     else:
         ref = audit_reference(params, cohort.manifest, cache, layout, progress=False)
-        rows, cond, seeds, labels = sweep_conditions(params, ref, args.images,
-                                                     params.diffusion.condition_on_view,
-                                                     key="fidelity")
+        rows, _, seeds, labels = sweep_conditions(params, ref, args.images, with_view=False,
+                                                  key="fidelity")
         real = real_row(ref, len(rows), labels)
         curves: list[dict] = [{"recipe": "real validation images", "step": 0, **real}]
         for recipe in (r for r in recipes if r.same_math_as is None):
-            curves += fidelity_curve(params, cohort, cache, layout, ref, recipe, cond, seeds,
-                                     rows, labels)
+            curves += fidelity_curve(params, cohort, cache, layout, ref, recipe, seeds, rows,
+                                     labels)
             if args.out:  # a later failure keeps the scores: rerun with --curves
                 atomic_write_text(Path(f"{args.out}.csv"),
                                   pd.DataFrame(curves).to_csv(index=False))

@@ -679,9 +679,16 @@ class Claim:
     scopes: tuple[str, ...] = ()
 
 
-_DISTILLATION = ("distillation: the generator was trained on all internal training patients, "
-                 "so synthetic images can carry information from patients outside the arm's "
-                 "real subset")
+#: The distillation confound, by what the generator learned from (``diffusion.train_on``).
+DISTILLATION: dict[str, str] = {
+    "all": "distillation: the generator was trained on all internal training patients, so "
+           "synthetic images can carry information from patients outside the arm's real subset",
+    "sources": "distillation, narrowed: the generator learned only from the source patients "
+               "(diffusion.train_on: sources); an arm whose real subset is smaller than the "
+               "source draw still gets images from a generator that saw the other source "
+               "patients",
+}
+_DISTILLATION = "distillation"  # where CLAIMS name it; claims_table fills in the run's text
 #: The paper's three claims (issue 18, item 7).
 CLAIMS: tuple[Claim, ...] = (
     Claim(1, "synthetic supplementation improves performance internally and externally",
@@ -758,7 +765,8 @@ def _pair_confounds(grid: pd.DataFrame, row: dict) -> list[str]:
 
 
 def claims_table(comparisons: pd.DataFrame, grid: pd.DataFrame, spec: StatsSpec,
-                 exchange: pd.DataFrame | None = None) -> pd.DataFrame:
+                 exchange: pd.DataFrame | None = None,
+                 train_on: Literal["all", "sources"] = "all") -> pd.DataFrame:
     """The paper's claims (:data:`CLAIMS`) answered by this run: one row per comparison that
     tests a claim (from :func:`compare_experiments`, Holm as there), or one row saying
     "not tested in this run" when the grid lacks its arms. Columns: claim, statement, scope
@@ -768,7 +776,8 @@ def claims_table(comparisons: pd.DataFrame, grid: pd.DataFrame, spec: StatsSpec,
     equivalence), verdict (supported / contradicted / inconclusive / not tested in this run;
     also for a scope the claim names without a test set), confounds ("; "), and
     the experiment's exchange rate where ``exchange`` (columns experiment, test_set, rate,
-    ci_low, ci_high, extrapolated) gives one."""
+    ci_low, ci_high, extrapolated) gives one. ``train_on`` (``diffusion.train_on``) words
+    the distillation confound."""
     fraction = primary_fraction(experiment_info(grid), spec)
     rates = (exchange.set_index(["experiment", "test_set"]) if exchange is not None
              else pd.DataFrame(columns=["rate", "ci_low", "ci_high", "extrapolated"]))
@@ -804,7 +813,9 @@ def claims_table(comparisons: pd.DataFrame, grid: pd.DataFrame, spec: StatsSpec,
                 **{c: row.get(c, math.nan) for c in ("n_seeds", "seed_se", "patient_se")},
                 "verdict": claim_verdict(claim.test, row["verdict"], row["ci90_low"],
                                          row["ci90_high"], spec.equivalence_margin),
-                "confounds": "; ".join([*claim.confounds, *_pair_confounds(grid, row)]),
+                "confounds": "; ".join([*(DISTILLATION[train_on] if c == _DISTILLATION
+                                          else c for c in claim.confounds),
+                                        *_pair_confounds(grid, row)]),
                 "exchange_rate": math.nan if rate is None else rate["rate"],
                 "exchange_ci_low": math.nan if rate is None else rate["ci_low"],
                 "exchange_ci_high": math.nan if rate is None else rate["ci_high"],

@@ -652,7 +652,11 @@ def test_claims_table_answers_the_papers_claims():
     first = claims.iloc[0]
     assert (first["exchange_rate"], first["exchange_extrapolated"]) == (0.5, True)
     assert np.isnan(claims.iloc[1]["exchange_rate"])
-    assert "distillation" in first["confounds"]
+    assert study_tables.DISTILLATION["all"] in first["confounds"]
+    narrowed = study_tables.claims_table(comparisons, grid, StatsSpec(), exchange,
+                                         train_on="sources").iloc[0]["confounds"]
+    assert study_tables.DISTILLATION["sources"] in narrowed
+    assert study_tables.DISTILLATION["all"] not in narrowed
     assert "see each real image 4.0 vs 12.0 times" in first["confounds"]   # protocol steps
     assert "kept steps differ more than 2-fold (900 vs 300)" in first["confounds"]
     assert "external_plus_real" in claims.iloc[3]["confounds"]
