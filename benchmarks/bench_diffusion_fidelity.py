@@ -20,6 +20,11 @@ today's minutes:
     python benchmarks/bench_diffusion_fidelity.py --params params/demo.yaml \\
         --out reports/benchmarks/diffusion_ttq
 
+``--reuse CSV`` takes the curves of the recipes an earlier score table holds (checked: its
+real validation images must score as now) and trains only the new ones; ``--set KEY=VALUE``
+changes the params as ``cxrlib run`` does (``--set run.name=demo-all --set
+diffusion.train_on=all`` benchmarks the generator that learns from every training row).
+
 Needs the run's manifest and cache (notebook 01). Trains or loads the judge in the run folder
 (as notebook 03 does); the diffusion checkpoints go to a temporary folder.
 """
@@ -42,7 +47,7 @@ import torch
 
 from cxrlib.audit_run import audit_reference, real_row, score_setting, sweep_conditions
 from cxrlib.condition import encode_conditions
-from cxrlib.config import Params, load_params
+from cxrlib.config import Params, load_params, parse_overrides
 from cxrlib.data import load_cohort
 from cxrlib.diffusion import train_diffusion
 from cxrlib.hardware import cpu_bf16_units, resolve_precision
@@ -69,7 +74,7 @@ class Recipe:
 
 
 #: The candidates (issue 20): throughput (compile), batch size with a scaled learning rate,
-#: the schedule, and two from the literature. ``today`` trains the params' full max_steps.
+#: the schedule, and three from the literature. ``today`` trains the params' full max_steps.
 RECIPES: dict[str, Recipe] = {r.name: r for r in (
     Recipe("today", share=1.0, score_at=(0.5, 0.75, 1.0)),
     Recipe("fp32", {"mixed_precision": "no"}),
@@ -82,6 +87,7 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
     Recipe("cosine-lr2x", {"lr_schedule": "cosine", "lr_scale": 2.0}, score_at=(0.5,)),
     Recipe("immiscible", {"noise_assignment": "immiscible"}),  # Li et al. 2024
     Recipe("min-snr", {"snr_gamma": 5.0}),  # Hang et al. 2023
+    Recipe("logit-normal", {"timestep_sampling": "logit_normal"}),  # Esser et al. 2024
     # Issue 19's generator variants, scored like the recipes (not speed candidates):
     Recipe("view", {"condition_on_view": True}, score_at=(0.5,)),  # the view in the condition
     Recipe("sources", {"train_on": "sources"}, score_at=(0.5,)),  # source patients only
@@ -156,14 +162,32 @@ def fidelity_curve(params: Params, cohort, cache: ImageCache, layout: RunLayout,
     return out
 
 
+def reused_curves(path: Path, real: dict, recipes: list[Recipe]) -> tuple[list[dict], set[str]]:
+    """The real row and the curves of ``recipes`` from an earlier score table, after checking
+    that its real validation images scored as ``real`` does now: scores of another judge or
+    other conditions are not comparable, and the run fails saying so."""
+    old = pd.read_csv(path)
+    before = old[old["recipe"] == "real validation images"]
+    keys = ("fidelity_macro_auroc", "sex_auroc")
+    if len(before) != 1 or any(abs(float(before.iloc[0][k]) - real[k]) > 1e-6 for k in keys):
+        raise SystemExit(
+            f"{path}: its real validation images score "
+            f"{before[list(keys)].to_dict('records')} but {({k: real[k] for k in keys})} now: "
+            "another judge or other conditions; train every recipe again (leave out --reuse)")
+    names = {r.name for r in recipes if r.same_math_as is None} & set(old["recipe"])
+    kept = old[old["recipe"].isin(names)]
+    return [real, *kept.to_dict("records")], names
+
+
 def summarise(curves: pd.DataFrame, speed: pd.DataFrame, target: float, tolerance: float,
               today_minutes: float) -> pd.DataFrame:
     """Per recipe: minutes to the target (NaN if never reached), fidelity at the last
-    checkpoint within half of today's minutes, and both as ratios to today."""
+    checkpoint within half of today's minutes (1% slack: today's own half-way checkpoint
+    carries the set-up of the whole run), and both as ratios to today."""
     rows = []
     for name, curve in curves.groupby("recipe", sort=False):
         reached = curve[curve["fidelity_macro_auroc"] >= target - tolerance]
-        half = curve[curve["minutes"] <= today_minutes / 2 + 1e-9]
+        half = curve[curve["minutes"] <= today_minutes / 2 * 1.01]
         at_half = half.iloc[-1] if len(half) else None
         minutes = float(reached["minutes"].iloc[0]) if len(reached) else np.nan
         rows.append({
@@ -192,9 +216,14 @@ def main() -> None:
     ap.add_argument("--curves", help="take the checkpoint scores from this earlier <out>.csv "
                     "and only measure the speeds (the curves need not run alone; the speeds "
                     "do)")
+    ap.add_argument("--reuse", help="take the curves of the recipes an earlier <out>.csv holds "
+                    "and train only the others; refused unless its real validation images "
+                    "score as they do now (the same judge and conditions)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a dotted key over the params file, as for cxrlib run (repeatable)")
     args = ap.parse_args()
 
-    params = load_params(args.params)
+    params = load_params(args.params, parse_overrides(args.set))
     layout = RunLayout.open(params, create=False)
     cohort = load_cohort(params, layout)
     cache = ImageCache(cohort.cache_dir)
@@ -214,7 +243,11 @@ def main() -> None:
                                                   key="fidelity")
         real = real_row(ref, len(rows), labels)
         curves: list[dict] = [{"recipe": "real validation images", "step": 0, **real}]
-        for recipe in (r for r in recipes if r.same_math_as is None):
+        done: set[str] = set()
+        if args.reuse:
+            curves, done = reused_curves(Path(args.reuse), curves[0], recipes)
+            print(f"reused from {args.reuse}: {', '.join(sorted(done)) or 'nothing'}")
+        for recipe in (r for r in recipes if r.same_math_as is None and r.name not in done):
             curves += fidelity_curve(params, cohort, cache, layout, ref, recipe, seeds, rows,
                                      labels)
             if args.out:  # a later failure keeps the scores: rerun with --curves

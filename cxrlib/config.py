@@ -419,6 +419,14 @@ class DiffusionSpec(_Strict):
     #: reassigned to its images by the linear assignment of least total image-noise distance,
     #: so each image is noised towards nearby noise; the noise stays N(0, I) per image.
     noise_assignment: Literal["independent", "immiscible"] = "independent"
+    #: How a step draws its images' timesteps: ``uniform`` over the training timesteps (Ho et
+    #: al. 2020), or ``logit_normal`` (Esser et al. 2024, SD3): t / T = sigmoid(z), z ~
+    #: N(``timestep_logit_mean``, ``timestep_logit_std``), which spends the steps on the middle
+    #: noise levels, where the loss is hardest, and fewer on the nearly clean and pure-noise
+    #: ends (diffusers' ``compute_density_for_timestep_sampling``).
+    timestep_sampling: Literal["uniform", "logit_normal"] = "uniform"
+    timestep_logit_mean: float = 0.0
+    timestep_logit_std: Annotated[float, Field(gt=0)] = 1.0
     grad_clip: Annotated[float, Field(gt=0)] = 1.0
     ema_decay: Fraction = 0.999
     #: Images per process per step (the global batch is this times the number of processes).
@@ -471,7 +479,8 @@ class DiffusionSpec(_Strict):
     #: Keys added after checkpoints were first written: a checkpoint's identity leaves them
     #: out at their defaults, so the checkpoints made before them still resume.
     LATER_IDENTITY_KEYS: ClassVar[tuple[str, ...]] = (
-        "condition_on_view", "train_on", "lr_schedule", "noise_assignment")
+        "condition_on_view", "train_on", "lr_schedule", "noise_assignment",
+        "timestep_sampling", "timestep_logit_mean", "timestep_logit_std")
 
 
 class RebalanceSpec(_Strict):

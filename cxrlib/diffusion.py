@@ -32,7 +32,11 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 from diffusers import DDPMScheduler
 from diffusers.optimization import get_scheduler
-from diffusers.training_utils import EMAModel, compute_snr
+from diffusers.training_utils import (
+    EMAModel,
+    compute_density_for_timestep_sampling,
+    compute_snr,
+)
 from safetensors.torch import load_file, save_file
 from scipy.optimize import linear_sum_assignment
 
@@ -297,6 +301,19 @@ def immiscible_noise(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     return noise[torch.from_numpy(cols)]
 
 
+def training_timesteps(spec: DiffusionSpec, n: int, generator: torch.Generator) -> torch.Tensor:
+    """``n`` training timesteps in [0, T) drawn as ``diffusion.timestep_sampling`` says:
+    uniform integers, or T * sigmoid(z) with z normal (SD3's logit-normal density, from
+    diffusers), floored to the integer timestep."""
+    steps = spec.num_train_timesteps
+    if spec.timestep_sampling == "uniform":
+        return torch.randint(0, steps, (n,), generator=generator)
+    u = compute_density_for_timestep_sampling(
+        "logit_normal", n, logit_mean=spec.timestep_logit_mean,
+        logit_std=spec.timestep_logit_std, generator=generator)
+    return (u * steps).long().clamp(0, steps - 1)
+
+
 class _CachedRows(torch.utils.data.Dataset):
     """Training images (from the memory-mapped cache) and their condition vectors."""
 
@@ -388,7 +405,7 @@ def train_diffusion(params: Params, manifest: pd.DataFrame, cache: ImageCache, r
         noise = torch.randn(x0.shape, generator=gen)
         if spec.noise_assignment == "immiscible":
             noise = immiscible_noise(x0, noise)
-        t = torch.randint(0, spec.num_train_timesteps, (x0.shape[0],), generator=gen)
+        t = training_timesteps(spec, x0.shape[0], gen)
         drop = dropout_mask(x0.shape[0], spec.cond_dropout, gen)
         x0, noise, t, cond, drop = (v.to(accelerator.device) for v in (x0, noise, t, cond, drop))
         xt = scheduler.add_noise(x0, noise, t).contiguous(memory_format=layout)

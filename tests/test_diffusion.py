@@ -26,9 +26,14 @@ from cxrlib.condition import (
     encode_conditions,
     layout_table,
 )
-from cxrlib.config import Params, ParamsError, load_params
+from cxrlib.config import DiffusionSpec, Params, ParamsError, load_params
 from cxrlib.data import prepare_cohort
-from cxrlib.diffusion import batch_indices, immiscible_noise, train_diffusion
+from cxrlib.diffusion import (
+    batch_indices,
+    immiscible_noise,
+    train_diffusion,
+    training_timesteps,
+)
 from cxrlib.generator import CXRPipeline
 from cxrlib.hardware import precision_label
 from cxrlib.imagecache import ImageCache
@@ -294,6 +299,29 @@ def test_immiscible_assignment_pairs_images_with_nearer_noise():
     best = min(cost(noise[list(p)]) for p in itertools.permutations(range(5)))
     assert cost(out) == pytest.approx(best)
     assert cost(out) < cost(noise)
+
+
+def test_logit_normal_timesteps_favour_the_middle_noise_levels():
+    """Uniform timesteps keep today's stream (torch.randint); logit-normal ones stay in [0, T)
+    and put about 68% of the draws at sigmoid(+-1) of T (0.27-0.73 T) against 46% uniform."""
+    spec = DiffusionSpec()
+    n, steps = 20_000, spec.num_train_timesteps
+    uniform = training_timesteps(spec, n, torch.Generator().manual_seed(0))
+    assert torch.equal(uniform, torch.randint(0, steps, (n,),
+                                              generator=torch.Generator().manual_seed(0)))
+    logit = training_timesteps(spec.model_copy(update={"timestep_sampling": "logit_normal"}),
+                               n, torch.Generator().manual_seed(0))
+    assert logit.dtype == torch.long and int(logit.min()) >= 0 and int(logit.max()) < steps
+
+    def middle(t: torch.Tensor) -> float:
+        return float(((t >= 0.269 * steps) & (t < 0.731 * steps)).float().mean())
+
+    assert middle(logit) == pytest.approx(0.683, abs=0.015)
+    assert middle(uniform) == pytest.approx(0.462, abs=0.015)
+    shifted = training_timesteps(spec.model_copy(update={
+        "timestep_sampling": "logit_normal", "timestep_logit_mean": 1.0}), n,
+        torch.Generator().manual_seed(0))
+    assert float(shifted.float().median()) == pytest.approx(0.731 * steps, abs=15)
 
 
 def test_cosine_schedule_and_immiscible_noise_train(smoke, tmp_path):
