@@ -93,21 +93,32 @@ def diffusion_rows(params: Params, manifest: pd.DataFrame) -> pd.DataFrame:
     return training_rows(params, manifest)
 
 
-def real_subset(params: Params, manifest: pd.DataFrame, fraction: float,
-                seed: int) -> pd.DataFrame:
+def real_subset(params: Params, manifest: pd.DataFrame, fraction: float, seed: int,
+                beyond_sources: bool = False) -> pd.DataFrame:
     """The real training rows of an internal experiment at one training seed: a seeded draw
     of ``fraction`` of the internal training patients, made inside the rows that have
     synthetic replicas (:func:`source_rows`, ``sampling.source_fraction``).
     Each training seed draws its own subset, because the draw is part of a recipe's
-    variance; for one seed, smaller fractions lie inside larger ones."""
+    variance; for one seed, smaller fractions lie inside larger ones.
+
+    ``beyond_sources`` (real-only arms, which need no replicas) lets ``fraction`` exceed the
+    source fraction: all source patients, then a seeded nested draw of the other training
+    patients, so the learning curve can reach past the rows that have synthetic images."""
     sources = source_rows(params, manifest)
     share = fraction / params.sampling.source_fraction
-    if share > 1 + 1e-9:
+    draw = params.run.seed + 7919 * (seed + 1)
+    if share <= 1 + 1e-9:
+        return patient_subset(sources, min(share, 1.0), draw)
+    if not beyond_sources:
         raise CohortError(f"experiments.real_fractions has {fraction} but only "
                           f"sampling.source_fraction {params.sampling.source_fraction} of the "
-                          "training patients have synthetic replicas; use real fractions no "
-                          "larger than the source fraction, or generate more")
-    return patient_subset(sources, min(share, 1.0), params.run.seed + 7919 * (seed + 1))
+                          "training patients have synthetic replicas; run the arms with extra "
+                          "images at fractions no larger than the source fraction "
+                          "(experiments.supplement_fractions), or generate more")
+    train = training_rows(params, manifest)
+    rest = train[~train["patient_id"].isin(set(sources["patient_id"]))]
+    more = (fraction - params.sampling.source_fraction) / (1 - params.sampling.source_fraction)
+    return pd.concat([sources, patient_subset(rest, more, draw)], ignore_index=True)
 
 
 def validation_rows(params: Params, manifest: pd.DataFrame) -> pd.DataFrame:

@@ -304,7 +304,9 @@ class ExperimentSpec(_Strict):
     """
 
     #: Share of the internal training patients (nested, seeded draws by patient) used as the
-    #: real training data; every supplementation experiment runs at each fraction.
+    #: real training data. Up to ``sampling.source_fraction`` the draw lies inside the rows
+    #: that have synthetic replicas; real only may run above it (all source patients, then a
+    #: nested draw of the others), which extends the exchange rate's learning curve.
     real_fractions: list[Annotated[float, Field(gt=0, le=1)]] = Field(
         default_factory=lambda: [1.0])
     #: The real fractions at which the supplemented and control arms run (None = every real
@@ -342,6 +344,13 @@ class ExperimentSpec(_Strict):
     #: Training seeds per cell of the grid; each seed also draws its own real subset (inside the
     #: rows that have synthetic replicas), since the draw is part of a recipe's variance.
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+
+    @property
+    def has_internal_arms(self) -> bool:
+        """Whether any internal arm other than real only runs (at ``supplemented``)."""
+        return any([self.supplement_k, self.synthetic_only_k, self.rebalance_k,
+                    self.repeated_k, self.shuffled_k, self.oracle_k, self.oracle_only_k,
+                    self.oracle_smooth_k, self.synthetic_pretrain_k])
 
     @property
     def supplemented(self) -> list[float]:
@@ -710,6 +719,15 @@ class Params(_Strict):
                 f"phantom images of a row, which real data (site(s) {real_sites}) cannot "
                 "have; remove it, and use the exchange rate against real-only arms at several "
                 "experiments.real_fractions as the positive control")
+        beyond = sorted(f for f in grid.supplemented
+                        if f > self.sampling.source_fraction + 1e-9)
+        if beyond and grid.has_internal_arms:
+            raise ValueError(
+                f"experiments.supplement_fractions (or real_fractions, where that is unset) "
+                f"has {beyond}, above sampling.source_fraction {self.sampling.source_fraction}: "
+                "only the source patients have synthetic images; set "
+                "experiments.supplement_fractions to fractions no larger than the source "
+                "fraction (real only may run above it), or raise sampling.source_fraction")
         stray = sorted(set(grid.supplement_fractions or []) - set(grid.real_fractions))
         if stray:
             raise ValueError(f"experiments.supplement_fractions {stray} are not in "

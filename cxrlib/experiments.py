@@ -140,7 +140,8 @@ def training_set(exp: Experiment, params: Params, data: GridData) -> pd.DataFram
     if recipe.real == "external":
         real = _external_real(exp, manifest)
     else:
-        real = real_subset(params, manifest, exp.real_fraction, exp.seed)
+        real = real_subset(params, manifest, exp.real_fraction, exp.seed,
+                           beyond_sources=exp.kind is Kind.REAL_ONLY)
     if recipe.synthetic != "none" and recipe.cohort not in data.synthetic:
         raise DataError(f"experiment {exp.name} needs the synthetic cohort '{recipe.cohort}'; "
                         "add it to sampling.strategies and run notebook 03")

@@ -25,7 +25,13 @@ from PIL import Image
 from cxrlib import classify
 from cxrlib.augment import augment_batch, mix_batch, random_affine
 from cxrlib.classify import epoch_plan, masked_bce, round_plans, weights_crc
-from cxrlib.cohort import CohortError, patient_subset, real_subset, source_rows
+from cxrlib.cohort import (
+    CohortError,
+    patient_subset,
+    real_subset,
+    source_rows,
+    training_rows,
+)
 from cxrlib.config import (
     AugmentSpec,
     ClassifierSpec,
@@ -255,6 +261,26 @@ def test_each_seed_draws_its_own_real_subset_inside_the_sources(grid_run):
         real_subset(p, data.manifest, 0.75, 0)
 
 
+def test_real_only_reaches_past_the_sources_by_a_nested_seeded_draw(grid_run):
+    params, _, data = grid_run
+    half = params.sampling.model_copy(update={"source_fraction": 0.5})
+    p = params.model_copy(update={"sampling": half})
+    sources = set(source_rows(p, data.manifest)["patient_id"])
+    everyone = set(training_rows(p, data.manifest)["patient_id"])
+    far = {s: set(real_subset(p, data.manifest, 0.75, s, beyond_sources=True)["patient_id"])
+           for s in (0, 1)}
+    for s in (0, 1):
+        assert sources < far[s] < everyone  # every source patient, then some of the others
+        assert abs(len(far[s]) / len(everyone) - 0.75) < 0.1
+        assert set(real_subset(p, data.manifest, 0.6, s, beyond_sources=True)["patient_id"]) \
+            <= far[s]  # nested
+    assert far[0] != far[1]  # each seed draws its own extra patients
+    inside = real_subset(p, data.manifest, 0.25, 0, beyond_sources=True)
+    assert inside.equals(real_subset(p, data.manifest, 0.25, 0))  # below: the same draw
+    assert set(real_subset(p, data.manifest, 1.0, 0, beyond_sources=True)["patient_id"]) \
+        == everyone
+
+
 def test_a_step_budget_gives_every_training_set_the_same_steps():
     spec = ClassifierSpec(batch_size=8, epochs=4, max_steps=30)
     for n in (20, 50, 333):
@@ -275,6 +301,12 @@ def test_supplement_fractions_keep_the_other_arms_at_the_listed_fractions():
     assert "real_plus_oracle_x1.f50" in names and "real_plus_oracle_x1.f25" not in names
     with pytest.raises(ParamsError, match="supplement_fractions .0.3. are not in"):
         load_params(ROOT / "params" / "smoke.yaml", {"experiments.supplement_fractions": [0.3]})
+    partial = {"sampling.source_fraction": 0.5}
+    far = load_params(ROOT / "params" / "smoke.yaml",
+                      {**partial, "experiments.supplement_fractions": [0.5, 0.25]})
+    assert "real_only.f100" in [e.name for e in plan_grid(far)]  # real only runs past them
+    with pytest.raises(ParamsError, match=r"has \[1.0\], above sampling.source_fraction 0.5"):
+        load_params(ROOT / "params" / "smoke.yaml", partial)  # every arm at 100%: refused
 
 
 def test_converged_protocol_validates_every_eval_every_steps_up_to_its_ceiling():
