@@ -125,14 +125,23 @@ def experiment_summary(macros: dict[str, SeedMacros], grid: pd.DataFrame,
     return pd.DataFrame(rows).merge(experiment_info(grid), on="experiment", how="left")
 
 
-def internal_baseline(summary: pd.DataFrame, test_set: str) -> pd.Series:
-    """The :func:`experiment_summary` row of the real-only baseline at the largest real
-    fraction on ``test_set`` (:func:`cxrlib.cohort.headline_test_set`): the run's headline
-    baseline."""
+def internal_baseline(summary: pd.DataFrame, test_set: str,
+                      real_fraction: float | None = None) -> pd.Series:
+    """The :func:`experiment_summary` row of the real-only baseline on ``test_set``
+    (:func:`cxrlib.cohort.headline_test_set`) at ``real_fraction``, the primary analysis's
+    (``stats.primary.real_fraction``; None = the largest): the run's headline baseline, the
+    arm its primary comparisons are made against rather than the top of the learning curve."""
     real = summary[(summary["kind"] == Kind.REAL_ONLY) & (summary["test_set"] == test_set)]
     if real.empty:
         raise ValueError(f"no real_only result on the test set {test_set}")
-    return real.loc[real["real_fraction"].astype(float).idxmax()]
+    fractions = real["real_fraction"].astype(float)
+    if real_fraction is None:
+        return real.loc[fractions.idxmax()]
+    at = real[np.isclose(fractions, real_fraction)]
+    if at.empty:
+        raise ValueError(f"stats.primary.real_fraction {real_fraction} has no real_only result "
+                         f"on {test_set} (real fractions run: {sorted(set(fractions))})")
+    return at.iloc[0]
 
 
 def _verdict(row: dict, alpha: float, margin: float) -> str:

@@ -717,3 +717,18 @@ def test_supplementation_figure_legend_names_only_the_kinds_that_ran():
     labels = fig.axes[0].get_legend_handles_labels()[1]
     assert Kind.SYNTHETIC_ONLY.label not in labels
     assert {Kind.REAL_PLUS_SYNTHETIC.label, Kind.REAL_PLUS_ORACLE.label} <= set(labels)
+
+
+def test_the_headline_baseline_is_the_primary_fractions_real_only_arm():
+    summary = pd.DataFrame({
+        "experiment": ["real_only.f5", "real_only.f20", "real_plus_synthetic_x2.f5",
+                       "real_only.f5"],
+        "kind": [Kind.REAL_ONLY, Kind.REAL_ONLY, Kind.REAL_PLUS_SYNTHETIC, Kind.REAL_ONLY],
+        "real_fraction": [0.05, 0.2, 0.05, 0.05],
+        "test_set": ["int", "int", "int", "ext"],
+        "macro_auroc": [0.72, 0.80, 0.70, 0.60]})
+    at = study_tables.internal_baseline
+    assert at(summary, "int", 0.05)["macro_auroc"] == 0.72  # the primary comparisons' baseline
+    assert at(summary, "int")["macro_auroc"] == 0.80  # none given: the largest fraction
+    with pytest.raises(ValueError, match=r"real_fraction 0.1 has no real_only result on int"):
+        at(summary, "int", 0.1)
