@@ -346,11 +346,18 @@ class ExperimentSpec(_Strict):
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
 
     @property
-    def has_internal_arms(self) -> bool:
-        """Whether any internal arm other than real only runs (at ``supplemented``)."""
-        return any([self.supplement_k, self.synthetic_only_k, self.rebalance_k,
-                    self.repeated_k, self.shuffled_k, self.oracle_k, self.oracle_only_k,
-                    self.oracle_smooth_k, self.synthetic_pretrain_k])
+    def internal_arms(self) -> list[tuple[Kind, list[int]]]:
+        """Each internal kind other than real only with its k values, in the grid's order:
+        the arms that run at every fraction of ``supplemented``."""
+        return [(Kind.REAL_PLUS_SYNTHETIC, self.supplement_k),
+                (Kind.REAL_REPEATED, self.repeated_k),
+                (Kind.REAL_PLUS_SHUFFLED, self.shuffled_k),
+                (Kind.REAL_PLUS_ORACLE, self.oracle_k),
+                (Kind.REAL_PLUS_ORACLE_SMOOTH, self.oracle_smooth_k),
+                (Kind.SYNTHETIC_ONLY, self.synthetic_only_k),
+                (Kind.ORACLE_ONLY, self.oracle_only_k),
+                (Kind.SYNTHETIC_PRETRAIN, self.synthetic_pretrain_k),
+                (Kind.REAL_PLUS_REBALANCED, [self.rebalance_k] if self.rebalance_k else [])]
 
     @property
     def supplemented(self) -> list[float]:
@@ -721,7 +728,7 @@ class Params(_Strict):
                 "experiments.real_fractions as the positive control")
         beyond = sorted(f for f in grid.supplemented
                         if f > self.sampling.source_fraction + 1e-9)
-        if beyond and grid.has_internal_arms:
+        if beyond and any(ks for _, ks in grid.internal_arms):
             raise ValueError(
                 f"experiments.supplement_fractions (or real_fractions, where that is unset) "
                 f"has {beyond}, above sampling.source_fraction {self.sampling.source_fraction}: "

@@ -52,16 +52,7 @@ def plan_grid(params: Params) -> list[Experiment]:
         recipes.append((Kind.REAL_ONLY, 0, f, internal))
         if f not in grid.supplemented:
             continue
-        for kind, ks in ((Kind.REAL_PLUS_SYNTHETIC, grid.supplement_k),
-                         (Kind.REAL_REPEATED, grid.repeated_k),
-                         (Kind.REAL_PLUS_SHUFFLED, grid.shuffled_k),
-                         (Kind.REAL_PLUS_ORACLE, grid.oracle_k),
-                         (Kind.REAL_PLUS_ORACLE_SMOOTH, grid.oracle_smooth_k),
-                         (Kind.SYNTHETIC_ONLY, grid.synthetic_only_k),
-                         (Kind.ORACLE_ONLY, grid.oracle_only_k),
-                         (Kind.SYNTHETIC_PRETRAIN, grid.synthetic_pretrain_k),
-                         (Kind.REAL_PLUS_REBALANCED,
-                          [grid.rebalance_k] if grid.rebalance_k else [])):
+        for kind, ks in grid.internal_arms:
             recipes += [(kind, k, f, internal) for k in ks]
     for ext in grid.external:
         for k in sorted(ext.synthetic_k):
