@@ -176,10 +176,25 @@ def _rows_html(title: str, rows: list[dict[str, Any]], keys: tuple[str, ...]) ->
 
 #: The columns of the index page's tables: what fits a page (summary.json keeps the rest).
 _CLAIM_COLUMNS = ("claim", "test_set", "tested", "delta", "ci_low", "ci_high", "mde",
-                  "verdict", "exchange_rate")
+                  "verdict", "exchange rate (CI)")
 _CHECK_COLUMNS = ("check", "experiment", "test_set", "expected", "delta", "ci_low",
                   "ci_high", "verdict", "held")
 _RATE_COLUMNS = ("experiment", "rate", "ci_low", "ci_high", "extrapolated")
+
+
+def _rate_cell(claim: dict[str, Any]) -> str | None:
+    """A claim's exchange rate in one cell, ``0.204 (0.112 to 0.296)``, marked where it lies
+    beyond the learning curve; None (shown as -) where the claim has none."""
+    def given(key: str) -> bool:  # None in summary.json, NaN in a claims table
+        return claim.get(key) is not None and claim[key] == claim[key]
+
+    if not given("exchange_rate"):
+        return None
+    rate, low, high = (claim.get(k) for k in ("exchange_rate", "exchange_ci_low",
+                                               "exchange_ci_high"))
+    ci = (f" ({_number(low)} to {_number(high)})"
+          if given("exchange_ci_low") and given("exchange_ci_high") else "")
+    return f"{_number(rate)}{ci}" + (", extrapolated" if claim.get("exchange_extrapolated") else "")
 
 
 def summary_html(summary: dict[str, Any], link: str) -> str:
@@ -194,7 +209,8 @@ def summary_html(summary: dict[str, Any], link: str) -> str:
         return ""
     rates = [{"experiment": arm, **entry}
              for arm, entry in (summary.get("exchange_rate") or {}).items()]
-    answer = (_rows_html("The paper's claims", summary.get("claims") or [], _CLAIM_COLUMNS)
+    claims = [{**c, "exchange rate (CI)": _rate_cell(c)} for c in summary.get("claims") or []]
+    answer = (_rows_html("The paper's claims", claims, _CLAIM_COLUMNS)
               + _rows_html("Manipulation checks (positive and negative controls)",
                            summary.get("manipulation_checks") or [], _CHECK_COLUMNS)
               + _rows_html("Exchange rate (internal test set): real images one extra image "

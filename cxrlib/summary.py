@@ -56,7 +56,8 @@ CHECK_KEYS: tuple[str, ...] = ("experiment", "baseline", "check", "expected", "t
                                "delta", "ci_low", "ci_high", "verdict", "held")
 CLAIM_KEYS: tuple[str, ...] = ("claim", "statement", "test_set", "tested", "delta", "ci_low",
                                "ci_high", "mde", "mde_holm", "verdict", "confounds",
-                               "exchange_rate")
+                               "exchange_rate", "exchange_ci_low", "exchange_ci_high",
+                               "exchange_extrapolated")
 ROW_KEYS: dict[str, tuple[str, ...]] = {"primary": PRIMARY_KEYS,
                                         "manipulation_checks": CHECK_KEYS,
                                         "claims": CLAIM_KEYS}

@@ -14,6 +14,7 @@ from sklearn.metrics import roc_auc_score
 from cxrlib import findings, stats, study_tables
 from cxrlib.config import PrimarySpec, StatsSpec
 from cxrlib.kinds import Kind
+from cxrlib.pipeline import summary_html
 from cxrlib.stats import (
     SeedMacros,
     adjust_holm,
@@ -29,7 +30,7 @@ from cxrlib.stats import (
     seeds_for_mde,
     weighted_auroc,
 )
-from cxrlib.summary import PRIMARY_KEYS, schema_problems
+from cxrlib.summary import CLAIM_KEYS, PRIMARY_KEYS, schema_problems
 
 LABELS = tuple(f"Label{j}" for j in range(10))
 
@@ -652,6 +653,11 @@ def test_claims_table_answers_the_papers_claims():
     first = claims.iloc[0]
     assert (first["exchange_rate"], first["exchange_extrapolated"]) == (0.5, True)
     assert np.isnan(claims.iloc[1]["exchange_rate"])
+    # the index page shows the rate with its CI in one cell, and - where a claim has none
+    rows = claims[list(CLAIM_KEYS)].to_dict("records")
+    page = summary_html({"claims": rows, "internal_test_images": 10}, "summary.json")
+    assert "<td>0.5 (0.2 to 0.9), extrapolated</td>" in page
+    assert page.count("<td>0.5") == 1 and "nan" not in page
     assert study_tables.DISTILLATION["all"] in first["confounds"]
     narrowed = study_tables.claims_table(comparisons, grid, StatsSpec(), exchange,
                                          train_on="sources").iloc[0]["confounds"]
