@@ -1,15 +1,19 @@
 """Benchmark: the classifier's time to quality, today's settings against candidate recipes.
 
     python benchmarks/bench_classifier_ttq.py --params params/demo.yaml [--arm real_only.f05]
-        [--seeds 3] [--recipes today fp32 ...]
+        [--judge] [--seeds 3] [--recipes today fp32 ...]
 
 Trains one arm of the grid (default: real only at the smallest real fraction, the primary
 comparisons' baseline) as notebook 04 does, until early stopping on its validation loss, under
 the preset's classifier settings (``today``) and under each candidate recipe, for ``--seeds``
-training seeds (each draws its own real subset, as in the grid). Every training runs in its own
-process (Accelerate fixes the precision once per process; peak memory is its own), seeds outer
-and recipes inner, so a noisy machine affects them alike. A recipe that is today's settings on
-this machine (``bf16`` where ``auto`` resolves to it) is not trained twice.
+training seeds (each draws its own real subset, as in the grid). ``--judge`` trains notebook
+03's judge instead (every training row of the diffusion sites, early-stopped on their internal
+validation split: :func:`cxrlib.audit_run.judge_rows`), whose training is the largest part of
+stage 03 (issue 20, item 4); its seeds are training seeds on the same rows (the judge trains
+at ``run.seed``). Every training runs in its own process (Accelerate fixes the precision once
+per process; peak memory is its own), seeds outer and recipes inner, so a noisy machine affects
+them alike. A recipe that is today's settings on this machine (``bf16`` where ``auto``
+resolves to it) is not trained twice.
 
 After each validation round the weights it scored (the EMA) are scored on the whole internal
 validation set: macro AUROC, outside the round's timed seconds. Printed side by side, means
@@ -51,12 +55,26 @@ TOLERANCE = 0.005
 TARGET_RATIO = 0.5
 
 
+#: The ``--arm`` value of a judge training (``--judge``): not a grid arm.
+JUDGE = "judge"
+
 #: The printed table's columns, in order, and their headings.
 COLUMNS: dict[str, str] = {
     "ran": "ran", "seeds": "seeds", "reached": "reached", "to_target": "min to target",
     "minutes": "min", "final": "final AUROC", "final_sd": "sd", "delta": "delta",
     "kept_step": "kept step", "img_s": "img/s", "to_target_ratio": "x today (to target)",
     "minutes_ratio": "x today (min)", "verdict": "<= 0.5x at delta >= -0.005"}
+
+
+def _cosine_over(rounds: int, lr_factor: float) -> Callable[[ClassifierSpec], dict[str, Any]]:
+    """``lr_factor`` times the learning rate, warmed up over 2 validation rounds and decayed by
+    cosine over ``rounds`` (to 1% of it), at the preset's precision, with a ceiling 2 rounds
+    after the decay (the kept weights are still those of the lowest validation loss). For the
+    judge, which keeps steps near 1,200 at a constant rate: at 1% of the rate the validation
+    loss keeps falling by tiny amounts, so early stopping alone would run to ``max_steps``."""
+    return lambda s: {"lr": lr_factor * s.lr, "lr_schedule": "cosine",
+                      "warmup_steps": 2 * s.eval_every, "lr_decay_steps": rounds * s.eval_every,
+                      "max_steps": (rounds + 2) * s.eval_every}
 
 
 def _cosine(spec: ClassifierSpec) -> dict[str, Any]:
@@ -86,6 +104,9 @@ RECIPES: dict[str, Callable[[ClassifierSpec], dict[str, Any]]] = {
     "bf16 + channels_last, patience halved, half the val": lambda s: {
         "mixed_precision": "bf16", "channels_last": True, "patience": max(1, s.patience // 2),
         "val_share": 0.5},
+    "lr x2, cosine over 20 rounds": _cosine_over(20, 2.0),
+    "lr x2, cosine over 14 rounds": _cosine_over(14, 2.0),
+    "cosine over 20 rounds": _cosine_over(20, 1.0),
 }
 
 
@@ -120,8 +141,9 @@ def arm_experiments(params: Params, arm: str | None, seeds: int):
 
 
 def train_one(params_file: str, arm: str | None, seed: int, recipe: str) -> dict[str, Any]:
-    """One training of the arm under a recipe: per round its seconds, step and validation
-    macro AUROC (all validation rows), and where it stopped."""
+    """One training of the arm (``judge``: notebook 03's judge) under a recipe: per round its
+    seconds, step and validation macro AUROC (all validation rows), and where it stopped."""
+    from cxrlib.audit_run import judge_rows
     from cxrlib.classify import predict, predictions_frame, train_classifier
     from cxrlib.cohort import patient_subset
     from cxrlib.data import load_cohort
@@ -132,15 +154,22 @@ def train_one(params_file: str, arm: str | None, seed: int, recipe: str) -> dict
 
     params = load_params(params_file)
     run = RunLayout.open(params, create=False)
-    exp = arm_experiments(params, arm, seed + 1)[seed]
-    if exp.kind.recipe.synthetic == "none":
+    if arm == JUDGE:
         cohort = load_cohort(params, run)
         data = GridData(cohort.manifest, ImageCache(cohort.cache_dir), {}, {})
+        train, val = judge_rows(params, data.manifest)
+        cache, train_seed = data.cache, seed
     else:
-        data = grid_data(params, run)
-    train = training_set(exp, params, data)
-    cache = data.combined_cache() if (train["source"] == "synthetic").any() else data.cache
-    val = experiment_validation(exp, params, data.manifest)
+        exp = arm_experiments(params, arm, seed + 1)[seed]
+        if exp.kind.recipe.synthetic == "none":
+            cohort = load_cohort(params, run)
+            data = GridData(cohort.manifest, ImageCache(cohort.cache_dir), {}, {})
+        else:
+            data = grid_data(params, run)
+        train = training_set(exp, params, data)
+        cache = data.combined_cache() if (train["source"] == "synthetic").any() else data.cache
+        val = experiment_validation(exp, params, data.manifest)
+        train_seed = exp.seed
     spec, share = recipe_settings(params.classifier, recipe)
     aurocs: list[float] = []
 
@@ -148,14 +177,14 @@ def train_one(params_file: str, arm: str | None, seed: int, recipe: str) -> dict
         preds = predictions_frame(val, predict(model, val, data.cache), "validation")
         aurocs.append(float(macro_auroc(auroc_table(preds))["macro_auroc"].iloc[0]))
 
-    result = train_classifier(spec, train, patient_subset(val, share, seed), cache, exp.seed,
+    result = train_classifier(spec, train, patient_subset(val, share, seed), cache, train_seed,
                               progress=False, on_round=score)
     hist = result.history.assign(val_macro_auroc=aurocs)
     return {"rounds": hist[["step", "seconds", "images_seen", "val_macro_auroc"]]
             .to_dict("list"), "best_epoch": result.best_epoch, "best_step": result.best_step,
             "steps": result.steps, "stopped_early": result.stopped_early,
             "precision": result.precision, "train_images": len(train), "val_images": len(val),
-            "arm": exp.name}
+            "arm": arm if arm == JUDGE else exp.name}
 
 
 def summarise(runs: pd.DataFrame, today: str = "today") -> tuple[pd.DataFrame, float]:
@@ -194,6 +223,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--params", default="params/demo.yaml")
     ap.add_argument("--arm", help="grid arm to train (default: real only, smallest fraction)")
+    ap.add_argument("--judge", action="store_true",
+                    help="train notebook 03's judge instead of a grid arm")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
     ap.add_argument("--out", type=Path, help="also write every training's rounds (CSV)")
@@ -209,7 +240,11 @@ def main() -> None:
     here = {r: (_as_run_here(recipe_settings(spec, r)[0]), recipe_settings(spec, r)[1])
             for r in recipes}
     same = {r: next(s for s in recipes if here[s] == here[r]) for r in recipes}
-    exps = arm_experiments(params, args.arm, args.seeds)
+    if args.judge:
+        args.arm = JUDGE
+        seeds = [(JUDGE, s) for s in range(args.seeds)]
+    else:
+        seeds = [(e.name, e.seed) for e in arm_experiments(params, args.arm, args.seeds)]
     print(f"machine: {os.cpu_count()} CPUs, {os.environ.get('OMP_NUM_THREADS', 'all')} OMP "
           f"threads, CPU bf16 units {', '.join(cpu_bf16_units()) or 'none'}; "
           f"preset {Path(args.params).name}: {spec.backbone}, batch {spec.batch_size}, lr "
@@ -217,19 +252,19 @@ def main() -> None:
           f"mixed_precision {spec.mixed_precision} -> "
           f"{precision_label(resolve_precision(spec.mixed_precision))}")
     aliases = [f"{r} = {same[r]} here, not trained again" for r in recipes if same[r] != r]
-    print("; ".join([f"arm {exps[0].name}, seeds {[e.seed for e in exps]}", *aliases]))
+    print("; ".join([f"arm {seeds[0][0]}, seeds {[s for _, s in seeds]}", *aliases]))
     rows = []
-    for exp in exps:
+    for name, seed in seeds:
         for recipe in (r for r in recipes if same[r] == r):
-            cmd = [sys.executable, __file__, "--worker", recipe, "--seed", str(exp.seed),
-                   "--params", args.params, "--arm", exp.name]
+            cmd = [sys.executable, __file__, "--worker", recipe, "--seed", str(seed),
+                   "--params", args.params, "--arm", name]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode:
-                raise SystemExit(f"{recipe}, seed {exp.seed} failed:\n{proc.stderr[-3000:]}")
+                raise SystemExit(f"{recipe}, seed {seed} failed:\n{proc.stderr[-3000:]}")
             out = json.loads(proc.stdout.strip().splitlines()[-1])
-            rows += [{"recipe": r, "seed": exp.seed, **out} for r in recipes
+            rows += [{"recipe": r, "seed": seed, **out} for r in recipes
                      if same[r] == recipe]
-            print(f"  seed {exp.seed} {recipe}: kept step {out['best_step']} of "
+            print(f"  seed {seed} {recipe}: kept step {out['best_step']} of "
                   f"{out['steps']}, {sum(out['rounds']['seconds']) / 60:.2f} min", flush=True)
     runs = pd.DataFrame(rows)
     table, target = summarise(runs)

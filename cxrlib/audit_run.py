@@ -110,6 +110,18 @@ class AuditReference:
                              self.spec.n_boot, self.seed)
 
 
+def judge_rows(params: Params, manifest: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The judge's training rows (every training row of the diffusion sites) and its
+    validation rows (their internal validation split, which also gives the real reference)."""
+    train = training_rows(params, manifest)
+    sites = sorted(set(train["site"]))
+    val = split_rows(manifest, sites, "val")
+    if len(val) < 2 * (params.audit.prdc_k + 1):
+        raise ValueError(f"the audit needs validation images of sites {sites}; found "
+                         f"{len(val)} (set a val fraction in data.sites[].split)")
+    return train, val
+
+
 def audit_reference(params: Params, manifest: pd.DataFrame, cache: ImageCache, run: RunLayout,
                     progress: bool = True) -> AuditReference:
     """Train (or load) the judge, fit the probes, and embed the real reference images.
@@ -121,12 +133,7 @@ def audit_reference(params: Params, manifest: pd.DataFrame, cache: ImageCache, r
     """
     from cxrlib.audit_encoders import load_encoder  # torchxrayvision only when asked for
 
-    train = training_rows(params, manifest)
-    sites = set(train["site"])
-    val = split_rows(manifest, sorted(sites), "val")
-    if len(val) < 2 * (params.audit.prdc_k + 1):
-        raise ValueError(f"the audit needs validation images of sites {sorted(sites)}; found "
-                         f"{len(val)} (set a val fraction in data.sites[].split)")
+    train, val = judge_rows(params, manifest)
     judge = train_or_load(params.classifier, train, val, cache,
                           run.judge, params.run.seed,
                           progress).model
