@@ -21,7 +21,9 @@ today's minutes:
         --out reports/benchmarks/diffusion_ttq
 
 ``--reuse CSV`` takes the curves of the recipes an earlier score table holds (checked: its
-real validation images must score as now) and trains only the new ones; ``--set KEY=VALUE``
+real validation images must score as now, and each reused curve must have been trained with
+today's settings for its recipe, else it is trained again) and trains only the new ones;
+``--set KEY=VALUE``
 changes the params as ``cxrlib run`` does (``--set run.name=demo-all --set
 diffusion.train_on=all`` benchmarks the generator that learns from every training row).
 
@@ -32,6 +34,7 @@ Needs the run's manifest and cache (notebook 01). Trains or loads the judge in t
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import tempfile
@@ -47,9 +50,9 @@ import torch
 
 from cxrlib.audit_run import audit_reference, real_row, score_setting, sweep_conditions
 from cxrlib.condition import encode_conditions
-from cxrlib.config import Params, load_params, parse_overrides
+from cxrlib.config import Params, diff_keys, load_params, parse_overrides
 from cxrlib.data import load_cohort
-from cxrlib.diffusion import train_diffusion
+from cxrlib.diffusion import identity_config, train_diffusion
 from cxrlib.hardware import cpu_bf16_units, resolve_precision
 from cxrlib.imagecache import ImageCache
 from cxrlib.io import atomic_write_text
@@ -105,6 +108,40 @@ def recipe_params(params: Params, recipe: Recipe, steps: int, every: int) -> Par
         "resume": "never"})})
 
 
+def curve_settings(params: Params, recipe: Recipe) -> str:
+    """What a recipe's scores depend on besides the judge and the conditions (which the real
+    row checks): its training's checkpoint identity (:func:`cxrlib.diffusion.identity_config`:
+    architecture, schedule, optimiser, ``train_on``, seed) and the sampler, as JSON. An
+    earlier curve is reused only where they are the same: a preset that changed since (the
+    demo's generator learning only from the source patients) gives other curves."""
+    s = params.sampling
+    return json.dumps({**identity_config(recipe_params(params, recipe, 1, 1)),
+                       "sampling": [s.sampler, s.steps, s.guidance, s.guidance_rescale,
+                                    s.mixed_precision]}, sort_keys=True)
+
+
+def matching_curves(old: pd.DataFrame, path: Path, params: Params,
+                    recipes: list[Recipe]) -> tuple[set[str], dict[str, list[str]]]:
+    """The recipes whose curves in an earlier score table were trained with today's settings
+    for them, and for the others the dotted keys that differ."""
+    if "settings" not in old:
+        raise SystemExit(f"{path}: this score table does not record the settings each curve "
+                         "was trained with (it predates them), so its curves cannot be checked "
+                         "against today's recipes; train every recipe again")
+    same, differ = set(), {}
+    for recipe in recipes:
+        stored = old.loc[old["recipe"] == recipe.name, "settings"].unique()
+        if len(stored) == 0:
+            continue
+        now = curve_settings(params, recipe)
+        if list(stored) == [now]:
+            same.add(recipe.name)
+        else:
+            differ[recipe.name] = sorted(set().union(*(
+                diff_keys(json.loads(s), json.loads(now)) for s in stored)))
+    return same, differ
+
+
 def _stamp(stamps: dict[int, float], step: int) -> None:
     stamps[step] = time.perf_counter()
 
@@ -157,15 +194,19 @@ def fidelity_curve(params: Params, cohort, cache: ImageCache, layout: RunLayout,
                               s.guidance, s.guidance_rescale, s.batch_size,
                               precision=resolve_precision(s.mixed_precision))
             out.append({"recipe": recipe.name, "step": step,
-                        **score_setting(ref, rows, images, labels)})
+                        **score_setting(ref, rows, images, labels),
+                        "settings": curve_settings(params, recipe)})
             print(pd.DataFrame(out[-1:]).to_string(index=False), flush=True)
     return out
 
 
-def reused_curves(path: Path, real: dict, recipes: list[Recipe]) -> tuple[list[dict], set[str]]:
+def reused_curves(path: Path, real: dict, params: Params,
+                  recipes: list[Recipe]) -> tuple[list[dict], set[str]]:
     """The real row and the curves of ``recipes`` from an earlier score table, after checking
-    that its real validation images scored as ``real`` does now: scores of another judge or
-    other conditions are not comparable, and the run fails saying so."""
+    that its real validation images scored as ``real`` does now (scores of another judge or
+    other conditions are not comparable, and the run fails saying so), and only the curves
+    trained with today's settings for their recipe (:func:`matching_curves`; the others are
+    trained again, and said so)."""
     old = pd.read_csv(path)
     before = old[old["recipe"] == "real validation images"]
     keys = ("fidelity_macro_auroc", "sex_auroc")
@@ -174,7 +215,10 @@ def reused_curves(path: Path, real: dict, recipes: list[Recipe]) -> tuple[list[d
             f"{path}: its real validation images score "
             f"{before[list(keys)].to_dict('records')} but {({k: real[k] for k in keys})} now: "
             "another judge or other conditions; train every recipe again (leave out --reuse)")
-    names = {r.name for r in recipes if r.same_math_as is None} & set(old["recipe"])
+    names, differ = matching_curves(old, path, params,
+                                    [r for r in recipes if r.same_math_as is None])
+    for name, keys in differ.items():
+        print(f"not reused: {name}, trained with other settings ({', '.join(keys[:6])})")
     kept = old[old["recipe"].isin(names)]
     return [real, *kept.to_dict("records")], names
 
@@ -237,6 +281,11 @@ def main() -> None:
     if args.curves:
         scores = pd.read_csv(args.curves)
         recipes = [r for r in recipes if r.name in set(scores["recipe"])]
+        _, differ = matching_curves(scores, Path(args.curves), params,
+                                    [r for r in recipes if r.same_math_as is None])
+        if differ:
+            raise SystemExit(f"{args.curves}: curves trained with other settings than today's "
+                             f"recipes: {differ}; train them again (leave out --curves)")
     else:
         ref = audit_reference(params, cohort.manifest, cache, layout, progress=False)
         rows, _, seeds, labels = sweep_conditions(params, ref, args.images, with_view=False,
@@ -245,7 +294,7 @@ def main() -> None:
         curves: list[dict] = [{"recipe": "real validation images", "step": 0, **real}]
         done: set[str] = set()
         if args.reuse:
-            curves, done = reused_curves(Path(args.reuse), curves[0], recipes)
+            curves, done = reused_curves(Path(args.reuse), curves[0], params, recipes)
             print(f"reused from {args.reuse}: {', '.join(sorted(done)) or 'nothing'}")
         for recipe in (r for r in recipes if r.same_math_as is None and r.name not in done):
             curves += fidelity_curve(params, cohort, cache, layout, ref, recipe, seeds, rows,
