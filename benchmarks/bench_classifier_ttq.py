@@ -154,22 +154,19 @@ def train_one(params_file: str, arm: str | None, seed: int, recipe: str) -> dict
 
     params = load_params(params_file)
     run = RunLayout.open(params, create=False)
-    if arm == JUDGE:
+    exp = None if arm == JUDGE else arm_experiments(params, arm, seed + 1)[seed]
+    if exp is None or exp.kind.recipe.synthetic == "none":
         cohort = load_cohort(params, run)
         data = GridData(cohort.manifest, ImageCache(cohort.cache_dir), {}, {})
-        train, val = judge_rows(params, data.manifest)
-        cache, train_seed = data.cache, seed
     else:
-        exp = arm_experiments(params, arm, seed + 1)[seed]
-        if exp.kind.recipe.synthetic == "none":
-            cohort = load_cohort(params, run)
-            data = GridData(cohort.manifest, ImageCache(cohort.cache_dir), {}, {})
-        else:
-            data = grid_data(params, run)
+        data = grid_data(params, run)
+    if exp is None:
+        train, val = judge_rows(params, data.manifest)  # real rows only
+        cache = data.cache
+    else:
         train = training_set(exp, params, data)
-        cache = data.combined_cache() if (train["source"] == "synthetic").any() else data.cache
         val = experiment_validation(exp, params, data.manifest)
-        train_seed = exp.seed
+        cache = data.combined_cache() if (train["source"] == "synthetic").any() else data.cache
     spec, share = recipe_settings(params.classifier, recipe)
     aurocs: list[float] = []
 
@@ -177,14 +174,14 @@ def train_one(params_file: str, arm: str | None, seed: int, recipe: str) -> dict
         preds = predictions_frame(val, predict(model, val, data.cache), "validation")
         aurocs.append(float(macro_auroc(auroc_table(preds))["macro_auroc"].iloc[0]))
 
-    result = train_classifier(spec, train, patient_subset(val, share, seed), cache, train_seed,
-                              progress=False, on_round=score)
+    result = train_classifier(spec, train, patient_subset(val, share, seed), cache,
+                              seed if exp is None else exp.seed, progress=False, on_round=score)
     hist = result.history.assign(val_macro_auroc=aurocs)
     return {"rounds": hist[["step", "seconds", "images_seen", "val_macro_auroc"]]
             .to_dict("list"), "best_epoch": result.best_epoch, "best_step": result.best_step,
             "steps": result.steps, "stopped_early": result.stopped_early,
             "precision": result.precision, "train_images": len(train), "val_images": len(val),
-            "arm": arm if arm == JUDGE else exp.name}
+            "arm": JUDGE if exp is None else exp.name}
 
 
 def summarise(runs: pd.DataFrame, today: str = "today") -> tuple[pd.DataFrame, float]:

@@ -23,9 +23,8 @@ today's minutes:
 ``--reuse CSV`` takes the curves of the recipes an earlier score table holds (checked: its
 real validation images must score as now, and each reused curve must have been trained with
 today's settings for its recipe, else it is trained again) and trains only the new ones;
-``--set KEY=VALUE``
-changes the params as ``cxrlib run`` does (``--set run.name=demo-all --set
-diffusion.train_on=all`` benchmarks the generator that learns from every training row).
+``--set KEY=VALUE`` changes the params as ``cxrlib run`` does (``--set run.name=demo-all
+--set diffusion.train_on=all`` benchmarks the generator that learns from every training row).
 
 Needs the run's manifest and cache (notebook 01). Trains or loads the judge in the run folder
 (as notebook 03 does); the diffusion checkpoints go to a temporary folder.
