@@ -110,13 +110,16 @@ def recipe_params(params: Params, recipe: Recipe, steps: int, every: int) -> Par
 def curve_settings(params: Params, recipe: Recipe) -> str:
     """What a recipe's scores depend on besides the judge and the conditions (which the real
     row checks): its training's checkpoint identity (:func:`cxrlib.diffusion.identity_config`:
-    architecture, schedule, optimiser, ``train_on``, seed) and the sampler, as JSON. An
-    earlier curve is reused only where they are the same: a preset that changed since (the
-    demo's generator learning only from the source patients) gives other curves."""
-    s = params.sampling
-    return json.dumps({**identity_config(recipe_params(params, recipe, 1, 1)),
+    architecture, schedule, optimiser, ``train_on``, seed), the precisions ``auto`` resolves
+    to on this machine (an fp32 curve from a CPU without bf16 units is not a bf16 curve) and
+    the sampler, as JSON. An earlier curve is reused only where they are the same: a preset
+    that changed since (the demo's generator learning only from the source patients) gives
+    other curves."""
+    s, run = params.sampling, recipe_params(params, recipe, 1, 1)
+    return json.dumps({**identity_config(run),
+                       "trained_in": resolve_precision(run.diffusion.mixed_precision),
                        "sampling": [s.sampler, s.steps, s.guidance, s.guidance_rescale,
-                                    s.mixed_precision]}, sort_keys=True)
+                                    resolve_precision(s.mixed_precision)]}, sort_keys=True)
 
 
 def matching_curves(old: pd.DataFrame, path: Path, params: Params,

@@ -344,6 +344,12 @@ class ExperimentSpec(_Strict):
     #: Training seeds per cell of the grid; each seed also draws its own real subset (inside the
     #: rows that have synthetic replicas), since the draw is part of a recipe's variance.
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    #: Arms trained at once, each in its own process with an equal share of this process's
+    #: torch threads (1 = one after another in this process). A small CPU model uses two
+    #: cores poorly: on the 2-core demo machine two one-thread arms train 1.6x the images per
+    #: second of one two-thread arm. A run may change it; arms are seeded, but their float
+    #: sums follow the thread count, so scores move in the last digits.
+    workers: PositiveInt = 1
 
     @property
     def internal_arms(self) -> list[tuple[Kind, list[int]]]:

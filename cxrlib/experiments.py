@@ -22,12 +22,15 @@ Before anything trains, :func:`check_grid_leakage` verifies that no validation o
 from __future__ import annotations
 
 import json
+import multiprocessing
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
 from cxrlib.classify import (
     TrainResult,
@@ -46,6 +49,7 @@ from cxrlib.io import (
     atomic_write_text,
     is_main_process,
     on_main,
+    process_state,
 )
 from cxrlib.kinds import Kind
 from cxrlib.labels import CHEXPERT_LABELS
@@ -334,8 +338,61 @@ def run_grid(params: Params, data: GridData, run: RunLayout,
             if not run.experiment(e.name, e.seed).predictions.exists()]
     bar = tqdm(todo, desc=f"experiment grid ({len(training) - len(todo)} of {len(training)} "
                "done before)", disable=not (progress and is_main_process()))
+    workers = min(params.experiments.workers, len(todo))
+    if workers > 1:
+        _run_in_processes(todo, training, params, data, run, workers, bar)
+        return grid_results(run)
     for exp in bar:
         bar.set_postfix_str(f"{exp.name} seed {exp.seed}")
-        judge = exp.kind is Kind.REAL_ONLY and exp.real_fraction == 1.0
-        run_experiment(exp, params, data, training[exp], run, (run.judge,) if judge else ())
+        run_experiment(exp, params, data, training[exp], run, _judge_reuse(exp, run))
     return grid_results(run)
+
+
+def _judge_reuse(exp: Experiment, run: RunLayout) -> tuple[Path, ...]:
+    """Real only at 100% is notebook 03's judge (same rows and seed): reuse it if trained."""
+    return (run.judge,) if exp.kind is Kind.REAL_ONLY and exp.real_fraction == 1.0 else ()
+
+
+#: A grid worker process's share of the run (set once per process by :func:`_start_worker`).
+_WORKER: dict = {}
+
+
+def _start_worker(params: Params, data: GridData, run: RunLayout, threads: int) -> None:
+    torch.set_num_threads(threads)
+    _WORKER.update(params=params, data=data, run=run)
+
+
+def _worker_experiment(exp: Experiment, train: pd.DataFrame) -> None:
+    w = _WORKER
+    run_experiment(exp, w["params"], w["data"], train, w["run"], _judge_reuse(exp, w["run"]))
+
+
+def _run_in_processes(todo: list[Experiment], training: dict[Experiment, pd.DataFrame],
+                      params: Params, data: GridData, run: RunLayout, workers: int,
+                      bar) -> None:
+    """``experiments.workers`` arms at a time, each in a spawned process with an equal share
+    of the torch threads; every arm writes its own folder exactly as in-process (predictions
+    last), so an interrupted grid resumes the same way. The caches pickle without images."""
+    if process_state().num_processes > 1:
+        raise ValueError("experiments.workers > 1 runs arms in processes of its own; under "
+                         "accelerate launch each arm already spans the launched processes: "
+                         "set experiments.workers: 1")
+    threads = max(1, torch.get_num_threads() // workers)
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_start_worker,
+                             initargs=(params, data, run, threads)) as pool:
+        running = {pool.submit(_worker_experiment, e, training[e]): e for e in todo}
+        bar.set_postfix_str(f"{workers} at a time, {threads} thread(s) each")
+        try:
+            for done in as_completed(running):
+                exp = running[done]
+                try:
+                    done.result()
+                except Exception as err:
+                    raise RuntimeError(f"experiment {exp.name} seed {exp.seed} failed in its "
+                                       f"worker process: {err}") from err
+                bar.update(1)
+                bar.set_postfix_str(f"{exp.name} seed {exp.seed} done")
+        finally:
+            for future in running:
+                future.cancel()

@@ -61,7 +61,7 @@ TRAINING_HISTORIES: dict[str, str] = {
 }
 #: Keys a run may change between invocations: how long to train, how often to save, how many
 #: worker processes. Everything else defines the run and must stay as it was.
-_FREE_KEYS = frozenset({"data.workers", "sampling.batch_size",
+_FREE_KEYS = frozenset({"data.workers", "experiments.workers", "sampling.batch_size",
                         *(f"diffusion.{k}" for k in DiffusionSpec.RUN_LENGTH_KEYS)})
 
 

@@ -533,6 +533,31 @@ def test_grid_under_two_processes_through_accelerate(grid_run):
             pd.read_parquet(run.experiment("real_only.f100", 0).predictions))
 
 
+def test_grid_workers_train_arms_in_processes_of_their_own(grid_run, monkeypatch):
+    """experiments.workers 2: the arms still to do train in two spawned processes (none in
+    this one), each writing its folder as in-process training does; seeded, so their scores
+    match in-process training of the same arm but for the float sums of another thread
+    count."""
+    params, run, data = grid_run
+    run_grid(params, data, run, progress=False)  # the rest of the grid is done
+    names = ("real_only.f50", "real_plus_synthetic_x1.f50", "real_plus_oracle_x1.f25")
+    before = {n: pd.read_parquet(run.experiment(n, 0).predictions) for n in names}
+    for name in names:
+        shutil.rmtree(run.experiment(name, 0).root)
+    monkeypatch.setattr("cxrlib.experiments.run_experiment",
+                        lambda *a, **k: pytest.fail("trained in the calling process"))
+    two = params.model_copy(update={"experiments": params.experiments.model_copy(
+        update={"workers": 2})})
+    results = run_grid(two, data, run, progress=False)
+    assert len(results) == len(plan_grid(params))
+    for name in names:
+        after = pd.read_parquet(run.experiment(name, 0).predictions)
+        assert after[["image_id", "label", "test_set"]].equals(
+            before[name][["image_id", "label", "test_set"]])
+        assert np.abs(after["score"] - before[name]["score"]).max() < 1e-3
+        assert json.loads(run.experiment(name, 0).config.read_text())["optimizer_steps"] > 0
+
+
 def test_synthetic_pretraining_fine_tunes_the_pretrained_weights_on_the_real_rows(
         grid_run, monkeypatch):
     """Kind synthetic_pretrain: phase 1 trains on the real rows' replicas alone, phase 2 on the
