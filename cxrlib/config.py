@@ -346,9 +346,10 @@ class ExperimentSpec(_Strict):
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     #: Arms trained at once, each in its own process with an equal share of this process's
     #: torch threads (1 = one after another in this process). A small CPU model uses two
-    #: cores poorly: on the 2-core demo machine two one-thread arms train 1.6x the images per
-    #: second of one two-thread arm. A run may change it; arms are seeded, but their float
-    #: sums follow the thread count, so scores move in the last digits.
+    #: cores poorly: on the 2-core demo machine two one-thread arms train 1.36x the images per
+    #: second of one two-thread arm (``benchmarks/bench_grid_workers.py``). A run may change it;
+    #: arms are seeded, but their float sums follow the thread count, and a training carries
+    #: that on as another seed would (internal AUROC sd 0.017 between the two ways).
     workers: PositiveInt = 1
 
     @property

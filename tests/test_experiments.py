@@ -554,7 +554,7 @@ def test_grid_workers_train_arms_in_processes_of_their_own(grid_run, monkeypatch
         after = pd.read_parquet(run.experiment(name, 0).predictions)
         assert after[["image_id", "label", "test_set"]].equals(
             before[name][["image_id", "label", "test_set"]])
-        assert np.abs(after["score"] - before[name]["score"]).max() < 1e-3
+        assert np.abs(after["score"] - before[name]["score"]).max() < 0.01
         assert json.loads(run.experiment(name, 0).config.read_text())["optimizer_steps"] > 0
 
 
