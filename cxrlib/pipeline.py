@@ -156,12 +156,16 @@ def record_stage_times(run: RunLayout, reports_root: Path | None = None) -> dict
 
 
 def _number(value: Any) -> str:
-    """A table cell: floats to 3 significant digits, booleans as yes/no, missing as -."""
+    """A table cell: floats to 3 significant digits without an exponent (a CI bound of
+    -7.66e-05 reads -0.0001; below 0.0001 it is 0.0000), booleans as yes/no, missing as -."""
     if value is None or (isinstance(value, float) and value != value):
         return "-"
     if isinstance(value, bool):
         return "yes" if value else "no"
-    return f"{value:.3g}" if isinstance(value, float) else html.escape(str(value))
+    if not isinstance(value, float):
+        return html.escape(str(value))
+    text = f"{value:.3g}"
+    return text if "e" not in text else f"{value:.4f}" if abs(value) < 1 else f"{value:,.0f}"
 
 
 def _rows_html(title: str, rows: list[dict[str, Any]], keys: tuple[str, ...]) -> str:

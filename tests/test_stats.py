@@ -658,6 +658,10 @@ def test_claims_table_answers_the_papers_claims():
     page = summary_html({"claims": rows, "internal_test_images": 10}, "summary.json")
     assert "<td>0.5 (0.2 to 0.9), extrapolated</td>" in page
     assert page.count("<td>0.5") == 1 and "nan" not in page
+    # no exponent in a cell: a CI bound just below 0, a large count
+    cells = summary_html({"claims": [{**rows[0], "ci_low": -7.66e-05, "mde": 12345.0}],
+                          "internal_test_images": 10}, "summary.json")
+    assert "<td>-0.0001</td>" in cells and "<td>12,345</td>" in cells and "e-05" not in cells
     assert study_tables.DISTILLATION["all"] in first["confounds"]
     narrowed = study_tables.claims_table(comparisons, grid, StatsSpec(), exchange,
                                          train_on="sources").iloc[0]["confounds"]
