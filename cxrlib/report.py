@@ -13,6 +13,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import seaborn as sns
+from matplotlib.ticker import LogLocator, NullFormatter, StrMethodFormatter
 from pydantic import BaseModel
 
 from cxrlib.io import atomic_path, atomic_write_parquet, atomic_write_text
@@ -437,6 +438,10 @@ def exchange_figure(curve: pd.DataFrame, rates: pd.DataFrame) -> plt.Figure:
                     mfc="none" if r["extrapolated"] else colour,
                     label=f"{Kind(r['kind']).label} x{int(r['k'])}: r {r['rate']:.2f}")
         ax.set_xscale("log")
+        # plain counts at 1-2-5 steps: the default minor labels (2x10^2, 3x10^2, ...) overlap
+        ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(StrMethodFormatter("{x:,.0f}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_title(test)
         ax.set_xlabel("real training images (log scale)")
         ax.set_ylabel("macro AUROC (mean over seeds)")
