@@ -89,9 +89,10 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
     # Adam's square-root rule: twice the batch at sqrt(2) times the rate, for as many images
     # as the half-length recipes see.
     Recipe("batch64", {"batch_size": 64, "lr_scale": 2 ** 0.5}, share=0.25, score_at=(0.25,)),
-    # Smaller batches at today's rate (issue 20): on a 2-core CPU a step's time falls almost
-    # as fast as its batch (bf16: 296 ms at 32, 149 at 16, 100 at 8), so in today's minutes
-    # they take 2-3x the updates, each from fewer images.
+    # Smaller batches at today's rate (issue 20): on a 2-core CPU a step's time falls nearly
+    # as fast as its batch (bf16, the bare UNet step: 296 ms at 32, 149 at 16, 100 at 8; in
+    # the trainer 0.6x and 0.4x of batch 32's), so in today's minutes they take 1.7-2.5x the
+    # updates, each from fewer images.
     Recipe("batch16", {"batch_size": 16}, share=1.0, score_at=(0.5, 0.75, 1.0)),
     Recipe("batch8", {"batch_size": 8}, share=1.5, score_at=(1.0, 1.25, 1.5)),
     Recipe("batch16-logit-normal", {"batch_size": 16, "timestep_sampling": "logit_normal"},
