@@ -104,9 +104,10 @@ RECIPES: dict[str, Callable[[ClassifierSpec], dict[str, Any]]] = {
     "bf16 + channels_last, patience halved, half the val": lambda s: {
         "mixed_precision": "bf16", "channels_last": True, "patience": max(1, s.patience // 2),
         "val_share": 0.5},
-    # Half the batch (issue 20): a resnet10t step at 32 px costs about half as much, so in
-    # today's minutes an arm takes nearly twice the updates, each from half the images;
-    # validation every 25 steps (half the images between rounds) or every 50 (as many).
+    # Half the batch (issue 20), validating every 25 steps (half the images between rounds)
+    # or every 50 (as many). Measured on the bf16 EPYC: a batch-32 step (validation included)
+    # costs 0.82x a batch-64 one, not half, and the arm took 0.99x today's minutes
+    # (reports/benchmarks/classifier_ttq_batch.txt).
     "batch 32": lambda s: {"batch_size": s.batch_size // 2},
     "batch 32, validate every 50 steps": lambda s: {"batch_size": s.batch_size // 2,
                                                     "eval_every": 2 * s.eval_every},

@@ -165,7 +165,9 @@ def _number(value: Any) -> str:
     if not isinstance(value, float):
         return html.escape(str(value))
     text = f"{value:.3g}"
-    return text if "e" not in text else f"{value:.4f}" if abs(value) < 1 else f"{value:,.0f}"
+    if "e" not in text:
+        return text
+    return f"{value:.4f}" if abs(value) < 1 else f"{value:,.0f}"
 
 
 def _rows_html(title: str, rows: list[dict[str, Any]], keys: tuple[str, ...]) -> str:
