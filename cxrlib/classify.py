@@ -25,7 +25,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import timm
-import timm.optim
 import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
@@ -36,7 +35,7 @@ from torch import nn
 from cxrlib.augment import augment_batch
 from cxrlib.cohort import SUBGROUP_COLUMNS
 from cxrlib.config import ClassifierSpec, diff_keys
-from cxrlib.hardware import precision_label, resolve_precision
+from cxrlib.hardware import make_optimizer, precision_label, resolve_precision
 from cxrlib.imagecache import CombinedCache, ImageCache, to_model_input
 from cxrlib.io import on_main, replace_folder
 from cxrlib.labels import CHEXPERT_LABELS
@@ -173,22 +172,25 @@ class TrainResult:
 
 class EarlyStopping:
     """The converged protocol's bookkeeping, shared by both trainers: keep the weights of the
-    lowest validation loss; stop after ``patience`` validations without a lower one."""
+    lowest validation loss; stop after ``patience`` validations without a lower one, but not
+    before step ``stop_after``."""
 
-    def __init__(self, patience: int):
-        self.patience = patience
+    def __init__(self, patience: int, stop_after: int = 0):
+        self.patience, self.stop_after = patience, stop_after
         self.best_loss, self.best_epoch, self.best_step, self.waited = np.inf, 0, 0, 0
         self.best_state: dict[str, torch.Tensor] | None = None
 
-    def update(self, val_loss: float, epoch: int, step: int, model: nn.Module) -> bool:
-        """Record a validation round (``model``: the weights it scored); True = stop now."""
+    def update(self, val_loss: float, epoch: int, step: int, model: nn.Module | None) -> bool:
+        """Record a validation round (``model``: the weights it scored; None replays a saved
+        history without weights); True = stop now."""
         if val_loss < self.best_loss:
             self.best_loss, self.best_epoch, self.best_step, self.waited = \
                 val_loss, epoch, step, 0
-            self.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            if model is not None:
+                self.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
             return False
         self.waited += 1
-        return self.waited >= self.patience
+        return self.waited >= self.patience and step >= self.stop_after
 
     def result(self, spec: ClassifierSpec, history: list[dict], device: torch.device,
                rounds: int, steps: int, seen: int, num_outputs: int = len(CHEXPERT_LABELS)
@@ -277,8 +279,7 @@ def train_classifier(spec: ClassifierSpec, train: pd.DataFrame, val: pd.DataFram
     if init is not None:
         model.load_state_dict(init.state_dict())
     model = model.to(memory_format=layout)
-    opt = timm.optim.create_optimizer_v2(model, opt=spec.optimizer, lr=spec.lr,
-                                         weight_decay=spec.weight_decay)
+    opt = make_optimizer(model, spec.optimizer, spec.lr, spec.weight_decay)
     schedule = lr_schedule(spec, opt)
     model, opt = accelerator.prepare(model, opt)
     # EMA with timm's warm-up (decay grows as 1 - (1 + step)^-2/3 up to ema_decay), so a
@@ -290,7 +291,7 @@ def train_classifier(spec: ClassifierSpec, train: pd.DataFrame, val: pd.DataFram
     val_set = BatchDataset(cache, cache.rows_for(val["image_id"]), _label_matrix(val))
     val_set.plan = epoch_plan(len(val), spec.batch_size, None, rank, world)
     pin = accelerator.device.type == "cuda"
-    stopper = EarlyStopping(spec.patience)
+    stopper = EarlyStopping(spec.patience, spec.stop_after_steps)
     history, seen = [], 0
     rounds = n_rounds(spec)
     bar = tqdm(enumerate(round_plans(len(train), spec, rng, rank, world), start=1),
@@ -357,13 +358,12 @@ def train_binary(spec: ClassifierSpec, images: np.ndarray, targets: np.ndarray,
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = build_model(spec, num_outputs=1)
-    opt = timm.optim.create_optimizer_v2(model, opt=spec.optimizer, lr=spec.lr,
-                                         weight_decay=spec.weight_decay)
+    opt = make_optimizer(model, spec.optimizer, spec.lr, spec.weight_decay)
     model, opt = accelerator.prepare(model, opt)
     x_all, y_all = to_model_input(images), torch.as_tensor(targets, dtype=torch.float32)
     y_val = torch.as_tensor(val_targets, dtype=torch.float32)
     loss_fn = nn.functional.binary_cross_entropy_with_logits
-    stopper = EarlyStopping(spec.patience)
+    stopper = EarlyStopping(spec.patience, spec.stop_after_steps)
     step = seen = 0
     history = []
     plans = round_plans(len(images), spec, np.random.default_rng(seed))

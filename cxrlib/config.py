@@ -256,6 +256,11 @@ class ClassifierSpec(_Strict):
     optimizer: Literal["adamw", "lion"] = "adamw"
     #: Early stopping: epochs without a better validation loss before stopping.
     patience: PositiveInt = 3
+    #: Early stopping ends training only from this optimizer step on (0 = from the first
+    #: round); the kept weights are still those of the lowest validation loss of any round.
+    #: The validation loss of the first rounds is a transient (it rises at step 50 of the demo
+    #: arm before it falls), which a short patience would take for the end of learning.
+    stop_after_steps: Annotated[int, Field(ge=0)] = 0
     grad_clip: Annotated[float, Field(gt=0)] = 1.0
     #: EMA decay of the weights used for validation and evaluation (0 = no EMA).
     ema_decay: Annotated[float, Field(ge=0, lt=1)] = 0.0

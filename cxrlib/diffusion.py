@@ -43,7 +43,7 @@ from scipy.optimize import linear_sum_assignment
 from cxrlib.cohort import diffusion_rows
 from cxrlib.condition import dropout_mask, encode_conditions
 from cxrlib.config import DiffusionSpec, Params, diff_keys
-from cxrlib.hardware import describe_precision, precision_label, resolve_precision
+from cxrlib.hardware import describe_precision, make_optimizer, precision_label, resolve_precision
 from cxrlib.imagecache import ImageCache, to_model_input
 from cxrlib.io import atomic_path, atomic_write_text, on_main, replace_folder
 from cxrlib.labels import CHEXPERT_LABELS
@@ -368,10 +368,7 @@ def train_diffusion(params: Params, manifest: pd.DataFrame, cache: ImageCache, r
         print(describe_precision(spec.mixed_precision, accelerator.mixed_precision))
     torch.manual_seed(params.run.seed)
     model = ConditionalUNet(**identity["unet"])
-    import timm.optim  # Lion lives in timm; imported here to keep module import light
-
-    optimizer = timm.optim.create_optimizer_v2(model, opt=spec.optimizer, lr=spec.lr,
-                                               weight_decay=spec.weight_decay)
+    optimizer = make_optimizer(model, spec.optimizer, spec.lr, spec.weight_decay)
     lr_scheduler = get_scheduler(
         "cosine" if spec.lr_schedule == "cosine" else "constant_with_warmup", optimizer,
         num_warmup_steps=spec.warmup_steps, num_training_steps=spec.max_steps)

@@ -7,6 +7,7 @@ diffusion model and run in seconds.
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import os
@@ -51,7 +52,7 @@ from cxrlib.experiments import (
     training_sets,
 )
 from cxrlib.grid import Experiment, plan_grid
-from cxrlib.hardware import precision_label
+from cxrlib.hardware import make_optimizer, precision_label
 from cxrlib.imagecache import CombinedCache, ImageCache, decode
 from cxrlib.io import atomic_write_parquet, write_image_cache
 from cxrlib.kinds import Kind
@@ -316,6 +317,42 @@ def test_converged_protocol_validates_every_eval_every_steps_up_to_its_ceiling()
         assert [len(r) for r in rounds] == [25, 25, 25, 25]
     with pytest.raises(ValueError, match="needs classifier.max_steps"):
         ClassifierSpec(protocol="converged")
+
+
+def test_early_stopping_waits_out_the_early_transient_before_it_may_stop():
+    """The demo arm's validation loss rises at step 50 before it falls (seed 2 of the 5% arm,
+    2026-12-06); patience 2 alone stops at step 75 on the weights of step 25, patience 2 from
+    step 100 on keeps step 125's."""
+    losses = [0.486, 0.756, 0.537, 0.394, 0.361, 0.383, 0.387, 0.406, 0.423]
+    model = torch.nn.Linear(1, 1)
+
+    def run(stopper: classify.EarlyStopping) -> tuple[int, int]:
+        for epoch, loss in enumerate(losses, start=1):
+            if stopper.update(loss, epoch, 25 * epoch, model):
+                return 25 * epoch, stopper.best_step
+        return 25 * len(losses), stopper.best_step
+
+    assert run(classify.EarlyStopping(patience=2)) == (75, 25)
+    assert run(classify.EarlyStopping(patience=2, stop_after=100)) == (175, 125)
+    assert run(classify.EarlyStopping(patience=4)) == (225, 125)
+
+
+def test_adamw_runs_fused_with_the_per_tensor_update():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    twin = copy.deepcopy(model)
+    fused = make_optimizer(model, "adamw", 1e-2, 1e-4)
+    loop = torch.optim.AdamW(twin.parameters(), lr=1e-2, weight_decay=1e-4)
+    assert fused.defaults["fused"] and not loop.defaults["fused"]
+    x = torch.randn(32, 8)
+    for _ in range(5):
+        for net, opt in ((model, fused), (twin, loop)):
+            net(x).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+    for a, b in zip(model.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert not make_optimizer(model, "lion", 1e-4, 0.0).defaults.get("fused")
 
 
 def test_cosine_schedule_warms_up_decays_and_holds():
