@@ -17,13 +17,17 @@ resolves to it) is not trained twice.
 
 After each validation round the weights it scored (the EMA) are scored on the whole internal
 validation set: macro AUROC, outside the round's timed seconds. Printed side by side, means
-over seeds:
+over seeds, against a baseline recipe (``--baseline``, default ``today``; e.g. the settings
+of an earlier day, to show what a change to the preset saved):
 
 - ``to target``: training minutes (the rounds' steps and validation) until the validation macro
-  AUROC first reaches today's converged one (mean over seeds of its kept weights) less 0.005;
+  AUROC first reaches the baseline's converged one (mean over seeds of its kept weights) less
+  0.005;
 - ``minutes``: until early stopping ended the arm, what the grid spends on it;
-- ``final`` and ``delta``: validation macro AUROC of the kept weights, and against today's;
-- the kept step, images/s (validation included), and each recipe's minutes over today's.
+- ``final`` and ``delta``: validation macro AUROC of the kept weights, and against the
+  baseline's;
+- the kept step, images/s (validation included), and each recipe's minutes over the
+  baseline's.
 
 The target (issue 20): the converged arm in at most half of today's minutes at equal internal
 validation AUROC (within 0.005, 3 seeds). The first line gives the machine and, as its
@@ -84,7 +88,7 @@ def _cosine(spec: ClassifierSpec) -> dict[str, Any]:
             "warmup_steps": 2 * spec.eval_every, "lr_decay_steps": 32 * spec.eval_every}
 
 
-def _per_tensor_adamw(model, name: str, lr: float, weight_decay: float):
+def _per_tensor_adamw(model: Any, name: str, lr: float, weight_decay: float) -> Any:
     """The optimizer as it was before 2026-12-06: timm's AdamW without torch's fused kernel
     (a Python loop over the parameter tensors)."""
     import timm.optim

@@ -337,6 +337,29 @@ def test_early_stopping_waits_out_the_early_transient_before_it_may_stop():
     assert run(classify.EarlyStopping(patience=4)) == (225, 125)
 
 
+def test_a_shorter_patience_is_a_prefix_of_the_same_training(grid_run):
+    """What benchmarks/replay_early_stopping.py rests on: until a rule stops it, a training
+    does not depend on its early-stopping rule, so a less patient rule's run is a prefix of a
+    more patient one's and its kept step is the replay of the longer history."""
+    params, _, data = grid_run
+    train = data.manifest[data.manifest["split"] == "train"].head(64)
+    val = data.manifest[data.manifest["split"] == "val"].head(32)
+    spec = params.classifier.model_copy(update={
+        "protocol": "converged", "max_steps": 40, "eval_every": 2, "batch_size": 16,
+        "lr": 0.05, "patience": 20})  # a rate high enough that the validation loss jumps
+    long = classify.train_classifier(spec, train, val, data.cache, seed=3, progress=False)
+    short = classify.train_classifier(spec.model_copy(update={"patience": 1}), train, val,
+                                      data.cache, seed=3, progress=False)
+    assert len(short.history) < len(long.history)  # the short rule did stop earlier
+    shared = long.history.head(len(short.history))
+    np.testing.assert_array_equal(short.history["val_loss"], shared["val_loss"])
+    replayed = classify.EarlyStopping(1)
+    for row in long.history.itertuples():
+        if replayed.update(row.val_loss, row.epoch, row.step, None):
+            break
+    assert (replayed.best_step, row.step) == (short.best_step, short.steps)
+
+
 def test_adamw_runs_fused_with_the_per_tensor_update():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
