@@ -15,11 +15,11 @@ Each rule is ``PATIENCE`` or ``PATIENCE@STEP`` (stop no earlier than optimizer s
 ``classifier.stop_after_steps``). Every classifier the run saved is replayed (notebook 03's
 judge, notebook 04's arms, pre-training phases), with :class:`cxrlib.classify.EarlyStopping`,
 the trainer's own bookkeeping. The run's own rule is replayed first and must reproduce each
-saved classifier's kept step and last step, or the script stops (a history that does not
-replay cannot answer). A rule more patient than the run's cannot be replayed past the saved
-end and is refused. Printed per rule: trainings whose kept weights stay the same, their
-optimizer steps and training seconds (the rounds' recorded seconds up to the stop) against
-the run's, and every training whose kept step would change.
+saved classifier's kept step and last step, or the script stops (a history that does not replay
+cannot answer). A rule that would not stop within a history the run's rule ended early cannot
+be replayed past the saved end and is refused. Printed per rule: trainings whose kept weights
+stay the same, their optimizer steps and training seconds (the rounds' recorded seconds up to
+the stop) against the run's, and every training whose kept step would change.
 """
 
 from __future__ import annotations
@@ -57,26 +57,29 @@ class Rule:
                                               if self.stop_after else "")
 
 
-def replay(history: pd.DataFrame, rule: Rule) -> tuple[int, int, float]:
+def replay(history: pd.DataFrame, rule: Rule) -> tuple[int, int, float, bool]:
     """Where ``rule`` stops on ``history`` (its rows: one per validation round): the last
-    step, the kept step and the training seconds up to the stop."""
+    step, the kept step, the training seconds up to the stop, and whether the rule stopped
+    (False: the history ended first)."""
     stopper = EarlyStopping(rule.patience, rule.stop_after)
+    stopped = False
     for row in history.itertuples():
-        if stopper.update(row.val_loss, row.epoch, row.step, None):
+        if stopped := stopper.update(row.val_loss, row.epoch, row.step, None):
             break
     ran = history["step"] <= row.step
-    return int(row.step), stopper.best_step, float(history.loc[ran, "seconds"].sum())
+    return int(row.step), stopper.best_step, float(history.loc[ran, "seconds"].sum()), stopped
 
 
-def saved_classifiers(run: RunLayout) -> list[tuple[str, ClassifierSpec, int, pd.DataFrame]]:
-    """Every classifier the run saved: its folder (relative to the run), settings, kept step
-    and history."""
+def saved_classifiers(run: RunLayout
+                      ) -> list[tuple[str, ClassifierSpec, int, bool, pd.DataFrame]]:
+    """Every classifier the run saved: its folder (relative to the run), settings, kept step,
+    whether early stopping ended it, and its history."""
     found = []
     for meta_file in sorted(run.root.rglob("classifier.json")):
         meta = json.loads(meta_file.read_text())
         found.append((str(meta_file.parent.relative_to(run.root)),
                       ClassifierSpec.model_validate(meta["spec"]), int(meta["best_step"]),
-                      pd.read_csv(meta_file.parent / "history.csv")))
+                      bool(meta["stopped_early"]), pd.read_csv(meta_file.parent / "history.csv")))
     return found
 
 
@@ -91,18 +94,18 @@ def main() -> None:
     if not trainings:
         raise SystemExit(f"{run.root} has no saved classifier (run notebooks 03 and 04 first)")
     rows = []
-    for name, spec, kept, history in trainings:
+    for name, spec, kept, stopped_early, history in trainings:
         own = Rule(spec.patience, spec.stop_after_steps)
-        stop, own_kept, seconds = replay(history, own)
-        if (stop, own_kept) != (int(history["step"].iloc[-1]), kept):
+        stop, own_kept, seconds, own_stopped = replay(history, own)
+        if (stop, own_kept, own_stopped) != (int(history["step"].iloc[-1]), kept, stopped_early):
             raise SystemExit(f"{name}: its own rule ({own}) replays to kept step {own_kept}, "
                              f"last step {stop}; saved: {kept}, {history['step'].iloc[-1]}. "
                              "This history cannot be replayed.")
         for rule in args.rules:
-            if rule.patience > own.patience or rule.stop_after > max(own.stop_after, stop):
-                raise SystemExit(f"{rule} is more patient than the run's ({own}, {name}): "
-                                 "its stop lies past the saved history")
-            r_stop, r_kept, r_seconds = replay(history, rule)
+            r_stop, r_kept, r_seconds, r_stopped = replay(history, rule)
+            if stopped_early and not r_stopped:
+                raise SystemExit(f"{rule} does not stop within {name}'s history, which its own "
+                                 f"rule ({own}) ended early: its stop lies past the saved end")
             val = history.set_index("step")["val_loss"]
             rows.append({"rule": str(rule), "classifier": name, "kept": kept,
                          "kept now": r_kept, "val loss kept": val[kept],
