@@ -857,9 +857,26 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def load_params(file: str | os.PathLike[str], overrides: Overrides = None) -> Params:
-    """Load and validate a parameter file; ``overrides`` are dotted keys (``run.name``)."""
-    path = Path(file)
+#: The top-level key of a parameter file that names the file it builds on.
+EXTENDS_KEY = "extends"
+
+
+def merge_tree(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``over`` laid on ``base``: mappings merge key by key, anything else (a list, a number)
+    replaces the base's value whole."""
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge_tree(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def read_tree(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A parameter file's YAML as a mapping, with the file its ``extends:`` key names (relative
+    to this file) read first and this file's keys laid over it, so a variant of a preset
+    states only what it changes."""
     try:
         raw = yaml.safe_load(path.read_text())
     except FileNotFoundError:
@@ -868,6 +885,24 @@ def load_params(file: str | os.PathLike[str], overrides: Overrides = None) -> Pa
         raise ParamsError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
         raise ParamsError(f"{path}: expected a mapping of sections at the top level")
+    base = raw.pop(EXTENDS_KEY, None)
+    if base is None:
+        return raw
+    if not isinstance(base, str):
+        raise ParamsError(f"{path}: '{EXTENDS_KEY}' names one parameter file, relative to "
+                          f"this one (e.g. '{EXTENDS_KEY}: demo.yaml'); got {base!r}")
+    base_path = (path.parent / base).resolve()
+    if base_path in chain or base_path == path.resolve():
+        raise ParamsError(f"{path}: '{EXTENDS_KEY}: {base}' leads back to itself; "
+                          "a parameter file may extend only a file that does not extend it")
+    return merge_tree(read_tree(base_path, (*chain, path.resolve())), raw)
+
+
+def load_params(file: str | os.PathLike[str], overrides: Overrides = None) -> Params:
+    """Load and validate a parameter file (with the file its ``extends:`` names under it);
+    ``overrides`` are dotted keys (``run.name``)."""
+    path = Path(file)
+    raw = read_tree(path)
     for dotted, value in (overrides or {}).items():
         node = raw
         *parents, leaf = dotted.split(".")

@@ -16,7 +16,7 @@ import yaml
 
 from cxrlib import pipeline
 from cxrlib.__main__ import main
-from cxrlib.config import Params, ParamsError, load_params, parse_overrides
+from cxrlib.config import Params, ParamsError, load_params, parse_overrides, read_tree
 from cxrlib.hardware import precision_label
 from cxrlib.layout import STAGES, RunLayout
 from cxrlib.pipeline import run_pipeline, run_stage
@@ -37,8 +37,22 @@ def test_expected_files_exist():
 
 @pytest.mark.parametrize("path", PARAM_FILES, ids=lambda p: p.name)
 def test_every_params_file_matches_the_schema(path):
-    params = Params.model_validate(yaml.safe_load(path.read_text()))
+    params = Params.model_validate(read_tree(path))
     assert Params.from_json(params.to_json()) == params  # round-trips through JSON
+
+
+def test_a_params_file_extends_another_and_states_only_what_it_changes(tmp_path):
+    (tmp_path / "base.yaml").write_text((ROOT / "params" / "smoke.yaml").read_text())
+    (tmp_path / "variant.yaml").write_text(
+        "extends: base.yaml\nrun: {name: variant}\nsampling: {replicas: 3}\n")
+    base, variant = load_params(tmp_path / "base.yaml"), load_params(tmp_path / "variant.yaml")
+    assert (variant.run.name, variant.sampling.replicas) == ("variant", 3)
+    # Keys the variant does not name are the base's, in the same section and in others.
+    assert variant.sampling.steps == base.sampling.steps
+    assert variant.diffusion == base.diffusion
+    (tmp_path / "base.yaml").write_text("extends: variant.yaml\n")
+    with pytest.raises(ParamsError, match="leads back to itself"):
+        load_params(tmp_path / "variant.yaml")
 
 
 @pytest.mark.parametrize("name", ["chexpert.yaml", "mimic.yaml"])
