@@ -10,7 +10,7 @@ import tempfile
 import pytest
 import torch
 
-from cxrlib.layout import RUNS_DIR_ENV
+from cxrlib.core.layout import RUNS_DIR_ENV
 
 
 def pytest_configure(config):

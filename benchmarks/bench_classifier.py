@@ -8,7 +8,7 @@ resolution (throughput does not depend on image content):
 1. loader: images/s the DataLoader delivers (cache read + model scaling), no training;
 2. step: images/s of the training step alone (augment, forward, backward, optimiser, EMA) on
    batches already in memory;
-3. end to end: images/s of ``cxrlib.classify.train_classifier`` over whole epochs.
+3. end to end: images/s of ``cxrlib.classifier.training.train_classifier`` over whole epochs.
 
 The loader must never be the bottleneck: ``loader / step`` must stay well above 1. The script
 exits 1 when it is not.
@@ -27,8 +27,8 @@ import timm.optim
 import torch
 from timm.utils import ModelEmaV3
 
-from cxrlib.augment import augment_batch
-from cxrlib.classify import (
+from cxrlib.classifier.augment import augment_batch
+from cxrlib.classifier.training import (
     BatchDataset,
     _label_matrix,
     _loader,
@@ -37,10 +37,9 @@ from cxrlib.classify import (
     masked_bce,
     train_classifier,
 )
-from cxrlib.config import load_params
-from cxrlib.imagecache import ImageCache
-from cxrlib.io import write_image_cache
-from cxrlib.labels import CHEXPERT_LABELS
+from cxrlib.core.config import load_params
+from cxrlib.core.labels import CHEXPERT_LABELS
+from cxrlib.data.imagecache import ImageCache, write_image_cache
 
 
 def random_cache(folder: Path, n: int, resolution: int) -> tuple[ImageCache, pd.DataFrame]:

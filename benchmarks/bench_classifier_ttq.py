@@ -8,8 +8,8 @@ comparisons' baseline) as notebook 04 does, until early stopping on its validati
 the preset's classifier settings (``today``) and under each candidate recipe, for ``--seeds``
 training seeds (each draws its own real subset, as in the grid). ``--judge`` trains notebook
 03's judge instead (every training row of the diffusion sites, early-stopped on their internal
-validation split: :func:`cxrlib.audit_run.judge_rows`), whose training is the largest part of
-stage 03 (issue 20, item 4); its seeds are training seeds on the same rows (the judge trains
+validation split: :func:`cxrlib.synthetic.audit.run.judge_rows`), whose training is the largest part
+of stage 03 (issue 20, item 4); its seeds are training seeds on the same rows (the judge trains
 at ``run.seed``). Every training runs in its own process (Accelerate fixes the precision once
 per process; peak memory is its own), seeds outer and recipes inner, so a noisy machine affects
 them alike. A recipe that is today's settings on this machine (``bf16`` where ``auto``
@@ -50,7 +50,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cxrlib.config import ClassifierSpec, Params, load_params
+from cxrlib.core.config import load_params
+from cxrlib.core.schema import ClassifierSpec, Params
 from cxrlib.hardware import cpu_bf16_units, precision_label, resolve_precision
 
 #: How close to today's converged validation macro AUROC counts as reaching it.
@@ -164,8 +165,8 @@ def _as_run_here(spec: ClassifierSpec) -> dict[str, Any]:
 def arm_experiments(params: Params, arm: str | None, seeds: int):
     """The arm's experiment at seeds 0..``seeds``-1 (default arm: real only at the smallest
     real fraction)."""
-    from cxrlib.grid import plan_grid
-    from cxrlib.kinds import Kind
+    from cxrlib.core.kinds import Kind
+    from cxrlib.experiments.grid import plan_grid
 
     plan = plan_grid(params)
     if arm is None:
@@ -182,14 +183,14 @@ def arm_experiments(params: Params, arm: str | None, seeds: int):
 def train_one(params_file: str, arm: str | None, seed: int, recipe: str) -> dict[str, Any]:
     """One training of the arm (``judge``: notebook 03's judge) under a recipe: per round its
     seconds, step and validation macro AUROC (all validation rows), and where it stopped."""
-    from cxrlib.audit_run import judge_rows
-    from cxrlib.classify import predict, predictions_frame, train_classifier
-    from cxrlib.cohort import patient_subset
-    from cxrlib.data import load_cohort
-    from cxrlib.experiments import GridData, experiment_validation, grid_data, training_set
-    from cxrlib.imagecache import ImageCache
-    from cxrlib.layout import RunLayout
+    from cxrlib.classifier.training import predict, predictions_frame, train_classifier
+    from cxrlib.core.cohort import patient_subset
+    from cxrlib.core.layout import RunLayout
+    from cxrlib.data.imagecache import ImageCache
+    from cxrlib.data.readers import load_cohort
+    from cxrlib.experiments.runner import GridData, experiment_validation, grid_data, training_set
     from cxrlib.stats import auroc_table, macro_auroc
+    from cxrlib.synthetic.audit.run import judge_rows
 
     params = load_params(params_file)
     run = RunLayout.open(params, create=False)
@@ -208,9 +209,9 @@ def train_one(params_file: str, arm: str | None, seed: int, recipe: str) -> dict
         cache = data.combined_cache() if (train["source"] == "synthetic").any() else data.cache
     spec, share, fused = recipe_settings(params.classifier, recipe)
     if not fused:
-        import cxrlib.classify
+        import cxrlib.classifier.training
 
-        cxrlib.classify.make_optimizer = _per_tensor_adamw
+        cxrlib.classifier.training.make_optimizer = _per_tensor_adamw
     aurocs: list[float] = []
 
     def score(model, _row) -> None:
@@ -321,7 +322,7 @@ def main() -> None:
                            "display.float_format", "{:.3f}".format):
         print(table.rename(columns=COLUMNS)[list(COLUMNS.values())].to_string())
     if args.out:
-        from cxrlib.io import atomic_path
+        from cxrlib.core.files import atomic_path
 
         long = pd.concat([pd.DataFrame(r["rounds"]).assign(recipe=r["recipe"], seed=r["seed"])
                           for _, r in runs.iterrows()], ignore_index=True)

@@ -48,17 +48,19 @@ import pandas as pd
 import torch
 from accelerate.state import AcceleratorState
 
-from cxrlib.audit_run import audit_reference, real_row, score_setting, sweep_conditions
-from cxrlib.condition import encode_conditions
-from cxrlib.config import Params, diff_keys, load_params, parse_overrides
-from cxrlib.data import load_cohort
-from cxrlib.diffusion import identity_config, train_diffusion
+from cxrlib.core.config import diff_keys, load_params, parse_overrides
+from cxrlib.core.files import atomic_write_text
+from cxrlib.core.layout import RunLayout
+from cxrlib.core.schema import Params
+from cxrlib.data.imagecache import ImageCache
+from cxrlib.data.readers import load_cohort
+from cxrlib.diffusion.checkpoints import checkpoint_dirs, load_weights, read_checkpoint_state
+from cxrlib.diffusion.condition import encode_conditions
+from cxrlib.diffusion.network import noise_scheduler
+from cxrlib.diffusion.samplers import generate
+from cxrlib.diffusion.training import identity_config, train_diffusion
 from cxrlib.hardware import cpu_bf16_units, resolve_precision
-from cxrlib.imagecache import ImageCache
-from cxrlib.io import atomic_write_text
-from cxrlib.layout import RunLayout
-from cxrlib.network import checkpoint_dirs, load_weights, noise_scheduler, read_checkpoint_state
-from cxrlib.samplers import generate
+from cxrlib.synthetic.audit.run import audit_reference, real_row, score_setting, sweep_conditions
 
 
 @dataclass(frozen=True)
@@ -145,12 +147,12 @@ def recipe_params(params: Params, recipe: Recipe, steps: int, every: int) -> Par
 
 def curve_settings(params: Params, recipe: Recipe) -> str:
     """What a recipe's scores depend on besides the judge and the conditions (which the real
-    row checks): its training's checkpoint identity (:func:`cxrlib.diffusion.identity_config`:
-    architecture, schedule, optimiser, ``train_on``, seed), the precisions ``auto`` resolves
-    to on this machine (an fp32 curve from a CPU without bf16 units is not a bf16 curve) and
-    the sampler, as JSON. An earlier curve is reused only where they are the same: a preset
-    that changed since (the demo's generator learning only from the source patients) gives
-    other curves."""
+    row checks): its training's checkpoint identity
+    (:func:`cxrlib.diffusion.training.identity_config`: architecture, schedule, optimiser,
+    ``train_on``, seed), the precisions ``auto`` resolves to on this machine (an fp32 curve from a
+    CPU without bf16 units is not a bf16 curve) and the sampler, as JSON. An earlier curve is reused
+    only where they are the same: a preset that changed since (the demo's generator learning only
+    from the source patients) gives other curves."""
     s, run = params.sampling, recipe_params(params, recipe, 1, 1)
     return json.dumps({**identity_config(run),
                        "trained_in": resolve_precision(run.diffusion.mixed_precision),

@@ -56,10 +56,10 @@ BARE = "bare fp32"
 
 
 def _setup(params_file: str, steps: int, variant: dict[str, object] | None = None):
-    from cxrlib.config import load_params
-    from cxrlib.data import load_cohort
-    from cxrlib.imagecache import ImageCache
-    from cxrlib.layout import RunLayout
+    from cxrlib.core.config import load_params
+    from cxrlib.core.layout import RunLayout
+    from cxrlib.data.imagecache import ImageCache
+    from cxrlib.data.readers import load_cohort
 
     params = load_params(params_file)
     spec = params.diffusion.model_copy(update={
@@ -72,7 +72,7 @@ def _setup(params_file: str, steps: int, variant: dict[str, object] | None = Non
 
 
 def run_cxrlib(params_file: str, steps: int, warmup: int, variant: str) -> dict:
-    from cxrlib.diffusion import train_diffusion
+    from cxrlib.diffusion.training import train_diffusion
     from cxrlib.hardware import resolve_precision
 
     params, run, manifest, cache = _setup(params_file, steps, VARIANTS[variant])
@@ -91,9 +91,9 @@ def run_bare(params_file: str, steps: int, warmup: int) -> dict:
     import timm.optim
     from diffusers.training_utils import EMAModel
 
-    from cxrlib.cohort import diffusion_rows
-    from cxrlib.condition import encode_conditions
-    from cxrlib.network import ConditionalUNet, noise_scheduler, unet_config
+    from cxrlib.core.cohort import diffusion_rows
+    from cxrlib.diffusion.condition import encode_conditions
+    from cxrlib.diffusion.network import ConditionalUNet, noise_scheduler, unet_config
 
     params, _, manifest, cache = _setup(params_file, steps)
     spec = params.diffusion

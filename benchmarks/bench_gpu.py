@@ -6,8 +6,8 @@
 The smoke cohort's three phantom sites rendered at 256 px are the data; the diffusion settings
 are ``params/chexpert.yaml``'s (``preset: paper``: 128 base channels, 6 levels, attention at
 32, 16 and 8 px; batch 36 per GPU, Lion). Training: each precision (fp32, bf16 and fp16
-autocast) runs cxrlib's trainer (:func:`cxrlib.diffusion.train_diffusion`) in its own process
-(Accelerate fixes the precision once per process; peak memory is its own), timed over
+autocast) runs cxrlib's trainer (:func:`cxrlib.diffusion.training.train_diffusion`) in its own
+process (Accelerate fixes the precision once per process; peak memory is its own), timed over
 ``--steps`` steps after ``--warmup`` untimed ones. Sampling: ``--images`` images from
 randomly initialised weights (the time does not depend on the weights) with the paper's DDIM
 200 steps and DPM-Solver++ 20 steps at guidance w 0 (the authors' setting, one model call per
@@ -55,7 +55,7 @@ class _Timed(Exception):
 def bench_params(tiny: bool, mixed_precision: str = "no"):
     """The smoke cohort at 256 px with the paper's diffusion settings (``tiny``: 32 px and the
     smoke UNet), the step cadences moved out of the timed steps' way."""
-    from cxrlib.config import load_params
+    from cxrlib.core.config import load_params
 
     resolution = 32 if tiny else 256
     sites = yaml.safe_load(SMOKE.read_text())["data"]["sites"]
@@ -81,11 +81,11 @@ def _peak_mib() -> float:
 
 def train_rate(tiny: bool, precision: str, steps: int, warmup: int) -> dict[str, Any]:
     """Training images/s of one precision through cxrlib's trainer (this process only)."""
-    from cxrlib.data import load_cohort
-    from cxrlib.diffusion import train_diffusion
+    from cxrlib.core.layout import RunLayout
+    from cxrlib.data.imagecache import ImageCache
+    from cxrlib.data.readers import load_cohort
+    from cxrlib.diffusion.training import train_diffusion
     from cxrlib.hardware import precision_label, resolve_precision
-    from cxrlib.imagecache import ImageCache
-    from cxrlib.layout import RunLayout
 
     params = bench_params(tiny, PRECISIONS[precision])
     params = params.model_copy(update={"diffusion": params.diffusion.model_copy(
@@ -111,12 +111,12 @@ def train_rate(tiny: bool, precision: str, steps: int, warmup: int) -> dict[str,
 
 def sample_rates(tiny: bool, images: int) -> list[dict[str, Any]]:
     """Sampling images/s of each (sampler, steps), fp32 and under bf16 autocast."""
-    from cxrlib.cohort import training_rows
-    from cxrlib.condition import encode_conditions
-    from cxrlib.data import load_cohort
-    from cxrlib.layout import RunLayout
-    from cxrlib.network import ConditionalUNet, noise_scheduler, unet_config
-    from cxrlib.samplers import generate
+    from cxrlib.core.cohort import training_rows
+    from cxrlib.core.layout import RunLayout
+    from cxrlib.data.readers import load_cohort
+    from cxrlib.diffusion.condition import encode_conditions
+    from cxrlib.diffusion.network import ConditionalUNet, noise_scheduler, unet_config
+    from cxrlib.diffusion.samplers import generate
 
     params = bench_params(tiny)
     spec = params.diffusion
@@ -147,10 +147,10 @@ def sample_rates(tiny: bool, images: int) -> list[dict[str, Any]]:
 def measure(args: argparse.Namespace) -> tuple[list[str], dict[str, Any]]:
     """Render the cohort once, time each precision's training in its own process, then the
     samplers here; returns the printed lines and the numbers."""
-    from cxrlib.data import prepare_cohort
-    from cxrlib.diffusion import model_summary
+    from cxrlib.core.layout import RunLayout
+    from cxrlib.data.readers import prepare_cohort
+    from cxrlib.diffusion.training import model_summary
     from cxrlib.hardware import cpu_bf16_units
-    from cxrlib.layout import RunLayout
 
     params = bench_params(args.tiny)
     prepare_cohort(params, RunLayout.open(params), progress=False)
@@ -196,13 +196,13 @@ def measure(args: argparse.Namespace) -> tuple[list[str], dict[str, Any]]:
 
 def demo_stages(params_file: Path, out: Path) -> int:
     """The stages of a (possibly stopped) run that finished: their minutes and precision
-    recorded into its summary (:func:`cxrlib.pipeline.record_stage_times`), printed and
+    recorded into its summary (:func:`cxrlib.notebook_runner.record_stage_times`), printed and
     written under ``out``; 1 unless every stage finished."""
-    from cxrlib.config import load_params
-    from cxrlib.io import atomic_write_text
-    from cxrlib.layout import STAGES, RunLayout
-    from cxrlib.pipeline import record_stage_times
-    from cxrlib.runlock import hold
+    from cxrlib.core.config import load_params
+    from cxrlib.core.files import atomic_write_text
+    from cxrlib.core.layout import STAGES, RunLayout
+    from cxrlib.core.lock import hold
+    from cxrlib.notebook_runner import record_stage_times
 
     run = RunLayout.open(load_params(params_file))
     with hold(run, "stage times"):
@@ -239,8 +239,8 @@ def main() -> int:
               "benchmark measures a GPU: run it on a machine with an NVIDIA GPU, or with "
               "--tiny to check the code path", file=sys.stderr)
         return 2
-    from cxrlib.io import atomic_write_text
-    from cxrlib.layout import RUNS_DIR_ENV
+    from cxrlib.core.files import atomic_write_text
+    from cxrlib.core.layout import RUNS_DIR_ENV
 
     with tempfile.TemporaryDirectory(prefix="cxrlib-gpu-bench-") as runs:
         os.environ[RUNS_DIR_ENV] = runs  # a scratch run, inherited by the workers

@@ -4,7 +4,7 @@ at once, side by side in one run.
     python benchmarks/bench_grid_workers.py --params params/demo.yaml [--arms 4] [--workers 2]
 
 Trains the first ``--arms`` experiments of the preset's grid (the order notebook 04 trains them
-in) into temporary folders, as notebook 04 does (:func:`cxrlib.experiments.run_grid`, early
+in) into temporary folders, as notebook 04 does (:func:`cxrlib.experiments.runner.run_grid`, early
 stopping, predictions on every test set), once with ``experiments.workers`` 1 (every torch
 thread on one arm) and once with ``--workers`` arms at a time (each in a spawned process with
 an equal share of the threads), in alternating order over ``--rounds`` rounds. Prints the
@@ -29,10 +29,11 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from cxrlib.config import Params, load_params
-from cxrlib.experiments import grid_data, run_grid, training_sets
+from cxrlib.core.config import load_params
+from cxrlib.core.layout import RunLayout
+from cxrlib.core.schema import Params
+from cxrlib.experiments.runner import grid_data, run_grid, training_sets
 from cxrlib.hardware import cpu_bf16_units
-from cxrlib.layout import RunLayout
 from cxrlib.stats import auroc_table, macro_auroc
 
 

@@ -15,9 +15,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from cxrlib.config import PhantomSpec
-from cxrlib.imagecache import build_cache
-from cxrlib.phantom import lung_templates, write_phantom_site
+from cxrlib.core.schema import PhantomSpec
+from cxrlib.data.imagecache import build_cache
+from cxrlib.data.phantom import lung_templates, write_phantom_site
 
 BUDGET_S = 60.0
 

@@ -29,14 +29,15 @@ import os
 import numpy as np
 import pandas as pd
 
-from cxrlib.audit_run import audit_reference, real_row, score_setting, sweep_conditions
-from cxrlib.config import load_params
-from cxrlib.data import load_cohort
+from cxrlib.core.config import load_params
+from cxrlib.core.layout import RunLayout
+from cxrlib.data.imagecache import ImageCache
+from cxrlib.data.readers import load_cohort
+from cxrlib.diffusion.checkpoints import load_weights, trained_checkpoint
+from cxrlib.diffusion.network import noise_scheduler
+from cxrlib.diffusion.samplers import timed_generate
 from cxrlib.hardware import cpu_bf16_units
-from cxrlib.imagecache import ImageCache
-from cxrlib.layout import RunLayout
-from cxrlib.network import load_weights, noise_scheduler, trained_checkpoint
-from cxrlib.samplers import timed_generate
+from cxrlib.synthetic.audit.run import audit_reference, real_row, score_setting, sweep_conditions
 
 COLUMNS = ["sampler", "steps", "unet_precision", "img_per_s", "fidelity_macro_auroc",
            "fidelity_ci_low", "precision", "recall", "density", "coverage", "fid", "kid_mean",

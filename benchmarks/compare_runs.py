@@ -21,9 +21,9 @@ import numpy as np
 import pandas as pd
 from scipy import stats as st
 
-from cxrlib.config import load_params
-from cxrlib.grid import load_predictions
-from cxrlib.layout import RunLayout
+from cxrlib.core.config import load_params
+from cxrlib.core.layout import RunLayout
+from cxrlib.experiments.grid import load_predictions
 from cxrlib.stats import SeedMacros, seed_macros
 
 

@@ -5,7 +5,7 @@
 
 A classifier's training does not depend on its early-stopping rule until the rule stops it:
 the batches, augmentations and learning rate of every step are seeded and fixed in advance
-(:func:`cxrlib.classify.round_plans`). So a less patient rule run on a saved history (the
+(:func:`cxrlib.classifier.training.round_plans`). So a less patient rule run on a saved history (the
 validation loss of every round) tells, without training anything, where that rule would have
 stopped and which round's weights it would have kept, exactly as a new run would. This
 measures what the issue "time to quality" asks of a cheaper stopping rule: that it keeps the
@@ -13,13 +13,13 @@ kept weights the same (and so every AUROC) while it spends fewer steps.
 
 Each rule is ``PATIENCE`` or ``PATIENCE@STEP`` (stop no earlier than optimizer step ``STEP``,
 ``classifier.stop_after_steps``). Every classifier the run saved is replayed (notebook 03's
-judge, notebook 04's arms, pre-training phases), with :class:`cxrlib.classify.EarlyStopping`,
-the trainer's own bookkeeping. The run's own rule is replayed first and must reproduce each
-saved classifier's kept step and last step, or the script stops (a history that does not replay
-cannot answer). A rule that would not stop within a history the run's rule ended early cannot
-be replayed past the saved end and is refused. Printed per rule: trainings whose kept weights
-stay the same, their optimizer steps and training seconds (the rounds' recorded seconds up to
-the stop) against the run's, and every training whose kept step would change.
+judge, notebook 04's arms, pre-training phases), with
+:class:`cxrlib.classifier.training.EarlyStopping`, the trainer's own bookkeeping. The run's own rule
+is replayed first and must reproduce each saved classifier's kept step and last step, or the script
+stops (a history that does not replay cannot answer). A rule that would not stop within a history
+the run's rule ended early cannot be replayed past the saved end and is refused. Printed per rule:
+trainings whose kept weights stay the same, their optimizer steps and training seconds (the rounds'
+recorded seconds up to the stop) against the run's, and every training whose kept step would change.
 """
 
 from __future__ import annotations
@@ -30,9 +30,10 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from cxrlib.classify import EarlyStopping
-from cxrlib.config import ClassifierSpec, load_params
-from cxrlib.layout import RunLayout
+from cxrlib.classifier.training import EarlyStopping
+from cxrlib.core.config import load_params
+from cxrlib.core.layout import RunLayout
+from cxrlib.core.schema import ClassifierSpec
 
 
 @dataclass(frozen=True)

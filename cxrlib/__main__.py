@@ -7,10 +7,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from cxrlib.config import ParamsError, load_params, parse_overrides
-from cxrlib.layout import STAGES, RunLayout
-from cxrlib.pipeline import run_pipeline
-from cxrlib.runlock import writing
+from cxrlib.core.config import load_params, parse_overrides
+from cxrlib.core.errors import ParamsError
+from cxrlib.core.layout import STAGES, RunLayout
+from cxrlib.core.records import writing
+from cxrlib.notebook_runner import run_pipeline
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,9 +83,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _train_diffusion(params_file: Path) -> int:
-    from cxrlib.data import load_cohort
-    from cxrlib.diffusion import train_diffusion
-    from cxrlib.imagecache import ImageCache
+    from cxrlib.data.imagecache import ImageCache
+    from cxrlib.data.readers import load_cohort
+    from cxrlib.diffusion.training import train_diffusion
 
     params = load_params(params_file)
     run = RunLayout.open(params)
@@ -100,10 +101,10 @@ def _train_diffusion(params_file: Path) -> int:
 
 
 def _generate_synthetic(params_file: Path, exported: Path | None) -> int:
-    from cxrlib.data import load_cohort
-    from cxrlib.generator import CXRPipeline
-    from cxrlib.network import trained_checkpoint
-    from cxrlib.sampling import build_synthetic_cohort
+    from cxrlib.data.readers import load_cohort
+    from cxrlib.diffusion.checkpoints import trained_checkpoint
+    from cxrlib.diffusion.pipeline import CXRPipeline
+    from cxrlib.synthetic.cohorts import build_synthetic_cohort
 
     params = load_params(params_file)
     run = RunLayout.open(params)
@@ -118,7 +119,7 @@ def _generate_synthetic(params_file: Path, exported: Path | None) -> int:
 
 
 def _export_generator(params_file: Path, out: Path) -> int:
-    from cxrlib.export import export_generator
+    from cxrlib.diffusion.export import export_generator
 
     folder = export_generator(load_params(params_file), out)
     print(f"generator written to {folder}; load it with DiffusionPipeline.from_pretrained("
@@ -127,7 +128,7 @@ def _export_generator(params_file: Path, out: Path) -> int:
 
 
 def _run_experiments(params_file: Path) -> int:
-    from cxrlib.experiments import grid_data, run_grid
+    from cxrlib.experiments.runner import grid_data, run_grid
 
     params = load_params(params_file)
     run = RunLayout.open(params)
@@ -139,7 +140,7 @@ def _run_experiments(params_file: Path) -> int:
 
 def _verify(params_file: Path, full: bool) -> int:
     """Every stage's record against the disk: one line per stage, each problem named."""
-    from cxrlib.records import check_stage, describe
+    from cxrlib.core.records import check_stage, describe
 
     run = RunLayout.open(load_params(params_file), create=False)
     if not run.root.is_dir():

@@ -31,7 +31,7 @@ the one without AMX; on an AMX CPU the classifier's step was as fast in bf16 as 
 (``benchmarks/bench_classifier_ttq.py`` measures it end to end, channels_last included).
 No CPU without bf16 units has been measured in bf16; there it stays fp32. Every trainer
 records what it ran in (:func:`precision_label`), and the run's ``summary.json`` says it per
-stage (:func:`cxrlib.summary.stage_precisions`).
+stage (:func:`cxrlib.core.summary.stage_precisions`).
 """
 
 from __future__ import annotations

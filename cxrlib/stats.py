@@ -1,7 +1,7 @@
 """Statistics on per-image predictions: AUROC, DeLong (plain and patient-clustered), the
 patient bootstrap, the label rule, training seeds as a random effect, TOST, Holm and
-calibration metrics. The study's tables built on them live in :mod:`cxrlib.study_tables`,
-their sentences in :mod:`cxrlib.findings`.
+calibration metrics. The study's tables built on them live in :mod:`cxrlib.study.plan`,
+their sentences in :mod:`cxrlib.study.findings`.
 
 Input is the long predictions frame: one row per (experiment, seed, test_set, label, image) with
 ``image_id``, ``patient_id``, ``target`` (1, 0, or NaN = unknown), ``score`` and the subgroup
@@ -35,7 +35,7 @@ set, so all comparisons are paired. Rules followed by every function below:
   patient-level variance is estimated (about 1/sqrt(2 n_boot) relative error).
 * **Equivalence** is TOST against ``stats.equivalence_margin``
   (:meth:`Estimate.equivalence_p`): the 90% CI (1 - 2 alpha) of delta inside +/- margin.
-* **Holm** (:func:`adjust_holm`) applies within a family; :mod:`cxrlib.study_tables` names the
+* **Holm** (:func:`adjust_holm`) applies within a family; :mod:`cxrlib.study.plan` names the
   families.
 
 :func:`auroc_table` and :func:`macro_auroc` (used by the learnability check) are plain point
@@ -56,9 +56,9 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
-from cxrlib.cohort import SUBGROUP_COLUMNS
-from cxrlib.config import StatsSpec
-from cxrlib.labels import CHEXPERT_LABELS
+from cxrlib.core.cohort import SUBGROUP_COLUMNS
+from cxrlib.core.labels import CHEXPERT_LABELS
+from cxrlib.core.schema import StatsSpec
 
 #: Power at which the minimum detectable effect is given.
 MDE_POWER = 0.8
@@ -384,7 +384,26 @@ def _arrange(name: str, img: np.ndarray, lab: np.ndarray, key: np.ndarray, score
              target: np.ndarray, labels: tuple[str, ...], key_names: list[Hashable],
              image_ids: np.ndarray, patient_ids: np.ndarray,
              attributes: pd.DataFrame) -> CodedTestSet:
-    """Pool one test set's coded rows into a score matrix per key and one target matrix."""
+    """Pool one test set's coded rows into a score matrix per key and one target matrix.
+
+    The row arrays (``img``, ``lab``, ``key``, ``score``, ``target``) have one entry per
+    prediction row of this test set; codes are compact (0.. among those in use here).
+
+    Args:
+        name: the test set's name (in errors and the result).
+        img: each row's image, an index into ``image_ids``.
+        lab: each row's label, an index into ``labels``.
+        key: each row's key (e.g. experiment), an index into ``key_names``; every key must
+            score every (image, label) pair, equally often (every seed every image).
+        score: each row's score; averaged over the rows of an (image, label, key) cell.
+        target: each row's target (0, 1 or NaN = unknown); must agree within an
+            (image, label) pair across keys and seeds.
+        labels: the labels in use, in CheXpert order (the target matrix's columns).
+        key_names: each key code's value (the result's score keys).
+        image_ids: the images in use, in image_id order (the matrices' rows).
+        patient_ids: each image's patient.
+        attributes: per-image subgroup columns, in image order.
+    """
     n, n_lab, n_key = len(image_ids), len(labels), len(key_names)
     cell = (key * n + img) * n_lab + lab
     count = np.bincount(cell, minlength=n_key * n * n_lab).reshape(n_key, n * n_lab)

@@ -12,8 +12,13 @@ import timm
 import torch
 from torchmetrics.image.fid import FrechetInceptionDistance
 
-from cxrlib import audit, audit_figures
-from cxrlib.audit_fidelity import (
+from cxrlib.core.config import load_params
+from cxrlib.core.labels import CHEXPERT_LABELS
+from cxrlib.core.schema import AuditSpec, ClassifierSpec
+from cxrlib.core.summary import NESTED
+from cxrlib.synthetic.audit import figures as audit_figures
+from cxrlib.synthetic.audit import metrics
+from cxrlib.synthetic.audit.fidelity import (
     FIDELITY_TARGET,
     OVER_SEPARATION,
     DemographicProbes,
@@ -22,10 +27,7 @@ from cxrlib.audit_fidelity import (
     macro_labels,
     weighted_pearson,
 )
-from cxrlib.audit_run import AuditReference, real_row, sweep_conditions, sweep_verdict
-from cxrlib.config import AuditSpec, ClassifierSpec, load_params
-from cxrlib.labels import CHEXPERT_LABELS
-from cxrlib.summary import NESTED
+from cxrlib.synthetic.audit.run import AuditReference, real_row, sweep_conditions, sweep_verdict
 
 R = 32
 SMOKE = Path(__file__).resolve().parent.parent / "params" / "smoke.yaml"
@@ -61,71 +63,71 @@ def noise(n: int, seed: int, size: int = R) -> np.ndarray:
 def test_judge_features_shape_dtype_and_determinism(judge):
     imgs = blobs(20, seed=1)
     judge.train()  # judge_features must switch to eval (BN running stats) and switch back
-    f1 = audit.judge_features(judge, imgs)
+    f1 = metrics.judge_features(judge, imgs)
     assert judge.training
-    f2 = audit.judge_features(judge, imgs, batch_size=7)
+    f2 = metrics.judge_features(judge, imgs, batch_size=7)
     assert f1.shape == (20, judge.num_features) and f1.dtype == np.float32
     np.testing.assert_allclose(f1, f2, rtol=1e-5, atol=1e-6)  # batching does not matter
     assert not np.allclose(f1[0], f1[1])
-    assert audit.judge_features(judge, imgs[:0]).shape == (0, judge.num_features)
+    assert metrics.judge_features(judge, imgs[:0]).shape == (0, judge.num_features)
 
 
 def test_fid_kid_on_features_matches_torchmetrics_and_kid_subsets_differ():
     rng = np.random.default_rng(0)
     a, b = rng.normal(size=(60, 8)), rng.normal(0.5, 1.0, size=(50, 8))
-    res = audit.fid_kid(a, b, seed=1)
+    res = metrics.fid_kid(a, b, seed=1)
     assert (res["n_real"], res["n_fake"], res["dim"], res["kid_subset"]) == (60, 50, 8, 25)
     assert res["kid_std"] > 0  # subsets of half the set differ, so the spread is real
-    assert res == audit.fid_kid(a, b, seed=1)  # seeded subsets
-    ref = FrechetInceptionDistance(feature=audit._Precomputed(8))
+    assert res == metrics.fid_kid(a, b, seed=1)  # seeded subsets
+    ref = FrechetInceptionDistance(feature=metrics._Precomputed(8))
     ref.update(torch.from_numpy(a), real=True)
     ref.update(torch.from_numpy(b), real=False)
     assert res["fid"] == pytest.approx(float(ref.compute()))
     # hand check: FID of two Gaussians differing only in mean is |mu_a - mu_b|^2 in the limit
-    big = audit.fid_kid(rng.normal(size=(4000, 2)), rng.normal(2.0, 1.0, size=(4000, 2)))
+    big = metrics.fid_kid(rng.normal(size=(4000, 2)), rng.normal(2.0, 1.0, size=(4000, 2)))
     assert big["fid"] == pytest.approx(8.0, rel=0.1)
     with pytest.raises(ValueError, match="below min"):
-        audit.fid_kid(a, b, kid_subset_size=50)  # the whole smaller set: no spread possible
+        metrics.fid_kid(a, b, kid_subset_size=50)  # the whole smaller set: no spread possible
     with pytest.raises(ValueError, match="at least 3"):
-        audit.fid_kid(a[:2], b)
+        metrics.fid_kid(a[:2], b)
 
 
 def test_prdc_hand_case_and_collapse():
     real = np.array([[0.0], [1.0], [2.0], [10.0]])
     fake = np.array([[0.5], [9.0], [20.0], [1.9]])
     # k=1 real radii: 1, 1, 1, 8; fake radii: 0.5->1.9 is 1.4, 9: 7.1, 20: 11, 1.9: 1.4
-    res = audit.prdc(real, fake, k=1)
+    res = metrics.prdc(real, fake, k=1)
     assert res["precision"] == pytest.approx(3 / 4)  # 20 lies in no real ball
     assert res["density"] == pytest.approx((2 + 1 + 0 + 2) / 4)  # 9 only in the ball of 10
     assert res["coverage"] == pytest.approx(1.0)  # every real ball holds a fake point
     assert res["recall"] == pytest.approx(1.0)
     rng = np.random.default_rng(1)
     pool = rng.normal(size=(400, 16))
-    same = audit.prdc(pool[:200], pool[200:])
-    collapsed = audit.prdc(pool[:200], pool[200:201] + rng.normal(0, 0.01, size=(200, 16)))
+    same = metrics.prdc(pool[:200], pool[200:])
+    collapsed = metrics.prdc(pool[:200], pool[200:201] + rng.normal(0, 0.01, size=(200, 16)))
     assert same["recall"] > 0.8 and same["coverage"] > 0.8
     assert collapsed["precision"] > 0.9 * same["precision"] or collapsed["precision"] == 1.0
     assert collapsed["recall"] < 0.1 and collapsed["coverage"] < 0.1
     with pytest.raises(ValueError, match="more than k"):
-        audit.prdc(pool[:5], pool[5:10], k=5)
+        metrics.prdc(pool[:5], pool[5:10], k=5)
 
 
 def test_distance_with_floor_splits_sizes_and_a_far_set():
     rng = np.random.default_rng(2)
     pool, near, far = rng.normal(size=(100, 12)), rng.normal(size=(70, 12)), \
         rng.normal(3.0, 1.0, size=(70, 12))
-    table = audit.distance_with_floor(pool, far, splits=4, k=3, seed=0)
+    table = metrics.distance_with_floor(pool, far, splits=4, k=3, seed=0)
     assert len(table) == 8 and set(table["n"]) == {50} and set(table["dim"]) == {12}
     assert set(table["kid_subset"]) == {25}
-    summary = audit.distance_summary(table).set_index("comparison")
+    summary = metrics.distance_summary(table).set_index("comparison")
     assert summary.loc["real vs real", "splits"] == 4
     assert summary.loc["real vs real", "fid_max"] > summary.loc["real vs real", "fid_min"]
     assert summary.loc["real vs synthetic", "fid"] > 10 * summary.loc["real vs real", "fid"]
     assert summary.loc["real vs synthetic", "coverage"] < 0.2
-    close = audit.distance_summary(audit.distance_with_floor(pool, near, splits=4, k=3))
+    close = metrics.distance_summary(metrics.distance_with_floor(pool, near, splits=4, k=3))
     assert close["coverage"].min() > 0.6
     with pytest.raises(ValueError, match="at most"):
-        audit.distance_with_floor(pool, near, n=60)
+        metrics.distance_with_floor(pool, near, n=60)
 
 
 # --- conditional and demographic fidelity --------------------------------------------------------
@@ -329,13 +331,13 @@ def test_fidelity_comparison_ratio_sentences_and_summary():
 # --- diversity ---------------------------------------------------------------------------------
 
 def test_ms_ssim_settings_fit_small_images():
-    assert audit.ms_ssim_settings(32)["scales"] == 3
-    assert audit.ms_ssim_settings(64)["scales"] == 4
-    assert audit.ms_ssim_settings(128)["scales"] == 5
-    assert audit.ms_ssim_settings(256)["betas"] == audit.MS_SSIM_BETAS
-    assert np.isclose(sum(audit.ms_ssim_settings(64)["betas"]), 1.0)
+    assert metrics.ms_ssim_settings(32)["scales"] == 3
+    assert metrics.ms_ssim_settings(64)["scales"] == 4
+    assert metrics.ms_ssim_settings(128)["scales"] == 5
+    assert metrics.ms_ssim_settings(256)["betas"] == metrics.MS_SSIM_BETAS
+    assert np.isclose(sum(metrics.ms_ssim_settings(64)["betas"]), 1.0)
     with pytest.raises(ValueError, match="at least"):
-        audit.ms_ssim_settings(6)
+        metrics.ms_ssim_settings(6)
 
 
 def test_ms_ssim_diversity_replicas_vs_noise():
@@ -345,12 +347,12 @@ def test_ms_ssim_diversity_replicas_vs_noise():
     images = np.concatenate([np.repeat(base[None], 4, axis=0), jitter, noise(4, 11),
                              blobs(1, seed=12)])
     groups = np.array(["same"] * 4 + ["jitter"] * 4 + ["noise"] * 4 + ["single"])
-    table = audit.ms_ssim_diversity(images, groups).set_index("group")
+    table = metrics.ms_ssim_diversity(images, groups).set_index("group")
     assert list(table.index) == ["same", "jitter", "noise"]  # singleton skipped
     assert table.loc["same", "ms_ssim"] > 0.999
     assert table.loc["same", "ms_ssim"] > table.loc["jitter", "ms_ssim"] + 0.05
     assert table.loc["jitter", "ms_ssim"] > table.loc["noise", "ms_ssim"] + 0.2
-    assert list(audit.ms_ssim_diversity(images, groups, max_pairs=2)["n_pairs"]) == [2, 2, 2]
+    assert list(metrics.ms_ssim_diversity(images, groups, max_pairs=2)["n_pairs"]) == [2, 2, 2]
 
 
 # --- memorization ------------------------------------------------------------------------------
@@ -359,23 +361,23 @@ def test_nearest_neighbours_matches_brute_force_in_chunks():
     rng = np.random.default_rng(0)
     query, ref = blobs(13, seed=20), blobs(29, seed=21)
     ref[4] = 77  # a constant image: correlation 0, never NaN
-    idx, sim = audit.nearest_neighbours(query, ref, "pixel", chunk_size=5)
+    idx, sim = metrics.nearest_neighbours(query, ref, "pixel", chunk_size=5)
     q, r = query.reshape(13, -1).astype(float), ref.reshape(29, -1).astype(float)
     corr = np.array([[np.corrcoef(a, b)[0, 1] if b.std() > 0 else 0.0 for b in r] for a in q])
     np.testing.assert_array_equal(idx, corr.argmax(axis=1))
     np.testing.assert_allclose(sim, corr.max(axis=1), atol=1e-5)
     fq, fr = rng.normal(size=(13, 8)), rng.normal(size=(29, 8))
-    fidx, _ = audit.nearest_neighbours(fq, fr, "feature", chunk_size=4)
+    fidx, _ = metrics.nearest_neighbours(fq, fr, "feature", chunk_size=4)
     cos = (fq / np.linalg.norm(fq, axis=1, keepdims=True)) @ (
         fr / np.linalg.norm(fr, axis=1, keepdims=True)).T
     np.testing.assert_array_equal(fidx, cos.argmax(axis=1))
     with pytest.raises(ValueError, match="metric"):
-        audit.nearest_neighbours(fq, fr, "euclid")
+        metrics.nearest_neighbours(fq, fr, "euclid")
 
 
 def test_image_variants_are_18_moves_of_one_pixel_or_a_flip():
     img = blobs(1, seed=22)
-    variants = list(audit.image_variants(img))
+    variants = list(metrics.image_variants(img))
     assert len(variants) == 18 and all(v.shape == img.shape for v in variants)
     assert any(np.array_equal(v, img) for v in variants)
     assert any(np.array_equal(v, img[:, :, ::-1]) for v in variants)
@@ -402,8 +404,8 @@ def planted(judge):
     copies = _plant(train, which, rng)
     synthetic = np.concatenate([*copies.values(), unseen])
     source = np.concatenate([np.tile(which, len(copies)), np.full(len(unseen), -1)])
-    embed = lambda x: audit.judge_features(judge, x)  # noqa: E731
-    res = audit.memorization_audit(synthetic, train, embed(train), heldout, embed, rate=0.01,
+    embed = lambda x: metrics.judge_features(judge, x)  # noqa: E731
+    res = metrics.memorization_audit(synthetic, train, embed(train), heldout, embed, rate=0.01,
                                    source_index=source)
     return res, len(copies) * len(which), train, synthetic
 
@@ -424,18 +426,18 @@ def test_memorization_flags_every_planted_copy_and_few_unseen(planted):
 def test_memorization_calibration_set_must_be_large_enough(judge):
     imgs = blobs(10, seed=40)
     with pytest.raises(ValueError, match="at least as large"):
-        audit.memorization_audit(imgs, imgs, np.zeros((10, 4)), imgs[:5], lambda x: x)
+        metrics.memorization_audit(imgs, imgs, np.zeros((10, 4)), imgs[:5], lambda x: x)
 
 
 def test_upper_bound_is_clopper_pearson():
-    assert audit.upper_bound(0, 100) == pytest.approx(1 - 0.05 ** (1 / 100))
-    assert audit.upper_bound(5, 5) == 1.0
-    assert 0.1 < audit.upper_bound(10, 100) < 0.17
+    assert metrics.upper_bound(0, 100) == pytest.approx(1 - 0.05 ** (1 / 100))
+    assert metrics.upper_bound(5, 5) == 1.0
+    assert 0.1 < metrics.upper_bound(10, 100) < 0.17
 
 
 def test_closest_pairs_and_figures(planted):
     res, n_planted, train, synthetic = planted
-    pairs = audit.closest_pairs(res, k=3)
+    pairs = metrics.closest_pairs(res, k=3)
     assert pairs["pixel_similarity"].is_monotonic_decreasing
     assert pairs["syn_index"].lt(n_planted).all()
     figs = [audit_figures.memorization_figure(res),
@@ -516,7 +518,7 @@ def test_sweep_verdict_does_not_reward_lost_diversity():
 def test_encoder_needs_local_weights_and_never_downloads(tmp_path, monkeypatch):
     import torchxrayvision as xrv
 
-    from cxrlib.audit_encoders import EncoderUnavailable, load_encoder, xrv_weights_file
+    from cxrlib.synthetic.audit.encoders import EncoderUnavailable, load_encoder, xrv_weights_file
 
     monkeypatch.setattr(xrv.utils, "download", lambda *a, **k: pytest.fail("downloaded"))
     with pytest.raises(EncoderUnavailable, match="nothing is downloaded"):

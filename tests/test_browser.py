@@ -27,11 +27,11 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from cxrlib.config import load_params
-from cxrlib.data import prepare_cohort
-from cxrlib.diffusion import train_diffusion
-from cxrlib.imagecache import ImageCache
-from cxrlib.layout import RUNS_DIR_ENV, RunLayout
+from cxrlib.core.config import load_params
+from cxrlib.core.layout import RUNS_DIR_ENV, RunLayout
+from cxrlib.data.imagecache import ImageCache
+from cxrlib.data.readers import prepare_cohort
+from cxrlib.diffusion.training import train_diffusion
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -1,4 +1,4 @@
-"""Row selection and subgroups (:mod:`cxrlib.cohort`) that need no cohort on disk; the seeded
+"""Row selection and subgroups (:mod:`cxrlib.core.cohort`) that need no cohort on disk; the seeded
 draws on the smoke cohort are tested with the grid (test_experiments) and sampling."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from cxrlib.cohort import age_band
+from cxrlib.core.cohort import age_band
 
 
 def test_age_band():

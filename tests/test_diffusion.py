@@ -14,8 +14,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cxrlib.cohort import CohortError, diffusion_rows, source_rows, training_rows
-from cxrlib.condition import (
+from cxrlib.core.cohort import CohortError, diffusion_rows, source_rows, training_rows
+from cxrlib.core.config import load_params
+from cxrlib.core.errors import ParamsError
+from cxrlib.core.labels import CHEXPERT_LABELS
+from cxrlib.core.layout import RunLayout
+from cxrlib.core.schema import DiffusionSpec, Params
+from cxrlib.data.imagecache import ImageCache
+from cxrlib.data.readers import prepare_cohort
+from cxrlib.diffusion.checkpoints import load_weights
+from cxrlib.diffusion.condition import (
     COND_DIM,
     LABEL_SLICE,
     ConditionEmbedding,
@@ -26,22 +34,17 @@ from cxrlib.condition import (
     encode_conditions,
     layout_table,
 )
-from cxrlib.config import DiffusionSpec, Params, ParamsError, load_params
-from cxrlib.data import prepare_cohort
-from cxrlib.diffusion import (
+from cxrlib.diffusion.network import DiffusionError
+from cxrlib.diffusion.pipeline import CXRPipeline
+from cxrlib.diffusion.samplers import guided_output
+from cxrlib.diffusion.training import (
     batch_indices,
     immiscible_noise,
     train_diffusion,
     training_timesteps,
 )
-from cxrlib.generator import CXRPipeline
 from cxrlib.hardware import precision_label
-from cxrlib.imagecache import ImageCache
-from cxrlib.labels import CHEXPERT_LABELS
-from cxrlib.layout import RunLayout
-from cxrlib.network import DiffusionError, load_weights
-from cxrlib.samplers import guided_output
-from cxrlib.sampling import diffusion_source, replica_plan
+from cxrlib.synthetic.cohorts import diffusion_source, replica_plan
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "params" / "smoke.yaml"
@@ -223,9 +226,9 @@ def test_min_snr_weights_follow_the_paper():
     """Hang et al. 2023: v targets weigh each image by min(SNR, gamma) / (SNR + 1)."""
     from diffusers.training_utils import compute_snr
 
-    from cxrlib.config import DiffusionSpec
-    from cxrlib.diffusion import diffusion_loss
-    from cxrlib.network import noise_scheduler
+    from cxrlib.core.schema import DiffusionSpec
+    from cxrlib.diffusion.network import noise_scheduler
+    from cxrlib.diffusion.training import diffusion_loss
 
     spec = DiffusionSpec(preset="demo", snr_gamma=5.0)
     sched = noise_scheduler(spec)
@@ -378,7 +381,7 @@ def test_train_on_sources_learns_from_the_source_rows_only(smoke, tmp_path):
 
 
 def test_sampling_without_a_trained_model_says_what_to_run(smoke, tmp_path):
-    from cxrlib.network import trained_checkpoint
+    from cxrlib.diffusion.checkpoints import trained_checkpoint
 
     with pytest.raises(DiffusionError, match="run notebook 02"):
         trained_checkpoint(_scratch(smoke[3], tmp_path))

@@ -6,9 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cxrlib.config import StatsSpec
-from cxrlib.exchange import calibration_held, exchange_rates, learning_curve
+from cxrlib.core.schema import StatsSpec
 from cxrlib.stats import SeedMacros
+from cxrlib.study.exchange import calibration_held, exchange_rates, learning_curve
 
 A, B = 0.55, 0.04  # the true curve: auroc = A + B ln n
 SEEDS = (0, 1, 2, 3, 4)

@@ -23,24 +23,22 @@ import pytest
 import torch
 from PIL import Image
 
-from cxrlib import classify
-from cxrlib.augment import augment_batch, mix_batch, random_affine
-from cxrlib.classify import epoch_plan, masked_bce, round_plans, weights_crc
-from cxrlib.cohort import (
-    CohortError,
-    patient_subset,
-    real_subset,
-    source_rows,
-    training_rows,
-)
-from cxrlib.config import (
-    AugmentSpec,
-    ClassifierSpec,
-    ParamsError,
-    load_params,
-)
-from cxrlib.data import prepare_cohort
-from cxrlib.experiments import (
+from cxrlib.classifier import training
+from cxrlib.classifier.augment import augment_batch, mix_batch, random_affine
+from cxrlib.classifier.training import epoch_plan, masked_bce, round_plans, weights_crc
+from cxrlib.core.cohort import CohortError, patient_subset, real_subset, source_rows, training_rows
+from cxrlib.core.config import load_params
+from cxrlib.core.errors import ParamsError
+from cxrlib.core.files import atomic_write_parquet
+from cxrlib.core.kinds import Kind
+from cxrlib.core.labels import CHEXPERT_LABELS
+from cxrlib.core.layout import RunLayout
+from cxrlib.core.schema import AugmentSpec, ClassifierSpec
+from cxrlib.data.imagecache import CombinedCache, ImageCache, decode, write_image_cache
+from cxrlib.data.phantom import STYLES, render_jpeg
+from cxrlib.data.readers import prepare_cohort
+from cxrlib.experiments.grid import Experiment, plan_grid
+from cxrlib.experiments.runner import (
     GridData,
     LeakageError,
     check_grid_leakage,
@@ -51,15 +49,8 @@ from cxrlib.experiments import (
     training_set,
     training_sets,
 )
-from cxrlib.grid import Experiment, plan_grid
 from cxrlib.hardware import make_optimizer, precision_label
-from cxrlib.imagecache import CombinedCache, ImageCache, decode
-from cxrlib.io import atomic_write_parquet, write_image_cache
-from cxrlib.kinds import Kind
-from cxrlib.labels import CHEXPERT_LABELS
-from cxrlib.layout import RunLayout
-from cxrlib.phantom import STYLES, render_jpeg
-from cxrlib.sampling import (
+from cxrlib.synthetic.cohorts import (
     PHANTOM_RENDERER,
     oracle_source,
     plan_for,
@@ -326,15 +317,15 @@ def test_early_stopping_waits_out_the_early_transient_before_it_may_stop():
     losses = [0.486, 0.756, 0.537, 0.394, 0.361, 0.383, 0.387, 0.406, 0.423]
     model = torch.nn.Linear(1, 1)
 
-    def run(stopper: classify.EarlyStopping) -> tuple[int, int]:
+    def run(stopper: training.EarlyStopping) -> tuple[int, int]:
         for epoch, loss in enumerate(losses, start=1):
             if stopper.update(loss, epoch, 25 * epoch, model):
                 return 25 * epoch, stopper.best_step
         return 25 * len(losses), stopper.best_step
 
-    assert run(classify.EarlyStopping(patience=2)) == (75, 25)
-    assert run(classify.EarlyStopping(patience=2, stop_after=100)) == (175, 125)
-    assert run(classify.EarlyStopping(patience=4)) == (225, 125)
+    assert run(training.EarlyStopping(patience=2)) == (75, 25)
+    assert run(training.EarlyStopping(patience=2, stop_after=100)) == (175, 125)
+    assert run(training.EarlyStopping(patience=4)) == (225, 125)
 
 
 def test_a_shorter_patience_is_a_prefix_of_the_same_training(grid_run):
@@ -347,13 +338,13 @@ def test_a_shorter_patience_is_a_prefix_of_the_same_training(grid_run):
     spec = params.classifier.model_copy(update={
         "protocol": "converged", "max_steps": 40, "eval_every": 2, "batch_size": 16,
         "lr": 0.05, "patience": 20})  # a rate high enough that the validation loss jumps
-    long = classify.train_classifier(spec, train, val, data.cache, seed=3, progress=False)
-    short = classify.train_classifier(spec.model_copy(update={"patience": 1}), train, val,
+    long = training.train_classifier(spec, train, val, data.cache, seed=3, progress=False)
+    short = training.train_classifier(spec.model_copy(update={"patience": 1}), train, val,
                                       data.cache, seed=3, progress=False)
     assert len(short.history) < len(long.history)  # the short rule did stop earlier
     shared = long.history.head(len(short.history))
     np.testing.assert_array_equal(short.history["val_loss"], shared["val_loss"])
-    replayed = classify.EarlyStopping(1)
+    replayed = training.EarlyStopping(1)
     for row in long.history.itertuples():
         if replayed.update(row.val_loss, row.epoch, row.step, None):
             break
@@ -382,7 +373,7 @@ def test_cosine_schedule_warms_up_decays_and_holds():
     spec = ClassifierSpec(lr=1e-2, lr_schedule="cosine", warmup_steps=10, max_steps=400,
                           lr_decay_steps=100)
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=spec.lr)
-    schedule = classify.lr_schedule(spec, opt)
+    schedule = training.lr_schedule(spec, opt)
     lrs = []
     for step in range(1, 151):
         schedule.step_update(step)
@@ -390,7 +381,7 @@ def test_cosine_schedule_warms_up_decays_and_holds():
     assert lrs[0] < lrs[4] < lrs[8] < lrs[9] <= 1e-2 < lrs[9] * 1.03  # warm-up to lr
     assert all(a >= b for a, b in zip(lrs[9:100], lrs[10:100], strict=False))  # decays
     assert lrs[99:] == pytest.approx([1e-4] * 51)  # 1% of lr, held after lr_decay_steps
-    assert classify.lr_schedule(ClassifierSpec(), opt) is None  # constant: no schedule
+    assert training.lr_schedule(ClassifierSpec(), opt) is None  # constant: no schedule
     with pytest.raises(ValueError, match="needs classifier.lr_decay_steps"):
         ClassifierSpec(lr_schedule="cosine")
 
@@ -404,9 +395,9 @@ def test_channels_last_trains_the_same_classifier(grid_run):
     val = data.manifest[data.manifest["split"] == "val"].head(32)
     spec = params.classifier.model_copy(update={"augment": OFF})
     rounds = []
-    a = classify.train_classifier(spec, train, val, data.cache, progress=False,
+    a = training.train_classifier(spec, train, val, data.cache, progress=False,
                                   on_round=lambda m, row: rounds.append((m.training, row)))
-    b = classify.train_classifier(spec.model_copy(update={"channels_last": True}), train, val,
+    b = training.train_classifier(spec.model_copy(update={"channels_last": True}), train, val,
                                   data.cache, progress=False)
     np.testing.assert_allclose(a.history["val_loss"], b.history["val_loss"], rtol=1e-3)
     np.testing.assert_allclose(a.history["train_loss"], b.history["train_loss"], rtol=1e-3)
@@ -535,8 +526,8 @@ def test_grid_runs_writes_predictions_and_resumes(grid_run, monkeypatch):
     # Resume: drop one experiment's predictions; only that one trains again.
     (run.experiment("synthetic_only_x1.f100", 0).predictions).unlink()
     trained = []
-    real_train = classify.train_classifier
-    monkeypatch.setattr(classify, "train_classifier",
+    real_train = training.train_classifier
+    monkeypatch.setattr(training, "train_classifier",
                         lambda *a, **k: trained.append(len(a[1])) or real_train(*a, **k))
     shutil.rmtree(run.experiment("synthetic_only_x1.f100", 0).model)
     run_grid(params, data, run, progress=False)
@@ -608,7 +599,7 @@ def test_grid_workers_train_arms_in_processes_of_their_own(grid_run, monkeypatch
         before[name] = ({k: config[k] for k in rows},
                         pd.read_parquet(run.experiment(name, 0).predictions))
         shutil.rmtree(run.experiment(name, 0).root)
-    monkeypatch.setattr("cxrlib.experiments.run_experiment",
+    monkeypatch.setattr("cxrlib.experiments.runner.run_experiment",
                         lambda *a, **k: pytest.fail("trained in the calling process"))
     two = params.model_copy(update={"experiments": params.experiments.model_copy(
         update={"workers": 2})})
@@ -634,7 +625,7 @@ def test_synthetic_pretraining_fine_tunes_the_pretrained_weights_on_the_real_row
     train = training_set(exp, params, data)
     assert (train["source"] == "synthetic").sum() == (train["source"] == "real").sum() > 0
     calls = []
-    real_train = classify.train_classifier
+    real_train = training.train_classifier
 
     def spy(spec, rows, val, cache, seed, progress, on_round=None, init=None):
         result = real_train(spec, rows, val, cache, seed, progress, init=init)
@@ -642,7 +633,7 @@ def test_synthetic_pretraining_fine_tunes_the_pretrained_weights_on_the_real_row
                       weights_crc(result.model)))
         return result
 
-    monkeypatch.setattr(classify, "train_classifier", spy)
+    monkeypatch.setattr(training, "train_classifier", spy)
     run_experiment(exp, params, data, train, run)
     (pre_rows, pre_init, pre_out), (fine_rows, fine_init, _) = calls
     assert pre_rows == {"synthetic"} and pre_init is None
@@ -659,7 +650,7 @@ def test_synthetic_pretraining_fine_tunes_the_pretrained_weights_on_the_real_row
     calls.clear()
     real = train[train["source"] == "real"]
     val = experiment_validation(exp, params, data.manifest)
-    for init in (classify.load_classifier(out.pretrain_model).model, None):
-        classify.train_or_load(params.classifier, real, val, data.cache, out.model, 0, False,
+    for init in (training.load_classifier(out.pretrain_model).model, None):
+        training.train_or_load(params.classifier, real, val, data.cache, out.model, 0, False,
                                init=init)
     assert len(calls) == 1 and calls[0][1] is None

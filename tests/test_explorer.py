@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from cxrlib.config import load_params
-from cxrlib.explorer import SamplingExplorer
-from cxrlib.generator import CXRPipeline
-from cxrlib.network import ConditionalUNet, noise_scheduler, unet_config
+from cxrlib.core.config import load_params
+from cxrlib.diffusion.network import ConditionalUNet, noise_scheduler, unet_config
+from cxrlib.diffusion.pipeline import CXRPipeline
+from cxrlib.synthetic.explorer import SamplingExplorer
 
 ROOT = Path(__file__).resolve().parent.parent
 

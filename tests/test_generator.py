@@ -13,18 +13,19 @@ import pytest
 from safetensors.torch import load_file
 
 from cxrlib.__main__ import main
-from cxrlib.cohort import training_rows
-from cxrlib.condition import condition_row, encode_conditions
-from cxrlib.config import load_params
-from cxrlib.data import prepare_cohort
-from cxrlib.diffusion import train_diffusion
-from cxrlib.generator import CXRPipeline
-from cxrlib.imagecache import ImageCache
-from cxrlib.layout import RunLayout
-from cxrlib.network import load_weights, noise_scheduler
-from cxrlib.samplers import generate
-from cxrlib.sampling import diffusion_source, generate_cohort, replica_plan
-from cxrlib.summary import update_summary
+from cxrlib.core.cohort import training_rows
+from cxrlib.core.config import load_params
+from cxrlib.core.layout import RunLayout
+from cxrlib.core.summary import update_summary
+from cxrlib.data.imagecache import ImageCache
+from cxrlib.data.readers import prepare_cohort
+from cxrlib.diffusion.checkpoints import load_weights
+from cxrlib.diffusion.condition import condition_row, encode_conditions
+from cxrlib.diffusion.network import noise_scheduler
+from cxrlib.diffusion.pipeline import CXRPipeline
+from cxrlib.diffusion.samplers import generate
+from cxrlib.diffusion.training import train_diffusion
+from cxrlib.synthetic.cohorts import diffusion_source, generate_cohort, replica_plan
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "params" / "smoke.yaml"
@@ -46,9 +47,9 @@ folder, out, calls = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)
 for i, call in enumerate(calls):
     pipe(**call, output_type="np").images.tofile(f"{out}/{i}.u8")
-import cxrlib, cxrlib.explorer, cxrlib.sampling, cxrlib.audit_run
+import cxrlib, cxrlib.synthetic.explorer, cxrlib.synthetic.cohorts, cxrlib.synthetic.audit.run
 print(json.dumps({"pipeline": type(pipe).__name__, "cxrlib": cxrlib.__file__,
-                  "trainer_imported": "cxrlib.diffusion" in sys.modules,
+                  "trainer_imported": "cxrlib.diffusion.training" in sys.modules,
                   "checkpoint": pipe.config.checkpoint}))
 """
 
@@ -76,7 +77,7 @@ def test_exported_folder_is_a_diffusers_pipeline_of_the_ema_weights(exported):
     _, _, _, ckpt, out = exported
     index = json.loads((out / "model_index.json").read_text())
     assert index["_class_name"] == ["cxr_pipeline", "CXRPipeline"]
-    assert index["unet"] == ["cxrlib.network", "ConditionalUNet"]
+    assert index["unet"] == ["cxrlib.diffusion.network", "ConditionalUNet"]
     assert index["scheduler"] == ["diffusers", "DDPMScheduler"]
     assert index["checkpoint"] == ckpt.name
     weights = load_file(out / "unet" / "diffusion_pytorch_model.safetensors")

@@ -1,4 +1,5 @@
-"""cxrlib.io: atomic files and folders, the image-cache writer and main-process-only writes."""
+"""cxrlib.core.files: atomic files and folders, the image-cache writer and main-process-only
+writes."""
 
 from __future__ import annotations
 
@@ -9,19 +10,13 @@ import pandas as pd
 import pytest
 import torch
 
-from cxrlib import classify
-from cxrlib import io as cxrio
-from cxrlib.classify import TrainResult, train_or_load
-from cxrlib.config import ClassifierSpec
-from cxrlib.imagecache import ImageCache
-from cxrlib.io import (
-    atomic_path,
-    atomic_write_parquet,
-    atomic_write_text,
-    on_main,
-    replace_folder,
-    write_image_cache,
-)
+from cxrlib.classifier import training
+from cxrlib.classifier.training import TrainResult, train_or_load
+from cxrlib.core import processes
+from cxrlib.core.files import atomic_path, atomic_write_parquet, atomic_write_text, replace_folder
+from cxrlib.core.processes import on_main
+from cxrlib.core.schema import ClassifierSpec
+from cxrlib.data.imagecache import ImageCache, write_image_cache
 
 
 class Boom(RuntimeError):
@@ -125,7 +120,7 @@ def test_on_main_runs_only_on_the_main_process(monkeypatch):
     assert on_main(lambda: calls.append("ran") or 7) == 7
     with pytest.raises(Boom):
         on_main(lambda: (_ for _ in ()).throw(Boom()))
-    monkeypatch.setattr(cxrio, "is_main_process", lambda: False)
+    monkeypatch.setattr(processes, "is_main_process", lambda: False)
     assert on_main(lambda: calls.append("ran on another process")) is None
     assert calls == ["ran"]
 
@@ -133,7 +128,7 @@ def test_on_main_runs_only_on_the_main_process(monkeypatch):
 def _fake_training(monkeypatch):
     """train_classifier returns a tiny model at once (the test is about where it is saved)."""
     result = TrainResult(torch.nn.Linear(2, 2), pd.DataFrame({"epoch": [1]}), 1, False)
-    monkeypatch.setattr(classify, "train_classifier", lambda *args, **kwargs: result)
+    monkeypatch.setattr(training, "train_classifier", lambda *args, **kwargs: result)
 
 
 def _rows(n: int) -> pd.DataFrame:
@@ -150,6 +145,6 @@ def test_train_or_load_saves_on_the_main_process(tmp_path, monkeypatch):
 def test_train_or_load_writes_nothing_on_another_process(tmp_path, monkeypatch):
     """Under ``accelerate launch`` every process trains; only the main one may save."""
     _fake_training(monkeypatch)
-    monkeypatch.setattr(cxrio, "is_main_process", lambda: False)
+    monkeypatch.setattr(processes, "is_main_process", lambda: False)
     train_or_load(ClassifierSpec(), _rows(4), _rows(2), None, tmp_path / "model")
     assert list(tmp_path.iterdir()) == []

@@ -6,10 +6,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cxrlib.config import PhantomSpec
-from cxrlib.labels import CHEXPERT_LABELS
-from cxrlib.phantom import STYLES, render_phantom, write_phantom_site
-from cxrlib.xrv_metadata import NIH_TO_CHEXPERT, nih_metadata, padchest_metadata
+from cxrlib.core.labels import CHEXPERT_LABELS
+from cxrlib.core.schema import PhantomSpec
+from cxrlib.data.metadata import NIH_TO_CHEXPERT, nih_metadata, padchest_metadata
+from cxrlib.data.phantom import STYLES, render_phantom, write_phantom_site
 
 NEGATIVE = dict.fromkeys(CHEXPERT_LABELS, 0.0)
 

@@ -6,8 +6,8 @@ import io
 
 import pytest
 
-from cxrlib import progress
-from cxrlib.progress import LOG_INTERVAL_S, PROGRESS_ENV, progress_mode, tqdm
+from cxrlib.core import progress
+from cxrlib.core.progress import LOG_INTERVAL_S, PROGRESS_ENV, progress_mode, tqdm
 
 
 class _Terminal(io.StringIO):

@@ -14,14 +14,16 @@ import pandas as pd
 import pytest
 import yaml
 
-from cxrlib import pipeline
+from cxrlib import notebook_runner
 from cxrlib.__main__ import main
-from cxrlib.config import Params, ParamsError, load_params, parse_overrides, read_tree
+from cxrlib.core.config import load_params, parse_overrides, read_tree
+from cxrlib.core.errors import ParamsError
+from cxrlib.core.layout import STAGES, RunLayout
+from cxrlib.core.progress import PROGRESS_ENV
+from cxrlib.core.schema import Params
+from cxrlib.core.summary import read_summary, schema_problems, stage_precisions
 from cxrlib.hardware import precision_label
-from cxrlib.layout import STAGES, RunLayout
-from cxrlib.pipeline import run_pipeline, run_stage
-from cxrlib.progress import PROGRESS_ENV
-from cxrlib.summary import read_summary, schema_problems, stage_precisions
+from cxrlib.notebook_runner import run_pipeline, run_stage
 
 ROOT = Path(__file__).resolve().parent.parent
 PARAM_FILES = sorted((ROOT / "params").glob("*.yaml"))
@@ -194,7 +196,7 @@ def test_run_streams_the_notebook_output_unless_quiet(tmp_path, monkeypatch, cap
     monkeypatch.setenv("CXRLIB_RUNS_DIR", str(tmp_path / "runs"))
     monkeypatch.delenv(PROGRESS_ENV, raising=False)
     calls: list[dict] = []
-    monkeypatch.setattr(pipeline.papermill, "execute_notebook", _fake_papermill(calls))
+    monkeypatch.setattr(notebook_runner.papermill, "execute_notebook", _fake_papermill(calls))
     smoke = ROOT / "params" / "smoke.yaml"
     run_pipeline(smoke, ("01_data_prep",), reports_root=tmp_path / "reports")
     out = capsys.readouterr().out
@@ -255,14 +257,6 @@ def test_importing_the_package_has_no_side_effect():
     assert out.stdout.strip() == "['cxrlib']"
 
 
-def test_statistics_stage_loads_without_the_training_stack():
-    """Notebook 05's modules read a finished grid without importing torch (fast kernels)."""
-    probe = ("import sys, cxrlib.grid, cxrlib.cohort, cxrlib.stats, cxrlib.study_tables, "
-             "cxrlib.findings, cxrlib.report; print('torch' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"
-
-
 def test_set_overrides_reach_every_stage_and_the_index(tmp_path, monkeypatch):
     """``cxrlib run --set KEY=VALUE``: values read as YAML, a malformed item named, and the
     overrides passed to each notebook as its ``overrides`` parameter (papermill stubbed: the
@@ -277,8 +271,8 @@ def test_set_overrides_reach_every_stage_and_the_index(tmp_path, monkeypatch):
         given.append(kwargs["parameters"])
         nbformat.write(nbformat.v4.new_notebook(), dest)
 
-    monkeypatch.setattr(pipeline.papermill, "execute_notebook", fake)
-    monkeypatch.setattr(pipeline, "render_html", lambda executed, page: page)
+    monkeypatch.setattr(notebook_runner.papermill, "execute_notebook", fake)
+    monkeypatch.setattr(notebook_runner, "render_html", lambda executed, page: page)
     monkeypatch.setenv("CXRLIB_RUNS_DIR", str(tmp_path / "runs"))
     overrides = parse_overrides(["run.name=smoke-variant", "sampling.steps=2"])
     index = run_pipeline(ROOT / "params" / "smoke.yaml", ("01_data_prep",), quiet=True,

@@ -17,8 +17,12 @@ import pytest
 import yaml
 from PIL import Image
 
-from cxrlib.config import ParamsError, load_params
-from cxrlib.data import (
+from cxrlib.core.config import load_params
+from cxrlib.core.errors import ParamsError
+from cxrlib.core.labels import CHEXPERT_LABELS, MANIFEST_COLUMNS, map_race
+from cxrlib.core.layout import RUNS_DIR_ENV, RunLayout
+from cxrlib.data.imagecache import ImageCache, build_cache, load_image, to_model_range
+from cxrlib.data.readers import (
     DataError,
     DropLog,
     SplitLeakError,
@@ -32,9 +36,6 @@ from cxrlib.data import (
     read_mimic,
     read_site_csv,
 )
-from cxrlib.imagecache import ImageCache, build_cache, load_image, to_model_range
-from cxrlib.labels import CHEXPERT_LABELS, MANIFEST_COLUMNS, map_race
-from cxrlib.layout import RUNS_DIR_ENV, RunLayout
 
 LABELS = list(CHEXPERT_LABELS)
 MANIFEST = [*MANIFEST_COLUMNS, "source_file", "source_row"]

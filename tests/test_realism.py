@@ -9,13 +9,13 @@ import pandas as pd
 import pytest
 from scipy import ndimage
 
-from cxrlib import audit_figures
-from cxrlib.config import ClassifierSpec, DetectabilitySpec
-from cxrlib.detectability import detectability, patient_parts, patient_split
-from cxrlib.labels import CHEXPERT_LABELS
-from cxrlib.phantom import STYLES, render_phantom
-from cxrlib.texture import HF_BAND, N_BANDS, band_power, texture_comparison
-from cxrlib.timing import REST, Profile
+from cxrlib.core.labels import CHEXPERT_LABELS
+from cxrlib.core.schema import ClassifierSpec, DetectabilitySpec
+from cxrlib.core.timing import REST, Profile
+from cxrlib.data.phantom import STYLES, render_phantom
+from cxrlib.synthetic.audit import figures as audit_figures
+from cxrlib.synthetic.audit.detectability import detectability, patient_parts, patient_split
+from cxrlib.synthetic.audit.texture import HF_BAND, N_BANDS, band_power, texture_comparison
 
 R = 32
 N = 160  # two patient-disjoint sets of 80

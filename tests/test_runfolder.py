@@ -2,7 +2,7 @@
 verify`` and by each stage, and faults injected into the writes of every stage.
 
 One smoke run is built for the module through the stage entry points (notebook 01's
-preparation under :func:`cxrlib.runlock.writing`, then ``train-diffusion``,
+preparation under :func:`cxrlib.core.records.writing`, then ``train-diffusion``,
 ``generate-synthetic`` and one experiment of the grid); each test damages its own copy.
 """
 
@@ -24,22 +24,22 @@ import pandas as pd
 import pytest
 from filelock import FileLock, Timeout
 
-from cxrlib import diffusion
 from cxrlib.__main__ import main
-from cxrlib.config import load_params
-from cxrlib.data import prepare_cohort
-from cxrlib.diffusion import train_diffusion
-from cxrlib.experiments import grid_data, run_experiment, training_set
-from cxrlib.generator import CXRPipeline
-from cxrlib.grid import plan_grid
-from cxrlib.imagecache import ImageCache
-from cxrlib.io import DiskFullError, write_image_cache
-from cxrlib.layout import RUNS_DIR_ENV, RunLayout
-from cxrlib.network import latest_checkpoint, load_weights
-from cxrlib.records import VerificationError, check_stage, file_sha256, read_record
-from cxrlib.report import Outputs
-from cxrlib.runlock import RunBusyError, hold, read_holder, writing
-from cxrlib.sampling import diffusion_source, generate_cohort, replica_plan
+from cxrlib.core.config import load_params
+from cxrlib.core.files import DiskFullError
+from cxrlib.core.layout import RUNS_DIR_ENV, RunLayout
+from cxrlib.core.lock import RunBusyError, hold, read_holder
+from cxrlib.core.outputs import Outputs
+from cxrlib.core.records import VerificationError, check_stage, file_sha256, read_record, writing
+from cxrlib.data.imagecache import ImageCache, write_image_cache
+from cxrlib.data.readers import prepare_cohort
+from cxrlib.diffusion import training as diffusion_training
+from cxrlib.diffusion.checkpoints import latest_checkpoint, load_weights
+from cxrlib.diffusion.pipeline import CXRPipeline
+from cxrlib.diffusion.training import train_diffusion
+from cxrlib.experiments.grid import plan_grid
+from cxrlib.experiments.runner import grid_data, run_experiment, training_set
+from cxrlib.synthetic.cohorts import diffusion_source, generate_cohort, replica_plan
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "params" / "smoke.yaml"
@@ -98,9 +98,9 @@ def _scratch(folder: Path) -> list[str]:
 
 _HOLD = """
 import sys, time
-from cxrlib.config import load_params
-from cxrlib.layout import RunLayout
-from cxrlib.runlock import hold
+from cxrlib.core.config import load_params
+from cxrlib.core.layout import RunLayout
+from cxrlib.core.lock import hold
 with hold(RunLayout.open(load_params(sys.argv[1])), sys.argv[2]):
     print("held", flush=True)
     time.sleep(120)
@@ -251,7 +251,7 @@ def test_a_full_disk_during_a_checkpoint(built, tmp_path, monkeypatch):
     params = load_params(SMOKE, {"diffusion.max_steps": 6})
     cohort = pd.read_parquet(run.manifest)
     before = _digests(run.checkpoints)
-    _fill_disk_at(monkeypatch, diffusion, "save_file", "step-0000006")
+    _fill_disk_at(monkeypatch, diffusion_training, "save_file", "step-0000006")
     with pytest.raises(DiskFullError) as err:
         train_diffusion(params, cohort, ImageCache(run.image_cache), run, progress=False)
     message = str(err.value)
@@ -351,7 +351,7 @@ def _killed_mid_write(owner, name: str, marker: str, argv: list[str]) -> int:
 #: stage command; the writer killed half way (its module or class, its name, a part of the
 #: path it writes); the folder compared before and after; the file that must not exist after
 _KILLS = {
-    "checkpoint": (["train-diffusion"], (diffusion, "save_file", "step-0000006"),
+    "checkpoint": (["train-diffusion"], (diffusion_training, "save_file", "step-0000006"),
                    lambda run: run.checkpoints,
                    lambda run: run.checkpoints / "step-0000006"),
     "shard": (["generate-synthetic"], (np, "savez", "shard-00001"),

@@ -10,16 +10,15 @@ import pandas as pd
 import pytest
 import torch
 
-from cxrlib.cohort import AGE_UNKNOWN, age_band, training_rows
-from cxrlib.config import load_params
-from cxrlib.data import prepare_cohort
-from cxrlib.explorer import SamplingExplorer
-from cxrlib.generator import CXRPipeline
-from cxrlib.imagecache import ImageCache
-from cxrlib.layout import RunLayout
-from cxrlib.network import ConditionalUNet, noise_scheduler, unet_config
-from cxrlib.samplers import SAMPLERS, generate
-from cxrlib.sampling import (
+from cxrlib.core.cohort import AGE_UNKNOWN, age_band, training_rows
+from cxrlib.core.config import load_params
+from cxrlib.core.layout import RunLayout
+from cxrlib.data.imagecache import ImageCache
+from cxrlib.data.readers import prepare_cohort
+from cxrlib.diffusion.network import ConditionalUNet, noise_scheduler, unet_config
+from cxrlib.diffusion.pipeline import CXRPipeline
+from cxrlib.diffusion.samplers import SAMPLERS, generate
+from cxrlib.synthetic.cohorts import (
     SyntheticCohortError,
     check_no_eval_sources,
     diffusion_source,
@@ -29,6 +28,7 @@ from cxrlib.sampling import (
     rebalance_weights,
     replica_plan,
 )
+from cxrlib.synthetic.explorer import SamplingExplorer
 
 ROOT = Path(__file__).resolve().parent.parent
 

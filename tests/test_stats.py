@@ -1,6 +1,6 @@
 """Statistics (:mod:`cxrlib.stats`): DeLong (plain and patient-clustered), the patient
 bootstrap, seeds as a random effect, the label rule, TOST; and the study's tables
-(:mod:`cxrlib.study_tables`): the primary analysis, dose-response, subgroups, calibration,
+(:mod:`cxrlib.study.plan`): the primary analysis, dose-response, subgroups, calibration,
 compute and the generated findings."""
 
 from __future__ import annotations
@@ -11,10 +11,12 @@ import pytest
 from scipy import stats as sps
 from sklearn.metrics import roc_auc_score
 
-from cxrlib import findings, stats, study_tables
-from cxrlib.config import PrimarySpec, StatsSpec
-from cxrlib.kinds import Kind
-from cxrlib.pipeline import summary_html
+from cxrlib import stats
+from cxrlib.core.kinds import Kind
+from cxrlib.core.schema import PrimarySpec, StatsSpec
+from cxrlib.core.summary import CLAIM_KEYS, PRIMARY_KEYS, schema_problems
+from cxrlib.experiments import diagnostics
+from cxrlib.notebook_runner import summary_html
 from cxrlib.stats import (
     SeedMacros,
     adjust_holm,
@@ -30,7 +32,8 @@ from cxrlib.stats import (
     seeds_for_mde,
     weighted_auroc,
 )
-from cxrlib.summary import CLAIM_KEYS, PRIMARY_KEYS, schema_problems
+from cxrlib.study import claims as study_claims
+from cxrlib.study import findings, plan, secondary
 
 LABELS = tuple(f"Label{j}" for j in range(10))
 
@@ -283,12 +286,12 @@ def test_seed_variation_alone_is_rejected_at_the_nominal_rate_and_a_real_gain_is
 def test_verdicts_follow_tost_and_holm():
     spec = StatsSpec(equivalence_margin=0.02)
     row = {"p_holm": 0.4, "delta": 0.004, "ci90_low": -0.01, "ci90_high": 0.018}
-    assert study_tables._verdict(row, spec.alpha, 0.02) == "matches"
-    assert study_tables._verdict({**row, "ci90_high": 0.021}, spec.alpha, 0.02) == (
+    assert plan._verdict(row, spec.alpha, 0.02) == "matches"
+    assert plan._verdict({**row, "ci90_high": 0.021}, spec.alpha, 0.02) == (
         "not shown equivalent")
-    assert study_tables._verdict({**row, "p_holm": 0.01}, spec.alpha, 0.02) == (
+    assert plan._verdict({**row, "p_holm": 0.01}, spec.alpha, 0.02) == (
         "better (within the equivalence margin)")
-    assert study_tables._verdict({**row, "p_holm": 0.01, "delta": -0.03, "ci90_low": -0.05},
+    assert plan._verdict({**row, "p_holm": 0.01, "delta": -0.03, "ci90_low": -0.05},
                                  spec.alpha, 0.02) == "worse"
 
 
@@ -317,7 +320,7 @@ def study():
 
 def test_primary_analysis_is_the_prespecified_set(study):
     frame, grid, spec, macros = study
-    primary = study_tables.primary_analysis(frame, grid, spec)
+    primary = plan.primary_analysis(frame, grid, spec)
     assert set(PRIMARY_KEYS) <= set(primary.columns)
     # the hypotheses only: real_repeated is named in stats.primary.kinds but is a control
     assert primary["experiment"].tolist() == ["real_plus_synthetic_x1.f100",
@@ -327,25 +330,25 @@ def test_primary_analysis_is_the_prespecified_set(study):
     big = primary.set_index("experiment").loc["real_plus_synthetic_x2.f100"]
     assert big["delta"] > 0.05 and big["p_holm"] < 0.05 and big["verdict"] == "better"
     # The same rows, to the last digit, inside the table of all comparisons.
-    every = study_tables.compare_experiments(macros, grid, spec)
+    every = plan.compare_experiments(macros, grid, spec)
     pd.testing.assert_frame_equal(
         every[every["primary"]].reset_index(drop=True)[primary.columns], primary)
-    at_half = study_tables.primary_analysis(frame, grid, spec.model_copy(
+    at_half = plan.primary_analysis(frame, grid, spec.model_copy(
         update={"primary": PrimarySpec(real_fraction=0.5)}))
     assert at_half["experiment"].tolist() == ["real_plus_synthetic_x2.f50"]
     with pytest.raises(ValueError, match="not a real fraction"):
-        study_tables.primary_analysis(frame, grid, spec.model_copy(
+        plan.primary_analysis(frame, grid, spec.model_copy(
             update={"primary": PrimarySpec(real_fraction=0.25)}))
 
 
 def test_secondary_comparisons_and_synthetic_only_equivalence(study):
     _, grid, spec, macros = study
-    every = study_tables.compare_experiments(macros, grid, spec).set_index("experiment")
+    every = plan.compare_experiments(macros, grid, spec).set_index("experiment")
     synthetic = every.loc["synthetic_only_x1.f100"]
     assert not synthetic["primary"] and synthetic["family"] == "real_only.f100: internal"
     assert abs(synthetic["delta"]) < 0.02
     wide = spec.model_copy(update={"equivalence_margin": 0.5})
-    relaxed = study_tables.compare_experiments(macros, grid, wide).set_index("experiment")
+    relaxed = plan.compare_experiments(macros, grid, wide).set_index("experiment")
     assert relaxed.loc["synthetic_only_x1.f100", "verdict"] == "matches"
     assert synthetic["p_equivalence"] > relaxed.loc["synthetic_only_x1.f100", "p_equivalence"]
     assert every.loc["real_plus_synthetic_x2.f50", "baseline"] == "real_only.f50"
@@ -353,7 +356,7 @@ def test_secondary_comparisons_and_synthetic_only_equivalence(study):
 
 def test_dose_response_includes_k0_and_needs_three_doses(study):
     _, grid, spec, macros = study
-    dose = study_tables.dose_response(macros, grid, spec).set_index("real_fraction")
+    dose = plan.dose_response(macros, grid, spec).set_index("real_fraction")
     row = dose.loc[1.0]
     sm = macros["internal"]
     mean = {e: np.mean(list(sm.point[e].values())) for e in GRID}
@@ -375,7 +378,7 @@ def test_dose_response_includes_k0_and_needs_three_doses(study):
 def test_compare_labels_with_seeds(study):
     frame, _, spec, _ = study
     pair = ("real_plus_synthetic_x2.f100", "real_only.f100")
-    labels = study_tables.compare_labels(frame, [pair], spec)
+    labels = secondary.compare_labels(frame, [pair], spec)
     assert len(labels) == len(LABELS) and (labels["test"] == "clustered DeLong + seeds").all()
     row = labels[labels["label"] == "Label0"].iloc[0]
     sub = frame[(frame["label"] == "Label0")]
@@ -391,7 +394,7 @@ def test_subgroups_difference_in_differences():
     frame = make_study(rng, {"base": 1.2, "exp": 1.2}, n_patients=400,
                        groups={"exp": 0.6})      # the experiment helps Female patients only
     spec = StatsSpec(n_boot=200, subgroups=["sex"])
-    groups, did = study_tables.subgroup_analysis(frame, "exp", "base", spec)
+    groups, did = secondary.subgroup_analysis(frame, "exp", "base", spec)
     assert set(groups["group"]) == {"Male", "Female"} and len(groups) == 4
     row = did.iloc[0]
     assert row["group"] != row["reference"]
@@ -399,16 +402,16 @@ def test_subgroups_difference_in_differences():
     assert sign * row["did"] > 0.05 and row["p_holm"] < 0.01
     assert row["did"] == pytest.approx(row["delta_group"] - row["delta_reference"])
     null_study = make_study(rng, {"base": 1.2, "exp": 1.2}, n_patients=400)
-    null = study_tables.subgroup_analysis(null_study, "exp", "base", spec)[1].iloc[0]
+    null = secondary.subgroup_analysis(null_study, "exp", "base", spec)[1].iloc[0]
     assert null["ci_low"] < 0 < null["ci_high"]
 
 
 def test_subgroup_pair_is_prespecified():
     grid = grid_of(GRID)
-    assert study_tables.subgroup_pair(grid, StatsSpec()) == ("real_plus_synthetic_x2.f100",
+    assert secondary.subgroup_pair(grid, StatsSpec()) == ("real_plus_synthetic_x2.f100",
                                                             "real_only.f100")
     chosen = StatsSpec(primary=PrimarySpec(subgroup_k=1))
-    assert study_tables.subgroup_pair(grid, chosen)[0] == "real_plus_synthetic_x1.f100"
+    assert secondary.subgroup_pair(grid, chosen)[0] == "real_plus_synthetic_x1.f100"
 
 
 # --- Calibration, AUPRC, seeds and compute ---------------------------------------------------
@@ -430,13 +433,13 @@ def test_calibration_metrics_by_hand():
 def test_calibration_table_and_label_metrics(study):
     frame, _, spec, _ = study
     probs = frame.assign(score=1 / (1 + np.exp(-frame["score"])))
-    table = study_tables.calibration_table(probs, spec).set_index("experiment")
+    table = secondary.calibration_table(probs, spec).set_index("experiment")
     assert table.loc["real_only.f100", "n_seeds"] == 3
     base = probs[probs["experiment"] == "real_only.f100"]
     brier = base.assign(sq=(base["score"] - base["target"]) ** 2).groupby(["seed", "label"])[
         "sq"].mean().groupby("seed").mean().mean()
     assert table.loc["real_only.f100", "brier"] == pytest.approx(brier)
-    labels = study_tables.label_metrics(probs, spec)
+    labels = secondary.label_metrics(probs, spec)
     row = labels[(labels["experiment"] == "real_only.f100") & (labels["label"] == "Label0")]
     sub = probs[(probs["experiment"] == "real_only.f100") & (probs["label"] == "Label0")]
     from sklearn.metrics import average_precision_score
@@ -448,14 +451,14 @@ def test_calibration_table_and_label_metrics(study):
 
 def test_seed_spread_and_compute_table(study):
     frame, grid, spec, macros = study
-    spread = study_tables.seed_spread(frame, spec.min_positives).set_index("experiment")
+    spread = diagnostics.seed_spread(frame, spec.min_positives).set_index("experiment")
     values = list(macros["internal"].point["real_only.f100"].values())
     assert spread.loc["real_only.f100", "macro_auroc_mean"] == pytest.approx(np.mean(values))
     assert spread.loc["real_only.f100", "macro_auroc_min"] == pytest.approx(min(values))
-    old = study_tables.compute_table(grid)           # a run from before the compute columns
+    old = diagnostics.compute_table(grid)           # a run from before the compute columns
     assert old["optimizer_steps"].isna().all() and (old["train_seconds"] == 2.0).all()
     assert old["kept_step"].isna().all() and old["protocol"].isna().all()
-    new = study_tables.compute_table(grid.assign(
+    new = diagnostics.compute_table(grid.assign(
         optimizer_steps=[10, 20, 30, 40, 50, 60, 70, 80], best_step=[5, 10, 15, 20, 25, 30, 35, 40],
         images_seen=320, protocol="converged"))
     row = new.set_index("experiment").loc["real_only.f50"]
@@ -466,14 +469,14 @@ def test_seed_spread_and_compute_table(study):
 
 def test_findings_state_numbers_and_rules(study):
     frame, grid, spec, macros = study
-    summary = study_tables.experiment_summary(macros, grid, spec)
-    primary = study_tables.primary_analysis(macros, grid, spec)
-    every = study_tables.compare_experiments(macros, grid, spec)
-    dose = study_tables.dose_response(macros, grid, spec)
-    checks = study_tables.manipulation_checks(macros, grid, spec)
-    claims = study_tables.claims_table(every, grid, spec)
-    flags = study_tables.training_flags(grid, every, checks)
-    _, did = study_tables.subgroup_analysis(frame, *study_tables.subgroup_pair(grid, spec),
+    summary = plan.experiment_summary(macros, grid, spec)
+    primary = plan.primary_analysis(macros, grid, spec)
+    every = plan.compare_experiments(macros, grid, spec)
+    dose = plan.dose_response(macros, grid, spec)
+    checks = plan.manipulation_checks(macros, grid, spec)
+    claims = study_claims.claims_table(every, grid, spec)
+    flags = diagnostics.training_flags(grid, every, checks)
+    _, did = secondary.subgroup_analysis(frame, *secondary.subgroup_pair(grid, spec),
                                             spec.model_copy(update={"subgroups": ["sex"]}))
     text = findings.study_findings(summary, primary, dose, every, did, spec, claims=claims,
                                    checks=checks, flags=flags)
@@ -537,7 +540,7 @@ def test_seeds_for_mde_is_the_fewest_seeds_whose_mde_reaches_the_target():
 
 def test_primary_mde_at_the_familys_holm_level(study):
     _, grid, spec, macros = study
-    primary = study_tables.primary_analysis(macros, grid, spec)
+    primary = plan.primary_analysis(macros, grid, spec)
     assert (primary["family_size"] == 2).all()
     for row in primary.to_dict("records"):
         assert row["mde"] == pytest.approx(minimum_detectable_effect(row["se"], row["df"], 0.05))
@@ -549,18 +552,18 @@ def test_primary_mde_at_the_familys_holm_level(study):
 def test_controls_are_manipulation_checks_outside_the_holm_family(study):
     _, grid, spec, macros = study
     hypotheses_only = grid[~grid["kind"].map(lambda k: Kind(k).control)]
-    alone = study_tables.primary_analysis(macros, hypotheses_only, spec)
-    with_controls = study_tables.primary_analysis(macros, grid, spec)
+    alone = plan.primary_analysis(macros, hypotheses_only, spec)
+    with_controls = plan.primary_analysis(macros, grid, spec)
     pd.testing.assert_series_equal(with_controls["p_holm"], alone["p_holm"])
     named = spec.model_copy(update={"primary": PrimarySpec(
         kinds=[Kind.REAL_PLUS_SYNTHETIC, Kind.REAL_PLUS_ORACLE, Kind.REAL_REPEATED])})
     pd.testing.assert_series_equal(
-        study_tables.primary_analysis(macros, grid, named)["p_holm"], alone["p_holm"])
-    every = study_tables.compare_experiments(macros, grid, spec).set_index("experiment")
+        plan.primary_analysis(macros, grid, named)["p_holm"], alone["p_holm"])
+    every = plan.compare_experiments(macros, grid, spec).set_index("experiment")
     oracle = every.loc["real_plus_oracle_x2.f100"]
     assert oracle["control"] and not oracle["primary"]
     assert oracle["family"] == "check: real_plus_oracle_x2.f100 vs real_only.f100: internal"
-    checks = study_tables.manipulation_checks(macros, grid, spec)
+    checks = plan.manipulation_checks(macros, grid, spec)
     assert list(zip(checks["experiment"], checks["baseline"], strict=True)) == [
         ("real_repeated_x2.f100", "real_only.f100"), ("real_plus_oracle_x2.f100", "real_only.f100"),
         ("real_only.f100", "real_only.f50")]             # more real data beats less
@@ -572,13 +575,13 @@ def test_controls_are_manipulation_checks_outside_the_holm_family(study):
     assert by.loc["real_repeated_x2.f100", "expected"] == "not better"
     assert by.loc["real_repeated_x2.f100", "held"]
     more = by.loc["real_only.f100"]
-    assert more["check"] == study_tables.MORE_REAL and more["delta"] > 0
+    assert more["check"] == plan.MORE_REAL and more["delta"] > 0
     assert more["held"] == more["verdict"].startswith("better")
-    assert set(study_tables.CHECK_EXPECTATIONS) == {k for k in Kind if k.control}
+    assert set(plan.CHECK_EXPECTATIONS) == {k for k in Kind if k.control}
 
 
 def test_check_outcomes_follow_their_expectation():
-    held = study_tables._held
+    held = plan._held
     assert held("better", "better") and not held("not shown equivalent", "better")
     assert held("worse", "not better") and not held("better (within the equivalence margin)",
                                                     "not better")
@@ -612,7 +615,7 @@ def _claims_comparisons(grid: pd.DataFrame) -> pd.DataFrame:
             ("synthetic_only_x1.f20", "chexpert (internal)", -0.08, -0.1, -0.06, "worse"),
             ("synthetic_only_x2.f20", "chexpert (internal)", -0.004, -0.012, 0.004, "matches"),
             ("nih_plus_synthetic_x1", "nih (external)", -0.03, -0.05, -0.01, "worse")]
-    info = study_tables.experiment_info(grid).set_index("experiment")
+    info = plan.experiment_info(grid).set_index("experiment")
     return pd.DataFrame([{"experiment": e, "baseline": info.loc[e, "baseline"],
                           "kind": info.loc[e, "kind"], "k": info.loc[e, "k"],
                           "real_fraction": info.loc[e, "real_fraction"], "test_set": t,
@@ -623,7 +626,7 @@ def _claims_comparisons(grid: pd.DataFrame) -> pd.DataFrame:
 
 
 def test_claim_verdicts():
-    verdict = study_tables.claim_verdict
+    verdict = study_claims.claim_verdict
     assert verdict("gain", "better (within the equivalence margin)", 0.001, 0.01, 0.02) == (
         "supported")
     assert verdict("gain", "worse", -0.05, -0.03, 0.02) == "contradicted"
@@ -642,7 +645,7 @@ def test_claims_table_answers_the_papers_claims():
     exchange = pd.DataFrame([{"experiment": "real_plus_synthetic_x2.f20",
                               "test_set": "chexpert (internal)", "rate": 0.5, "ci_low": 0.2,
                               "ci_high": 0.9, "extrapolated": True}])
-    claims = study_tables.claims_table(comparisons, grid, StatsSpec(), exchange)
+    claims = study_claims.claims_table(comparisons, grid, StatsSpec(), exchange)
     got = {(r["claim"], r["test_set"], r["experiment"]): r["verdict"]
            for r in claims.to_dict("records")}
     assert got == {  # the primary fraction (20%) only; synthetic only at k = 2-3 only
@@ -662,11 +665,11 @@ def test_claims_table_answers_the_papers_claims():
     cells = summary_html({"claims": [{**rows[0], "ci_low": -7.66e-05, "mde": 12345.0}],
                           "internal_test_images": 10}, "summary.json")
     assert "<td>-0.0001</td>" in cells and "<td>12,345</td>" in cells and "e-05" not in cells
-    assert study_tables.DISTILLATION["all"] in first["confounds"]
-    narrowed = study_tables.claims_table(comparisons, grid, StatsSpec(), exchange,
+    assert study_claims.DISTILLATION["all"] in first["confounds"]
+    narrowed = study_claims.claims_table(comparisons, grid, StatsSpec(), exchange,
                                          train_on="sources").iloc[0]["confounds"]
-    assert study_tables.DISTILLATION["sources"] in narrowed
-    assert study_tables.DISTILLATION["all"] not in narrowed
+    assert study_claims.DISTILLATION["sources"] in narrowed
+    assert study_claims.DISTILLATION["all"] not in narrowed
     assert "see each real image 4.0 vs 12.0 times" in first["confounds"]   # protocol steps
     assert "kept steps differ more than 2-fold (900 vs 300)" in first["confounds"]
     assert "external_plus_real" in claims.iloc[3]["confounds"]
@@ -680,7 +683,7 @@ def test_claims_table_answers_the_papers_claims():
     # without the arms (or an external test set) a claim is not tested in this run
     internal = comparisons[comparisons["kind"] == "real_plus_synthetic"]
     internal = internal[internal["test_set"] == "chexpert (internal)"]
-    few = study_tables.claims_table(internal, grid, spec)
+    few = study_claims.claims_table(internal, grid, spec)
     assert few["verdict"].tolist() == ["not tested in this run", "supported",
                                        "not tested in this run", "not tested in this run"]
     assert few.iloc[0]["tested"] == "no external test set in this run"
@@ -692,10 +695,10 @@ def test_training_flags_name_kept_steps_and_unconverged_arms():
     grid = _claims_grid()
     grid.loc[grid["experiment"] == "nih_plus_synthetic_x1", ["protocol", "converged"]] = [
         "converged", False]
-    flags = study_tables.training_flags(grid, _claims_comparisons(grid))
-    kept = flags[flags["flag"] == study_tables.KEPT_STEPS_DIFFER]
+    flags = diagnostics.training_flags(grid, _claims_comparisons(grid))
+    kept = flags[flags["flag"] == diagnostics.KEPT_STEPS_DIFFER]
     assert kept["experiment"].tolist() == ["real_plus_synthetic_x2.f20"]   # 900 vs 300
-    stuck = flags[flags["flag"] == study_tables.NOT_CONVERGED].iloc[0]
+    stuck = flags[flags["flag"] == diagnostics.NOT_CONVERGED].iloc[0]
     assert (stuck["experiment"], stuck["seeds_not_converged"], stuck["n_seeds"]) == (
         "nih_plus_synthetic_x1", 1, 1)
     text = findings.flag_sentences(flags)
@@ -716,7 +719,7 @@ def test_supplementation_figure_legend_names_only_the_kinds_that_ran():
     import matplotlib
 
     matplotlib.use("Agg")
-    from cxrlib.report import supplementation_figure
+    from cxrlib.study.figures import supplementation_figure
 
     rows = [("real_only", 0, 0.80), ("real_plus_synthetic", 1, 0.81),
             ("real_plus_synthetic", 2, 0.82), ("real_plus_oracle", 2, 0.84)]
@@ -737,7 +740,7 @@ def test_the_headline_baseline_is_the_primary_fractions_real_only_arm():
         "real_fraction": [0.05, 0.2, 0.05, 0.05],
         "test_set": ["int", "int", "int", "ext"],
         "macro_auroc": [0.72, 0.80, 0.70, 0.60]})
-    at = study_tables.internal_baseline
+    at = plan.internal_baseline
     assert at(summary, "int", 0.05)["macro_auroc"] == 0.72  # the primary comparisons' baseline
     assert at(summary, "int")["macro_auroc"] == 0.80  # none given: the largest fraction
     with pytest.raises(ValueError, match=r"real_fraction 0.1 has no real_only result on int"):
