@@ -4,8 +4,12 @@ Every run folder of the session (including the smoke run the notebooks execute u
 goes to one temporary folder, so tests never touch ``runs/`` in the checkout.
 """
 
+import io
 import os
 import tempfile
+from contextlib import redirect_stderr, redirect_stdout
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -26,3 +30,20 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def smoke_pipeline(tmp_path_factory) -> SimpleNamespace:
+    """``python -m cxrlib run`` on the smoke preset, once per session: the five notebooks
+    executed, their pages and the landing page rendered into a temporary reports folder.
+    ``out`` and ``err`` hold what the run printed (the notebooks' own output streams there).
+    Its tests read it; the notebooks are executed nowhere else in a session."""
+    from cxrlib.notebook_runner import run_pipeline
+
+    params = Path(__file__).parent / "params" / "smoke.yaml"
+    reports = tmp_path_factory.mktemp("reports")
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        index = run_pipeline(params, reports_root=reports)
+    return SimpleNamespace(params=params, index=index, reports=reports / "smoke",
+                           reports_root=reports, out=out.getvalue(), err=err.getvalue())

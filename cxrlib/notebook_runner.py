@@ -16,6 +16,7 @@ from __future__ import annotations
 import html
 import json
 import os
+import shutil
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,32 +24,92 @@ from pathlib import Path
 from typing import Any
 
 import nbformat
+import pandas as pd
 import papermill
 from nbconvert import HTMLExporter
 
-from cxrlib.core.config import Overrides, load_params
-from cxrlib.core.files import atomic_write_text
+from cxrlib.core.config import Overrides, load_params, params_base
+from cxrlib.core.files import atomic_path, atomic_write_text
+from cxrlib.core.kinds import Kind
 from cxrlib.core.layout import STAGES, RunLayout
 from cxrlib.core.lock import hold
 from cxrlib.core.progress import PROGRESS_ENV
+from cxrlib.core.provenance import header_html, provenance
 from cxrlib.core.records import writing
-from cxrlib.core.summary import (
-    NESTED,
-    PRIMARY_KEYS,
-    SCHEMA,
-    read_summary,
-    stage_precisions,
-    update_summary,
-)
+from cxrlib.core.summary import read_summary, stage_precisions, update_summary
+from cxrlib.core.vocabulary import kind_labels, readable, with_labels
+from cxrlib.study.figures import FOREST_FIGURE
+from cxrlib.study.findings import headline
 
 NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 
 
-def render_html(executed: Path, dest: Path) -> Path:
-    """Executed notebook -> standalone HTML with the code cells hidden."""
+#: A cell tagged so is moved right under the page's title in the rendered HTML: a stage's
+#: summary computed at its end (notebook 03's audit), read first.
+REPORT_TOP_TAG = "report-top"
+#: A markdown cell tagged so introduces the code cell after it and is left off the page when
+#: that cell showed nothing (a section whose table is empty in this run).
+IF_OUTPUT_TAG = "if-output"
+#: Styles every rendered page shares: tables that wrap instead of overflowing the page.
+PAGE_CSS = """<style>
+.jp-RenderedHTMLCommon table, table.dataframe {font-size: 12px; table-layout: auto;
+  max-width: 100%; border-collapse: collapse}
+.jp-RenderedHTMLCommon td, .jp-RenderedHTMLCommon th {white-space: normal !important;
+  max-width: 24em; overflow-wrap: normal; text-align: left !important; vertical-align: top}
+.jp-OutputArea-output pre {white-space: pre-wrap; word-break: normal; overflow-wrap: normal}
+</style>"""
+
+
+def readable_notebook(nb: nbformat.NotebookNode, project: Path) -> nbformat.NotebookNode:
+    """The executed notebook as a collaborator reads it: stderr (progress bars, warnings)
+    dropped, this machine's project path cut from every printed path, sections with nothing
+    to show left off (:data:`IF_OUTPUT_TAG`), and the cells tagged :data:`REPORT_TOP_TAG`
+    moved under the title. The executed notebook itself keeps all."""
+    prefix = str(project.resolve()) + os.sep
+    out = nbformat.from_dict(nb)
+    for cell in out.cells:
+        if cell.cell_type != "code":
+            continue
+        kept = []
+        for output in cell.get("outputs", []):
+            if output.get("output_type") == "stream" and output.get("name") == "stderr":
+                continue
+            if "text" in output:
+                output["text"] = output["text"].replace(prefix, "")
+            for kind, value in output.get("data", {}).items():
+                if kind.startswith("text/") and isinstance(value, str):
+                    output["data"][kind] = value.replace(prefix, "")
+            kept.append(output)
+        cell["outputs"] = kept
+    def tagged(cell: nbformat.NotebookNode, tag: str) -> bool:
+        return tag in cell.get("metadata", {}).get("tags", [])
+
+    out.cells = [c for i, c in enumerate(out.cells)
+                 if not (tagged(c, IF_OUTPUT_TAG) and i + 1 < len(out.cells)
+                         and not out.cells[i + 1].get("outputs"))]
+    top = [c for c in out.cells if tagged(c, REPORT_TOP_TAG)]
+    if top:
+        rest = [c for c in out.cells if c not in top]
+        out.cells = rest[:1] + top + rest[1:]
+    return out
+
+
+def render_html(executed: Path, dest: Path, header: str = "",
+                project: Path | None = None) -> Path:
+    """Executed notebook -> standalone HTML with the code cells hidden, the provenance
+    ``header`` (:func:`cxrlib.core.provenance.header_html`) on top and the notebook made
+    readable (:func:`readable_notebook`)."""
     exporter = HTMLExporter(exclude_input=True, exclude_input_prompt=True,
                             exclude_output_prompt=True)
-    body, _ = exporter.from_notebook_node(nbformat.read(executed, as_version=4))
+    nb = nbformat.read(executed, as_version=4)
+    if project is not None:
+        nb = readable_notebook(nb, project)
+    body, _ = exporter.from_notebook_node(nb)
+    body = body.replace("</head>", PAGE_CSS + "</head>", 1)
+    if header:
+        start = body.index(">", body.index("<body")) + 1
+        body = body[:start] + f"<div style='max-width:1200px;margin:8px auto'>{header}</div>" \
+            + body[start:]
     dest.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(dest, body)
     return dest
@@ -110,7 +171,9 @@ def run_stage(stage: str, params_file: Path, reports_root: Path | None = None,
                 f"The partly executed notebook is {partial}"
             ) from None
         partial.replace(executed)
-    page = render_html(executed, run.reports(reports_root) / f"{stage}.html")
+    params = load_params(params_file, overrides)
+    page = render_html(executed, run.reports(reports_root) / f"{stage}.html",
+                       header_html(provenance(params, params_file)), params_base(params))
     secs = stage_seconds(executed)
     took = f"{secs / 60:.1f} min" if secs is not None else "time not recorded"
     print(f"[done] {stage}: {took}; report {page}", flush=True)
@@ -138,108 +201,144 @@ def stage_seconds(executed: Path) -> float | None:
     return meta.get("duration")
 
 
-def record_stage_times(run: RunLayout, reports_root: Path | None = None) -> dict[str, Any]:
+def record_stage_times(run: RunLayout, reports_root: Path | None = None,
+                       fields: dict[str, Any] | None = None) -> dict[str, Any]:
     """Every executed stage's minutes (papermill's recorded durations) and the precision
-    each trained in (:func:`cxrlib.core.summary.stage_precisions`) into the run's ``summary.json``,
-    then the summary copied (atomically) to ``reports/<run>/``."""
+    each trained in (:func:`cxrlib.core.summary.stage_precisions`) into the run's ``summary.json``
+    with the run's provenance ``fields`` (:func:`cxrlib.core.provenance.provenance`), then the
+    summary copied (atomically) to ``reports/<run>/``."""
     minutes = {}
     for stage in STAGES:
         executed = run.executed(stage)
         secs = stage_seconds(executed) if executed.exists() else None
         if secs is not None:
             minutes[stage] = round(secs / 60, 2)
+    extra = {"provenance": fields} if fields else {}
     summary = update_summary(run, minutes_total=round(sum(minutes.values()), 2),
-                             minutes_per_stage=minutes, precision=stage_precisions(run))
+                             minutes_per_stage=minutes, precision=stage_precisions(run),
+                             **extra)
     reports = run.reports(reports_root)
     reports.mkdir(parents=True, exist_ok=True)
     atomic_write_text(reports / run.summary.name, run.summary.read_text())
     return summary
 
 
-def _number(value: Any) -> str:
-    """A table cell: floats to 3 significant digits without an exponent (a CI bound of
-    -7.66e-05 reads -0.0001; below 0.0001 it is 0.0000), booleans as yes/no, missing as -."""
-    if value is None or (isinstance(value, float) and value != value):
-        return "-"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if not isinstance(value, float):
-        return html.escape(str(value))
-    text = f"{value:.3g}"
-    if "e" not in text:
-        return text
-    return f"{value:.4f}" if abs(value) < 1 else f"{value:,.0f}"
-
-
-def _rows_html(title: str, rows: list[dict[str, Any]], keys: tuple[str, ...]) -> str:
-    """A titled table of ``rows`` with the columns ``keys`` (empty when there are no rows)."""
+def _table(title: str, rows: list[dict[str, Any]], columns: dict[str, str],
+           names: dict[str, str], note: str = "") -> str:
+    """A titled table of ``rows``: ``columns`` maps a row key to its header; identifiers in
+    ``names`` shown as their labels, numbers as :func:`cxrlib.core.vocabulary.readable` does;
+    nothing when there are no rows."""
     if not rows:
         return ""
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in keys)
-    body = "".join("<tr>" + "".join(f"<td>{_number(r.get(c))}</td>" for c in keys) + "</tr>"
-                   for r in rows)
-    return f"<h3>{html.escape(title)}</h3><table><tr>{head}</tr>{body}</table>"
+    frame = readable(pd.DataFrame(rows).reindex(columns=list(columns)), names)
+    frame.columns = list(columns.values())
+    table = frame.to_html(index=False, escape=True, border=0, na_rep="-")
+    return f"<h2>{html.escape(title)}</h2>{f'<p>{note}</p>' if note else ''}{table}"
 
 
-#: The columns of the index page's tables: what fits a page (summary.json keeps the rest).
-_CLAIM_COLUMNS = ("claim", "test_set", "tested", "delta", "ci_low", "ci_high", "mde",
-                  "verdict", "exchange rate (CI)")
-_CHECK_COLUMNS = ("check", "experiment", "test_set", "expected", "delta", "ci_low",
-                  "ci_high", "verdict", "held")
-_RATE_COLUMNS = ("experiment", "rate", "ci_low", "ci_high", "extrapolated")
+def _claim_rows(summary: dict[str, Any], names: dict[str, str]) -> list[dict[str, Any]]:
+    """The claims of the summary as the landing page shows them: the CI in one cell, the
+    exchange rate with its CI, and whether the perfect-generator control showed its gain on
+    the same test set (a claim there is read against it)."""
+    control = {c["test_set"]: c.get("held") for c in summary.get("manipulation_checks") or []
+               if c.get("check") == Kind.REAL_PLUS_ORACLE.label
+               and c.get("baseline") in {p["baseline"] for p in summary.get("primary") or []}}
+    def given(row: dict[str, Any], *keys: str) -> bool:  # None in summary.json, NaN in a table
+        return all(row.get(k) is not None and row[k] == row[k] for k in keys)
+
+    rows = []
+    for c in summary.get("claims") or []:
+        worth = "-"
+        if given(c, "exchange_rate"):
+            worth = f"{c['exchange_rate']:.3f}" + (
+                f" ({c['exchange_ci_low']:.3f} to {c['exchange_ci_high']:.3f})"
+                if given(c, "exchange_ci_low", "exchange_ci_high") else "") + (
+                ", extrapolated" if c.get("exchange_extrapolated") else "")
+        ci = (f"{c['ci_low']:+.3f} to {c['ci_high']:+.3f}" if given(c, "ci_low", "ci_high")
+              else "-")
+        rows.append({**c, "tested": with_labels(str(c.get("tested", "")), names), "ci": ci,
+                     "worth": worth, "control": control.get(c.get("test_set"))})
+    return rows
 
 
-def _rate_cell(claim: dict[str, Any]) -> str | None:
-    """A claim's exchange rate in one cell, ``0.204 (0.112 to 0.296)``, marked where it lies
-    beyond the learning curve; None (shown as -) where the claim has none."""
-    def given(key: str) -> bool:  # None in summary.json, NaN in a claims table
-        return claim.get(key) is not None and claim[key] == claim[key]
+def _generator_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """The generator's audit numbers of the summary, one row each, with what they mean."""
+    rows = []
+    fidelity = summary.get("fidelity") or {}
+    if fidelity:
+        rows.append({"measure": "conditional fidelity (synthetic / real judge AUROC)",
+                     "value": fidelity.get("ratio"),
+                     "meaning": "1: the conditioned labels read as well as on real images"})
+    for key, measure, meaning in (
+            ("texture_hf_ratio", "high-frequency power, synthetic / real",
+             "1: real texture; below 1: smoother than real"),
+            ("detectability_auroc", "real-versus-synthetic classifier AUROC",
+             "0.5: indistinguishable from real; 1: always told apart")):
+        entry = summary.get(key) or {}
+        if entry:
+            rows.append({"measure": measure, "value": entry.get("value"),
+                         "ci": f"{entry.get('ci_low', float('nan')):.3f} to "
+                               f"{entry.get('ci_high', float('nan')):.3f}",
+                         "meaning": meaning})
+    return rows
 
-    if not given("exchange_rate"):
-        return None
-    rate, low, high = (claim.get(k) for k in ("exchange_rate", "exchange_ci_low",
-                                               "exchange_ci_high"))
-    ci = (f" ({_number(low)} to {_number(high)})"
-          if given("exchange_ci_low") and given("exchange_ci_high") else "")
-    return f"{_number(rate)}{ci}" + (", extrapolated" if claim.get("exchange_extrapolated") else "")
 
-
-def summary_html(summary: dict[str, Any], link: str) -> str:
-    """The answer first (the paper's claims, the manipulation checks, the exchange rate on
-    the headline test set), then the summary's key numbers (its schema's scalar and nested
-    entries) and the primary comparisons, as HTML; stage times are in the list of pages."""
-    rows = [(key, summary[key]) for key, kind in SCHEMA.items()
-            if kind not in (dict, list) and key in summary]
-    rows += [(f"{key}.{sub}", summary[key][sub]) for key, inner in NESTED.items()
-             for sub in inner if sub in (summary.get(key) or {})]
-    if not rows:
-        return ""
+def summary_html(summary: dict[str, Any], forest: str = "") -> str:
+    """The landing page's answer: the headline sentences, the forest plot (``forest``, a
+    file beside the page), the paper's claims, the manipulation checks, what an extra image
+    is worth, and the generator's audit; identifiers shown as their labels."""
+    labels = summary.get("labels") or {}
+    names = {**kind_labels(), **labels.get("arms", {}), **labels.get("test_sets", {})}
+    parts = [f"<p style='font-size:17px;line-height:1.5'>{html.escape(s)}</p>"
+             for s in headline(summary)]
+    if forest:
+        parts.append(f"<img src='{forest}' style='max-width:100%' alt='Differences in macro "
+                     "AUROC against real only, per test set, with 95% CIs and MDEs'>")
+    parts.append(_table(
+        "The paper's claims", _claim_rows(summary, names),
+        {"claim": "claim", "test_set": "test set", "tested": "tested by", "delta":
+         "difference", "ci": "95% CI", "mde": "detectable (MDE)", "verdict": "verdict",
+         "control": "perfect generator's gain there",
+         "worth": "real images one extra image is worth"}, names,
+        "A claim is <i>supported</i> when its comparison is better after Holm, "
+        "<i>contradicted</i> when worse or shown equivalent, else <i>inconclusive</i>: a "
+        "difference smaller than the MDE could have been missed."))
+    parts.append(_table(
+        "Manipulation checks: does the instrument see what it must?",
+        summary.get("manipulation_checks") or [],
+        {"check": "check", "experiment": "arm", "baseline": "compared with",
+         "test_set": "test set", "expected": "expected", "delta": "difference",
+         "ci_low": "CI low", "ci_high": "CI high", "held": "held"}, names))
     rates = [{"experiment": arm, **entry}
              for arm, entry in (summary.get("exchange_rate") or {}).items()]
-    claims = [{**c, "exchange rate (CI)": _rate_cell(c)} for c in summary.get("claims") or []]
-    answer = (_rows_html("The paper's claims", claims, _CLAIM_COLUMNS)
-              + _rows_html("Manipulation checks (positive and negative controls)",
-                           summary.get("manipulation_checks") or [], _CHECK_COLUMNS)
-              + _rows_html("Exchange rate (internal test set): real images one extra image "
-                           "is worth", rates, _RATE_COLUMNS))
-    cells = "".join(f"<tr><td><code>{html.escape(k)}</code></td><td>{_number(v)}</td></tr>"
-                    for k, v in rows)
-    return (f"<h2>What the run found</h2><p>From <a href='{link}'>{link}</a>.</p>{answer}"
-            f"<h2>Key numbers</h2><table>{cells}</table>"
-            + _rows_html("Primary comparisons", summary.get("primary") or [], PRIMARY_KEYS))
+    parts.append(_table(
+        "What one extra image is worth, in real images (internal test set)", rates,
+        {"experiment": "arm", "rate": "real images per extra image", "ci_low": "CI low",
+         "ci_high": "CI high", "extrapolated": "beyond the learning curve"}, names))
+    parts.append(_table("The generator", _generator_rows(summary),
+                        {"measure": "measure", "value": "value", "ci": "95% CI",
+                         "meaning": "reads as"}, names))
+    return "".join(parts)
 
 
 def render_index(params_file: Path, reports_root: Path | None = None,
                  overrides: Overrides = None) -> Path:
-    """``reports/<run>/index.html``: a link per rendered stage with its run time and the
-    precision it trained in, and the run summary's headline numbers."""
+    """``reports/<run>/index.html``, the landing page: provenance, the answer
+    (:func:`summary_html`), the stage pages with their run times and precisions, and the
+    parameters folded away at the bottom."""
     params = load_params(params_file, overrides)
     changed = "".join(f", <code>{html.escape(k)}: {html.escape(json.dumps(v))}</code>"
                       for k, v in (overrides or {}).items())
     run = RunLayout.open(params)
     reports = run.reports(reports_root)
+    reports.mkdir(parents=True, exist_ok=True)
     summary = read_summary(run)
+    fields = summary.get("provenance") or provenance(params, params_file)
     precision = summary.get("precision", {})
+    forest = run.stage("05_statistics") / FOREST_FIGURE
+    if forest.exists():
+        with atomic_path(reports / FOREST_FIGURE) as tmp:
+            shutil.copyfile(forest, tmp)
     items, total = [], 0.0
     for stage in STAGES:
         if not (reports / f"{stage}.html").exists():
@@ -251,20 +350,24 @@ def render_index(params_file: Path, reports_root: Path | None = None,
         if stage in precision:
             notes.append(html.escape(precision[stage]))
         took = f" ({'; '.join(notes)})" if notes else ""
-        items.append(f'<li><a href="{stage}.html">{html.escape(stage)}</a>{took}: '
-                     f"{html.escape(STAGE_TITLES[stage])}</li>")
+        items.append(f'<li><a href="{stage}.html">{html.escape(STAGE_TITLES[stage])}</a>'
+                     f"{took}</li>")
     body = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>cxrlib report: "
-            f"{html.escape(params.run.name)}</title><style>td,th{{padding:0 .8em 0 0;"
-            f"text-align:left}}</style></head><body style='font-family:sans-serif;"
-            f"max-width:60em;margin:2em auto'><h1>Run <code>{html.escape(params.run.name)}"
-            f"</code></h1><p>Parameter file: <code>{html.escape(params_file.name)}</code>"
-            f"{' with ' + changed[2:] if changed else ''}. "
-            f"Notebooks executed headless with papermill; code hidden. Total notebook time "
-            f"{total / 60:.1f} min.</p><ol>{''.join(items)}</ol>"
-            f"{summary_html(summary, run.summary.name)}<h2>Parameters</h2><pre>"
-            f"{html.escape(params.to_json())}</pre></body></html>")
+            f"{html.escape(params.run.name)}</title><style>td,th{{padding:2px .8em 2px 0;"
+            f"text-align:left;vertical-align:top}}table{{border-collapse:collapse;"
+            f"font-size:14px;margin-bottom:1em}}th{{border-bottom:1px solid #999}}"
+            f"</style></head><body style='font-family:sans-serif;max-width:1100px;"
+            f"margin:1.5em auto;padding:0 1em'>{header_html(fields)}"
+            f"<h1>Does synthetic data help the classifiers? Run "
+            f"<code>{html.escape(params.run.name)}</code></h1>"
+            f"{summary_html(summary, FOREST_FIGURE if forest.exists() else '')}"
+            f"<h2>The pages</h2><p>Notebooks executed headless with papermill (code hidden), "
+            f"{total / 60:.1f} min in all; the headline numbers are in "
+            f"<a href='{run.summary.name}'>{run.summary.name}</a>.</p><ol>{''.join(items)}</ol>"
+            f"<details><summary>Parameters: <code>{html.escape(params_file.name)}</code>"
+            f"{' with ' + changed[2:] if changed else ''}</summary><pre>"
+            f"{html.escape(params.to_json())}</pre></details></body></html>")
     dest = reports / "index.html"
-    dest.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(dest, body)
     return dest
 
@@ -279,9 +382,10 @@ def run_pipeline(params_file: Path, stages: tuple[str, ...] = STAGES, force: boo
     for stage in stages:
         run_stage(stage, params_file, reports_root, force=force, quiet=quiet,
                   overrides=overrides)
-    run = RunLayout.open(load_params(params_file, overrides))
+    params = load_params(params_file, overrides)
+    run = RunLayout.open(params)
     with hold(run, "stage times"):
-        summary = record_stage_times(run, reports_root)
+        summary = record_stage_times(run, reports_root, provenance(params, params_file))
     print(f"[summary] {run.reports(reports_root) / run.summary.name}: "
           f"{summary['minutes_total']:.1f} min of notebooks")
     index = render_index(params_file, reports_root, overrides)

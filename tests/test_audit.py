@@ -16,18 +16,32 @@ from cxrlib.core.config import load_params
 from cxrlib.core.labels import CHEXPERT_LABELS
 from cxrlib.core.schema import AuditSpec, ClassifierSpec
 from cxrlib.core.summary import NESTED
+from cxrlib.core.vocabulary import readable
 from cxrlib.synthetic.audit import figures as audit_figures
 from cxrlib.synthetic.audit import metrics
+from cxrlib.synthetic.audit.detectability import DetectabilityResult
 from cxrlib.synthetic.audit.fidelity import (
     FIDELITY_TARGET,
     OVER_SEPARATION,
     DemographicProbes,
+    FidelityEstimate,
+    FidelityResult,
     fidelity_comparison,
     fidelity_estimate,
+    fidelity_verdict,
     macro_labels,
     weighted_pearson,
 )
-from cxrlib.synthetic.audit.run import AuditReference, real_row, sweep_conditions, sweep_verdict
+from cxrlib.synthetic.audit.run import (
+    AuditReference,
+    SyntheticAudit,
+    audit_summary,
+    memorization_verdict,
+    real_row,
+    sweep_conditions,
+    sweep_verdict,
+)
+from cxrlib.synthetic.audit.texture import TextureResult
 
 R = 32
 SMOKE = Path(__file__).resolve().parent.parent / "params" / "smoke.yaml"
@@ -323,9 +337,152 @@ def test_fidelity_comparison_ratio_sentences_and_summary():
     fig = audit_figures.fidelity_figure(res.per_label)
     try:
         assert any(t.get_text() == "not in macro" for t in fig.axes[0].texts)
-        fig.canvas.draw()
+        assert_legends_clear(fig)
     finally:
         plt.close(fig)
+
+
+def assert_legends_clear(fig: plt.Figure) -> None:
+    """Every legend of ``fig`` (an axes' or the figure's) lies outside every axes' data area,
+    and the figure is at most 12 inches wide."""
+    fig.canvas.draw()
+    legends = [ax.get_legend() for ax in fig.axes if ax.get_legend() is not None] + fig.legends
+    assert legends, "the figure has no legend"
+    renderer = fig.canvas.get_renderer()
+    for legend in legends:
+        box = legend.get_window_extent(renderer)
+        for ax in fig.axes:
+            assert not box.overlaps(ax.get_window_extent(renderer)), \
+                f"a legend ({[t.get_text() for t in legend.get_texts()][:3]}) covers an axes"
+    assert fig.get_size_inches()[0] <= 12
+
+
+# --- the verdicts and the summary table -----------------------------------------------------------
+
+@pytest.mark.parametrize(("ratio", "low", "high", "judged", "verdict"), [
+    (1.57, 1.02, 2.42, True, "possibly exaggerated"),  # issue 36: read as a pass before
+    (1.06, 0.80, 1.30, True, "possibly exaggerated"),
+    (1.30, 1.06, 1.55, True, "exaggerated"),
+    (1.00, 0.95, 1.04, True, "meets target"),
+    (1.04, 0.85, 1.20, True, "meets target, CI includes 0.9x"),
+    (0.70, 0.60, 0.80, True, "below target"),
+    (0.85, 0.70, 0.95, True, "below target, CI includes 0.9x"),
+    (1.20, 1.10, 1.30, None, "not judged"),
+    (float("nan"), float("nan"), float("nan"), True, "not estimable"),
+])
+def test_fidelity_verdict_rule(ratio, low, high, judged, verdict):
+    assert fidelity_verdict(ratio, low, high, judged) == verdict
+
+
+def _estimate(value: float, replicates: np.ndarray, n: int = 40) -> FidelityEstimate:
+    return FidelityEstimate(value, float(np.quantile(replicates, 0.025)),
+                            float(np.quantile(replicates, 0.975)), replicates, n, n // 2)
+
+
+def _fidelity_result(view: bool = True) -> FidelityResult:
+    """Conditional fidelity near 1x real, sex below target, age 1.57x real with a ratio CI of
+    about 1.01-2.46 (the case issue 36 found read as a pass), view at target or NaN."""
+    flat = np.full(1001, 1.0)
+    real = _estimate(0.30, 0.30 * flat)
+    estimates = {
+        "fidelity": (_estimate(0.78, np.linspace(0.75, 0.81, 1001)), _estimate(0.80, 0.80 * flat)),
+        "sex_fidelity": (_estimate(0.60, np.linspace(0.55, 0.65, 1001)),
+                         _estimate(0.90, 0.90 * flat)),
+        "age_fidelity": (_estimate(0.47, np.linspace(0.29, 0.75, 1001)), real),
+        "view_fidelity": ((_estimate(0.85, np.linspace(0.83, 0.87, 1001)),
+                           _estimate(0.86, 0.86 * flat)) if view else
+                          (_estimate(np.nan, np.full(1001, np.nan), 0),
+                           _estimate(np.nan, np.full(1001, np.nan), 0))),
+    }
+    return FidelityResult(pd.DataFrame(), estimates, ["Edema", "Cardiomegaly"], {}, 10, 0.05)
+
+
+def test_possibly_exaggerated_is_no_plain_pass_in_table_sentences_and_summary():
+    res = _fidelity_result()
+    table = res.table().set_index("measure")
+    age = table.loc["age fidelity"]
+    assert age["ratio"] == pytest.approx(0.47 / 0.30)
+    assert FIDELITY_TARGET < age["ratio_ci_low"] < OVER_SEPARATION < age["ratio"]
+    assert age["possibly_exaggerated"] and not age["over_separation"]
+    assert age["verdict"] == "possibly exaggerated"
+    assert table.loc["conditional fidelity", "verdict"] == "meets target"
+    assert not table.loc["conditional fidelity", "possibly_exaggerated"]
+    assert table.loc["sex fidelity", "verdict"] == "below target"
+    sentences = res.sentences()
+    line = next(s for s in sentences if s.startswith("Age fidelity"))
+    assert "possibly exaggerated" in line and "does not rule out 1.05" in line
+    assert "at least 0.9x real" not in line and "not a plain pass" in line
+    assert "at least 0.9x real" in next(s for s in sentences if s.startswith("Conditional"))
+    entry = res.summary_entries()["age_fidelity"]
+    assert entry["possibly_exaggerated"] is True and entry["verdict"] == "possibly exaggerated"
+
+
+def _texture(ratio: float, low: float, high: float) -> TextureResult:
+    bands = pd.DataFrame({"band": np.arange(6), "f_low": np.arange(6) / 12,
+                          "f_high": np.arange(1, 7) / 12, "real_power": np.full(6, 10.0),
+                          "synthetic_power": np.full(6, 10.0 * ratio), "ratio": ratio,
+                          "ci_low": low, "ci_high": high})
+    return TextureResult(bands, 40, 40, 0.05)
+
+
+def _memorization(flagged: int, audited: int = 50,
+                  heldout_flagged: int = 1) -> metrics.MemorizationResult:
+    nb = metrics.Neighbours(*(np.zeros(audited) for _ in range(4)))
+    return metrics.MemorizationResult(
+        nb, nb, 0.01, 0.9, 0.9, np.arange(audited) < flagged, np.arange(audited) < heldout_flagged)
+
+
+def _audit(view: bool = True, flagged: int = 3) -> SyntheticAudit:
+    detect = DetectabilityResult(0.80, 0.70, 0.90, 30, 8, 40, 100, 60, 1.0, 0.05)
+    return SyntheticAudit(pd.DataFrame(), _fidelity_result(view), pd.DataFrame(),
+                          _memorization(flagged), pd.DataFrame(), np.zeros((0, R, R)),
+                          _texture(0.6, 0.5, 0.7), detect, {})
+
+
+def test_audit_summary_one_row_per_measure_with_honest_verdicts():
+    table = audit_summary(_audit(), "synthetic images (replicas)")
+    assert list(table.columns) == ["measure", "synthetic", "real", "ratio or value", "95% CI",
+                                   "verdict", "what it means"]
+    rows = table.set_index(table["measure"].str.split(" \\(").str[0])
+    assert list(rows.index) == ["conditional fidelity", "sex fidelity", "age fidelity",
+                                "view fidelity", "texture", "detectability", "memorization"]
+    assert rows.loc["conditional fidelity", "verdict"] == "meets target"
+    age = rows.loc["age fidelity"]
+    assert age["ratio or value"] == pytest.approx(0.47 / 0.30)
+    assert age["verdict"] == "possibly exaggerated" and age["95% CI"].startswith("1.0")
+    assert "possibly more clearly than in real images" in age["what it means"]
+    assert "at least" not in age["what it means"]
+    assert rows.loc["sex fidelity", "verdict"] == "below target"
+    assert rows.loc["texture", "verdict"] == "too smooth"
+    assert rows.loc["texture", "95% CI"] == "0.500 to 0.700"
+    assert rows.loc["detectability", "verdict"] == "detectable"
+    assert rows.loc["detectability", "ratio or value"] == 0.80
+    memo = rows.loc["memorization"]
+    assert memo["verdict"] == "more than unseen images"  # 6% flagged against 2% of unseen
+    assert memo["synthetic"] == pytest.approx(0.06) and memo["real"] == pytest.approx(0.02)
+    assert memo["95% CI"] == f"up to {metrics.upper_bound(3, 50):.3f}"
+    assert memo["what it means"].startswith("3 of 50 synthetic images (replicas)")
+    assert table["what it means"].str.len().between(40, 300).all()
+    # a ratio whose real value is not above chance means nothing: no ratio, no CI
+    chance = _audit()
+    syn, _ = chance.fidelity.estimates["sex_fidelity"]
+    chance.fidelity.estimates["sex_fidelity"] = (syn, _estimate(0.45, np.full(1001, 0.45)))
+    sex = audit_summary(chance).iloc[1]
+    assert sex["verdict"] == "not judged" and np.isnan(sex["ratio or value"])
+    assert sex["95% CI"] == "-" and sex["what it means"].startswith("Not judged")
+    # a measure that cannot be estimated is left out, except conditional fidelity
+    assert "view fidelity" not in " ".join(audit_summary(_audit(view=False))["measure"])
+    shown = readable(table, {})
+    assert "index" not in shown.columns and shown.loc[0, "synthetic"] == "0.780"
+    assert shown.loc[5, "synthetic"] == "-"  # detectability has no synthetic / real values
+
+
+def test_memorization_verdict_against_unseen_images():
+    assert memorization_verdict(_memorization(0).summary()) == "none found"
+    assert memorization_verdict(_memorization(1).summary()) == "no more than unseen images"
+    assert memorization_verdict(_memorization(3).summary()) == "more than unseen images"
+    copies = dict(_memorization(1).summary(), source_copies=1, with_source=50)
+    assert memorization_verdict(copies) == "copies of their source"
 
 
 # --- diversity ---------------------------------------------------------------------------------
@@ -443,6 +600,8 @@ def test_closest_pairs_and_figures(planted):
     figs = [audit_figures.memorization_figure(res),
             audit_figures.closest_pairs_figure(synthetic, train, pairs)]
     try:
+        assert_legends_clear(figs[0])
+        assert len(figs[0].legends) == 1  # one legend for both panels
         for fig in figs:
             fig.canvas.draw()
     finally:
@@ -510,7 +669,11 @@ def test_sweep_verdict_does_not_reward_lost_diversity():
     outside.loc[1, "fidelity_macro_auroc"] = 0.60  # below the CI: fidelity decides again
     assert sweep_verdict(outside, tolerance=0.05).split("Chosen: ")[1].startswith("dpmpp")
     fig = audit_figures.sweep_figure(_sweep_table())
-    plt.close(fig)
+    try:
+        assert_legends_clear(fig)
+        assert "ddim x10" in [t.get_text() for t in fig.legends[0].get_texts()]
+    finally:
+        plt.close(fig)
 
 
 # --- the second feature space --------------------------------------------------------------------

@@ -6,8 +6,10 @@ a smoke run prepared in the test's folder, and drives headless Chromium with Sel
 must draw images, Compare (with a label picked and the nearest training images ticked) must
 draw the taller comparison, and no cell may write to stderr. Screenshots go to the test's
 temporary folder; with ``CXRLIB_EXPLORER_SCREENSHOT=<path>`` the comparison screenshot is also
-copied there (how ``reports/explorer.png`` is made). Skips where Chromium, chromedriver or
-Selenium are missing: ``apt-get install chromium chromium-driver``, ``pip install selenium``.
+copied there, and with ``CXRLIB_EXPLORER_PARAMS=params/demo.yaml`` the explorer runs on that
+finished run's generator (how ``reports/explorer.png`` is made from the demo's). Skips where
+Chromium, chromedriver or Selenium are missing: ``apt-get install chromium chromium-driver``,
+``pip install selenium``.
 """
 
 from __future__ import annotations
@@ -36,6 +38,10 @@ from cxrlib.diffusion.training import train_diffusion
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
+#: A parameter file whose run has finished notebook 02: the explorer is built on its
+#: generator instead of a 4-step smoke model (how ``reports/explorer.png`` is made from the
+#: demo's generator).
+EXPLORER_PARAMS = "CXRLIB_EXPLORER_PARAMS"
 STARTUP_S = 120  # JupyterLab up, page loaded, kernel started and torch imported
 BUTTON = "//button[contains(@class, 'widget-button') and normalize-space()='{}']"
 OUTPUT_IMAGE = "//div[contains(@class, 'widget-output')]//img"
@@ -87,14 +93,19 @@ def lab(tmp_path_factory) -> Iterator[tuple[str, str, Path]]:
     pytest.importorskip("selenium", reason="selenium is not installed (pip install -e .[dev])")
     folder = tmp_path_factory.mktemp("lab")
     runs = folder / "runs"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(RUNS_DIR_ENV, str(runs))
-        params = load_params(ROOT / "params" / "smoke.yaml")
-        run = RunLayout.open(params)
-        cohort = prepare_cohort(params, run, progress=False)
-        train_diffusion(params, cohort.manifest, ImageCache(cohort.cache_dir), run,
-                        progress=False)
-    nbformat.write(_explorer_notebook(ROOT / "params" / "smoke.yaml"), folder / "explorer.ipynb")
+    params_file = ROOT / "params" / "smoke.yaml"
+    if os.environ.get(EXPLORER_PARAMS):  # a finished run's generator, e.g. the demo's
+        params_file = Path(os.environ[EXPLORER_PARAMS]).resolve()
+        runs = RunLayout.open(load_params(params_file), create=False).root.parent
+    else:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv(RUNS_DIR_ENV, str(runs))
+            params = load_params(params_file)
+            run = RunLayout.open(params)
+            cohort = prepare_cohort(params, run, progress=False)
+            train_diffusion(params, cohort.manifest, ImageCache(cohort.cache_dir), run,
+                            progress=False)
+    nbformat.write(_explorer_notebook(params_file), folder / "explorer.ipynb")
     labconfig = folder / "config" / "labconfig"
     labconfig.mkdir(parents=True)
     (labconfig / "page_config.json").write_text(json.dumps(  # no "Jupyter news?" toast

@@ -121,7 +121,7 @@ def _checked_output(nb: nbformat.NotebookNode) -> list[str]:
             for c in nb.cells if c.cell_type == "code" and "NBVAL_CHECK_OUTPUT" in c.source]
 
 
-def test_pipeline_runs_every_stage_and_renders_the_reports(tmp_path, capsys):
+def test_pipeline_runs_every_stage_and_renders_the_reports(smoke_pipeline, capsys):
     """``python -m cxrlib run`` end to end on smoke: five executed notebooks, five HTML
     reports with the code hidden, an index page; a second run skips every finished stage.
 
@@ -129,53 +129,58 @@ def test_pipeline_runs_every_stage_and_renders_the_reports(tmp_path, capsys):
     parameters are this smoke run, see above): every cell must run without error, and cells
     marked ``# NBVAL_CHECK_OUTPUT`` must print what the committed notebook holds, as under
     ``pytest --nbval-lax notebooks/``, which still works on its own."""
-    reports = tmp_path / "reports"
-    index = run_pipeline(ROOT / "params" / "smoke.yaml", reports_root=reports)
+    reports, index = smoke_pipeline.reports, smoke_pipeline.index
     run = RunLayout.open(load_params(ROOT / "params" / "smoke.yaml"))
     for stage in STAGES:
         executed = nbformat.read(run.executed(stage), as_version=4)
         reference = nbformat.read(ROOT / "notebooks" / f"{stage}.ipynb", as_version=4)
         assert _checked_output(executed) == _checked_output(reference), stage
-        html = (reports / "smoke" / f"{stage}.html").read_text()
+        html = (reports / f"{stage}.html").read_text()
         assert "<img" in html, stage  # every report has figures
         assert "params_file =" not in html, stage  # code hidden
         assert f'href="{stage}.html"' in index.read_text()
-    html = {s: (reports / "smoke" / f"{s}.html").read_text() for s in STAGES}
+        assert "Phantom data, not X-ray images" in html, stage  # the provenance header
+        assert str(ROOT) not in html, stage  # no path of the machine that rendered it
+    html = {s: (reports / f"{s}.html").read_text() for s in STAGES}
     assert "Figure E1" in html["01_data_prep"]
     assert "leakage check passed" in html["04_classifier_experiments"]
     assert "Holm-adjusted" in html["05_statistics"]  # the generated findings
     assert {"cooccurrence.png", "samples_per_label.png", "check_macro_auroc.csv"} <= {
         p.name for p in run.stage("01_data_prep").iterdir()}
     assert {"supplementation_f100.png", "external_site.png", "primary_comparisons.csv",
-            "comparisons_secondary.csv", "subgroups.png", "findings.txt"} <= {
+            "comparisons_secondary.csv", "subgroups.png", "findings.txt", "forest.png"} <= {
         p.name for p in run.stage("05_statistics").iterdir()}
     # the notebooks' own output streamed while they ran, and one line per finished stage
-    streamed = capsys.readouterr()
-    assert "model: " in streamed.out  # printed by notebook 03
-    assert "diffusion steps: 100%" in streamed.err  # notebook 02's progress bar
+    assert "run 'smoke' -> " in smoke_pipeline.out  # printed by notebook 01
+    assert "diffusion steps: 100%" in smoke_pipeline.err  # notebook 02's progress bar
+    assert "diffusion steps" not in html["02_diffusion_training"]  # not on the page
     for stage in STAGES:
-        assert f"[done] {stage}: " in streamed.out and f"{stage}.html" in streamed.out
-    # stage times in the run's summary, copied beside the HTML and shown on the index
+        assert f"[done] {stage}: " in smoke_pipeline.out and f"{stage}.html" in smoke_pipeline.out
+    # stage times and provenance in the run's summary, copied beside the HTML
     summary = read_summary(run)
     assert list(summary["minutes_per_stage"]) == list(STAGES)
     assert summary["minutes_total"] == pytest.approx(sum(summary["minutes_per_stage"].values()),
                                                      abs=0.02)
-    assert json.loads((reports / "smoke" / "summary.json").read_text()) == summary
+    assert json.loads((reports / "summary.json").read_text()) == summary
     assert schema_problems(summary) == []  # every key of the headline summary, typed
     assert summary["seeds"] == [0] and summary["internal_test_images"] > 0
     assert set(summary["optimizer_steps"].values()) == {4}  # the smoke step budget, every arm
+    assert summary["provenance"]["phantoms"] is True
+    assert summary["provenance"]["params_file"] == "params/smoke.yaml"
+    assert summary["labels"]["test_sets"]["chexpert (internal)"] == (
+        "CheXpert-style phantoms (internal)")
     # the precision every training stage ran in (smoke: fp32 everywhere), also on the index
     fp32 = precision_label("no")
     assert summary["precision"] == {s: fp32 for s in STAGES if s != "05_statistics"}
     assert {row["test_set"] for row in summary["primary"]} >= {"chexpert (internal)"}
     page = index.read_text()
     assert f"min; {fp32})" in page
-    assert "Key numbers" in page and "<code>minutes_total</code>" in page
-    assert "<code>fidelity.ratio</code>" in page and "Primary comparisons" in page
+    assert "claims</h2>" in page and "Manipulation checks" in page
+    assert "<img src='forest.png'" in page and (reports / "forest.png").exists()
     # each stage recorded what it wrote, under the runner's lock; the finished run verifies
     assert all(run.record(s).exists() for s in STAGES) and not run.holder.exists()
     assert main(["verify", "--params", str(ROOT / "params" / "smoke.yaml")]) == 0
-    run_pipeline(ROOT / "params" / "smoke.yaml", reports_root=reports)
+    run_pipeline(ROOT / "params" / "smoke.yaml", reports_root=smoke_pipeline.reports_root)
     assert capsys.readouterr().out.count("[skip]") == len(STAGES)
 
 
@@ -211,6 +216,7 @@ def test_run_streams_the_notebook_output_unless_quiet(tmp_path, monkeypatch, cap
     assert calls[1]["progress_bar"] is True and "stdout_file" not in calls[1]
     assert calls[1]["env"] is None  # today's behaviour: widget bars in the saved notebook
     summary = json.loads((tmp_path / "reports" / "smoke" / "summary.json").read_text())
+    assert summary.pop("provenance")["run"] == "smoke"
     assert summary == {"minutes_total": 3.0, "minutes_per_stage": {"01_data_prep": 1.5,
                                                                    "02_diffusion_training": 1.5},
                        "precision": {}}  # the stand-in kernels trained nothing
@@ -272,7 +278,7 @@ def test_set_overrides_reach_every_stage_and_the_index(tmp_path, monkeypatch):
         nbformat.write(nbformat.v4.new_notebook(), dest)
 
     monkeypatch.setattr(notebook_runner.papermill, "execute_notebook", fake)
-    monkeypatch.setattr(notebook_runner, "render_html", lambda executed, page: page)
+    monkeypatch.setattr(notebook_runner, "render_html", lambda executed, page, *_: page)
     monkeypatch.setenv("CXRLIB_RUNS_DIR", str(tmp_path / "runs"))
     overrides = parse_overrides(["run.name=smoke-variant", "sampling.steps=2"])
     index = run_pipeline(ROOT / "params" / "smoke.yaml", ("01_data_prep",), quiet=True,
@@ -284,3 +290,54 @@ def test_set_overrides_reach_every_stage_and_the_index(tmp_path, monkeypatch):
     assert "with <code>run.name: &quot;smoke-variant&quot;</code>" in index.read_text()
     assert main(["run", "--params", str(ROOT / "params" / "smoke.yaml"), "--set",
                  "sampling.stepz=2"]) == 2  # an unknown key fails before any work
+
+
+def test_a_rendered_page_drops_stderr_paths_and_empty_sections():
+    """What the runner shows of an executed notebook: no stderr box (progress bars,
+    warnings), no path of the machine that rendered it, no section whose cell showed
+    nothing, and a stage's summary moved under its title; the executed notebook keeps all."""
+    from cxrlib.notebook_runner import IF_OUTPUT_TAG, REPORT_TOP_TAG, readable_notebook
+
+    v4 = nbformat.v4
+    nb = v4.new_notebook(cells=[
+        v4.new_markdown_cell("# Title"),
+        v4.new_code_cell("work()", outputs=[
+            v4.new_output("stream", name="stderr", text="steps: 32% 52/160\n"),
+            v4.new_output("stream", name="stdout", text=f"model: {ROOT}/runs/demo/step-1\n")]),
+        v4.new_markdown_cell("## Dose-response", metadata={"tags": [IF_OUTPUT_TAG]}),
+        v4.new_code_cell("None", outputs=[]),
+        v4.new_markdown_cell("## Kept", metadata={"tags": [IF_OUTPUT_TAG]}),
+        v4.new_code_cell("1", outputs=[v4.new_output("execute_result", {"text/plain": "1"})]),
+        v4.new_code_cell("summary()", metadata={"tags": [REPORT_TOP_TAG]}),
+    ])
+    shown = readable_notebook(nb, ROOT)
+    sources = [c.source for c in shown.cells]
+    assert sources == ["# Title", "summary()", "work()", "None", "## Kept", "1"]
+    assert shown.cells[2].outputs == [v4.new_output("stream", name="stdout",
+                                                    text="model: runs/demo/step-1\n")]
+    assert len(nb.cells) == 7 and len(nb.cells[1].outputs) == 2  # the notebook is untouched
+
+
+def test_a_shown_table_computes_like_the_frame_and_displays_for_people(tmp_path, monkeypatch):
+    """``Outputs.table`` saves identifiers at full precision and returns the same frame
+    (attrs included), displayed with labels, no index and 3 decimals."""
+    from cxrlib.core.outputs import Outputs
+
+    monkeypatch.setenv("CXRLIB_RUNS_DIR", str(tmp_path / "runs"))
+    run = RunLayout.open(load_params(ROOT / "params" / "smoke.yaml"))
+    out = Outputs(run, "05_statistics")
+    out.labels.update({"real_only.f5": "5% real only"})
+    frame = pd.DataFrame({"experiment": ["real_only.f5"], "delta": [0.012345], "p": [0.0002]})
+    frame.attrs["parameters"] = 7
+    shown = out.table(frame, "t")
+    assert shown.attrs["parameters"] == 7 and shown["delta"].iloc[0] == 0.012345
+    assert type(shown[["delta"]]) is pd.DataFrame  # derived frames are plain
+    page = shown._repr_html_()
+    assert "5% real only" in page and "+0.012" in page and "&lt; 0.001" in page
+    assert "real_only.f5" not in page and "<th></th>" not in page  # no index column
+    assert "real_only.f5" in (out.folder / "t.csv").read_text()
+    assert "0.012345" in (out.folder / "t.csv").read_text()
+    said = out.say(["real_only.f5 beat nothing."], "s")
+    assert said._repr_html_() == "<p>5% real only beat nothing.</p>"
+    assert (out.folder / "s.txt").read_text() == "5% real only beat nothing.\n"
+    out.finish()

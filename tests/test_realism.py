@@ -14,8 +14,19 @@ from cxrlib.core.schema import ClassifierSpec, DetectabilitySpec
 from cxrlib.core.timing import REST, Profile
 from cxrlib.data.phantom import STYLES, render_phantom
 from cxrlib.synthetic.audit import figures as audit_figures
-from cxrlib.synthetic.audit.detectability import detectability, patient_parts, patient_split
-from cxrlib.synthetic.audit.texture import HF_BAND, N_BANDS, band_power, texture_comparison
+from cxrlib.synthetic.audit.detectability import (
+    DetectabilityResult,
+    detectability,
+    patient_parts,
+    patient_split,
+)
+from cxrlib.synthetic.audit.texture import (
+    HF_BAND,
+    N_BANDS,
+    TextureResult,
+    band_power,
+    texture_comparison,
+)
 
 R = 32
 N = 160  # two patient-disjoint sets of 80
@@ -140,9 +151,33 @@ def test_texture_figure_draws(phantoms):
     fig = audit_figures.texture_figure(texture, detect)
     try:
         fig.canvas.draw()
-        assert len(fig.axes[0].get_legend().get_texts()) == 2
+        legend = fig.axes[0].get_legend()
+        assert len(legend.get_texts()) == 2
+        renderer = fig.canvas.get_renderer()
+        box = legend.get_window_extent(renderer)
+        assert not any(box.overlaps(ax.get_window_extent(renderer)) for ax in fig.axes)
+        assert fig.get_size_inches()[0] <= 12
     finally:
         plt.close(fig)
+
+
+@pytest.mark.parametrize(("low", "high", "verdict"), [
+    (0.4, 0.8, "too smooth"), (1.2, 1.5, "too much fine texture"),
+    (0.9, 1.1, "consistent with real")])
+def test_texture_verdict_reads_the_ci_against_1(low, high, verdict):
+    bands = pd.DataFrame({"band": np.arange(N_BANDS), "f_low": 0.0, "f_high": 0.5,
+                          "real_power": 1.0, "synthetic_power": 1.0, "ratio": 1.0,
+                          "ci_low": 1.0, "ci_high": 1.0})
+    bands.loc[HF_BAND, ["ratio", "ci_low", "ci_high"]] = [(low + high) / 2, low, high]
+    assert TextureResult(bands, 10, 10, 0.05).verdict() == verdict
+
+
+@pytest.mark.parametrize(("low", "high", "verdict"), [
+    (0.55, 0.9, "detectable"), (0.4, 0.6, "not detectable"), (0.2, 0.45, "not detectable")])
+def test_detectability_verdict_reads_the_ci_against_chance(low, high, verdict):
+    result = DetectabilityResult((low + high) / 2, low, high, 10, 2, 10, 50, 20, 1.0, 0.05)
+    assert result.verdict() == verdict
+    assert ("better than chance" in result.sentence()) == (verdict == "detectable")
 
 
 # --- the stage profile ---------------------------------------------------------------------------

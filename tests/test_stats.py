@@ -656,15 +656,21 @@ def test_claims_table_answers_the_papers_claims():
     first = claims.iloc[0]
     assert (first["exchange_rate"], first["exchange_extrapolated"]) == (0.5, True)
     assert np.isnan(claims.iloc[1]["exchange_rate"])
-    # the index page shows the rate with its CI in one cell, and - where a claim has none
+    # the landing page shows the rate with its CI in one cell, and - where a claim has none;
+    # arms and test sets by their labels, verdicts in the one word set
     rows = claims[list(CLAIM_KEYS)].to_dict("records")
-    page = summary_html({"claims": rows, "internal_test_images": 10}, "summary.json")
-    assert "<td>0.5 (0.2 to 0.9), extrapolated</td>" in page
-    assert page.count("<td>0.5") == 1 and "nan" not in page
+    labels = {"arms": {"real_plus_synthetic_x2.f20": "20% real + 200% synthetic",
+                       "real_only.f20": "20% real only"},
+              "test_sets": {"chexpert (internal)": "CheXpert-style phantoms (internal)"}}
+    page = summary_html({"claims": rows, "internal_test_images": 10, "labels": labels})
+    assert "<td>0.500 (0.200 to 0.900), extrapolated</td>" in page
+    assert page.count("<td>0.500") == 1 and "nan" not in page
+    assert "20% real + 200% synthetic vs 20% real only" in page
+    assert "real_plus_synthetic_x2.f20" not in page and "CheXpert-style phantoms" in page
     # no exponent in a cell: a CI bound just below 0, a large count
     cells = summary_html({"claims": [{**rows[0], "ci_low": -7.66e-05, "mde": 12345.0}],
-                          "internal_test_images": 10}, "summary.json")
-    assert "<td>-0.0001</td>" in cells and "<td>12,345</td>" in cells and "e-05" not in cells
+                          "internal_test_images": 10})
+    assert "-0.000 to" in cells and "<td>12,345</td>" in cells and "e-05" not in cells
     assert study_claims.DISTILLATION["all"] in first["confounds"]
     narrowed = study_claims.claims_table(comparisons, grid, StatsSpec(), exchange,
                                          train_on="sources").iloc[0]["confounds"]
@@ -745,3 +751,35 @@ def test_the_headline_baseline_is_the_primary_fractions_real_only_arm():
     assert at(summary, "int")["macro_auroc"] == 0.80  # none given: the largest fraction
     with pytest.raises(ValueError, match=r"real_fraction 0.1 has no real_only result on int"):
         at(summary, "int", 0.1)
+
+
+def test_the_headline_reads_each_result_against_the_positive_control_beside_it():
+    """A gain on a test set where the perfect generator did not show its own gain says so in
+    the same sentence; an inconclusive result states its MDE; labels replace identifiers."""
+    row = {"experiment": "real_plus_synthetic_x2.f5", "baseline": "real_only.f5",
+           "delta": 0.052, "ci_low": 0.027, "ci_high": 0.077, "mde": 0.034}
+    check = {"check": Kind.REAL_PLUS_ORACLE.label, "baseline": "real_only.f5"}
+    summary = {
+        "primary": [{**row, "test_set": "nih (external)", "verdict": "better"},
+                    {**row, "test_set": "chexpert (internal)", "verdict": "not shown equivalent",
+                     "delta": 0.010, "ci_low": -0.005, "ci_high": 0.025, "mde": 0.021}],
+        "manipulation_checks": [{**check, "test_set": "nih (external)", "held": False},
+                                {**check, "test_set": "chexpert (internal)", "held": True},
+                                {**check, "baseline": "real_only.f20",
+                                 "test_set": "chexpert (internal)", "held": False}],
+        "exchange_rate": {"real_plus_synthetic_x2.f5": {"rate": 0.11, "ci_low": -0.04,
+                                                        "ci_high": 0.26},
+                          "real_plus_synthetic_x1.f5": {"rate": None}},
+        "labels": {"arms": {"real_plus_synthetic_x2.f5": "5% real + 200% synthetic",
+                            "real_only.f5": "5% real only"},
+                   "test_sets": {"nih (external)": "NIH-style phantoms (external)"}},
+    }
+    first, worth = findings.headline(summary)
+    assert first.startswith("5% real + 200% synthetic against 5% real only")
+    assert ("NIH-style phantoms (external) +0.052 (+0.027 to +0.077), better, though the "
+            "perfect generator did not show its own gain there") in first
+    assert ("chexpert (internal) +0.010 (-0.005 to +0.025), inconclusive (only a difference "
+            "above 0.021 could be detected), while the perfect generator did show its gain "
+            "there") in first
+    assert worth.endswith("5% real + 200% synthetic 0.110 (-0.040 to 0.260).")
+    assert findings.headline({}) == []

@@ -10,6 +10,8 @@ the stage at the last (:meth:`Outputs.finish`). The figures themselves live with
 
 from __future__ import annotations
 
+import html
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import matplotlib.pyplot as plt
@@ -17,8 +19,9 @@ import pandas as pd
 
 from cxrlib.core.files import atomic_path, atomic_write_parquet, atomic_write_text
 from cxrlib.core.records import claim, finish
+from cxrlib.core.vocabulary import readable, with_labels
 
-if TYPE_CHECKING:  # the figures need no torch; only sample_grid reads a cache
+if TYPE_CHECKING:
     from cxrlib.core.layout import RunLayout
 
 
@@ -34,6 +37,8 @@ class Outputs:
     def __init__(self, run: RunLayout, stage: str):
         claim(run, stage)
         self._run, self._stage = run, stage
+        #: Identifiers (arms, test sets) -> the labels tables and sentences show.
+        self.labels: dict[str, str] = {}
         self.folder = run.stage(stage)
         self.folder.mkdir(parents=True, exist_ok=True)
 
@@ -57,8 +62,56 @@ class Outputs:
             fig.savefig(tmp, dpi=110, bbox_inches="tight")
         return fig
 
-    def table(self, df: pd.DataFrame, name: str) -> pd.DataFrame:
+    def table(self, df: pd.DataFrame, name: str) -> Shown:
+        """``df`` as ``<name>.csv`` (identifiers, full precision); returns it to display as a
+        page shows it (:meth:`show`)."""
         with atomic_path(self.folder / f"{name}.csv") as tmp:
             df.to_csv(tmp, index=df.index.name is not None or not isinstance(df.index,
                                                                               pd.RangeIndex))
-        return df
+        return self.show(df)
+
+    def show(self, df: pd.DataFrame) -> Shown:
+        """``df`` displayed with labels for identifiers, no index, numbers to 3 decimals;
+        still the same DataFrame to compute with."""
+        shown = Shown(df)
+        shown.attrs.update(df.attrs)  # what a table carries beside its rows (e.g. totals)
+        shown._labels = self.labels
+        return shown
+
+    def say(self, sentences: Sequence[str], name: str | None = None) -> Prose:
+        """Generated sentences as paragraphs, identifiers shown as labels; saved as
+        ``<name>.txt`` when named."""
+        lines = [with_labels(s, self.labels) for s in sentences]
+        if name:
+            self.text("\n".join(lines), name)
+        return Prose(lines)
+
+
+class Shown(pd.DataFrame):
+    """A table as saved (identifiers, full precision) that a notebook displays as a page
+    shows it (:func:`cxrlib.core.vocabulary.readable`: labels, no index, 3 decimals). Any
+    operation on it gives a plain DataFrame back."""
+
+    _metadata = ["_labels"]
+
+    @property
+    def _constructor(self) -> type[pd.DataFrame]:
+        return pd.DataFrame
+
+    def _repr_html_(self) -> str:
+        frame = readable(pd.DataFrame(self), getattr(self, "_labels", None) or {})
+        return frame.to_html(index=False, border=0, classes="dataframe", na_rep="-")
+
+
+class Prose:
+    """Generated sentences a notebook displays as paragraphs (proportional type, wrapped by
+    the page), and as plain lines in a terminal."""
+
+    def __init__(self, sentences: list[str]):
+        self.sentences = sentences
+
+    def __repr__(self) -> str:
+        return "\n\n".join(self.sentences)
+
+    def _repr_html_(self) -> str:
+        return "".join(f"<p>{html.escape(s)}</p>" for s in self.sentences)

@@ -39,6 +39,8 @@ SCHEMA: dict[str, type | tuple[type, ...]] = {
     "manipulation_checks": list,
     "claims": list,
     "exchange_rate": dict,
+    "labels": dict,  # {"arms": {experiment: label}, "test_sets": {test set: label}}
+    "provenance": dict,  # cxrlib.core.provenance.provenance: images, date, commit, machine
 }
 #: Keys inside the nested entries.
 NESTED: dict[str, tuple[str, ...]] = {

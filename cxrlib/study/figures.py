@@ -6,8 +6,6 @@ and returns a matplotlib figure; :class:`cxrlib.core.outputs.Outputs` saves it.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
@@ -15,9 +13,7 @@ import seaborn as sns
 from matplotlib.ticker import LogLocator, NullFormatter, StrMethodFormatter
 
 from cxrlib.core.kinds import Kind
-
-if TYPE_CHECKING:  # the figures need no torch; only sample_grid reads a cache
-    pass
+from cxrlib.core.vocabulary import kind_colour
 
 
 def _external(summary: pd.DataFrame) -> pd.Series:
@@ -30,50 +26,61 @@ def _errorbar(ax: plt.Axes, frame: pd.DataFrame, x: str, label: str, **style) ->
     frame = frame.sort_values(x)
     yerr = np.vstack([frame["macro_auroc"] - frame["ci_low"],
                       frame["ci_high"] - frame["macro_auroc"]])
-    ax.errorbar(frame[x], frame["macro_auroc"], yerr=yerr, label=label, capsize=3, marker="o",
-                **style)
+    ax.errorbar(frame[x], frame["macro_auroc"], yerr=yerr, label=label, capsize=3,
+                **{"marker": "o", **style})
 
 
 def supplementation_figure(summary: pd.DataFrame, fraction: float) -> plt.Figure:
-    """Figure 3 shape at one real-data fraction: macro AUROC (95% CI) against % synthetic
-    supplementation per test set; real-only baseline as a line with its CI band, the
-    synthetic-only curve beside it; the rebalanced strategy and the two controls (real rows
-    repeated, synthetic labels shuffled; x: the k they match) as their own markers.
+    """Figure 3 shape at one real-data fraction: macro AUROC (95% CI) against the synthetic
+    dose per test set, the dose on a categorical axis (0% is the real-only baseline, then
+    every dose the grid ran); the baseline is also a line with its CI band; real +
+    synthetic, synthetic only and pretraining as curves; the rebalanced strategy and the
+    controls (real rows repeated, labels shuffled, the perfect generator) as their own
+    markers at the dose they match, each kind in its one colour
+    (:func:`cxrlib.core.vocabulary.kind_colour`).
 
     ``summary``: macro AUROC rows with the grid columns ``kind``, ``k``, ``real_fraction``.
     """
     sub = summary[np.isclose(summary["real_fraction"], fraction) & ~_external(summary)]
     tests = list(dict.fromkeys(sub["test_set"]))
-    fig, axes = plt.subplots(1, len(tests), figsize=(4.6 * len(tests), 3.8), squeeze=False,
+    doses = sorted({0, *sub["k"].astype(int)})
+    place = {k: i for i, k in enumerate(doses)}
+    width = max(3.4, 1.2 * len(doses) + 1.4)
+    fig, axes = plt.subplots(1, len(tests), figsize=(width * len(tests), 3.8), squeeze=False,
                              sharey=True)
-    palette = sns.color_palette()
+    curves = ((Kind.REAL_PLUS_SYNTHETIC, "-"), (Kind.SYNTHETIC_ONLY, "--"),
+              (Kind.SYNTHETIC_PRETRAIN, ":"))
+    markers = (Kind.REAL_PLUS_REBALANCED, Kind.REAL_REPEATED, Kind.REAL_PLUS_SHUFFLED,
+               Kind.REAL_PLUS_ORACLE, Kind.REAL_PLUS_ORACLE_SMOOTH, Kind.ORACLE_ONLY)
     for ax, test in zip(axes[0], tests, strict=True):
-        t = sub[sub["test_set"] == test].assign(pct=lambda d: 100 * d["k"])
+        t = sub[sub["test_set"] == test].assign(pos=lambda d: d["k"].astype(int).map(place))
         base = t[t["kind"] == Kind.REAL_ONLY].iloc[0]
-        ax.axhline(base["macro_auroc"], color="red", lw=1.5,
-                   label=f"{Kind.REAL_ONLY.label} (baseline)")
-        ax.axhspan(base["ci_low"], base["ci_high"], color="red", alpha=0.1)
-        for kind, style in ((Kind.REAL_PLUS_SYNTHETIC, {"color": palette[0]}),
-                            (Kind.SYNTHETIC_ONLY, {"color": palette[1], "ls": "--"}),
-                            (Kind.SYNTHETIC_PRETRAIN, {"color": palette[3], "ls": ":"})):
+        colour = kind_colour(Kind.REAL_ONLY)
+        ax.axhline(base["macro_auroc"], color=colour, lw=1.2)
+        ax.axhspan(base["ci_low"], base["ci_high"], color=colour, alpha=0.1)
+        _errorbar(ax, t[t["kind"] == Kind.REAL_ONLY], "pos", f"{Kind.REAL_ONLY.label} "
+                  "(line and band: its CI)", color=colour, ls="none")
+        for kind, line in curves:
             curve = t[t["kind"] == kind]
             if len(curve):  # a kind the grid did not run gets no (empty) legend entry
-                _errorbar(ax, curve, "pct", kind.label, **style)
-        for kind, colour in ((Kind.REAL_PLUS_REBALANCED, palette[2]),  # red is the baseline's
-                             (Kind.REAL_REPEATED, palette[5]),
-                             (Kind.REAL_PLUS_SHUFFLED, palette[4]),
-                             (Kind.REAL_PLUS_ORACLE, palette[6]),
-                             (Kind.REAL_PLUS_ORACLE_SMOOTH, palette[7]),
-                             (Kind.ORACLE_ONLY, palette[8])):
+                _errorbar(ax, curve, "pos", kind.label, color=kind_colour(kind), ls=line)
+        for n, kind in enumerate(markers):
             marked = t[t["kind"] == kind]
-            if len(marked):
-                _errorbar(ax, marked, "pct", kind.label, color=colour, ls="none", markersize=9)
-        ax.set_title(test)
-        ax.set_xlabel("synthetic images, % of real training images")
-        ax.set_ylabel("macro AUROC (95% CI)")
-    axes[0][0].legend(fontsize=8)
+            if len(marked):  # beside the curve's point at the same dose, not on it
+                _errorbar(ax, marked.assign(pos=marked["pos"] + 0.12 * (n + 1)), "pos",
+                          kind.label, color=kind_colour(kind), ls="none", markersize=8,
+                          marker="D" if n % 2 else "s")
+        ax.set_xticks(range(len(doses)), [f"+{100 * k}%" if k else "0%\n(real only)"
+                                          for k in doses])
+        ax.set_xlim(-0.5, len(doses) - 0.3)
+        ax.set_title(test, fontsize=10)
+    axes[0][0].set_ylabel("macro AUROC (95% CI)")
+    fig.supxlabel("synthetic images added, % of the real training images", fontsize=9)
+    handles, names = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="lower center", ncol=min(3, len(names)), fontsize=8,
+               frameon=False, bbox_to_anchor=(0.5, -0.02))
     fig.suptitle(f"Synthetic supplementation at {fraction:.0%} of the real training data")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.08 + 0.03 * (len(names) // 3), 1, 1))
     return fig
 
 
@@ -84,25 +91,23 @@ def exchange_figure(curve: pd.DataFrame, rates: pd.DataFrame) -> plt.Figure:
     beyond the measured sizes is drawn hollow (extrapolated)."""
     tests = list(dict.fromkeys(curve["test_set"]))
     fig, axes = plt.subplots(1, len(tests), figsize=(4.8 * len(tests), 4.0), squeeze=False)
-    colours = sns.color_palette("tab10")[1:]  # red (the curve) left out
-    palette = {e: colours[i % len(colours)]
-               for i, e in enumerate(dict.fromkeys(rates["experiment"]))}
+    real = kind_colour(Kind.REAL_ONLY)
     for ax, test in zip(axes[0], tests, strict=True):
         c = curve[curve["test_set"] == test].sort_values("real_images")
         grid_n = np.geomspace(c["real_images"].min() / 1.5, c["real_images"].max() * 2, 60)
         a, b = c["a"].iloc[0], c["b"].iloc[0]
-        ax.plot(grid_n, a + b * np.log(grid_n), color="red", lw=1, alpha=0.7,
+        ax.plot(grid_n, a + b * np.log(grid_n), color=real, lw=1, alpha=0.7,
                 label=f"fit: {a:.3f} + {b:.3f} ln n")
-        ax.plot(c["real_images"], c["macro_auroc"], "o", color="red", label="real only")
+        ax.plot(c["real_images"], c["macro_auroc"], "o", color=real, label="real only")
         placed = rates[(rates["test_set"] == test) & np.isfinite(rates["rate"])]
         for r in placed.to_dict("records"):
             y = a + b * np.log(r["real_equivalent"])
-            colour = palette[r["experiment"]]
+            colour = kind_colour(r["kind"])
             ax.annotate("", xy=(r["real_equivalent"], y), xytext=(max(r["n_real"], 1), y),
                         arrowprops={"arrowstyle": "->", "color": colour, "lw": 1.2})
             ax.plot(r["real_equivalent"], y, "s", color=colour,
                     mfc="none" if r["extrapolated"] else colour,
-                    label=f"{Kind(r['kind']).label} x{int(r['k'])}: r {r['rate']:.2f}")
+                    label=f"{r['experiment']}: r {r['rate']:.2f}")
         ax.set_xscale("log")
         # plain counts at 1-2-5 steps: the default minor labels (2x10^2, 3x10^2, ...) overlap
         ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
@@ -147,17 +152,18 @@ def fraction_figure(summary: pd.DataFrame) -> plt.Figure:
                              sharey=True)
     for ax, test in zip(axes[0], tests, strict=True):
         t = sub[sub["test_set"] == test].assign(pct=lambda d: 100 * d["real_fraction"])
-        for kind, style in ((Kind.REAL_ONLY, {"color": "red"}),
-                            (Kind.REAL_PLUS_SYNTHETIC, {}), (Kind.SYNTHETIC_ONLY, {"ls": "--"})):
+        for kind, style in ((Kind.REAL_ONLY, {}), (Kind.REAL_PLUS_SYNTHETIC, {}),
+                            (Kind.SYNTHETIC_ONLY, {"ls": "--"})):
             rows = t[t["kind"] == kind]
             if len(rows) == 0:
                 continue
             k = rows["k"].max()
             rows = rows[rows["k"] == k]
-            label = kind.label + (f" (x{k})" if k else "")
-            _errorbar(ax, rows, "pct", label, **style)
+            label = kind.label + (f" (+{100 * k:g}%)" if k else "")
+            _errorbar(ax, rows, "pct", label, color=kind_colour(kind), **style)
         ax.set_xscale("log")
         ax.set_xticks(sorted(t["pct"].unique()), [f"{p:g}%" for p in sorted(t["pct"].unique())])
+        ax.xaxis.set_minor_formatter(NullFormatter())  # no stray 6x10^0 between the ticks
         ax.set_title(test)
         ax.set_xlabel("real training data (share of patients)")
         ax.set_ylabel("macro AUROC (95% CI)")
@@ -174,7 +180,8 @@ def subgroup_figure(subgroups: pd.DataFrame, experiments: list[str]) -> plt.Figu
     fig, axes = plt.subplots(len(tests), len(bys), figsize=(3.6 * len(bys), 2.9 * len(tests)),
                              squeeze=False, sharey=True)
     offsets = np.linspace(-0.15, 0.15, len(experiments))
-    palette = sns.color_palette()
+    palette = [kind_colour(Kind.REAL_ONLY), *sns.color_palette("colorblind")[:1],
+               *sns.color_palette("colorblind")[2:]]  # the baseline first, in its colour
     for i, test in enumerate(tests):
         for j, by in enumerate(bys):
             ax = axes[i][j]
@@ -192,5 +199,51 @@ def subgroup_figure(subgroups: pd.DataFrame, experiments: list[str]) -> plt.Figu
             if j == 0:
                 ax.set_ylabel("macro AUROC")
     axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+#: The forest plot's file name under the statistics stage (and beside the landing page).
+FOREST_FIGURE = "forest.png"
+
+
+def forest_figure(comparisons: pd.DataFrame, kinds: dict[str, str],
+                  labels: dict[str, str]) -> plt.Figure:
+    """The paired differences the tests judge: each comparison's difference in macro AUROC
+    against its baseline (mean over seeds) with its 95% CI, one panel per test set, and a
+    grey band of +/- its MDE (a difference inside it could be missed at 80% power). The
+    figure that matches the paired test, unlike two arms' own CIs side by side.
+
+    ``comparisons``: rows with experiment, baseline, test_set, delta, ci_low, ci_high, mde
+    (the primary comparisons and the manipulation checks); ``kinds``: experiment -> kind, for
+    its colour; ``labels``: identifiers (arms, test sets) -> the names pages show.
+    """
+    tests = list(dict.fromkeys(comparisons["test_set"]))
+    pairs = list(dict.fromkeys(zip(comparisons["experiment"], comparisons["baseline"],
+                                   strict=True)))
+    height = 0.9 + 0.42 * len(pairs)
+    fig, axes = plt.subplots(1, len(tests), figsize=(3.6 * len(tests) + 2.6, height),
+                             sharey=True, squeeze=False)
+    rows = {pair: i for i, pair in enumerate(reversed(pairs))}
+    span = np.nanmax(np.abs(comparisons[["ci_low", "ci_high", "mde"]].to_numpy(float)))
+    for ax, test in zip(axes[0], tests, strict=True):
+        here = comparisons[comparisons["test_set"] == test]
+        for r in here.itertuples(index=False):
+            y = rows[(r.experiment, r.baseline)]
+            if np.isfinite(r.mde):
+                ax.fill_betweenx([y - 0.3, y + 0.3], -r.mde, r.mde, color="0.88", lw=0)
+            colour = kind_colour(kinds.get(r.experiment, Kind.REAL_PLUS_SYNTHETIC))
+            ax.plot([r.ci_low, r.ci_high], [y, y], color=colour, lw=2)
+            ax.plot(r.delta, y, "o", color=colour, markersize=6)
+        ax.axvline(0, color="0.3", lw=1)
+        ax.set_xlim(-1.1 * span, 1.1 * span)
+        ax.set_title(labels.get(test, test), fontsize=10)
+        ax.set_xlabel("difference in macro AUROC")
+        ax.grid(axis="x", alpha=0.3)
+    names = [f"{labels.get(e, e)}\nvs {labels.get(b, b)}" for e, b in reversed(pairs)]
+    axes[0][0].set_yticks(range(len(pairs)), names, fontsize=8)
+    axes[0][0].set_ylim(-0.6, len(pairs) - 0.4)
+    fig.suptitle("Paired differences against the baseline (95% CI; grey: +/- the MDE)",
+                 fontsize=11)
     fig.tight_layout()
     return fig

@@ -5,12 +5,14 @@ written by hand. No computation here beyond formatting."""
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from cxrlib.core.kinds import Kind
 from cxrlib.core.schema import StatsSpec
+from cxrlib.core.vocabulary import verdict_word
 from cxrlib.experiments.diagnostics import KEPT_STEPS_DIFFER
 from cxrlib.stats import seeds_for_mde
 from cxrlib.study.claims import CONTRADICTED, INCONCLUSIVE, NOT_TESTED, SUPPORTED
@@ -284,3 +286,69 @@ def study_findings(summary: pd.DataFrame, primary: pd.DataFrame, dose: pd.DataFr
 def _testable(table: pd.DataFrame) -> pd.DataFrame:
     """Rows with a delta (a test set with no label passing the rule has none)."""
     return table[np.isfinite(table["delta"].to_numpy(dtype=float))]
+
+
+def _named(summary: dict[str, Any]) -> dict[str, str]:
+    labels = summary.get("labels") or {}
+    return {**labels.get("arms", {}), **labels.get("test_sets", {})}
+
+
+def _control_note(row: dict[str, Any], held: dict[tuple[str, str], Any]) -> str:
+    """What the perfect-generator control against the same baseline on the same test set
+    says about this result."""
+    control = held.get((row["test_set"], row["baseline"]))
+    if control is None:
+        return ""
+    gain = row["verdict"].startswith("better")
+    if control:
+        return "" if gain else ", while the perfect generator did show its gain there"
+    return (", though the perfect generator did not show its own gain there" if gain
+            else ", and the perfect generator did not show its gain there either")
+
+
+def _signed(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:+.3f}"
+
+
+def headline(summary: dict[str, Any]) -> list[str]:
+    """Two or three sentences a collaborator reads first, from a run's ``summary.json``:
+    each primary comparison on every test set with its CI and verdict, what the
+    perfect-generator control showed on the same test set, and what one extra image is
+    worth in real images. Identifiers are shown as the run's labels where it has them."""
+    names = _named(summary)
+    primary = summary.get("primary") or []
+    held = {(c["test_set"], c["baseline"]): c.get("held")
+            for c in summary.get("manipulation_checks") or []
+            if c.get("check") == Kind.REAL_PLUS_ORACLE.label}
+    sentences = []
+    for (arm, baseline), rows in _by_arm(primary).items():
+        parts = []
+        for row in rows:
+            verdict = verdict_word(row["verdict"].split(" (")[0])
+            mde = (f" (only a difference above {row['mde']:.3f} could be detected)"
+                   if verdict == "inconclusive" and row.get("mde") is not None else "")
+            parts.append(f"{names.get(row['test_set'], row['test_set'])} "
+                         f"{_signed(row['delta'])} ({_signed(row['ci_low'])} to "
+                         f"{_signed(row['ci_high'])}), {verdict}{mde}{_control_note(row, held)}")
+        sentences.append(
+            f"{names.get(arm, arm)} against {names.get(baseline, baseline)}, a pre-specified "
+            "comparison, as the difference in macro AUROC with its 95% CI: "
+            + "; ".join(parts) + ".")
+    rates = {arm: r for arm, r in (summary.get("exchange_rate") or {}).items()
+             if r.get("rate") is not None}
+    if rates:
+        worth = [f"{names.get(arm, arm)} {r['rate']:.3f}"
+                 + (f" ({r['ci_low']:.3f} to {r['ci_high']:.3f})"
+                    if r.get("ci_low") is not None and r.get("ci_high") is not None else "")
+                 for arm, r in rates.items()]
+        sentences.append("What one extra image is worth in real images, on the internal "
+                         "learning curve: " + "; ".join(worth) + ".")
+    return sentences
+
+
+def _by_arm(rows: list[dict[str, Any]]) -> dict[tuple[str, str], list[dict[str, Any]]]:
+    """Rows grouped by (arm, baseline), in their order."""
+    out: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for row in rows:
+        out.setdefault((row["experiment"], row["baseline"]), []).append(row)
+    return out

@@ -87,9 +87,17 @@ class DetectabilityResult:
                 "n_scored": self.n_scored, "n_fit": self.n_fit, "steps": self.steps,
                 "kept_step": self.kept_step, "ci_level": 1 - self.alpha}
 
+    def verdict(self) -> str:
+        """The AUROC's CI against chance (0.5), in a few words: ``detectable`` (CI above
+        0.5) or ``not detectable`` (the CI includes 0.5, or lies below it, which reads as
+        indistinguishable too: see the module's note)."""
+        if not np.isfinite(self.auroc):
+            return "not estimable"
+        return "detectable" if self.ci_low > 0.5 else "not detectable"
+
     def sentence(self, synthetic: str = "synthetic images") -> str:
-        """The AUROC against chance, in words."""
-        if self.ci_low > 0.5:
+        """The AUROC against chance, in words (:meth:`verdict`)."""
+        if self.verdict() == "detectable":
             verdict = "a classifier tells them apart better than chance"
         elif self.ci_high < 0.5:
             verdict = ("below chance, which reads as indistinguishable too (cues of its "

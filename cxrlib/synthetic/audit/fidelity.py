@@ -39,6 +39,33 @@ FIDELITY_TARGET = 0.9
 OVER_SEPARATION = 1.05
 
 
+def fidelity_verdict(ratio: float, ci_low: float, ci_high: float,
+                     judged: bool | None = True) -> str:
+    """The verdict on a fidelity ratio (synthetic / real) and its CI, in a few words.
+
+    ``not estimable`` (no ratio); ``not judged`` (``judged`` false or None: the real value
+    is not above chance, so the ratio means nothing); ``exaggerated`` (the CI lies wholly
+    above :data:`OVER_SEPARATION`: over-separation, never a pass); ``possibly exaggerated``
+    (the point estimate is above :data:`OVER_SEPARATION` but the CI includes it: not a plain
+    pass either, since the synthetic images may be easier to read than real ones); ``meets
+    target`` (at least :data:`FIDELITY_TARGET` and at most :data:`OVER_SEPARATION`, the CI
+    above the target) or ``meets target, CI includes 0.9x``; ``below target`` (the CI below
+    the target) or ``below target, CI includes 0.9x``.
+    """
+    if ratio is None or not np.isfinite(ratio):
+        return "not estimable"
+    if not judged:
+        return "not judged"
+    if ci_low > OVER_SEPARATION:
+        return "exaggerated"
+    if ratio > OVER_SEPARATION:
+        return "possibly exaggerated"
+    word = "meets target" if ratio >= FIDELITY_TARGET else "below target"
+    if ci_low <= FIDELITY_TARGET <= ci_high:
+        return f"{word}, CI includes {FIDELITY_TARGET:g}x"
+    return word
+
+
 
 def macro_labels(*targets: pd.DataFrame, min_per_class: int = 10,
                  labels: Sequence[str] = CHEXPERT_LABELS) -> tuple[list[str], dict[str, str]]:
@@ -307,9 +334,11 @@ class FidelityResult:
 
     def table(self) -> pd.DataFrame:
         """One row per measure: synthetic and real with CIs, the ratio with its CI, whether
-        its CI lies above :data:`OVER_SEPARATION` (``over_separation``) and whether the ratio
-        reaches :data:`FIDELITY_TARGET` without over-separating (``meets_target``); both None
-        when the real value is not above chance, so that the ratio means nothing."""
+        its CI lies above :data:`OVER_SEPARATION` (``over_separation``), whether the ratio
+        reaches :data:`FIDELITY_TARGET` without over-separating (``meets_target``), whether
+        its point estimate is above :data:`OVER_SEPARATION` while its CI includes it
+        (``possibly_exaggerated``: not a plain pass); the three None when the real value is
+        not above chance, so that the ratio means nothing; and :func:`fidelity_verdict`."""
         rows = []
         for key, name, stat in MEASURES:
             syn, real = self.estimates[key]
@@ -324,7 +353,10 @@ class FidelityResult:
                          "ratio_ci_high": high,
                          "chance": _CHANCE[key], "over_separation": over,
                          "meets_target": bool(ratio >= FIDELITY_TARGET and not over)
-                         if judged else None})
+                         if judged else None,
+                         "possibly_exaggerated": bool(ratio > OVER_SEPARATION and not over)
+                         if judged else None,
+                         "verdict": fidelity_verdict(ratio, low, high, judged)})
         return pd.DataFrame(rows)
 
     def summary_entries(self) -> dict[str, dict[str, object]]:
@@ -338,7 +370,9 @@ class FidelityResult:
                      f"{real_key}_ci": [row["real_ci_low"], row["real_ci_high"]],
                      "ratio_ci": [row["ratio_ci_low"], row["ratio_ci_high"]],
                      "meets_0.9x_real": row["meets_target"],
-                     "over_separation": row["over_separation"], "n_synthetic": row["n_synthetic"],
+                     "over_separation": row["over_separation"],
+                     "possibly_exaggerated": row["possibly_exaggerated"],
+                     "verdict": row["verdict"], "n_synthetic": row["n_synthetic"],
                      "n_real": row["n_real"], "ci_level": 1 - self.alpha}
             if key == "fidelity":
                 entry.update(labels=self.labels, labels_left_out=sorted(self.left_out),
@@ -349,8 +383,9 @@ class FidelityResult:
     def sentences(self, synthetic: str = "synthetic images",
                   real: str = "real validation images") -> list[str]:
         """Generated statements: each measure, synthetic against real, CIs, the ratio, and
-        whether it is at least 0.9x real or over-separates (CI above 1.05: not a pass); then
-        the label rule and the labels left out."""
+        its :func:`fidelity_verdict` in words: at least or below 0.9x real, over-separation
+        (CI above 1.05: not a pass) or possibly exaggerated (point above 1.05, CI including
+        it: not a plain pass either); then the label rule and the labels left out."""
         pct = f"{1 - self.alpha:.0%}"
         lines = []
         for row in self.table().to_dict("records"):
@@ -372,6 +407,12 @@ class FidelityResult:
                 verdict = (f"over-separation: the CI lies above {OVER_SEPARATION:g}, so the "
                            f"synthetic images are easier to read than real ones (exaggerated, "
                            f"not a pass of the {FIDELITY_TARGET:g}x target)")
+            elif row["possibly_exaggerated"]:
+                verdict = (f"possibly exaggerated: the point estimate is above "
+                           f"{OVER_SEPARATION:g}x real, so the synthetic images may be easier "
+                           f"to read than real ones, and the CI does not rule out "
+                           f"{OVER_SEPARATION:g} (not a plain pass of the {FIDELITY_TARGET:g}x "
+                           f"target)")
             else:
                 verdict = ("at least" if row["meets_target"] else "below") + \
                     f" {FIDELITY_TARGET:g}x real"

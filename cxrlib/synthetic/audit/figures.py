@@ -16,6 +16,26 @@ from cxrlib.core.labels import CHEXPERT_LABELS
 from cxrlib.synthetic.audit.metrics import MemorizationResult
 
 
+def legend_outside(ax: plt.Axes, **kwargs) -> None:
+    """Move the axes' legend to the right of it, where it cannot cover data (``bbox_inches=
+    "tight"`` saves it with the figure)."""
+    if ax.get_legend() is not None:
+        sns.move_legend(ax, "upper left", bbox_to_anchor=(1.01, 1), frameon=False, **kwargs)
+
+
+def figure_legend_below(fig: plt.Figure, axes: list[plt.Axes], ncol: int = 4) -> None:
+    """One legend for the whole figure, below its axes: the first legend found among
+    ``axes`` (the axes share their colours), every axes' own legend removed."""
+    legends = [ax.get_legend() for ax in axes if ax.get_legend() is not None]
+    if not legends:
+        return
+    handles, labels = legends[0].legend_handles, [t.get_text() for t in legends[0].get_texts()]
+    for legend in legends:
+        legend.remove()
+    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0),
+               ncol=min(ncol, len(labels)), frameon=False, fontsize=8)
+
+
 def distance_figure(table: pd.DataFrame) -> plt.Figure:
     """Each distance metric per split: real vs real (the floor) beside real vs synthetic."""
     metrics = ("fid", "kid_mean", "precision", "recall", "density", "coverage")
@@ -63,6 +83,7 @@ def memorization_figure(result: MemorizationResult) -> plt.Figure:
                  f"flagged (95% upper bound {s['share_upper95']:.1%}); held-out real flagged "
                  f"{s['heldout_share_flagged']:.1%}")
     fig.tight_layout()
+    figure_legend_below(fig, list(axes))
     return fig
 
 
@@ -112,6 +133,7 @@ def fidelity_figure(per_label: pd.DataFrame) -> plt.Figure:
     ax.set_xlim(0.0, 1.0)
     ax.set_xlabel("AUROC (synthetic: against the conditions)")
     ax.set_ylabel("")
+    legend_outside(ax, title=None)
     fig.tight_layout()
     return fig
 
@@ -132,7 +154,9 @@ def texture_figure(texture: pd.DataFrame, detectability: pd.DataFrame) -> plt.Fi
     axes[0].set_xlabel("radial frequency (cycles/pixel; 0.5 = Nyquist)")
     axes[0].set_ylabel("power ratio, synthetic / real")
     axes[0].set_title("Texture: power per frequency band")
-    axes[0].legend(fontsize=8)
+    axes[0].legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2),
+                   ncol=max(1, min(4, len(axes[0].get_legend_handles_labels()[1]))),
+                   frameon=False)
     names = list(detectability.index)
     auroc = detectability["auroc"].astype(float)
     axes[1].errorbar(auroc, range(len(names)),
@@ -155,7 +179,7 @@ def sweep_figure(table: pd.DataFrame) -> plt.Figure:
     runs = table[table["sampler"] != "real"].assign(
         setting=lambda d: d["sampler"] + " x" + d["steps"].astype(str))
     floor = table[table["sampler"] == "real"]
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7.2))
+    fig, axes = plt.subplots(2, 2, figsize=(12, 7.2))
     axes = axes.ravel()
     sns.scatterplot(data=runs, x="coverage", y="fidelity_macro_auroc", hue="setting",
                     size="guidance", ax=axes[0])
@@ -166,7 +190,6 @@ def sweep_figure(table: pd.DataFrame) -> plt.Figure:
                         lw=1, label="judge on real images")
     axes[0].set_xlabel("coverage (diversity; higher is better)")
     axes[0].set_ylabel("macro AUROC of the judge\nagainst the condition")
-    axes[0].legend(fontsize=7)
     sns.lineplot(data=runs, x="guidance", y="recall", hue="setting", marker="o", ax=axes[1])
     axes[1].set_ylabel("recall (diversity)")
     for ax, column, name, level in ((axes[2], "texture_hf_ratio",
@@ -177,5 +200,13 @@ def sweep_figure(table: pd.DataFrame) -> plt.Figure:
         ax.axhline(level, color="grey", ls="--", lw=1)
         ax.set_ylabel(name)
     axes[2].set_yscale("log")
-    fig.tight_layout()
+    # One legend, right of the panels: the settings' colours are the same in every panel
+    # (the first panel's legend also has the guidance sizes and the real reference lines).
+    handles, labels = axes[0].get_legend_handles_labels()
+    for ax in axes:
+        if ax.get_legend() is not None:
+            ax.get_legend().remove()
+    fig.tight_layout(rect=(0, 0, 0.8, 1))
+    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(0.8, 0.5), frameon=False,
+               fontsize=8)
     return fig

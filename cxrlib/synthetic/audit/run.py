@@ -33,6 +33,8 @@ from cxrlib.diffusion.samplers import image_seed, timed_generate
 from cxrlib.hardware import resolve_precision
 from cxrlib.synthetic.audit.detectability import DetectabilityResult, detectability, patient_split
 from cxrlib.synthetic.audit.fidelity import (
+    FIDELITY_TARGET,
+    OVER_SEPARATION,
     DemographicProbes,
     FidelityResult,
     fidelity_comparison,
@@ -186,13 +188,37 @@ def audit_tables(audits: dict[str, SyntheticAudit]) -> dict[str, pd.DataFrame]:
             {s: a.fidelity.per_label.set_index("label") for s, a in audits.items()},
             axis=1).round(3),
         "fidelity": stack(lambda a: a.fidelity.table().set_index("measure")).round(4),
-        "diversity": stack(lambda a: a.diversity),
+        "diversity": stack(lambda a: a.diversity.set_index("set")),
         "memorization": pd.DataFrame({s: a.memorization.summary()
                                       for s, a in audits.items()}).T,
         "texture": stack(lambda a: a.texture.bands.set_index("band")),
         "detectability": pd.DataFrame([a.detectability.row() for a in audits.values()],
                                       index=pd.Index(list(audits), name="cohort")),
     }
+
+
+def per_label_overview(per_label: pd.DataFrame) -> pd.DataFrame:
+    """:func:`audit_tables`' ``conditional_fidelity_per_label`` narrowed to fit a page: the
+    judge's AUROC on real validation images and each cohort's AUROC against its conditions,
+    with positives / negatives and whether the label enters the macro (the full counts stay
+    in the saved table)."""
+    def counts(frame: pd.DataFrame, side: str) -> pd.Series:
+        def whole(v: float) -> str:
+            return "-" if pd.isna(v) else str(int(v))
+
+        return (frame[f"{side}_n_pos"].map(whole) + " / "
+                + frame[f"{side}_n_neg"].map(whole))
+
+    cohorts = list(dict.fromkeys(per_label.columns.get_level_values(0)))
+    first = per_label[cohorts[0]]
+    parts = {("real validation", "AUROC"): first["real_auroc"],
+             ("real validation", "pos / neg"): counts(first, "real")}
+    for cohort in cohorts:
+        part = per_label[cohort]
+        parts.update({(cohort, "AUROC"): part["synthetic_auroc"],
+                      (cohort, "pos / neg"): counts(part, "synthetic"),
+                      (cohort, "in macro"): part["in_macro"].astype(bool)})
+    return pd.DataFrame(parts)
 
 
 def memorization_sentences(memorization: pd.DataFrame) -> list[str]:
@@ -202,6 +228,130 @@ def memorization_sentences(memorization: pd.DataFrame) -> list[str]:
             f"held-out real images flagged: {row['heldout_share_flagged']:.1%}; "
             f"copies of their own source: {int(row['source_copies'])} of "
             f"{int(row['with_source'])}" for s, row in memorization.iterrows()]
+
+
+def memorization_verdict(summary: dict[str, float | int]) -> str:
+    """The memorization audit's verdict (:meth:`MemorizationResult.summary`), in a few words:
+    ``copies of their source`` (a replica closer to its own source row's image than the
+    calibrated thresholds allow), ``none found`` (nothing flagged), ``no more than unseen
+    images`` (flagged no more often than the held-out real images the thresholds were
+    calibrated on, which the generator never saw) or ``more than unseen images`` (inspect the
+    closest pairs)."""
+    if summary.get("source_copies", 0):
+        return "copies of their source"
+    if not summary["flagged"]:
+        return "none found"
+    if summary["share"] <= summary["heldout_share_flagged"]:
+        return "no more than unseen images"
+    return "more than unseen images"
+
+
+#: What each fidelity measure reads, for the summary's "what it means".
+_READS = {"conditional fidelity": "The judge reads the conditioned findings",
+          "sex fidelity": "A sex probe reads the conditioned sex",
+          "age fidelity": "An age probe tracks the conditioned age",
+          "view fidelity": "A view probe reads the AP/PA view"}
+
+
+def _fidelity_meaning(row: dict, synthetic: str) -> str:
+    """One line on a fidelity row of :meth:`FidelityResult.table`, by its verdict."""
+    verdict, over, target = row["verdict"], f"{OVER_SEPARATION:g}x", f"{FIDELITY_TARGET:g}x"
+    if verdict == "not estimable":
+        return ("Not estimable: no label has enough positives and negatives in both sets."
+                if row["measure"] == "conditional fidelity"
+                else "Not estimable: one of the sets lacks the values it needs.")
+    if verdict == "not judged":
+        return (f"Not judged: on real images the {row['statistic']} is not above chance, so "
+                "the ratio to real means nothing.")
+    tail = {
+        "exaggerated": f"more clearly than in real images (the CI lies above {over}), which "
+                       "is exaggerated, not a pass",
+        "possibly exaggerated": f"possibly more clearly than in real images (above {over}, "
+                                f"but the CI does not rule out {over}), so not a plain pass",
+        "meets target": f"at least the {target} target",
+        f"meets target, CI includes {target}": f"at least the {target} target on the point "
+                                               "estimate, though the CI does not rule out less",
+        "below target": f"below the {target} target, so the generator loses part of it",
+        f"below target, CI includes {target}": f"below the {target} target on the point "
+                                               f"estimate, though the CI does not rule out "
+                                               f"{target}",
+    }[verdict]
+    return (f"{_READS[row['measure']]} on {synthetic} {row['ratio']:.2f}x as well as on real "
+            f"images: {tail}.")
+
+
+def audit_summary(audit: SyntheticAudit, synthetic: str = "synthetic images") -> pd.DataFrame:
+    """The audit of one cohort in one table a collaborator reads first: one row per measure
+    with its estimate, CI, verdict and a line on what it means.
+
+    Notebook 03 shows it at the top of its page, so that the answer comes before the
+    details. Rows: conditional fidelity, then sex, age and view fidelity where estimable
+    (synthetic and real statistic, their ratio and
+    :func:`~cxrlib.synthetic.audit.fidelity.fidelity_verdict`: a ratio above 1.05x real reads
+    "possibly exaggerated", or "exaggerated" when its CI lies wholly above 1.05); texture
+    (power in the top frequency band, synthetic and real, their ratio,
+    :meth:`TextureResult.verdict`); detectability (AUROC of a
+    real-versus-synthetic classifier, :meth:`DetectabilityResult.verdict`); memorization
+    (share of audited synthetic images flagged as near-copies of a training image beside the
+    held-out real images' share, with its one-sided 95% upper bound,
+    :func:`memorization_verdict`). The verdicts come from the rules of the modules that
+    compute each measure; the numbers are the ones the detailed tables below hold.
+
+    Columns: measure, synthetic, real, ratio or value, the CI (as text, named for its level),
+    verdict, what it means; a fidelity ratio whose real value is not above chance is left
+    blank (it means nothing). ``synthetic`` names the images in the sentences.
+    """
+    fidelity = audit.fidelity
+    ci = f"{1 - fidelity.alpha:.0%} CI"
+
+    def interval(low: float, high: float) -> str:
+        return "-" if not (np.isfinite(low) and np.isfinite(high)) else \
+            f"{low:.3f} to {high:.3f}"
+
+    rows = []
+    for row in fidelity.table().to_dict("records"):
+        estimable = np.isfinite(row["synthetic"]) and np.isfinite(row["real"])
+        if not estimable and row["measure"] != "conditional fidelity":
+            continue
+        judged = row["verdict"] not in ("not judged", "not estimable")  # else no ratio
+        rows.append({"measure": f"{row['measure']} ({row['statistic']}, ratio to real)",
+                     "synthetic": row["synthetic"], "real": row["real"],
+                     "ratio or value": row["ratio"] if judged else np.nan,
+                     ci: interval(row["ratio_ci_low"], row["ratio_ci_high"]) if judged else "-",
+                     "verdict": row["verdict"],
+                     "what it means": _fidelity_meaning(row, synthetic)})
+    texture, hf = audit.texture, audit.texture.hf
+    images = synthetic[:1].upper() + synthetic[1:]
+    rows.append({
+        "measure": "texture (power at the finest detail, ratio to real)",
+        "synthetic": hf["synthetic_power"], "real": hf["real_power"],
+        "ratio or value": hf["ratio"], ci: interval(hf["ci_low"], hf["ci_high"]),
+        "verdict": texture.verdict(),
+        "what it means": f"{images} have {hf['ratio']:.2f}x the real power at "
+                         f"{hf['f_low']:.2f}-{hf['f_high']:.2f} cycles/pixel: 1 = real "
+                         "texture, below 1 = too smooth, above 1 = too noisy."})
+    detect = audit.detectability
+    rows.append({
+        "measure": "detectability (AUROC, real vs synthetic)", "synthetic": np.nan,
+        "real": np.nan, "ratio or value": detect.auroc,
+        ci: interval(detect.ci_low, detect.ci_high), "verdict": detect.verdict(),
+        "what it means": f"A classifier trained to tell {synthetic} from real ones scores "
+                         f"AUROC {detect.auroc:.2f} on {detect.n_scored} images (both kinds) "
+                         "of patients it never saw: 0.5 = cannot tell them apart, 1 = always "
+                         "can."})
+    memo = audit.memorization.summary()
+    copies = (f"; {int(memo['source_copies'])} of {int(memo['with_source'])} are copies of "
+              "their own source" if memo.get("with_source") else "")
+    rows.append({
+        "measure": "memorization (share flagged as near-copies)", "synthetic": memo["share"],
+        "real": memo["heldout_share_flagged"], "ratio or value": memo["share"],
+        ci: f"up to {memo['share_upper95']:.3f}", "verdict": memorization_verdict(memo),
+        "what it means": f"{int(memo['flagged'])} of {int(memo['audited'])} {synthetic} are "
+                         "closer to a training image (in pixels or judge features) than all "
+                         f"but {memo['target_rate_per_space']:.0%} of unseen real images "
+                         f"come; unseen real images: {memo['heldout_share_flagged']:.1%} "
+                         f"flagged{copies}."})
+    return pd.DataFrame(rows)
 
 
 def audit_synthetic(ref: AuditReference, synth: pd.DataFrame, synth_cache: ImageCache,

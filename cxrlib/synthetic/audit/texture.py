@@ -92,6 +92,19 @@ class TextureResult:
                 "n_real": self.n_real, "n_synthetic": self.n_synthetic,
                 "ci_level": 1 - self.alpha}
 
+    def verdict(self) -> str:
+        """The headline ratio's CI against 1 (real texture), in a few words: ``too smooth``
+        (CI below 1), ``too much fine texture`` (CI above 1) or ``consistent with real`` (the
+        CI includes 1; at this sample size, which the CI's width shows)."""
+        hf = self.hf
+        if not np.isfinite(hf["ratio"]):
+            return "not estimable"
+        if hf["ci_high"] < 1:
+            return "too smooth"
+        if hf["ci_low"] > 1:
+            return "too much fine texture"
+        return "consistent with real"
+
     def sentence(self, synthetic: str = "synthetic images") -> str:
         """The headline ratio and how many bands have a CI below or above 1, in words."""
         hf = self.hf
