@@ -341,3 +341,23 @@ def test_a_shown_table_computes_like_the_frame_and_displays_for_people(tmp_path,
     assert said._repr_html_() == "<p>5% real only beat nothing.</p>"
     assert (out.folder / "s.txt").read_text() == "5% real only beat nothing.\n"
     out.finish()
+
+
+def test_provenance_names_the_commit_and_ignores_rendered_reports(tmp_path):
+    """A page's commit is dirty when code or parameters differ from it, not because the run
+    re-rendered the committed reports."""
+    from cxrlib.core.provenance import commit
+
+    git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    (tmp_path / "reports").mkdir()
+    (tmp_path / "reports" / "index.html").write_text("old")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    subprocess.run([*git, "add", "."], check=True)
+    subprocess.run([*git, "commit", "-qm", "c"], check=True)
+    assert commit(tmp_path)["dirty"] is False
+    (tmp_path / "reports" / "index.html").write_text("re-rendered")
+    assert commit(tmp_path)["dirty"] is False
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert commit(tmp_path)["dirty"] is True and len(commit(tmp_path)["commit"]) == 12
+    assert commit(tmp_path / "reports" / "nowhere")["commit"].startswith("unknown")

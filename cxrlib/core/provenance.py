@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from cxrlib.core.config import params_base
+from cxrlib.core.layout import REPORTS_DIR
 from cxrlib.core.schema import Params
 from cxrlib.core.vocabulary import image_source, site_label
 
@@ -35,12 +36,14 @@ def _git(root: Path, *args: str) -> str | None:
 
 
 def commit(root: Path) -> dict[str, Any]:
-    """The checkout's commit (short hash) and whether tracked files differ from it; an
-    unknown commit where ``root`` is not a git checkout."""
+    """The checkout's commit (short hash) and whether tracked files other than the rendered
+    reports differ from it; an unknown commit where ``root`` is not a git checkout."""
     head = _git(root, "rev-parse", "--short=12", "HEAD")
     if head is None:
         return {"commit": "unknown (not a git checkout)", "dirty": None}
-    changed = _git(root, "status", "--porcelain", "--untracked-files=no")
+    # the rendered reports are tracked too, and rendering rewrites them: not a change of code
+    changed = _git(root, "status", "--porcelain", "--untracked-files=no", "--", ".",
+                   f":(exclude){REPORTS_DIR}")
     return {"commit": head, "dirty": bool(changed)}
 
 
