@@ -29,7 +29,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from cxrlib.core.config import load_params
+from cxrlib.core.config import load_params, params_base, resolve_path
 from cxrlib.core.layout import RUNS_DIR_ENV, RunLayout
 from cxrlib.data.imagecache import ImageCache
 from cxrlib.data.readers import prepare_cohort
@@ -96,7 +96,8 @@ def lab(tmp_path_factory) -> Iterator[tuple[str, str, Path]]:
     params_file = ROOT / "params" / "smoke.yaml"
     if os.environ.get(EXPLORER_PARAMS):  # a finished run's generator, e.g. the demo's
         params_file = Path(os.environ[EXPLORER_PARAMS]).resolve()
-        runs = RunLayout.open(load_params(params_file), create=False).root.parent
+        params = load_params(params_file)  # its own run folder, not the tests' scratch one
+        runs = resolve_path(params.run.out_dir, params_base(params))
     else:
         with pytest.MonkeyPatch.context() as mp:
             mp.setenv(RUNS_DIR_ENV, str(runs))
