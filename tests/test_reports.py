@@ -60,7 +60,8 @@ WIDE_TABLES = ("return [...document.querySelectorAll('table')].filter(t => "
 STDERR = "[data-mime-type='application/vnd.jupyter.stderr']"
 
 
-@pytest.mark.parametrize("name", ["index.html", "05_statistics.html", "03_sampling_explorer.html"])
+@pytest.mark.parametrize("name", ["index.html", "05_statistics.html", "03_sampling_explorer.html",
+                                  "04_classifier_experiments.html"])
 def test_a_report_reads_as_a_collaborator_needs(smoke_pipeline, page, name):
     from selenium.webdriver.common.by import By
 

@@ -14,6 +14,7 @@ import pandas as pd
 from cxrlib.core.kinds import Kind
 from cxrlib.core.layout import RunLayout
 from cxrlib.core.schema import Params
+from cxrlib.core.vocabulary import arm_labels, kind_labels, test_set_labels
 
 
 @dataclass(frozen=True)
@@ -95,3 +96,11 @@ def grid_results(run: RunLayout) -> pd.DataFrame:
         table["synthetic %"] = (100 * table["n_synthetic"] / table["n_real"].where(
             table["n_real"] > 0)).round(0)
     return table
+
+
+def grid_labels(params: Params) -> dict[str, str]:
+    """Every name a page of this run shows for people: each planned experiment's label, each
+    test set's and each kind's (:mod:`cxrlib.core.vocabulary`)."""
+    planned = pd.DataFrame([e.record() for e in plan_grid(params)]).rename(
+        columns={"name": "experiment"})
+    return {**kind_labels(), **arm_labels(planned, params), **test_set_labels(params)}
