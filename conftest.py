@@ -6,6 +6,7 @@ goes to one temporary folder, so tests never touch ``runs/`` in the checkout.
 
 import io
 import os
+import shutil
 import tempfile
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
@@ -47,3 +48,32 @@ def smoke_pipeline(tmp_path_factory) -> SimpleNamespace:
         index = run_pipeline(params, reports_root=reports)
     return SimpleNamespace(params=params, index=index, reports=reports / "smoke",
                            reports_root=reports, out=out.getvalue(), err=err.getvalue())
+
+
+@pytest.fixture(scope="session")
+def chromium():
+    """Start headless Chromium drivers: ``chromium("1280,1000")`` gives one with that window
+    size, through the system chromedriver (Selenium Manager never runs), with every host but
+    127.0.0.1 unresolvable; all are quit when the session ends."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    drivers = []
+
+    def start(window_size: str):
+        options = webdriver.ChromeOptions()
+        options.binary_location = shutil.which("chromium") or shutil.which("chromium-browser")
+        for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage",
+                    "--disable-gpu", f"--window-size={window_size}", "--no-first-run",
+                    "--disable-background-networking", "--disable-component-update",
+                    "--disable-sync", "--disable-default-apps",
+                    "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1"):
+            options.add_argument(arg)
+        driver = webdriver.Chrome(service=Service(executable_path=shutil.which("chromedriver")),
+                                  options=options)
+        drivers.append(driver)
+        return driver
+
+    yield start
+    for driver in drivers:
+        driver.quit()

@@ -156,24 +156,9 @@ def lab(tmp_path_factory) -> Iterator[tuple[str, str, Path]]:
 
 
 @pytest.fixture(scope="module")
-def browser(lab) -> Iterator[object]:
-    """Headless Chromium through the system chromedriver (Selenium Manager never runs), with
-    every host but 127.0.0.1 unresolvable."""
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                "--window-size=1400,2600", "--no-first-run", "--disable-background-networking",
-                "--disable-component-update", "--disable-sync", "--disable-default-apps",
-                "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1"):
-        options.add_argument(arg)
-    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
-    try:
-        yield driver
-    finally:
-        driver.quit()
+def browser(lab, chromium) -> object:
+    """Headless Chromium (the session's ``chromium`` fixture) with a tall window."""
+    return chromium("1400,2600")
 
 
 def test_explorer_generates_and_compares_in_jupyterlab(lab, browser):

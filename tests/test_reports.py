@@ -11,7 +11,6 @@ chromium-driver``).
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
 
 import pytest
 
@@ -29,24 +28,10 @@ pytestmark = pytest.mark.skipif(
 
 
 @pytest.fixture(scope="module")
-def page() -> Iterator[object]:
+def page(chromium) -> object:
     """Headless Chromium at 1,280 px wide, no network."""
     pytest.importorskip("selenium")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                f"--window-size={WIDTH},1000", "--no-first-run",
-                "--disable-background-networking", "--disable-component-update",
-                "--disable-sync", "--host-resolver-rules=MAP * ~NOTFOUND"):
-        options.add_argument(arg)
-    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
-    try:
-        yield driver
-    finally:
-        driver.quit()
+    return chromium(f"{WIDTH},1000")
 
 
 def _identifiers(smoke_pipeline) -> set[str]:
