@@ -30,16 +30,15 @@ from nbconvert import HTMLExporter
 
 from cxrlib.core.config import Overrides, load_params, params_base
 from cxrlib.core.files import atomic_path, atomic_write_text
-from cxrlib.core.kinds import Kind
 from cxrlib.core.layout import STAGES, RunLayout
 from cxrlib.core.lock import hold
 from cxrlib.core.progress import PROGRESS_ENV
 from cxrlib.core.provenance import header_html, provenance
 from cxrlib.core.records import writing
 from cxrlib.core.summary import read_summary, stage_precisions, update_summary
-from cxrlib.core.vocabulary import kind_labels, readable, with_labels
+from cxrlib.core.vocabulary import readable, with_labels
 from cxrlib.study.figures import FOREST_FIGURE
-from cxrlib.study.findings import headline
+from cxrlib.study.findings import control_held, headline, summary_names
 
 NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 
@@ -154,7 +153,8 @@ def run_stage(stage: str, params_file: Path, reports_root: Path | None = None,
               force: bool = False, quiet: bool = False, overrides: Overrides = None) -> Path:
     """Execute one notebook for a parameter file (and ``overrides``, dotted keys over it);
     returns the executed notebook's path."""
-    run = RunLayout.open(load_params(params_file, overrides))
+    params = load_params(params_file, overrides)
+    run = RunLayout.open(params)
     executed = run.executed(stage)
     if executed.exists() and not force:
         print(f"[skip] {stage}: already executed ({executed}); use --force to run it again")
@@ -171,7 +171,6 @@ def run_stage(stage: str, params_file: Path, reports_root: Path | None = None,
                 f"The partly executed notebook is {partial}"
             ) from None
         partial.replace(executed)
-    params = load_params(params_file, overrides)
     page = render_html(executed, run.reports(reports_root) / f"{stage}.html",
                        header_html(provenance(params, params_file)), params_base(params))
     secs = stage_seconds(executed)
@@ -240,9 +239,8 @@ def _claim_rows(summary: dict[str, Any], names: dict[str, str]) -> list[dict[str
     """The claims of the summary as the landing page shows them: the CI in one cell, the
     exchange rate with its CI, and whether the perfect-generator control showed its gain on
     the same test set (a claim there is read against it)."""
-    control = {c["test_set"]: c.get("held") for c in summary.get("manipulation_checks") or []
-               if c.get("check") == Kind.REAL_PLUS_ORACLE.label
-               and c.get("baseline") in {p["baseline"] for p in summary.get("primary") or []}}
+    held = control_held(summary)
+    baseline = {p["test_set"]: p["baseline"] for p in summary.get("primary") or []}
     def given(row: dict[str, Any], *keys: str) -> bool:  # None in summary.json, NaN in a table
         return all(row.get(k) is not None and row[k] == row[k] for k in keys)
 
@@ -256,8 +254,9 @@ def _claim_rows(summary: dict[str, Any], names: dict[str, str]) -> list[dict[str
                 ", extrapolated" if c.get("exchange_extrapolated") else "")
         ci = (f"{c['ci_low']:+.3f} to {c['ci_high']:+.3f}" if given(c, "ci_low", "ci_high")
               else "-")
+        test_set = c.get("test_set")
         rows.append({**c, "tested": with_labels(str(c.get("tested", "")), names), "ci": ci,
-                     "worth": worth, "control": control.get(c.get("test_set"))})
+                     "worth": worth, "control": held.get((test_set, baseline.get(test_set)))})
     return rows
 
 
@@ -287,8 +286,7 @@ def summary_html(summary: dict[str, Any], forest: str = "") -> str:
     """The landing page's answer: the headline sentences, the forest plot (``forest``, a
     file beside the page), the paper's claims, the manipulation checks, what an extra image
     is worth, and the generator's audit; identifiers shown as their labels."""
-    labels = summary.get("labels") or {}
-    names = {**kind_labels(), **labels.get("arms", {}), **labels.get("test_sets", {})}
+    names = summary_names(summary)
     parts = [f"<p style='font-size:17px;line-height:1.5'>{html.escape(s)}</p>"
              for s in headline(summary)]
     if forest:

@@ -4,16 +4,11 @@ and a per-label AUROC heatmap.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import matplotlib.pyplot as plt
 import pandas as pd
 import seaborn as sns
 
 from cxrlib.core.labels import CHEXPERT_LABELS
-
-if TYPE_CHECKING:  # the figures need no torch; only sample_grid reads a cache
-    pass
 
 
 def history_figure(history: pd.DataFrame, best_epoch: int) -> plt.Figure:

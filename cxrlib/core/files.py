@@ -15,11 +15,7 @@ import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
-
-if TYPE_CHECKING:
-    pass
-T = TypeVar("T")
+from typing import Any
 
 
 class DiskFullError(RuntimeError):

@@ -109,7 +109,7 @@ def arm_labels(grid: pd.DataFrame, params: Params) -> dict[str, str]:
     """Each experiment identifier of a grid table (columns experiment, kind, k,
     real_fraction, train_site; :func:`cxrlib.experiments.grid.grid_results`) -> its label."""
     sites = site_labels(params)
-    internal = " + ".join(site_labels(params)[s] for s in params.internal_sites())
+    internal = " + ".join(sites[s] for s in params.internal_sites())
     rows = grid.drop_duplicates("experiment")
     return {r.experiment: arm_label(Kind(r.kind), int(r.k), float(r.real_fraction),
                                     sites.get(r.train_site, internal))

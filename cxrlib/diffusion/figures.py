@@ -4,14 +4,9 @@ of samples, and the difference maps that show what each condition changes.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
-
-if TYPE_CHECKING:  # the figures need no torch; only sample_grid reads a cache
-    pass
 
 
 def schedule_figure(scheduler) -> plt.Figure:

@@ -4,17 +4,12 @@ each arm's learning curves, where early stopping ended them, and per-experiment 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import matplotlib.pyplot as plt
 import pandas as pd
 import seaborn as sns
 from pydantic import BaseModel
 
 from cxrlib.core.kinds import Kind
-
-if TYPE_CHECKING:  # the figures need no torch; only sample_grid reads a cache
-    pass
 
 
 def settings_table(spec: BaseModel) -> pd.DataFrame:

@@ -12,7 +12,7 @@ import pandas as pd
 
 from cxrlib.core.kinds import Kind
 from cxrlib.core.schema import StatsSpec
-from cxrlib.core.vocabulary import verdict_word
+from cxrlib.core.vocabulary import kind_labels, verdict_word
 from cxrlib.experiments.diagnostics import KEPT_STEPS_DIFFER
 from cxrlib.stats import seeds_for_mde
 from cxrlib.study.claims import CONTRADICTED, INCONCLUSIVE, NOT_TESTED, SUPPORTED
@@ -288,9 +288,20 @@ def _testable(table: pd.DataFrame) -> pd.DataFrame:
     return table[np.isfinite(table["delta"].to_numpy(dtype=float))]
 
 
-def _named(summary: dict[str, Any]) -> dict[str, str]:
+def summary_names(summary: dict[str, Any]) -> dict[str, str]:
+    """Identifiers -> labels for a run's ``summary.json``: its arms and test sets (notebook
+    05 writes them under ``labels``) and every experiment kind."""
     labels = summary.get("labels") or {}
-    return {**labels.get("arms", {}), **labels.get("test_sets", {})}
+    return {**kind_labels(), **labels.get("arms", {}), **labels.get("test_sets", {})}
+
+
+def control_held(summary: dict[str, Any]) -> dict[tuple[str, str], Any]:
+    """(test set, baseline) -> whether the perfect-generator control against that baseline
+    showed its gain there (None: not judged): what a result on the same test set is read
+    against."""
+    return {(c["test_set"], c["baseline"]): c.get("held")
+            for c in summary.get("manipulation_checks") or []
+            if c.get("check") == Kind.REAL_PLUS_ORACLE.label}
 
 
 def _control_note(row: dict[str, Any], held: dict[tuple[str, str], Any]) -> str:
@@ -315,11 +326,9 @@ def headline(summary: dict[str, Any]) -> list[str]:
     each primary comparison on every test set with its CI and verdict, what the
     perfect-generator control showed on the same test set, and what one extra image is
     worth in real images. Identifiers are shown as the run's labels where it has them."""
-    names = _named(summary)
+    names = summary_names(summary)
     primary = summary.get("primary") or []
-    held = {(c["test_set"], c["baseline"]): c.get("held")
-            for c in summary.get("manipulation_checks") or []
-            if c.get("check") == Kind.REAL_PLUS_ORACLE.label}
+    held = control_held(summary)
     sentences = []
     for (arm, baseline), rows in _by_arm(primary).items():
         parts = []
