@@ -159,6 +159,17 @@ class RunLayout:
         """Who holds :attr:`lock`: process, host, stage, since when (JSON)."""
         return self.root / ".writer.json"
 
+    @property
+    def delegated(self) -> Path:
+        """Which SLURM job writes which piece of the stage running on a cluster
+        (:mod:`cxrlib.core.delegation`, JSON)."""
+        return self.jobs / "delegated.json"
+
+    @property
+    def jobs(self) -> Path:
+        """Scheduler jobs' files: submitit's pickles and each job's log, by stage."""
+        return self.root / "jobs"
+
     def reports(self, reports_root: Path | None = None) -> Path:
         """Where the run's rendered pages go: ``reports/<run.name>/`` by default."""
         return Path(reports_root or self.project / REPORTS_DIR) / self.name

@@ -60,6 +60,9 @@ class RunFolder(Protocol):
     @property
     def holder(self) -> Path: ...
 
+    @property
+    def delegated(self) -> Path: ...
+
 
 #: Set for the processes a holder starts (notebook kernels): the token of its hold.
 WRITER_ENV = "CXRLIB_RUN_WRITER"
@@ -155,8 +158,22 @@ def acquire(run: RunFolder, stage: str) -> Holder:
     return me
 
 
+def _delegated_jobs(run: RunFolder) -> str:
+    """The jobs the holder delegated pieces to (:mod:`cxrlib.core.delegation`), in words."""
+    try:
+        record = json.loads(run.delegated.read_text())
+    except (FileNotFoundError, ValueError):
+        return ""
+    ids = [p["job_id"] for p in record.get("pieces", {}).values() if p["status"] == "submitted"]
+    if not ids:
+        return ""
+    shown = ", ".join(ids[:8]) + (f" and {len(ids) - 8} more" if len(ids) > 8 else "")
+    return f", with {len(ids)} SLURM job(s) of stage {record.get('stage')} ({shown})"
+
+
 def _busy_message(run: RunFolder, holder: Holder | None) -> str:
     who = holder.describe() if holder else "a process that has not recorded itself yet"
+    who += _delegated_jobs(run)
     return (f"run folder {run.root} is being written by {who}. Two writers would overwrite "
             "each other's checkpoints, shards and predictions: wait until it has finished, or "
             "stop it (a notebook in JupyterLab: run its last cell or shut down its kernel), "

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from cxrlib.core.delegation import refuse_if_jobs_live
 from cxrlib.core.errors import RunFolderError
 from cxrlib.core.files import atomic_write_text
 from cxrlib.core.layout import STAGES, RunLayout
@@ -164,6 +165,8 @@ def writing(run: RunLayout, stage: str) -> Iterator[None]:
     earlier stages fail their records (:class:`VerificationError`), and
     record every file of the stage when the block ends without an error."""
     with hold(run, stage) as taken:
+        if taken:
+            on_main_if_launched(lambda: refuse_if_jobs_live(run, stage))
         on_main_if_launched(lambda: check_inputs(run, stage) if taken else None)
         yield
         # The stages end with every process's writes done (their last step runs on_main) and
@@ -180,6 +183,7 @@ def claim(run: RunLayout, stage: str) -> None:
         return
     acquire(run, stage)
     try:
+        refuse_if_jobs_live(run, stage)
         check_inputs(run, stage)
     except BaseException:
         release(run)

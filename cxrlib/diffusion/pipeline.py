@@ -46,8 +46,10 @@ class CXRPipeline(DiffusionPipeline):
     @classmethod
     def from_checkpoint(cls, folder: Path, spec: DiffusionSpec) -> CXRPipeline:
         """The EMA model of a training checkpoint with the run's schedule."""
-        return cls(load_weights(folder, use_ema=True), noise_scheduler(spec),
+        pipe = cls(load_weights(folder, use_ema=True), noise_scheduler(spec),
                    spec.nan_label_value, folder.name)
+        pipe.origin = ("checkpoint", Path(folder))
+        return pipe
 
     @classmethod
     def from_exported(cls, folder: Path) -> CXRPipeline:
@@ -55,9 +57,22 @@ class CXRPipeline(DiffusionPipeline):
         ``cxr_pipeline.py`` (the hook for ``DiffusionPipeline.from_pretrained``) is not run."""
         folder = Path(folder)
         index = cls.load_config(folder)
-        return cls(ConditionalUNet.from_pretrained(folder / "unet"),
+        pipe = cls(ConditionalUNet.from_pretrained(folder / "unet"),
                    DDPMScheduler.from_pretrained(folder / "scheduler"),
                    index["nan_label_value"], index["checkpoint"])
+        pipe.origin = ("exported", folder)
+        return pipe
+
+    #: Where it was loaded from (``("checkpoint" | "exported", folder)``), so that a cluster
+    #: job can load the same generator; None for one built in memory.
+    origin: tuple[str, Path] | None = None
+
+    @classmethod
+    def reload(cls, origin: tuple[str, Path], spec: DiffusionSpec) -> CXRPipeline:
+        """The generator again from its :attr:`origin` (in another process)."""
+        kind, folder = origin
+        return cls.from_checkpoint(folder, spec) if kind == "checkpoint" \
+            else cls.from_exported(folder)
 
     def encode(self, rows: pd.DataFrame) -> np.ndarray:
         """Condition vectors of manifest-like rows in the layout the UNet was trained with

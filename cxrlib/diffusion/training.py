@@ -40,6 +40,7 @@ from diffusers.training_utils import (
 from safetensors.torch import load_file, save_file
 from scipy.optimize import linear_sum_assignment
 
+from cxrlib.cluster.spec import ClusterSpec, active_cluster
 from cxrlib.core.cohort import diffusion_rows
 from cxrlib.core.config import diff_keys
 from cxrlib.core.files import atomic_path, atomic_write_text, replace_folder
@@ -49,7 +50,12 @@ from cxrlib.core.processes import on_main
 from cxrlib.core.progress import tqdm
 from cxrlib.core.schema import DiffusionSpec, Params
 from cxrlib.data.imagecache import ImageCache, to_model_input
-from cxrlib.diffusion.checkpoints import checkpoint_dirs, latest_checkpoint, read_checkpoint_state
+from cxrlib.diffusion.checkpoints import (
+    checkpoint_dirs,
+    latest_checkpoint,
+    read_checkpoint_state,
+    trained_checkpoint,
+)
 from cxrlib.diffusion.condition import dropout_mask, encode_conditions
 from cxrlib.diffusion.network import ConditionalUNet, DiffusionError, noise_scheduler, unet_config
 from cxrlib.diffusion.samplers import ddim_for, sample_images
@@ -355,7 +361,14 @@ def train_diffusion(params: Params, manifest: pd.DataFrame, cache: ImageCache, r
     Writes checkpoints and preview grids under the run's diffusion stage
     (:attr:`RunLayout.checkpoints`, :attr:`RunLayout.previews`).
     ``on_step(step)`` is called after each step (tests use it to interrupt a run).
+
+    With a cluster file (``--cluster``, :func:`cxrlib.cluster.spec.active_cluster`) the steps
+    run as one SLURM job of ``diffusion.nodes`` x ``tasks_per_node`` processes
+    (:func:`train_on_cluster`) and this process waits for it.
     """
+    cluster = active_cluster()
+    if cluster is not None:
+        return train_on_cluster(params, manifest, run, cluster)
     spec = params.diffusion
     rows = diffusion_rows(params, manifest)
     check_cache_matches(cache, rows, params.data.resolution)
@@ -451,6 +464,52 @@ def train_diffusion(params: Params, manifest: pd.DataFrame, cache: ImageCache, r
     accelerator.end_training()
     return TrainingOutcome(last_ckpt, pd.DataFrame(history), step, resume.step, previews,
                            rows["image_id"].tolist(), world, accelerator.is_main_process)
+
+
+DIFFUSION_STAGE = "02_diffusion_training"
+
+
+def train_task(params: Params, threads: int | None = None) -> None:
+    """One process of a SLURM training job: torch.distributed's variables from SLURM's
+    (submitit's ``TorchDistributedEnvironment``), so accelerate sees the job's processes as
+    ``accelerate launch`` would start them, then the training from the run folder."""
+    from submitit.helpers import TorchDistributedEnvironment
+
+    from cxrlib.data.readers import load_cohort
+
+    if threads:
+        torch.set_num_threads(threads)
+    TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    run = RunLayout.open(params, create=False)
+    cohort = load_cohort(params, run)
+    if cohort.cache_dir is None:
+        raise DiffusionError("a metadata-only run has no images to train on")
+    train_diffusion(params, cohort.manifest, ImageCache(cohort.cache_dir), run)
+
+
+def train_on_cluster(params: Params, manifest: pd.DataFrame, run: RunLayout,
+                     cluster: ClusterSpec) -> TrainingOutcome:
+    """Train as one SLURM job (:func:`train_task` in every process), resubmitted or requeued
+    from its last checkpoint when the scheduler kills or preempts it; the outcome read back
+    from the checkpoint it ends with."""
+    from cxrlib.cluster.slurm import Piece, run_pieces
+
+    job = cluster.diffusion
+    before = latest_checkpoint(run.checkpoints)
+    start = read_checkpoint_state(before)["step"] if before is not None else 0
+    if start < params.diffusion.max_steps:
+        piece = Piece("diffusion training", run.checkpoints.relative_to(run.root).as_posix(),
+                      partial(train_task, params, job.cpus_per_task))
+        run_pieces([piece], cluster, job, run, DIFFUSION_STAGE,
+                   desc=f"diffusion training on SLURM ({job.nodes} node(s) x "
+                   f"{job.tasks_per_node} process(es))", nodes=job.nodes,
+                   tasks_per_node=job.tasks_per_node)
+    last = trained_checkpoint(run)
+    state = read_checkpoint_state(last)
+    history = pd.read_parquet(last / "history.parquet")
+    return TrainingOutcome(last, history, state["step"], start, run.preview_grids,
+                           diffusion_rows(params, manifest)["image_id"].tolist(),
+                           state.get("world", 1), True)
 
 
 def _preview(model: ConditionalUNet, ema: EMAModel, scheduler: DDPMScheduler,

@@ -25,11 +25,14 @@ from __future__ import annotations
 import io
 from collections.abc import Callable
 from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 from PIL import Image
 
+from cxrlib.cluster.spec import ClusterSpec, active_cluster
 from cxrlib.core.cohort import AGE_BANDS, AGE_UNKNOWN, age_band, source_rows
 from cxrlib.core.files import atomic_path, atomic_write_parquet
 from cxrlib.core.kinds import ORACLE_STRATEGIES
@@ -40,9 +43,13 @@ from cxrlib.core.progress import tqdm
 from cxrlib.core.schema import Params, SamplingSpec
 from cxrlib.data.imagecache import decode, write_image_cache
 from cxrlib.data.phantom import ORACLE_STREAM, STYLES, render_jpeg, smooth_style
+from cxrlib.data.readers import load_cohort
 from cxrlib.diffusion.pipeline import CXRPipeline
 from cxrlib.diffusion.samplers import generate, image_seed
 from cxrlib.hardware import precision_label, resolve_precision
+
+if TYPE_CHECKING:
+    import torch
 
 #: Columns a synthetic manifest adds to the real schema.
 PROVENANCE_COLUMNS: tuple[str, ...] = (
@@ -342,16 +349,71 @@ def build_synthetic_cohort(params: Params, manifest: pd.DataFrame, generator: CX
         return existing
     plan = plan_for(params, manifest, strategy, checkpoint)
     check_no_eval_sources(plan, manifest)
+    cluster = active_cluster()
+    if cluster is not None:
+        _generate_on_cluster(params, plan, generator, run, strategy, cluster)
+        finalize_cohort(plan, run, strategy, params.sampling.shard_size)
+        return pd.read_parquet(done)
     state = process_state()
-    if strategy in ORACLE_STRATEGIES:
-        source = oracle_source(params, manifest, smooth=strategy == "oracle_smooth")
-    else:
-        source = diffusion_source(params, generator.to(state.device))
-    generate_cohort(params, plan, source, run, strategy, state.process_index,
-                    state.num_processes, progress and state.is_main_process)
+    generate_cohort(params, plan, _source(params, manifest, strategy, generator, state.device),
+                    run, strategy, state.process_index, state.num_processes,
+                    progress and state.is_main_process)
     state.wait_for_everyone()  # every shard is written
     on_main(partial(finalize_cohort, plan, run, strategy, params.sampling.shard_size))
     return pd.read_parquet(done)
+
+
+def _source(params: Params, manifest: pd.DataFrame, strategy: str, generator: CXRPipeline,
+            device: torch.device | str) -> ImageSource:
+    if strategy in ORACLE_STRATEGIES:
+        return oracle_source(params, manifest, smooth=strategy == "oracle_smooth")
+    return diffusion_source(params, generator.to(device))
+
+
+SAMPLING_STAGE = "03_sampling_explorer"
+
+
+def generate_group(params: Params, strategy: str, checkpoint: str, group: int, groups: int,
+                   origin: tuple[str, Path] | None, threads: int | None = None) -> list[int]:
+    """Generate shard group ``group`` of ``groups`` (the shards s with s % groups == group)
+    of one cohort from the run folder alone: the piece a cluster job runs. Shards already
+    written are skipped, so a preempted job continues where it stopped."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    run = RunLayout.open(params, create=False)
+    manifest = load_cohort(params, run).manifest
+    generator = None if origin is None else CXRPipeline.reload(origin, params.diffusion)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    plan = plan_for(params, manifest, strategy, checkpoint)
+    return generate_cohort(params, plan, _source(params, manifest, strategy, generator, device),
+                           run, strategy, group, groups, progress=False)
+
+
+def _generate_on_cluster(params: Params, plan: pd.DataFrame, generator: CXRPipeline,
+                         run: RunLayout, strategy: str, cluster: ClusterSpec) -> None:
+    """The cohort's missing shards as a SLURM job array over shard groups
+    (``cluster.generation_groups``; group g writes the shards s with s % groups == g)."""
+    from cxrlib.cluster.slurm import Piece, run_pieces
+
+    size = params.sampling.shard_size
+    n_shards = (len(plan) + size - 1) // size
+    missing = [s for s in range(n_shards) if not run.synthetic_shard(strategy, s).exists()]
+    groups = min(cluster.generation_groups, n_shards)
+    origin = None if strategy in ORACLE_STRATEGIES else generator.origin
+    if strategy not in ORACLE_STRATEGIES and origin is None:
+        raise SyntheticCohortError("this generator was built in memory, so a cluster job "
+                                   "cannot load it; use the run's checkpoint or an exported "
+                                   "generator folder (cxrlib export-generator)")
+    checkpoint = str(plan["checkpoint"].iloc[0])
+    folder = run.synthetic(strategy).relative_to(run.root).as_posix()
+    pieces = [Piece(f"{strategy} shard group {g} of {groups}", folder,
+                    partial(generate_group, params, strategy, checkpoint, g, groups, origin,
+                            cluster.generation.cpus_per_task))
+              for g in sorted({s % groups for s in missing})]
+    run_pieces(pieces, cluster, cluster.generation, run, SAMPLING_STAGE,
+               desc=f"{strategy} cohort on SLURM ({len(missing)} shards, {len(pieces)} jobs)")
 
 
 def cohort_counts(cohorts: dict[str, pd.DataFrame]) -> pd.DataFrame:
