@@ -1,12 +1,16 @@
 """Command line: ``python -m cxrlib run --params params/demo.yaml [--stage 01_data_prep]``;
-``python -m cxrlib verify --params params/demo.yaml`` checks a run against its records."""
+``python -m cxrlib verify --params params/demo.yaml`` checks a run against its records;
+``--cluster params/cluster/slurm.yaml`` runs a stage's pieces as SLURM jobs, ``plan`` says
+what a study will cost first, ``cancel`` ends a run's jobs."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
+from cxrlib.cluster.spec import CLUSTER_ENV, load_cluster
 from cxrlib.core.config import load_params, parse_overrides
 from cxrlib.core.errors import ParamsError
 from cxrlib.core.layout import STAGES, RunLayout
@@ -29,6 +33,23 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--quiet", action="store_true", help="do not stream the notebooks' output "
                      "(messages, progress bars); show papermill's cell counter only")
     check = sub.add_parser("check", help="validate a parameter file and exit")
+    arm = sub.add_parser("run-arm", help="train one arm of the classifier grid (resumable); "
+                         "refused while another process writes the run, unless it delegated "
+                         "this arm to this job")
+    arm.add_argument("--params", type=Path, required=True)
+    arm.add_argument("--arm", required=True, help="the experiment's name, e.g. real_only.f25 "
+                     "(`cxrlib plan` lists them)")
+    arm.add_argument("--seed", type=int, required=True)
+    arm.add_argument("--threads", type=int, help="torch threads (default: torch's own); "
+                     "a cluster task uses its cpus_per_task")
+    cancel = sub.add_parser("cancel", help="cancel the SLURM jobs a run's stage delegated "
+                            "(a waiting submitter stops)")
+    cancel.add_argument("--params", type=Path, required=True)
+    plan = sub.add_parser("plan", help="print the jobs each stage would submit and an "
+                          "estimate of GPU-hours and disk, before submitting anything")
+    plan.add_argument("--params", type=Path, required=True)
+    plan.add_argument("--gpu", help="the GPU kind to price (default: the cluster file's "
+                      "gpu_kind)")
     check.add_argument("params", type=Path)
     train = sub.add_parser("train-diffusion", help="train the DDPM (use under accelerate launch "
                            "for several GPUs); needs notebook 01's manifest for the run")
@@ -54,8 +75,14 @@ def main(argv: list[str] | None = None) -> int:
     verify.add_argument("--quick", action="store_true", help="sizes, and checksums only of "
                         "files whose modification time changed (the check a stage makes of "
                         "its inputs); default: every checksum")
+    for command in (run, train, synth, grid, plan):
+        command.add_argument("--cluster", type=Path, help="cluster file (params/cluster/"
+                             "slurm.yaml): run the stage's pieces as SLURM jobs")
     args = parser.parse_args(argv)
     try:
+        if getattr(args, "cluster", None) is not None:
+            load_cluster(args.cluster)  # fail before any work on a bad file
+            os.environ[CLUSTER_ENV] = str(args.cluster.resolve())  # the kernels inherit it
         if args.command == "check":
             load_params(args.params)
             print(f"{args.params}: ok")
@@ -68,6 +95,12 @@ def main(argv: list[str] | None = None) -> int:
             return _export_generator(args.params, args.out)
         if args.command == "run-experiments":
             return _run_experiments(args.params)
+        if args.command == "run-arm":
+            return _run_arm(args.params, args.arm, args.seed, args.threads)
+        if args.command == "cancel":
+            return _cancel(args.params)
+        if args.command == "plan":
+            return _plan(args.params, args.cluster, args.gpu)
         if args.command == "verify":
             return _verify(args.params, full=not args.quick)
         overrides = parse_overrides(args.set)
@@ -135,6 +168,44 @@ def _run_experiments(params_file: Path) -> int:
     with writing(run, "04_classifier_experiments"):
         results = run_grid(params, grid_data(params, run), run)
     print(f"{len(results)} experiment(s) finished under {run.experiments}")
+    return 0
+
+
+def _run_arm(params_file: Path, name: str, seed: int, threads: int | None) -> int:
+    from cxrlib.core.delegation import enter_piece
+    from cxrlib.experiments.grid import plan_grid
+    from cxrlib.experiments.runner import GRID_STAGE, arm_key, train_arm
+
+    params = load_params(params_file)
+    arms = {(e.name, e.seed): e for e in plan_grid(params)}
+    if (name, seed) not in arms:
+        names = sorted({n for n, _ in arms})
+        raise KeyError(f"{params_file} has no arm {name!r} at seed {seed}; its arms: "
+                       f"{', '.join(names[:12])}{' ...' if len(names) > 12 else ''}; seeds "
+                       f"{sorted(params.experiments.seeds)}")
+    exp = arms[name, seed]
+    run = RunLayout.open(params)
+    with enter_piece(run, GRID_STAGE, arm_key(exp)):
+        train_arm(params, exp, threads, progress=True)
+    print(f"{arm_key(exp)}: predictions in {run.experiment(exp.name, exp.seed).predictions}")
+    return 0
+
+
+def _cancel(params_file: Path) -> int:
+    from cxrlib.core.delegation import cancel_jobs
+
+    run = RunLayout.open(load_params(params_file), create=False)
+    ids = cancel_jobs(run)
+    print(f"cancelled {len(ids)} SLURM job(s) of run {run.root}: {', '.join(ids)}" if ids
+          else f"run {run.root} has no delegated SLURM jobs")
+    return 0
+
+
+def _plan(params_file: Path, cluster_file: Path | None, gpu: str | None) -> int:
+    from cxrlib.cost import study_plan
+
+    cluster = load_cluster(cluster_file) if cluster_file else None
+    print(study_plan(load_params(params_file, check_paths=False), cluster, gpu))
     return 0
 
 

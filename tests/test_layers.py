@@ -19,7 +19,7 @@ PACKAGE = ROOT / "cxrlib"
 #: Lowest first; a module may import from its own layer or a lower one.
 LAYERS: dict[str, int] = {
     "core": 0, "stats": 1, "hardware": 1, "data": 2, "classifier": 3, "diffusion": 3,
-    "cluster": 1, "synthetic": 4, "experiments": 5, "study": 6,
+    "cluster": 1, "synthetic": 4, "experiments": 5, "study": 6, "cost": 6,
     "notebook_runner": 7, "__main__": 7, "network": 7, "generator": 7,
 }
 #: Modules that must load without the training stack (notebook 05 reads a finished grid).

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 import time
 import zlib
 from collections.abc import Callable, Iterator
@@ -27,7 +29,10 @@ import pandas as pd
 import timm
 import torch
 from accelerate import Accelerator
+from huggingface_hub import constants as hf_constants
+from huggingface_hub import try_to_load_from_cache
 from safetensors.torch import load_file, save_file
+from timm.models import get_deprecated_models, get_pretrained_cfg, split_model_name_tag
 from timm.scheduler import CosineLRScheduler
 from timm.utils import ModelEmaV3
 from torch import nn
@@ -39,7 +44,7 @@ from cxrlib.core.files import replace_folder
 from cxrlib.core.labels import CHEXPERT_LABELS
 from cxrlib.core.processes import on_main
 from cxrlib.core.progress import tqdm
-from cxrlib.core.schema import ClassifierSpec
+from cxrlib.core.schema import ClassifierSpec, pretrained_kind
 from cxrlib.data.imagecache import CombinedCache, ImageCache, to_model_input
 from cxrlib.hardware import make_optimizer, precision_label, resolve_precision
 
@@ -49,23 +54,86 @@ def pick_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+class MissingWeightsError(RuntimeError):
+    """``classifier.pretrained`` names weights this machine does not have; the message gives
+    the command that fetches them on a machine with network access."""
+
+
+def _fetch_commands(name: str, hub_id: str, filename: str) -> str:
+    return (f"On a machine with network access, run\n"
+            f"    python -c \"import timm; timm.create_model('{name}', pretrained=True)\"\n"
+            f"  or\n    hf download {hub_id} {filename}\n"
+            "(huggingface-cli download in older huggingface_hub), then copy that machine's "
+            "Hugging Face cache (HF_HOME, by default ~/.cache/huggingface) into this one's, or "
+            f"set classifier.pretrained to the absolute path of the downloaded {filename}.")
+
+
+def pretrained_weights(spec: ClassifierSpec) -> tuple[str, Path | None]:
+    """The timm model to build for ``spec`` and the local file its initial weights come from
+    (None: random weights). ``classifier.pretrained`` names a file, or timm weights looked up
+    in the local Hugging Face cache only (``HF_HOME``, ``HF_HUB_CACHE``): nothing is
+    downloaded. Weights that are not there raise :class:`MissingWeightsError` with the
+    command that fetches them, before any training."""
+    kind = pretrained_kind(spec.pretrained)
+    if kind == "none":
+        return spec.backbone, None
+    if kind == "file":
+        path = Path(os.path.expandvars(str(spec.pretrained))).expanduser()
+        if not path.is_file():
+            raise MissingWeightsError(f"classifier.pretrained: weights file {path} not found")
+        return spec.backbone, path
+    asked = spec.backbone if kind == "default" else str(spec.pretrained)
+    name = get_deprecated_models().get(asked) or asked  # convnext_base_in22ft1k: an old name
+    arch = split_model_name_tag(name)[0]
+    if arch != spec.backbone:
+        raise ValueError(f"classifier.pretrained {asked!r} are weights of '{arch}', but "
+                         f"classifier.backbone is '{spec.backbone}'")
+    cfg = get_pretrained_cfg(name)
+    if cfg is None or not cfg.hf_hub_id:
+        raise ValueError(f"classifier.pretrained: timm {timm.__version__} has no weights "
+                         f"{asked!r} on the Hugging Face hub; its weights of '{arch}': "
+                         f"{timm.list_pretrained(arch + '.*')[:8]}, or name a local file")
+    name = f"{cfg.architecture}.{cfg.tag}"
+    names = [cfg.hf_hub_filename] if cfg.hf_hub_filename else ["model.safetensors",
+                                                                "pytorch_model.bin"]
+    for filename in names:
+        cached = try_to_load_from_cache(cfg.hf_hub_id, filename)
+        if isinstance(cached, str):
+            return name, Path(cached)
+    raise MissingWeightsError(
+        f"classifier.pretrained {asked!r}: the weights ({cfg.hf_hub_id}) are not in the Hugging "
+        f"Face cache {hf_constants.HF_HUB_CACHE}, and nothing is downloaded at run time.\n"
+        + _fetch_commands(name, cfg.hf_hub_id, names[0]))
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict from safetensors, or from a torch file read with ``weights_only`` (no
+    pickled objects); a checkpoint holding it under ``state_dict`` or ``model`` is unwrapped."""
+    if path.suffix == ".safetensors":
+        return load_file(path)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    return state
+
+
 def build_model(spec: ClassifierSpec, num_outputs: int = len(CHEXPERT_LABELS)) -> nn.Module:
-    """A timm backbone with one grey input channel and ``num_outputs`` logits."""
+    """A timm backbone with one grey input channel and ``num_outputs`` logits, with the
+    initial weights ``classifier.pretrained`` names (:func:`pretrained_weights`), adapted as
+    timm adapts them: the RGB stem summed to one channel, a head of another size left out."""
+    name, weights = pretrained_weights(spec)
+    overlay = {"state_dict": read_weights(weights)} if weights is not None else None
     try:
-        return timm.create_model(spec.backbone, pretrained=spec.pretrained, in_chans=1,
-                                 num_classes=num_outputs)
+        model = timm.create_model(name, pretrained=weights is not None, in_chans=1,
+                                  num_classes=num_outputs, pretrained_cfg_overlay=overlay)
     except RuntimeError as exc:
         if "Unknown model" in str(exc):
             raise ValueError(f"classifier.backbone: timm has no model '{spec.backbone}'") from None
         raise
-    except Exception as exc:  # noqa: BLE001 - hub/network failures have many types
-        if spec.pretrained:
-            raise RuntimeError(
-                f"classifier.pretrained is true but the weights of '{spec.backbone}' cannot be "
-                f"loaded ({type(exc).__name__}: {exc}). Put them in the Hugging Face cache "
-                "(HF_HOME) on a machine with network access, or set pretrained: false."
-            ) from None
-        raise
+    if overlay is not None:
+        model.pretrained_cfg["state_dict"] = None  # the loaded tensors are copied; free them
+    return model
 
 
 def masked_bce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -251,11 +319,73 @@ def lr_schedule(spec: ClassifierSpec, optimizer: torch.optim.Optimizer
                              warmup_lr_init=spec.lr / 100, t_in_epochs=False)
 
 
+@dataclass(frozen=True)
+class RoundState:
+    """Where a classifier training stood after its last validation round, in ``folder``
+    (weights, EMA, kept weights and random states in safetensors; the optimizer's state
+    with ``torch.save``, read back with ``weights_only=True``; counters and history in
+    JSON). ``identity`` (settings, seed, rows) must match for a saved state to be used."""
+
+    folder: Path
+    identity: dict
+
+    def saved(self) -> bool:
+        if not (self.folder / "state.json").exists():
+            return False
+        state = json.loads((self.folder / "state.json").read_text())
+        return state["identity"] == json.loads(json.dumps(self.identity))
+
+    def save(self, rounds: int, step: int, seen: int, history: list[dict], model: nn.Module,
+             opt: torch.optim.Optimizer, ema: ModelEmaV3 | None, stopper: EarlyStopping,
+             gen: torch.Generator) -> None:
+        tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+        if ema is not None:
+            tensors |= {f"ema.{k}": v for k, v in ema.module.state_dict().items()}
+        if stopper.best_state is not None:
+            tensors |= {f"best.{k}": v for k, v in stopper.best_state.items()}
+        tensors |= {"rng.gen": gen.get_state(), "rng.torch": torch.get_rng_state()}
+        counters = {"identity": self.identity, "rounds": rounds, "step": step, "seen": seen,
+                    "history": history, "best_loss": stopper.best_loss,
+                    "best_epoch": stopper.best_epoch, "best_step": stopper.best_step,
+                    "waited": stopper.waited}
+        with replace_folder(self.folder) as tmp:
+            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+                      tmp / "state.safetensors")
+            torch.save(opt.state_dict(), tmp / "optimizer.pt")
+            (tmp / "state.json").write_text(json.dumps(counters, default=float))
+
+    def restore(self, model: nn.Module, opt: torch.optim.Optimizer, ema: ModelEmaV3 | None,
+                stopper: EarlyStopping, gen: torch.Generator
+                ) -> tuple[int, int, int, list[dict]]:
+        """Load the saved state into the freshly built objects; (rounds, step, images seen,
+        history) done."""
+        state = json.loads((self.folder / "state.json").read_text())
+        tensors = load_file(self.folder / "state.safetensors")
+
+        def part(prefix: str) -> dict[str, torch.Tensor]:
+            return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+        model.load_state_dict(part("model."))
+        if ema is not None:
+            ema.module.load_state_dict(part("ema."))
+        best = part("best.")
+        stopper.best_state = best or None
+        stopper.best_loss, stopper.best_epoch = state["best_loss"], state["best_epoch"]
+        stopper.best_step, stopper.waited = state["best_step"], state["waited"]
+        opt.load_state_dict(torch.load(self.folder / "optimizer.pt", weights_only=True))
+        gen.set_state(tensors["rng.gen"])
+        torch.set_rng_state(tensors["rng.torch"])
+        print(f"classifier training resumed after round {state['rounds']} (step "
+              f"{state['step']}) from {self.folder}", flush=True)
+        return state["rounds"], state["step"], state["seen"], state["history"]
+
+
 def train_classifier(spec: ClassifierSpec, train: pd.DataFrame, val: pd.DataFrame,
                      cache: ImageCache | CombinedCache, seed: int = 0,
                      progress: bool = True,
                      on_round: Callable[[nn.Module, dict], None] | None = None,
-                     init: nn.Module | None = None) -> TrainResult:
+                     init: nn.Module | None = None, resume: RoundState | None = None
+                     ) -> TrainResult:
     """Train on ``train`` rows with early stopping on ``val`` loss; returns the best model.
 
     Augmentations (``spec.augment``) run per image on the device; the EMA of the weights
@@ -279,6 +409,9 @@ def train_classifier(spec: ClassifierSpec, train: pd.DataFrame, val: pd.DataFram
             (benchmarks score them there).
         init: start from these weights (a fine-tuning phase) instead of the backbone's own
             initialisation; the optimizer, schedule and EMA start afresh.
+        resume: save the training state after every round there and, when one is saved,
+            continue from it (a preempted cluster job): the result equals an uninterrupted
+            run's. One process only (under ``accelerate launch`` it is not used).
     """
     if len(train) == 0 or len(val) == 0:
         raise ValueError(f"classifier training needs train and val rows (got {len(train)} "
@@ -309,10 +442,17 @@ def train_classifier(spec: ClassifierSpec, train: pd.DataFrame, val: pd.DataFram
     stopper = EarlyStopping(spec.patience, spec.stop_after_steps)
     history, seen = [], 0
     rounds = n_rounds(spec)
+    resume = resume if world == 1 else None
+    done_rounds = 0
+    if resume is not None and resume.saved():
+        done_rounds, step, seen, history = resume.restore(accelerator.unwrap_model(model), opt,
+                                                          ema, stopper, gen)
     bar = tqdm(enumerate(round_plans(len(train), spec, rng, rank, world), start=1),
-               total=rounds, desc="classifier epochs",
+               total=rounds, desc="classifier epochs", initial=done_rounds,
                disable=not (progress and accelerator.is_main_process))
     for epoch, plan in bar:
+        if epoch <= done_rounds:  # replayed: the batch order continues where it stopped
+            continue
         started = time.perf_counter()
         train_set.plan = plan
         model.train()
@@ -351,6 +491,9 @@ def train_classifier(spec: ClassifierSpec, train: pd.DataFrame, val: pd.DataFram
                              f"(backbone {spec.backbone})")
         if stopper.update(val_loss, epoch, step, accelerator.unwrap_model(scored)):
             break
+        if resume is not None:
+            resume.save(epoch, step, seen, history, accelerator.unwrap_model(model), opt, ema,
+                        stopper, gen)
     return stopper.result(spec, history, accelerator.device, rounds, step, seen)
 
 
@@ -471,7 +614,7 @@ def weights_crc(model: nn.Module) -> int:
 def train_or_load(spec: ClassifierSpec, train: pd.DataFrame, val: pd.DataFrame,
                   cache: ImageCache | CombinedCache, folder: Path, seed: int = 0,
                   progress: bool = True, reuse: tuple[Path, ...] = (),
-                  init: nn.Module | None = None) -> TrainResult:
+                  init: nn.Module | None = None, resumable: bool = False) -> TrainResult:
     """Reuse a classifier saved in ``folder`` or in one of the ``reuse`` folders (same
     settings, seed, training and validation rows, initial weights), else train one; the result
     is saved in ``folder``, so that a model is never trained twice for the same data. Only the
@@ -490,6 +633,9 @@ def train_or_load(spec: ClassifierSpec, train: pd.DataFrame, val: pd.DataFrame,
         reuse: other folders to look in, in order; a model found there is copied into
             ``folder`` with ``reused_from`` recorded.
         init: initial weights of a fine-tuning phase; matched by :func:`weights_crc`.
+        resumable: keep the training state after every round beside ``folder`` (a hidden
+            ``.<name>.resume`` folder, removed once the model is saved) and continue from it
+            when it is there (:class:`RoundState`).
     """
     ids = {"train_rows": len(train), "val_rows": len(val), "seed": seed,
            "train_ids_crc": zlib.crc32("\n".join(train["image_id"]).encode()),
@@ -505,8 +651,13 @@ def train_or_load(spec: ClassifierSpec, train: pd.DataFrame, val: pd.DataFrame,
                     on_main(partial(save_classifier, result, spec, folder,
                                     {**ids, "reused_from": str(candidate)}))
                 return result
-    result = train_classifier(spec, train, val, cache, seed, progress, init=init)
+    state = RoundState(folder.parent / f".{folder.name}.resume",
+                       {"spec": spec.model_dump(), **ids}) if resumable else None
+    result = train_classifier(spec, train, val, cache, seed, progress, init=init,
+                              resume=state)
     on_main(partial(save_classifier, result, spec, folder, ids))
+    if state is not None:
+        shutil.rmtree(state.folder, ignore_errors=True)
     return result
 
 

@@ -139,8 +139,10 @@ def _outcome(job: submitit.Job) -> str | None:
     try:
         job.results()
     except Exception as err:  # noqa: BLE001 - submitit raises the job's error as text
-        text = str(err).strip().splitlines()
-        return text[-1] if text else type(err).__name__
+        # the trace's last line (``SomeError: message``), before submitit's closing notes
+        trace = str(err).split("Traceback", 1)[-1].split("\n----", 1)[0]
+        lines = [line.strip() for line in trace.strip().splitlines() if line.strip()]
+        return lines[-1] if lines else type(err).__name__
     return None
 
 

@@ -17,7 +17,7 @@ from pydantic import (
 )
 
 from cxrlib.core.errors import ParamsError
-from cxrlib.core.schema import Params
+from cxrlib.core.schema import SPLIT_TAGS, Params
 
 #: ``{xrv}`` in a path stands for torchxrayvision's bundled ``data/`` folder.
 XRV_TOKEN = "{xrv}"
@@ -41,7 +41,9 @@ def resolve_path(value: str, base: Path) -> Path:
 def _format_error(file: Path, err: ValidationError) -> str:
     lines = [f"{file}: invalid parameters"]
     for e in err.errors():
-        key = ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in e["loc"])
+        loc = [p for i, p in enumerate(e["loc"])  # a split's variant tag is no key
+               if not (i and e["loc"][i - 1] == "split" and p in SPLIT_TAGS)]
+        key = ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in loc)
         key = key.replace(".[", "[")
         if e["type"] == "extra_forbidden":
             msg = "unknown key (check its spelling and the documented keys in params/demo.yaml)"
@@ -79,6 +81,13 @@ def _check_paths(params: Params, file: Path) -> None:
                     f"{file}: key 'data.sites[{i}].{key}': path "
                     f"'{resolve_path(value, root)}' does not exist"
                 )
+        for split, name in getattr(site.split, "files", {}).items():
+            if not resolve_path(name, base).exists():
+                raise ParamsError(
+                    f"{file}: key 'data.sites[{i}].split.files.{split}': split file "
+                    f"'{resolve_path(name, base)}' does not exist (relative paths are taken "
+                    f"from {base}); the paper presets' split files are the authors' (README.md: "
+                    "'Your data on GPUs' says where to get them and where to put them)")
 
 
 #: Dotted keys over a parameter file (``{"run.name": "demo-sde", "sampling.steps": 25}``).
@@ -142,9 +151,11 @@ def read_tree(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
     return merge_tree(read_tree(base_path, (*chain, path.resolve())), raw)
 
 
-def load_params(file: str | os.PathLike[str], overrides: Overrides = None) -> Params:
+def load_params(file: str | os.PathLike[str], overrides: Overrides = None,
+                check_paths: bool = True) -> Params:
     """Load and validate a parameter file (with the file its ``extends:`` names under it);
-    ``overrides`` are dotted keys (``run.name``)."""
+    ``overrides`` are dotted keys (``run.name``). ``check_paths=False`` skips the check that
+    the data paths exist (``cxrlib plan`` prices a study before its data are in place)."""
     path = Path(file)
     raw = read_tree(path)
     for dotted, value in (overrides or {}).items():
@@ -159,7 +170,8 @@ def load_params(file: str | os.PathLike[str], overrides: Overrides = None) -> Pa
         params = Params.model_validate(raw)
     except ValidationError as err:
         raise ParamsError(_format_error(path, err)) from None
-    _check_paths(params, path.resolve())
+    if check_paths:
+        _check_paths(params, path.resolve())
     params._source = path.resolve()
     return params
 

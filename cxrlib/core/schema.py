@@ -9,6 +9,7 @@ so every output can be traced to the exact configuration that made it.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, get_args
 
@@ -16,8 +17,12 @@ from pydantic import (
     AfterValidator,
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
     PrivateAttr,
+    SerializerFunctionWrapHandler,
+    Tag,
+    model_serializer,
     model_validator,
 )
 
@@ -89,6 +94,84 @@ class SplitSpec(_Strict):
         return self
 
 
+class FileSplitSpec(_Strict):
+    """A split read from files, one CSV per split (gzip allowed), as the authors released
+    theirs (``cxp_tr.csv.gz``: ``Path,PID``). Rows of the site that no file names are dropped
+    and counted; rows a file names that the site lacks are counted and the first few named; a
+    patient in two splits is an error naming the patient."""
+
+    mode: Literal["file"]
+    #: One file per split: absolute, relative to the project folder, or ``{xrv}/...``.
+    files: dict[Split, str] = Field(min_length=1)
+    #: The column naming each image by path, matched on the part after its first component
+    #: against the end of the site's image paths (``CheXpert-v1.0/train/patient00001/...``
+    #: matches ``CheXpert-v1.0-small/train/patient00001/...``) ...
+    path_column: str | None = None
+    #: ... or by id, matched against the site's image ids (MIMIC: ``dicom_id``).
+    id_column: str | None = None
+    #: The files' patient column (the patient-overlap check and the validation draw use it).
+    patient_column: str
+    #: Validation = the training file's rows whose ``fold_column`` equals ``val_fold`` ...
+    val_fold: int | None = None
+    fold_column: str = "Fold"
+    #: ... or a seeded draw (``seed``) of this share of the training file's patients.
+    val_fraction: Annotated[float, Field(gt=0, lt=1)] | None = None
+    seed: int = 0
+    #: Splits that must hold at least one image after filtering (an empty one is an error).
+    required: list[Split] = Field(default_factory=lambda: ["train", "val", "test"])
+
+    @model_validator(mode="after")
+    def _one_way_each(self) -> FileSplitSpec:
+        if (self.path_column is None) == (self.id_column is None):
+            raise ValueError("split mode 'file' needs exactly one of path_column (images named "
+                             "by path) and id_column (images named by id)")
+        ways = [k for k, on in (("files.val", "val" in self.files),
+                                ("val_fold", self.val_fold is not None),
+                                ("val_fraction", self.val_fraction is not None)) if on]
+        if len(ways) > 1:
+            raise ValueError(f"split mode 'file': validation comes from one of files.val, "
+                             f"val_fold and val_fraction; got {ways}")
+        if ways and ways[0] != "files.val" and "train" not in self.files:
+            raise ValueError(f"split mode 'file': {ways[0]} draws validation from the training "
+                             "file, so files needs a 'train' entry")
+        return self
+
+    @property
+    def key_column(self) -> str:
+        """The column that names an image (path or id)."""
+        return self.path_column or self.id_column or ""
+
+
+def _split_kind(value: Any) -> str | None:
+    """Which split class a ``split`` section is: by its ``mode`` (``random`` when absent)."""
+    mode = value.get("mode", "random") if isinstance(value, dict) else getattr(value, "mode", None)
+    return {"random": "drawn", "official": "drawn", "file": "file"}.get(mode)
+
+
+#: The tags of :data:`AnySplit`'s variants (pydantic puts them in an error's location, after
+#: ``split``; error messages leave them out).
+SPLIT_TAGS: tuple[str, ...] = ("drawn", "file")
+
+#: A site's split: drawn at random or official (:class:`SplitSpec`), or read from files
+#: (:class:`FileSplitSpec`), told apart by ``mode``.
+AnySplit = Annotated[
+    Annotated[SplitSpec, Tag(SPLIT_TAGS[0])] | Annotated[FileSplitSpec, Tag(SPLIT_TAGS[1])],
+    Discriminator(_split_kind, custom_error_type="split_mode",
+                  custom_error_message="split.mode must be 'random', 'official' or 'file'"),
+]
+
+
+def _omit_later_defaults(model: BaseModel, dumped: dict[str, Any],
+                         keys: tuple[str, ...]) -> dict[str, Any]:
+    """``dumped`` without the ``keys`` whose value is their default: keys added to a section
+    after run folders were written, so that older parameters serialise byte for byte as
+    before (a run folder's ``params.json`` and every record derived from it)."""
+    for key in keys:
+        if key in dumped and getattr(model, key) == type(model).model_fields[key].default:
+            del dumped[key]
+    return dumped
+
+
 class PhantomSpec(_Strict):
     """An embedded phantom site: real metadata rows rendered as procedural radiographs."""
 
@@ -140,7 +223,7 @@ class SiteSpec(_Strict):
     mimic: MimicFiles = Field(default_factory=MimicFiles)
     columns: ColumnMap | None = None
     phantom: PhantomSpec | None = None
-    split: SplitSpec = Field(default_factory=SplitSpec)
+    split: AnySplit = Field(default_factory=SplitSpec)
     #: This site's blank (unmentioned) labels, overriding ``data.blank``: ``nan`` where a
     #: blank means "not annotated" (NIH has no Fracture column), so the label is masked in
     #: training and left out of the site's macro AUROC instead of read as absent.
@@ -167,6 +250,9 @@ class DataSpec(_Strict):
     blank: Literal["nan", "zero"] = "zero"
     frontal_only: bool = True
     views: list[View] = Field(default_factory=lambda: ["AP", "PA"])
+    #: Rows whose age is 0 (CheXpert's code for an unknown age): dropped, or kept as the
+    #: authors' split keeps them (3 images of their CheXpert test file).
+    age_zero: Literal["drop", "keep"] = "drop"
     #: Read CSVs only: no image files needed, no cache built (e.g. torchxrayvision's CSV).
     metadata_only: bool = False
     #: Race marginals for phantom sites (race is not in the public metadata files).
@@ -184,6 +270,13 @@ class DataSpec(_Strict):
     #: Processes that decode images into the cache.
     workers: PositiveInt = 2
     sites: list[SiteSpec] = Field(min_length=1)
+
+    #: Keys added after run folders were first written (:func:`_omit_later_defaults`).
+    LATER_KEYS: ClassVar[tuple[str, ...]] = ("age_zero",)
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return _omit_later_defaults(self, handler(self), self.LATER_KEYS)
 
     @model_validator(mode="after")
     def _check(self) -> DataSpec:
@@ -231,7 +324,13 @@ class ClassifierSpec(_Strict):
     the classifier experiments (notebook 04)."""
 
     backbone: str = "resnet18"
-    pretrained: bool = False
+    #: Initial weights: ``false`` (random), ``true`` (timm's default weights of ``backbone``),
+    #: a timm weight name (``convnext_base.fb_in22k_ft_in1k``; the authors'
+    #: ``convnext_base_in22ft1k`` is timm's old name for it), or an absolute path to a weights
+    #: file (safetensors, or a state dict read with ``weights_only``). Names are read from the
+    #: local Hugging Face cache only; nothing is downloaded at run time, and missing weights fail
+    #: when the model is built, with the command that fetches them.
+    pretrained: bool | str = False
     #: ``steps``: every arm gets the same optimizer steps (``max_steps`` in ``epochs`` rounds;
     #: compute-matched, answers "is a synthetic image worth more than another pass over a real
     #: one at a fixed budget"). ``converged`` (the paper's): every arm trains until early
@@ -276,6 +375,22 @@ class ClassifierSpec(_Strict):
     augment: AugmentSpec = Field(default_factory=AugmentSpec)
 
     @model_validator(mode="after")
+    def _pretrained_named(self) -> ClassifierSpec:
+        if isinstance(self.pretrained, str):
+            if not self.pretrained.strip():
+                raise ValueError("classifier.pretrained: name timm weights or a file, or use "
+                                 "true / false")
+            kind = pretrained_kind(self.pretrained)
+            if kind == "file" and not self.pretrained.startswith(("/", "~", "$")):
+                raise ValueError(f"classifier.pretrained {self.pretrained!r}: a weights file "
+                                 "needs an absolute path (or one starting with ~ or $VAR)")
+            arch = self.pretrained.split(".")[0]
+            if kind == "name" and "." in self.pretrained and arch != self.backbone:
+                raise ValueError(f"classifier.pretrained {self.pretrained!r} are weights of "
+                                 f"'{arch}', but classifier.backbone is '{self.backbone}'")
+        return self
+
+    @model_validator(mode="after")
     def _converged_needs_budget(self) -> ClassifierSpec:
         if self.protocol == "converged" and self.max_steps is None:
             raise ValueError("classifier.protocol 'converged' needs classifier.max_steps: a "
@@ -289,6 +404,22 @@ class ClassifierSpec(_Strict):
             raise ValueError("classifier.lr_schedule 'cosine' needs classifier.lr_decay_steps "
                              "(or max_steps): the step at which the decay ends")
         return self
+
+
+#: Endings of a weights file named by ``classifier.pretrained``.
+WEIGHT_SUFFIXES: tuple[str, ...] = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
+
+
+def pretrained_kind(value: bool | str) -> Literal["none", "default", "name", "file"]:
+    """What ``classifier.pretrained`` names: no weights, timm's default weights of the backbone,
+    timm weights by name, or a local file (a path: it has a slash or a weights ending)."""
+    if value is False:
+        return "none"
+    if value is True:
+        return "default"
+    if re.search(r"[/\\]", value) or value.lower().endswith(WEIGHT_SUFFIXES):
+        return "file"
+    return "name"
 
 
 class ExternalExperimentSpec(_Strict):

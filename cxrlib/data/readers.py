@@ -7,6 +7,11 @@ sex, age, race and the 14 labels as floats (1, 0, NaN) after the uncertainty pol
 
 Rows that cannot be used are never dropped silently: each is recorded in a :class:`DropLog`
 with its site, source file, row and reason, and the notebook shows the counts.
+
+A site's split is drawn by patient, taken from the dataset's official split, or read from
+split files (:class:`cxrlib.core.schema.FileSplitSpec`, :func:`split_from_files`): then the
+site's rows no file names are dropped (:data:`NOT_IN_SPLIT_FILES`) and the rows a file names
+that the site lacks are logged too (:data:`NOT_IN_SITE`), so the drop table counts both.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from cxrlib.core.config import params_base, resolve_path
 from cxrlib.core.files import atomic_write_parquet
 from cxrlib.core.labels import CHEXPERT_LABELS, MANIFEST_COLUMNS, RACE_UNKNOWN, map_race, map_sex
 from cxrlib.core.layout import RunLayout
-from cxrlib.core.schema import Params, SiteSpec, SplitSpec
+from cxrlib.core.schema import FileSplitSpec, Params, SiteSpec, SplitSpec
 from cxrlib.data.imagecache import build_cache
 from cxrlib.data.phantom import write_phantom_site
 
@@ -286,13 +291,15 @@ READERS = {"chexpert": read_chexpert, "mimic": read_mimic, "csv": read_site_csv}
 
 
 def clean_rows(df: pd.DataFrame, params: Params, drops: DropLog, site: str) -> pd.DataFrame:
-    """Drop (and log) rows with unknown sex, missing/zero/implausible age, unwanted views or
-    missing labels."""
+    """Drop (and log) rows with unknown sex, missing, zero (unless ``data.age_zero: keep``) or
+    implausible age, unwanted views or missing labels."""
     views = params.data.kept_views()
+    age_ok = (df["age"] > 0) | ((df["age"] == 0) & (params.data.age_zero == "keep"))
     checks = [
         (df["view"].isin(views), f"view not in {sorted(views)}"),
         (df["sex"].isin(["Male", "Female"]), "sex unknown"),
-        (df["age"].notna() & (df["age"] > 0), "age missing or 0"),
+        (df["age"].notna() & age_ok,
+         "age missing or 0" if params.data.age_zero == "drop" else "age missing"),
         (df["age"].isna() | (df["age"] <= 120), "age implausible (>120)"),
     ]
     if "_has_labels" in df:
@@ -326,6 +333,136 @@ def assign_splits(df: pd.DataFrame, spec: SplitSpec, site: str) -> pd.Series:
             assignment[p] = name
         start = end
     return df["patient_id"].map(assignment).fillna(names[-1])
+
+
+#: Drop reasons of a split read from files: a site row no split file names, and a row a
+#: split file names that the site does not have (logged with the file's name for it).
+NOT_IN_SPLIT_FILES = "not in any split file"
+NOT_IN_SITE = "named by a split file, not in the site"
+#: How many patients, images or rows an error message names before "...".
+NAMED = 5
+
+
+def _after_first_component(names: pd.Series) -> pd.Series:
+    """A path without its first component (``CheXpert-v1.0/train/x.jpg`` -> ``train/x.jpg``);
+    a bare file name stays whole."""
+    clean = names.str.replace("\\", "/", regex=False).str.replace(r"^(?:\./|/)+", "",
+                                                                   regex=True)
+    rest = clean.str.split("/", n=1).str[1]
+    return rest.where(rest.notna() & (rest != ""), clean)
+
+
+def _named(values: pd.Series | list, n: int = NAMED) -> str:
+    values = list(values)
+    return ", ".join(str(v) for v in values[:n]) + (" ..." if len(values) > n else "")
+
+
+def read_split_files(spec: FileSplitSpec, base: Path) -> pd.DataFrame:
+    """Every row of a site's split files: ``name`` (the image as the file names it), ``key``
+    (what is matched: the path after its first component, or the id), ``patient``,
+    ``split`` (train rows of the validation fold or draw become ``val``), ``source_file`` and
+    ``source_row``. An image named twice or a patient in two splits is an error naming them."""
+    frames = []
+    for split, name in spec.files.items():
+        path = resolve_path(name, base)
+        fold = split == "train" and spec.val_fold is not None
+        cols = [spec.key_column, spec.patient_column, *([spec.fold_column] if fold else [])]
+        raw = read_csv_checked(path, cols, dtype={spec.key_column: str,
+                                                  spec.patient_column: str})
+        blank = raw[spec.key_column].isna() | raw[spec.patient_column].isna()
+        if blank.any():
+            raise DataError(f"{path}: {int(blank.sum())} row(s) have no {spec.key_column} or "
+                            f"{spec.patient_column} (rows {_named(np.flatnonzero(blank) + 2)})")
+        frame = pd.DataFrame({
+            "name": raw[spec.key_column].str.strip(),
+            "patient": raw[spec.patient_column].str.strip(),
+            "split": split,
+            "source_file": str(path),
+            "source_row": np.arange(len(raw)) + 2,
+        })
+        if fold:
+            folds = pd.to_numeric(raw[spec.fold_column], errors="coerce")
+            if folds.isna().any():
+                raise DataError(f"{path}: column '{spec.fold_column}' must hold fold numbers; "
+                                f"rows {_named(np.flatnonzero(folds.isna()) + 2)} do not")
+            if not (folds == spec.val_fold).any():
+                raise DataError(f"{path}: no row has {spec.fold_column} == {spec.val_fold} "
+                                f"(split.val_fold); its folds are {sorted(set(folds.tolist()))}")
+            frame.loc[(folds == spec.val_fold).to_numpy(), "split"] = "val"
+        frames.append(frame)
+    rows = pd.concat(frames, ignore_index=True)
+    if spec.val_fraction is not None:
+        train = rows["split"] == "train"
+        patients = np.array(sorted(rows.loc[train, "patient"].unique()))
+        order = np.random.default_rng(spec.seed).permutation(len(patients))
+        val = set(patients[order[: max(1, round(spec.val_fraction * len(patients)))]])
+        rows.loc[train & rows["patient"].isin(val), "split"] = "val"
+    rows["key"] = (_after_first_component(rows["name"]) if spec.path_column else rows["name"])
+    twice = rows[rows["key"].duplicated(keep=False)]
+    if len(twice):
+        first = twice[twice["key"] == twice["key"].iloc[0]]
+        raise DataError(f"{twice['key'].nunique()} image(s) are named more than once by the "
+                        f"split files, e.g. {first['name'].iloc[0]!r} in "
+                        + _named([f"{Path(f).name} row {r}" for f, r in
+                                  zip(first["source_file"], first["source_row"], strict=True)]))
+    pairs = rows.drop_duplicates(["patient", "split"])
+    leaked = pairs[pairs["patient"].duplicated(keep=False)].sort_values(["patient", "split"])
+    if len(leaked):
+        patients = leaked["patient"].unique()
+        named = []
+        for patient in patients[:NAMED]:
+            mine = leaked[leaked["patient"] == patient]
+            files = [f"{s} in {Path(f).name}" for s, f in
+                     zip(mine["split"], mine["source_file"], strict=True)]
+            named.append(f"{patient} ({', '.join(files)})")
+        raise SplitLeakError(f"{len(patients)} patient(s) (column '{spec.patient_column}') "
+                             f"are in more than one split: {'; '.join(named)}"
+                             f"{' ...' if len(patients) > NAMED else ''}")
+    return rows
+
+
+def _site_keys(df: pd.DataFrame, spec: FileSplitSpec, site: str, depth: int) -> pd.Series:
+    """What a split file's key is matched against: the last ``depth`` components of each
+    site row's path, or the row's image id without the site's prefix."""
+    if spec.id_column:
+        return df["image_id"].astype(str).str.slice(len(site) + 1)
+    paths = df["path"].astype(str).str.replace("\\", "/", regex=False)
+    return pd.Series(["/".join(p.rsplit("/", depth)[-depth:]) for p in paths], index=df.index)
+
+
+def split_from_files(df: pd.DataFrame, site: SiteSpec, base: Path, drops: DropLog) -> pd.Series:
+    """The split of each site row (aligned with ``df``; NaN where no split file names the
+    row), read from the site's split files (:func:`read_split_files`). Rows a file names that
+    the site lacks are logged in ``drops`` (:data:`NOT_IN_SITE`, with the file and row).
+    A name that fits more than one site row is an error naming it."""
+    spec = site.split
+    assert isinstance(spec, FileSplitSpec)
+    files = read_split_files(spec, base)
+    depth = files["key"].str.count("/") + 1
+    found = pd.Series(-1, index=files.index)
+    for d in sorted(depth.unique()) if spec.path_column else [1]:
+        at = (depth == d) if spec.path_column else pd.Series(True, index=files.index)
+        keys = _site_keys(df, spec, site.site, int(d))
+        lookup = pd.Series(np.arange(len(df)), index=keys.to_numpy())
+        dupes = lookup.index.duplicated(keep=False)
+        ambiguous = files.loc[at, "key"].isin(set(lookup.index[dupes]))
+        if ambiguous.any():
+            name = files.loc[ambiguous[ambiguous].index[0], "name"]
+            raise DataError(f"site '{site.site}': split file name {name!r} fits more than one "
+                            f"image of the site ({int(ambiguous.sum())} such name(s)); name "
+                            "images by a longer path or by id (split.id_column)")
+        lookup = lookup[~dupes]
+        found[at] = files.loc[at, "key"].map(lookup).fillna(-1).astype(int)
+    missing = files[found < 0]
+    if len(missing):
+        stem = missing["key"].str.replace(r"\.[A-Za-z]+$", "", regex=True)
+        drops.add(pd.DataFrame({"image_id": site.site + "/" + stem, "path": missing["name"],
+                                "source_file": missing["source_file"],
+                                "source_row": missing["source_row"]}), NOT_IN_SITE, site.site)
+    split = np.full(len(df), None, dtype=object)
+    hit = found >= 0
+    split[found[hit].to_numpy()] = files.loc[hit, "split"].to_numpy()
+    return pd.Series(split, index=df.index, name="split")
 
 
 def check_patient_splits(manifest: pd.DataFrame) -> None:
@@ -372,8 +509,14 @@ class Cohort:
 
     @property
     def drop_summary(self) -> pd.DataFrame:
-        return (self.drops.groupby(["site", "reason"]).size().rename("rows").reset_index()
-                if len(self.drops) else pd.DataFrame(columns=["site", "reason", "rows"]))
+        """Rows left out per site and reason, with the first few image ids of each."""
+        if not len(self.drops):
+            return pd.DataFrame(columns=["site", "reason", "rows", "e.g."])
+        groups = self.drops.groupby(["site", "reason"])
+        return pd.DataFrame({
+            "rows": groups.size(),
+            "e.g.": groups["image_id"].agg(lambda ids: _named(ids.dropna(), 3)),
+        }).reset_index()
 
 
 def _read_site(site: SiteSpec, params: Params, run: RunLayout, progress: bool) -> pd.DataFrame:
@@ -414,8 +557,17 @@ def prepare_cohort(params: Params, run: RunLayout, progress: bool = True) -> Coh
     parts = []
     for site in params.data.sites:
         df = _read_site(site, params, run, progress)
+        if isinstance(site.split, FileSplitSpec):
+            # Matched before filtering, so a named row the filters drop counts under its
+            # filter's reason, not as missing from the site.
+            df["split"] = split_from_files(df, site, params_base(params), drops).to_numpy()
         df = clean_rows(df, params, drops, site.site)
-        df["split"] = assign_splits(df, site.split, site.site).to_numpy()
+        if isinstance(site.split, FileSplitSpec):
+            unnamed = df["split"].isna()
+            drops.add(df[unnamed], NOT_IN_SPLIT_FILES, site.site)
+            df = df[~unnamed]
+        else:
+            df["split"] = assign_splits(df, site.split, site.site).to_numpy()
         parts.append(df)
     manifest = pd.concat(parts, ignore_index=True)
     dupes = manifest["image_id"].duplicated()
@@ -450,8 +602,29 @@ def describe_sources(params: Params) -> pd.DataFrame:
                       f"metadata (torchxrayvision), {s.phantom.style} style")
         else:
             origin = str(resolve_path(s.root or "", params_base(params)))
-        split = (f"official ({', '.join(s.split.required)} required)" if s.split.mode == "official"
-                 else ", ".join(f"{k} {v:.0%}" for k, v in s.split.fractions.items()))
+        if isinstance(s.split, FileSplitSpec):
+            split = _describe_files(s.split, params_base(params))
+        elif s.split.mode == "official":
+            split = f"official ({', '.join(s.split.required)} required)"
+        else:
+            split = ", ".join(f"{k} {v:.0%}" for k, v in s.split.fractions.items())
         rows.append({"site": s.site, "reader": s.reader, "role": s.role, "source": origin,
                      "split (by patient)": split})
     return pd.DataFrame(rows).set_index("site")
+
+
+def _describe_files(spec: FileSplitSpec, base: Path) -> str:
+    """A file split in words: each file with its images and patients, and where validation
+    comes from."""
+    rows = read_split_files(spec, base)
+    parts = []
+    for split, name in spec.files.items():
+        mine = rows[rows["source_file"] == str(resolve_path(name, base))]
+        parts.append(f"{split}: {Path(name).name} ({len(mine):,} images, "
+                     f"{mine['patient'].nunique():,} patients)")
+    if spec.val_fold is not None:
+        parts.append(f"val: {spec.fold_column} {spec.val_fold} of the training file")
+    elif spec.val_fraction is not None:
+        parts.append(f"val: {spec.val_fraction:.0%} of the training file's patients "
+                     f"(seed {spec.seed})")
+    return "files: " + "; ".join(parts)

@@ -26,6 +26,7 @@ import multiprocessing
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +34,7 @@ import pandas as pd
 import torch
 
 from cxrlib.classifier.training import TrainResult, predict, predictions_frame, train_or_load
+from cxrlib.cluster.spec import ClusterSpec, active_cluster
 from cxrlib.core.cohort import real_subset, split_rows, test_sets, training_rows, validation_rows
 from cxrlib.core.files import atomic_path, atomic_write_parquet, atomic_write_text
 from cxrlib.core.kinds import Kind
@@ -228,9 +230,11 @@ def passes_per_real_image(images_seen: int, n_real: int, n_total: int,
 
 def run_experiment(exp: Experiment, params: Params, data: GridData, train: pd.DataFrame,
                    run: RunLayout, reuse: tuple[Path, ...] = (),
-                   progress: bool = False) -> pd.DataFrame:
+                   progress: bool = False, resumable: bool = False) -> pd.DataFrame:
     """Train (or reuse) one experiment's classifier and write its predictions on every test
-    set; returns the predictions. Only the main process writes files."""
+    set; returns the predictions. Only the main process writes files. ``resumable`` keeps
+    each training's state after every round and continues from it (a cluster job that was
+    preempted: :func:`train_arm`)."""
     out = run.experiment(exp.name, exp.seed)
     val = experiment_validation(exp, params, data.manifest)
     started = time.perf_counter()
@@ -240,12 +244,14 @@ def run_experiment(exp: Experiment, params: Params, data: GridData, train: pd.Da
         # phase 1 on the synthetic rows alone, phase 2 fine-tunes its kept weights on the real
         # rows; each early-stops on the same validation rows
         pretrain = train_or_load(params.classifier, train[train["source"] == "synthetic"], val,
-                                 data.combined_cache(), out.pretrain_model, exp.seed, progress)
+                                 data.combined_cache(), out.pretrain_model, exp.seed, progress,
+                                 resumable=resumable)
         fit = train[train["source"] == "real"]
     cache = data.combined_cache() if (fit["source"] == "synthetic").any() else data.cache
     result: TrainResult = train_or_load(params.classifier, fit, val, cache, out.model,
                                         exp.seed, progress, reuse,
-                                        init=pretrain.model if pretrain else None)
+                                        init=pretrain.model if pretrain else None,
+                                        resumable=resumable)
     seconds = time.perf_counter() - started
     preds = pd.concat([predictions_frame(rows, predict(result.model, rows, data.cache), name)
                        for name, rows in test_sets(params, data.manifest).items()],
@@ -325,6 +331,10 @@ def run_grid(params: Params, data: GridData, run: RunLayout,
     training = training if training is not None else training_sets(params, data)
     todo = [e for e in training
             if not run.experiment(e.name, e.seed).predictions.exists()]
+    cluster = active_cluster()
+    if cluster is not None:
+        _run_on_cluster(todo, params, run, cluster)
+        return grid_results(run)
     bar = tqdm(todo, desc=f"experiment grid ({len(training) - len(todo)} of {len(training)} "
                "done before)", disable=not (progress and is_main_process()))
     workers = min(params.experiments.workers, len(todo))
@@ -335,6 +345,40 @@ def run_grid(params: Params, data: GridData, run: RunLayout,
         bar.set_postfix_str(f"{exp.name} seed {exp.seed}")
         run_experiment(exp, params, data, training[exp], run, _judge_reuse(exp, run))
     return grid_results(run)
+
+
+GRID_STAGE = "04_classifier_experiments"
+
+
+def arm_key(exp: Experiment) -> str:
+    """How the cluster's record and messages name an arm."""
+    return f"arm {exp.name} seed {exp.seed}"
+
+
+def train_arm(params: Params, exp: Experiment, threads: int | None = None,
+              progress: bool = False) -> None:
+    """Train one arm of the grid from the run folder alone, as :func:`run_grid` does in
+    process: the piece a cluster job runs and ``cxrlib run-arm``. Resumable after every
+    round, so a preempted job continues where it stopped."""
+    if threads:
+        torch.set_num_threads(threads)
+    run = RunLayout.open(params, create=False)
+    data = grid_data(params, run)
+    run_experiment(exp, params, data, training_set(exp, params, data), run,
+                   _judge_reuse(exp, run), progress=progress, resumable=True)
+
+
+def _run_on_cluster(todo: list[Experiment], params: Params, run: RunLayout,
+                    cluster: ClusterSpec) -> None:
+    """The arms still to train as a SLURM job array, one arm per task
+    (:func:`cxrlib.cluster.slurm.run_pieces`), ``cpus_per_task`` torch threads each."""
+    from cxrlib.cluster.slurm import Piece, run_pieces
+
+    pieces = [Piece(arm_key(e), run.experiment(e.name, e.seed).root.relative_to(
+        run.root).as_posix(), partial(train_arm, params, e, cluster.grid.cpus_per_task))
+        for e in todo]
+    run_pieces(pieces, cluster, cluster.grid, run, GRID_STAGE,
+               desc=f"experiment grid on SLURM ({len(todo)} arms)")
 
 
 def _judge_reuse(exp: Experiment, run: RunLayout) -> tuple[Path, ...]:
