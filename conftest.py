@@ -77,3 +77,20 @@ def chromium():
     yield start
     for driver in drivers:
         driver.quit()
+
+
+#: Tests that need the one-node SLURM cluster (tests/test_cluster.py's ``slurm`` mark).
+_SLURM_SKIPPED: list[str] = []
+
+
+def pytest_runtest_logreport(report):
+    if report.skipped and "SLURM" in str(report.longrepr):
+        _SLURM_SKIPPED.append(report.nodeid)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """In CI (``CI=true``, where .ci/run starts a cluster) the SLURM tests must have run."""
+    if os.environ.get("CI") == "true" and _SLURM_SKIPPED and exitstatus == 0:
+        print(f"\nCI: {len(_SLURM_SKIPPED)} SLURM test(s) were skipped, but CI starts a "
+              f"one-node cluster (.ci/slurm-up) for them: {', '.join(_SLURM_SKIPPED)}")
+        session.exitstatus = 1
