@@ -197,9 +197,19 @@ def _preempt(job: str, log: Path) -> None:
     # reaches the job's processes: the requeue is read from the job's log instead
     subprocess.run(["scancel", "--signal", "USR2", job], check=False, capture_output=True)
     _wait_for(lambda: "Requeued job" in log.read_text(), f"job {job}'s requeue", timeout=60)
-    _wait_for(lambda: subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"],
-                                     capture_output=True).returncode == 0,
-              f"job {job} back in the queue", timeout=30)
+
+    def state() -> str:
+        return subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True,
+                              text=True).stdout.strip()
+
+    _wait_for(lambda: state() == "PENDING", f"job {job} back in the queue", timeout=60)
+
+    def released() -> bool:
+        subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"],
+                       capture_output=True)
+        return state() != "PENDING"
+
+    _wait_for(released, f"job {job} to start again", timeout=60, every=1.0)
 @pytest.fixture(scope="module")
 def grid_runs(tmp_path_factory):
     """The four-arm grid study (stand-in synthetic cohorts) prepared twice: one run folder for
