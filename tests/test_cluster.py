@@ -349,7 +349,8 @@ def test_two_task_diffusion_training_resumes_after_scancel(smoke_pipeline, tmp_p
 @slurm
 def test_a_failing_piece_names_itself_and_cancel_stops_a_stage(tmp_path):
     """A piece that raises is not retried: the error names the piece, its job and its log's
-    last lines. ``cxrlib cancel`` stops a waiting submitter."""
+    last lines. A submitter that died is replaced by one that waits for its job; ``cxrlib
+    cancel`` stops a waiting submitter."""
     from cxrlib.cluster.slurm import Piece, PieceFailedError, StageCancelledError, run_pieces
 
     run = RunLayout(tmp_path / "toy", 32, "toy", tmp_path)
@@ -363,6 +364,26 @@ def test_a_failing_piece_names_itself_and_cancel_stops_a_stage(tmp_path):
     assert "shard group 1 of 1 failed in SLURM job" in text and "cluster file not found" in text
     assert "last lines of its log" in text and "Traceback" in text
     assert delegation.read_delegation(run).pieces["shard group 1 of 1"].attempts == 1
+
+    # a submitter that dies leaves its job: the same stage re-attaches instead of resubmitting
+    script = (f"import time; from functools import partial; from pathlib import Path\n"
+              f"from cxrlib.cluster.slurm import Piece, run_pieces\n"
+              f"from cxrlib.cluster.spec import load_cluster\n"
+              f"from cxrlib.core.layout import RunLayout\n"
+              f"spec = load_cluster({str(ONE_NODE)!r})\n"
+              f"run = RunLayout(Path({str(run.root)!r}), 32, 'toy', Path({str(tmp_path)!r}))\n"
+              "run_pieces([Piece('arm nap seed 0', 'z', partial(time.sleep, 8))], spec, "
+              "spec.grid, run, '02_diffusion_training', desc='toy')\n")
+    dying = subprocess.Popen([sys.executable, "-c", script])
+    _wait_for(lambda: (r := delegation.read_delegation(run)) and r.stage.startswith("02"),
+              "the first submitter's record")
+    dying.kill()
+    dying.wait()
+    job = delegation.read_delegation(run).pieces["arm nap seed 0"].job_id
+    nap = Piece("arm nap seed 0", "z", partial(time.sleep, 8))
+    run_pieces([nap], spec, spec.grid, run, "02_diffusion_training", desc="toy")
+    assert sorted(p.name for p in (run.jobs / "02_diffusion_training").glob("*_submitted.pkl")) \
+        == [f"{job}_submitted.pkl"]  # waited for the running job, submitted nothing new
 
     slow = Piece("arm slow seed 0", "y", partial(time.sleep, 120))
     failure: list[BaseException] = []

@@ -236,8 +236,8 @@ def _wait(jobs: dict[str, submitit.Job], by_key: dict[str, Piece], record: Deleg
                       f"failed); submitted again as job {jobs[key].job_id} "
                       f"(attempt {entry.attempts + 1})")
                 write_delegation(run, record)
-            running = sum(states.get(jobs[k].job_id) == "RUNNING" for k in pending)
-            bar.set_postfix_str(f"{running} running, {len(pending) - running} queued")
+            queued = sum(states.get(jobs[k].job_id, "PENDING") == "PENDING" for k in pending)
+            bar.set_postfix_str(f"{len(pending) - queued} running, {queued} queued")
     finally:
         bar.close()
 
