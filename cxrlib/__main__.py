@@ -15,6 +15,7 @@ from cxrlib.core.config import load_params, parse_overrides
 from cxrlib.core.errors import ParamsError
 from cxrlib.core.layout import STAGES, RunLayout
 from cxrlib.core.records import writing
+from cxrlib.core.schema import Params
 from cxrlib.notebook_runner import run_pipeline
 
 
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
             load_cluster(args.cluster)  # fail before any work on a bad file
             os.environ[CLUSTER_ENV] = str(args.cluster.resolve())  # the kernels inherit it
         if args.command == "check":
-            load_params(args.params)
+            _weights_at_hand(load_params(args.params))
             print(f"{args.params}: ok")
             return 0
         if args.command == "train-diffusion":
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "verify":
             return _verify(args.params, full=not args.quick)
         overrides = parse_overrides(args.set)
-        load_params(args.params, overrides)  # fail before any work on a bad file
+        _weights_at_hand(load_params(args.params, overrides))  # fail before any work
         run_pipeline(args.params, tuple(args.stage or STAGES), force=args.force,
                      quiet=args.quiet, overrides=overrides or None)
     except (ParamsError, ValueError, RuntimeError, FileNotFoundError, KeyError) as err:
@@ -113,6 +114,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0
+
+
+def _weights_at_hand(params: Params) -> None:
+    """Pretrained classifier weights the parameters name must be on this machine: an error
+    with the command that fetches them now, not when notebook 01 first builds a model."""
+    if params.classifier.pretrained:
+        from cxrlib.classifier.training import pretrained_weights
+
+        pretrained_weights(params.classifier)
 
 
 def _train_diffusion(params_file: Path) -> int:

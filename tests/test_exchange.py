@@ -87,3 +87,24 @@ def test_no_rate_where_the_curve_is_flat():
     rates = exchange_rates(_macros(flat, noise=0.01), grid, StatsSpec())
     assert rates["rate"].isna().all() and rates["note"].str.contains("not well").all()
     assert "so not checked" in calibration_held(rates, "internal")["real_plus_oracle"]
+
+
+def test_worth_against_a_reference_arm_is_paired_with_its_ratio():
+    """Planted: the shuffled arm worth 0.4 real images per image, the oracle 0.8. The paired
+    difference is -0.4 and the ratio 0.5, each with a CI around it; a reference whose own CI
+    reaches 0 gives a ratio without an interval."""
+    from cxrlib.study.exchange import worth_comparisons
+
+    grid, point = _grid({"oracle": 0.8, "shuffled": 0.4})
+    pair = [("real_plus_shuffled_x2.f5", "real_plus_oracle_x2.f5")]
+    row = worth_comparisons(_macros(point), grid, StatsSpec(), pair).iloc[0]
+    assert row["difference"] == pytest.approx(-0.4, abs=1e-9)
+    assert row["diff_ci_low"] < -0.4 < row["diff_ci_high"] < 0
+    assert row["ratio"] == pytest.approx(0.5, abs=1e-9)
+    assert row["ratio_ci_low"] < 0.5 < row["ratio_ci_high"] < 1 and row["note"] == ""
+    rates = exchange_rates(_macros(point), grid, StatsSpec()).set_index("experiment")
+    assert row["rate"] == pytest.approx(rates.loc[pair[0][0], "rate"])
+    # a reference worth nothing: the ratio has no interval
+    zero, zpoint = _grid({"oracle": 0.0, "shuffled": 0.4})
+    flat = worth_comparisons(_macros(zpoint), zero, StatsSpec(), pair).iloc[0]
+    assert np.isnan(flat["ratio_ci_low"]) and "reaches 0" in flat["note"]

@@ -133,3 +133,19 @@ def test_pretrained_values_are_checked_when_the_parameters_load(pretrained, word
     with pytest.raises(ValueError, match=words):
         ClassifierSpec(backbone="convnext_base", pretrained=pretrained)
     assert ClassifierSpec().pretrained is False  # the default reads no weights
+
+
+def test_the_command_line_stops_on_missing_weights_before_any_stage(tmp_path, capsys,
+                                                                     monkeypatch):
+    """``cxrlib check`` and ``cxrlib run`` fail when the parameters load, naming the fetch."""
+    from cxrlib.__main__ import main
+
+    monkeypatch.setenv("CXRLIB_RUNS_DIR", str(tmp_path / "runs"))
+    params = tmp_path / "p.yaml"
+    params.write_text(f"extends: {ROOT / 'params' / 'smoke.yaml'}\n"
+                      f"classifier: {{backbone: {ARCH}, pretrained: {ARCH}.{TAG}}}\n")
+    for argv in (["check", str(params)], ["run", "--params", str(params)]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"hf download timm/{ARCH}.{TAG}" in err, err
+    assert not (tmp_path / "runs").exists()  # no run folder was made

@@ -165,8 +165,9 @@ def writing(run: RunLayout, stage: str) -> Iterator[None]:
     earlier stages fail their records (:class:`VerificationError`), and
     record every file of the stage when the block ends without an error."""
     with hold(run, stage) as taken:
-        if taken:
-            on_main_if_launched(lambda: refuse_if_jobs_live(run, stage))
+        # every process calls these (a collective under accelerate launch); the one that took
+        # the lock does the work
+        on_main_if_launched(lambda: refuse_if_jobs_live(run, stage) if taken else None)
         on_main_if_launched(lambda: check_inputs(run, stage) if taken else None)
         yield
         # The stages end with every process's writes done (their last step runs on_main) and

@@ -39,6 +39,7 @@ SCHEMA: dict[str, type | tuple[type, ...]] = {
     "manipulation_checks": list,
     "claims": list,
     "exchange_rate": dict,
+    "worth_vs_perfect": dict,  # {generator arm: ratio and paired difference to the oracle's}
     "labels": dict,  # {"arms": {experiment: label}, "test_sets": {test set: label}}
     "provenance": dict,  # cxrlib.core.provenance.provenance: images, date, commit, machine
 }

@@ -172,6 +172,10 @@ HEADERS: dict[str, str] = {
     "mde": "detectable (MDE)", "mde_holm": "MDE at Holm", "p_holm": "p (Holm)",
     "n_seeds": "seeds", "macro_auroc": "macro AUROC", "baseline_auroc": "baseline AUROC",
     "auroc": "AUROC", "held": "held", "verdict": "verdict", "n_images": "images",
+    "reference": "perfect generator", "reference_rate": "its r",
+    "ratio": "share of its worth", "ratio_ci_low": "share CI low",
+    "ratio_ci_high": "share CI high", "diff_ci_low": "difference CI low",
+    "diff_ci_high": "difference CI high",
 }
 
 

@@ -24,13 +24,14 @@ the fit is numpy's least squares.
 from __future__ import annotations
 
 from collections.abc import Hashable
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
 from cxrlib.core.kinds import Kind
 from cxrlib.core.schema import StatsSpec
-from cxrlib.stats import SeedMacros, seed_estimate
+from cxrlib.stats import Estimate, SeedMacros, seed_estimate
 
 #: The fitted form, as the report names it.
 CURVE_FORM = "macro AUROC = a + b ln(real images)"
@@ -112,6 +113,69 @@ def _pooled_slope(sm: SeedMacros, curve: list[str], log_n: np.ndarray,
     return _fit(log_n, y)[1], np.polyfit(log_n, reps, 1)[0]
 
 
+@dataclass(frozen=True)
+class _Curve:
+    """One test set's learning curve: its arms, sizes and slope (fitted to the seed means and
+    to each patient-bootstrap replicate), and whether the slope is determined well enough to
+    place arms on it (:data:`MAX_SLOPE_CV`)."""
+
+    sizes: np.ndarray
+    slope: float
+    slope_reps: np.ndarray
+    cv: float
+
+    @property
+    def rises(self) -> bool:
+        return self.cv <= MAX_SLOPE_CV
+
+
+def _curve(sm: SeedMacros, arms: pd.DataFrame, n_real: dict) -> _Curve | None:
+    curve = [e for e in arms["experiment"] if e in sm.point]
+    if len(curve) < MIN_SIZES:
+        return None
+    seeds = sorted(set.intersection(*(set(sm.point[e]) for e in curve)), key=str)
+    log_n = np.array([np.mean([np.log(n_real[(e, s)]) for s in seeds]) for e in curve])
+    slope, slope_reps = _pooled_slope(sm, curve, log_n, seeds)
+    cv = float(np.std(slope_reps) / slope) if slope > 0 else np.inf
+    return _Curve(np.exp(log_n), slope, slope_reps, cv)
+
+
+@dataclass(frozen=True)
+class _Draws:
+    """An arm's rate per training seed and under each shared patient-bootstrap replicate
+    (seeds x replicates), with what it was computed from."""
+
+    seeds: list[Hashable]
+    n_eq: np.ndarray
+    own: np.ndarray
+    added: np.ndarray
+    rates: np.ndarray
+    reps: np.ndarray
+
+
+def _draws(sm: SeedMacros, curve: _Curve, experiment: str, baseline: str, n_real: dict,
+           extra: dict) -> _Draws:
+    """Place ``experiment`` on the curve through its paired per-seed delta to ``baseline``:
+    ``n_eq = n_base exp(delta / b)`` and ``r = (n_eq - n_real) / n_extra``."""
+    seeds = sorted(set(sm.point[experiment]) & set(sm.point[baseline]), key=str)
+    own = np.array([n_real[(experiment, s)] for s in seeds])
+    start = np.array([n_real[(baseline, s)] for s in seeds])
+    added = np.array([extra[(experiment, s)] for s in seeds])
+    delta = np.array([sm.point[experiment][s] - sm.point[baseline][s] for s in seeds])
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):  # a flat curve
+        n_eq = start * np.exp(delta / curve.slope)
+        reps = np.vstack([
+            (start[i] * np.exp((sm.replicates[experiment][s] - sm.replicates[baseline][s])
+                               / curve.slope_reps) - own[i]) / added[i]
+            for i, s in enumerate(seeds)])
+    return _Draws(seeds, n_eq, own, added, (n_eq - own) / added, reps)
+
+
+def _estimate(values: np.ndarray, reps: np.ndarray, alpha: float) -> Estimate:
+    reps = reps[:, np.isfinite(reps).all(axis=0)]
+    return seed_estimate(values, np.atleast_2d(np.cov(reps)), alpha)
+
+
 def exchange_rates(macros: dict[str, SeedMacros], grid: pd.DataFrame,
                    spec: StatsSpec) -> pd.DataFrame:
     """The exchange rate of every placed arm on every test set with a learning curve.
@@ -136,53 +200,99 @@ def exchange_rates(macros: dict[str, SeedMacros], grid: pd.DataFrame,
     extra = _per_seed(grid.assign(n_extra=_n_extra(grid)), "n_extra")
     rows = []
     for sm in macros.values():
-        curve = [e for e in arms["experiment"] if e in sm.point]
-        if len(curve) < MIN_SIZES:
+        curve = _curve(sm, arms, n_real)
+        if curve is None:
             continue
-        curve_seeds = sorted(set.intersection(*(set(sm.point[e]) for e in curve)), key=str)
-        log_n = np.array([np.mean([np.log(n_real[(e, s)]) for s in curve_seeds])
-                          for e in curve])
-        slope, slope_reps = _pooled_slope(sm, curve, log_n, curve_seeds)
-        cv = float(np.std(slope_reps) / slope) if slope > 0 else np.inf
-        rises = cv <= MAX_SLOPE_CV
-        sizes = np.exp(log_n)
         for arm in placed.itertuples(index=False):
             base = Kind(arm.kind).baseline_name(arm.real_fraction, arm.train_site)
             if arm.experiment not in sm.point or base not in sm.point:
                 continue
-            seeds = sorted(set(sm.point[arm.experiment]) & set(sm.point[base]), key=str)
-            own = np.array([n_real[(arm.experiment, s)] for s in seeds])
-            start = np.array([n_real[(base, s)] for s in seeds])
-            added = np.array([extra[(arm.experiment, s)] for s in seeds])
-            delta = np.array([sm.point[arm.experiment][s] - sm.point[base][s] for s in seeds])
-            n_eq = start * np.exp(delta / slope) if rises else np.full(len(seeds), np.nan)
-            est = None
-            if rises:
-                reps = np.vstack([
-                    (start[i] * np.exp((sm.replicates[arm.experiment][s]
-                                        - sm.replicates[base][s]) / slope_reps) - own[i])
-                    / added[i] for i, s in enumerate(seeds)])
-                reps = reps[:, np.isfinite(reps).all(axis=0)]
-                est = seed_estimate((n_eq - own) / added, np.atleast_2d(np.cov(reps)),
-                                    spec.alpha)
+            d = _draws(sm, curve, arm.experiment, base, n_real, extra)
+            n_eq = d.n_eq if curve.rises else np.full(len(d.seeds), np.nan)
+            est = _estimate(d.rates, d.reps, spec.alpha) if curve.rises else None
             mean_eq = float(n_eq.mean())
             rows.append({
                 "experiment": arm.experiment, "kind": arm.kind, "k": arm.k,
                 "real_fraction": arm.real_fraction, "test_set": sm.test_set,
-                "n_real": float(own.mean()), "n_extra": float(added.mean()),
-                "n_synthetic": float(np.mean([n_syn[(arm.experiment, s)] for s in seeds])),
-                "real_equivalent": mean_eq, "worth": float((n_eq - own).mean()),
+                "n_real": float(d.own.mean()), "n_extra": float(d.added.mean()),
+                "n_synthetic": float(np.mean([n_syn[(arm.experiment, s)] for s in d.seeds])),
+                "real_equivalent": mean_eq, "worth": float((n_eq - d.own).mean()),
                 "rate": est.estimate if est else np.nan,
                 "ci_low": est.ci_low if est else np.nan,
                 "ci_high": est.ci_high if est else np.nan,
-                "df": est.df if est else np.nan, "n_seeds": len(seeds),
-                "extrapolated": bool(rises and not sizes.min() <= mean_eq <= sizes.max()),
-                "curve_min": float(sizes.min()), "curve_max": float(sizes.max()),
-                "slope": slope, "slope_cv": cv,
-                "note": "" if rises else f"no rate: the learning curve's slope is not well "
-                                         f"determined on this test set (CV {cv:.2f} > "
-                                         f"{MAX_SLOPE_CV})"})
+                "df": est.df if est else np.nan, "n_seeds": len(d.seeds),
+                "extrapolated": bool(curve.rises and not curve.sizes.min() <= mean_eq
+                                     <= curve.sizes.max()),
+                "curve_min": float(curve.sizes.min()), "curve_max": float(curve.sizes.max()),
+                "slope": curve.slope, "slope_cv": curve.cv,
+                "note": "" if curve.rises else f"no rate: the learning curve's slope is not well "
+                                               f"determined on this test set (CV "
+                                               f"{curve.cv:.2f} > {MAX_SLOPE_CV})"})
     return pd.DataFrame(rows)
+
+
+def worth_comparisons(macros: dict[str, SeedMacros], grid: pd.DataFrame, spec: StatsSpec,
+                      pairs: list[tuple[str, str]]) -> pd.DataFrame:
+    """What one arm's extra images are worth against another's, per test set with a curve,
+    paired: ``pairs`` of (arm, reference), both placed on the same learning curve. The
+    difference of their rates comes per seed, with the patient-bootstrap replicates both
+    share (two-level CI as every contrast); the ratio ``rate / reference rate`` (e.g. the
+    generator's images against the perfect generator's: the share of the attainable worth)
+    by the delta method on the same draws, with no interval where the reference's own CI
+    reaches 0 (the ratio is then unbounded). Columns: test_set, experiment, reference,
+    rate, reference_rate, difference with diff_ci_low/high, ratio with ratio_ci_low/high,
+    n_seeds, note."""
+    arms = curve_arms(grid)
+    if len(arms) < MIN_SIZES:
+        return pd.DataFrame()
+    kinds = grid.drop_duplicates("experiment").set_index("experiment")
+    n_real = _per_seed(grid, "n_unique_real")
+    extra = _per_seed(grid.assign(n_extra=_n_extra(grid)), "n_extra")
+    rows = []
+    for sm in macros.values():
+        curve = _curve(sm, arms, n_real)
+        if curve is None or not curve.rises:
+            continue
+        for experiment, reference in pairs:
+            draws = {}
+            for e in (experiment, reference):
+                row = kinds.loc[e]
+                base = Kind(row["kind"]).baseline_name(row["real_fraction"], row["train_site"])
+                draws[e] = _draws(sm, curve, e, base, n_real, extra)
+            a, b = draws[experiment], draws[reference]
+            if a.seeds != b.seeds:
+                raise ValueError(f"{experiment} and {reference} were trained at different "
+                                 "seeds; a paired comparison needs the same ones")
+            diff = _estimate(a.rates - b.rates, a.reps - b.reps, spec.alpha)
+            ref = _estimate(b.rates, b.reps, spec.alpha)
+            ratio = float(a.rates.mean() / b.rates.mean()) if b.rates.mean() else np.nan
+            bounded = ref.ci_low > 0
+            if bounded:  # delta method: linearise rate_a - ratio * rate_b around the ratio
+                lin = _estimate((a.rates - ratio * b.rates) / b.rates.mean(),
+                                (a.reps - ratio * b.reps) / b.rates.mean(), spec.alpha)
+                low, high = ratio - (lin.estimate - lin.ci_low), ratio + (lin.ci_high
+                                                                          - lin.estimate)
+            else:
+                low = high = np.nan
+            rows.append({"test_set": sm.test_set, "experiment": experiment,
+                         "reference": reference, "rate": float(a.rates.mean()),
+                         "reference_rate": float(b.rates.mean()),
+                         "difference": diff.estimate, "diff_ci_low": diff.ci_low,
+                         "diff_ci_high": diff.ci_high, "ratio": ratio,
+                         "ratio_ci_low": low, "ratio_ci_high": high, "n_seeds": len(a.seeds),
+                         "note": "" if bounded else "no interval for the ratio: the "
+                                 "reference's own CI reaches 0"})
+    return pd.DataFrame(rows)
+
+
+def perfect_generator_pairs(grid: pd.DataFrame) -> list[tuple[str, str]]:
+    """(generator arm, perfect-generator arm) at the same k and real fraction: the pairs whose
+    worth ratio says what share of the attainable worth the generator delivers."""
+    arms = grid.drop_duplicates("experiment")
+    oracle = {(r.k, r.real_fraction): r.experiment for r in arms.itertuples()
+              if r.kind == Kind.REAL_PLUS_ORACLE}
+    return [(r.experiment, oracle[(r.k, r.real_fraction)]) for r in arms.itertuples()
+            if r.kind == Kind.REAL_PLUS_SYNTHETIC and (r.k, r.real_fraction) in oracle]
 
 
 def calibration_held(rates: pd.DataFrame, test_set: str) -> dict[str, str]:
@@ -215,6 +325,17 @@ def calibration_held(rates: pd.DataFrame, test_set: str) -> dict[str, str]:
         out[kind.value] = (f"{kind.label} at x{int(row['k'])}: {ci}{extra}; expected: "
                            f"{want}; its CI {detail}: {'held' if held else 'did not hold'}")
     return out
+
+
+def worth_summary(versus: pd.DataFrame, test_set: str) -> dict[str, dict]:
+    """``summary.json["worth_vs_perfect"]`` for the headline test set: {generator arm: its
+    rate against the perfect generator's, as a ratio and a paired difference, with CIs}."""
+    if versus.empty:
+        return {}
+    here = versus[versus["test_set"] == test_set]
+    keys = ("reference", "rate", "reference_rate", "ratio", "ratio_ci_low", "ratio_ci_high",
+            "difference", "diff_ci_low", "diff_ci_high")
+    return {r["experiment"]: {k: r[k] for k in keys} for r in here.to_dict("records")}
 
 
 def summary_entries(rates: pd.DataFrame, test_set: str) -> dict[str, dict]:
