@@ -104,6 +104,10 @@ def test_worth_against_a_reference_arm_is_paired_with_its_ratio():
     assert row["ratio_ci_low"] < 0.5 < row["ratio_ci_high"] < 1 and row["note"] == ""
     rates = exchange_rates(_macros(point), grid, StatsSpec()).set_index("experiment")
     assert row["rate"] == pytest.approx(rates.loc[pair[0][0], "rate"])
+    from cxrlib.study.exchange import worth_sentences
+
+    said = worth_sentences(worth_comparisons(_macros(point), grid, StatsSpec(), pair))[0]
+    assert "is worth 0.50 (95% CI" in said and "paired difference in r -0.40" in said
     # a reference worth nothing: the ratio has no interval
     zero, zpoint = _grid({"oracle": 0.0, "shuffled": 0.4})
     flat = worth_comparisons(_macros(zpoint), zero, StatsSpec(), pair).iloc[0]

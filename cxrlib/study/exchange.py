@@ -327,6 +327,20 @@ def calibration_held(rates: pd.DataFrame, test_set: str) -> dict[str, str]:
     return out
 
 
+def worth_sentences(versus: pd.DataFrame) -> list[str]:
+    """One sentence per row of :func:`worth_comparisons`: the share of the perfect
+    generator's worth, and the paired difference in r, each with its CI."""
+    said = []
+    for r in versus.to_dict("records"):
+        share = (f"{r['ratio']:.2f} (95% CI {r['ratio_ci_low']:.2f} to {r['ratio_ci_high']:.2f})"
+                 if np.isfinite(r["ratio_ci_low"]) else
+                 f"{r['ratio']:.2f} (no interval: the perfect generator's own CI reaches 0)")
+        said.append(f"{r['test_set']}: an extra image of {r['experiment']} is worth {share} of "
+                    f"one of {r['reference']}; paired difference in r {r['difference']:+.2f} "
+                    f"(95% CI {r['diff_ci_low']:+.2f} to {r['diff_ci_high']:+.2f}).")
+    return said
+
+
 def worth_summary(versus: pd.DataFrame, test_set: str) -> dict[str, dict]:
     """``summary.json["worth_vs_perfect"]`` for the headline test set: {generator arm: its
     rate against the perfect generator's, as a ratio and a paired difference, with CIs}."""
