@@ -783,3 +783,9 @@ def test_the_headline_reads_each_result_against_the_positive_control_beside_it()
             "there") in first
     assert worth.endswith("5% real + 200% synthetic 0.110 (-0.040 to 0.260).")
     assert findings.headline({}) == []
+    summary["worth_vs_perfect"] = {"real_plus_synthetic_x2.f5": {
+        "reference": "real_plus_oracle_x2.f5", "ratio": 0.25, "ratio_ci_low": -0.24,
+        "ratio_ci_high": 0.75}}
+    share = findings.headline(summary)[-1]
+    assert share.startswith("Against the perfect generator at the same dose")
+    assert "5% real + 200% synthetic is worth 0.25 (95% CI -0.24 to 0.75) of one" in share

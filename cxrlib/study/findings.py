@@ -352,6 +352,16 @@ def headline(summary: dict[str, Any]) -> list[str]:
                  for arm, r in rates.items()]
         sentences.append("What one extra image is worth in real images, on the internal "
                          "learning curve: " + "; ".join(worth) + ".")
+    for arm, r in (summary.get("worth_vs_perfect") or {}).items():
+        if r.get("ratio") is None:
+            continue
+        ci = (f" (95% CI {r['ratio_ci_low']:.2f} to {r['ratio_ci_high']:.2f})"
+              if r.get("ratio_ci_low") is not None else
+              " (no interval: the perfect generator's own CI reaches 0)")
+        sentences.append(f"Against the perfect generator at the same dose "
+                         f"({names.get(r['reference'], r['reference'])}), an image of "
+                         f"{names.get(arm, arm)} is worth {r['ratio']:.2f}{ci} of one of its "
+                         "images: the share of the attainable worth the generator delivers.")
     return sentences
 
 
