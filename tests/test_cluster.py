@@ -320,8 +320,8 @@ def test_two_task_diffusion_training_resumes_after_scancel(smoke_pipeline, tmp_p
     its first checkpoint, submitted again, resumed, it ends on the checkpoint of an
     uninterrupted two-task job."""
     longer = tmp_path / "longer.yaml"
-    longer.write_text(f"extends: {SMOKE}\ndiffusion: {{max_steps: 60, checkpoint_every: 4, "
-                      "sample_every: 60}\n")
+    longer.write_text(f"extends: {SMOKE}\ndiffusion: {{max_steps: 200, checkpoint_every: 4, "
+                      "sample_every: 200}\n")
     runs = {}
     for where in ("whole", "killed"):
         run = _copy_smoke_run(smoke_pipeline, tmp_path / where)
@@ -329,7 +329,7 @@ def test_two_task_diffusion_training_resumes_after_scancel(smoke_pipeline, tmp_p
         runs[where] = run
     whole = _cli("train-diffusion", "--params", str(longer), "--cluster", str(ONE_NODE),
                  runs=tmp_path / "whole")
-    assert "processes: 2; steps 0 -> 60" in _finish(whole)
+    assert "processes: 2; steps 0 -> 200" in _finish(whole)
     killed = _cli("train-diffusion", "--params", str(longer), "--cluster", str(ONE_NODE),
                   runs=tmp_path / "killed")
     first = runs["killed"] / "02_diffusion_training" / "checkpoints" / "step-0000004"
@@ -339,7 +339,7 @@ def test_two_task_diffusion_training_resumes_after_scancel(smoke_pipeline, tmp_p
     subprocess.run(["scancel", job], check=True)
     out = _finish(killed)
     assert f"job {job} ended without a result" in out and "(attempt 2)" in out, out[-3000:]
-    final = Path("02_diffusion_training/checkpoints/step-0000060")
+    final = Path("02_diffusion_training/checkpoints/step-0000200")
     for part in ("model.safetensors", "ema.safetensors"):
         a = load_file(runs["whole"] / final / part)
         b = load_file(runs["killed"] / final / part)

@@ -627,8 +627,8 @@ def test_synthetic_pretraining_fine_tunes_the_pretrained_weights_on_the_real_row
     calls = []
     real_train = training.train_classifier
 
-    def spy(spec, rows, val, cache, seed, progress, on_round=None, init=None):
-        result = real_train(spec, rows, val, cache, seed, progress, init=init)
+    def spy(spec, rows, val, cache, seed, progress, on_round=None, init=None, resume=None):
+        result = real_train(spec, rows, val, cache, seed, progress, init=init, resume=resume)
         calls.append((set(rows["source"]), None if init is None else weights_crc(init),
                       weights_crc(result.model)))
         return result

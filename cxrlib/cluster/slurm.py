@@ -38,6 +38,7 @@ import submitit
 
 from cxrlib.cluster.spec import ClusterSpec, Resources
 from cxrlib.core.delegation import (
+    ENDED,
     PIECE_ENV,
     Delegated,
     Delegation,
@@ -55,8 +56,8 @@ from cxrlib.core.progress import tqdm
 
 #: Lines of a failed job's log quoted in the error.
 LOG_TAIL_LINES = 25
-#: Polls a job may be missing from ``squeue`` without a result before it counts as killed
-#: (a job between states can be missing from one listing).
+#: Polls a job may be ended (or no longer listed) without a result before it counts as
+#: killed: its result file can reach a shared file system a moment after the job ends.
 MISSING_POLLS = 2
 
 
@@ -213,7 +214,7 @@ def _wait(jobs: dict[str, submitit.Job], by_key: dict[str, Piece], record: Deleg
                         entry.status = "failed"
                         write_delegation(run, record)
                         raise PieceFailedError(_failure(key, job, error, stage, len(pending)))
-                elif job.job_id in states:
+                elif states.get(job.job_id, "ENDED") not in ENDED:  # queued, running, requeued
                     missing[key] = 0
                     continue
                 else:
@@ -236,7 +237,8 @@ def _wait(jobs: dict[str, submitit.Job], by_key: dict[str, Piece], record: Deleg
                       f"failed); submitted again as job {jobs[key].job_id} "
                       f"(attempt {entry.attempts + 1})")
                 write_delegation(run, record)
-            queued = sum(states.get(jobs[k].job_id, "PENDING") == "PENDING" for k in pending)
+            queued = sum(states.get(jobs[k].job_id, "PENDING") in ("PENDING", "REQUEUED")
+                         for k in pending)
             bar.set_postfix_str(f"{len(pending) - queued} running, {queued} queued")
     finally:
         bar.close()

@@ -84,23 +84,31 @@ def clear_delegation(run: RunFolder) -> None:
     run.delegated.unlink(missing_ok=True)
 
 
+#: Job states after which a job runs no more (a requeued job passes through others, e.g.
+#: ``REQUEUED``, and is still the same job).
+ENDED = frozenset({"COMPLETED", "CANCELLED", "FAILED", "TIMEOUT", "NODE_FAIL", "PREEMPTED",
+                   "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"})
+
+
 def job_states() -> dict[str, str] | None:
-    """This user's SLURM jobs that are queued or running, id -> state (``PENDING``,
-    ``RUNNING``, ...; array tasks one by one, as ``123_4``); None where there is no
+    """This user's SLURM jobs that the controller still lists, in any state, id -> state
+    (``PENDING``, ``RUNNING``, ``REQUEUED``, ``CANCELLED``, ...; array tasks one by one, as
+    ``123_4``; ended jobs stay listed for the cluster's MinJobAge); None where there is no
     ``squeue`` (not a SLURM submit host)."""
     if shutil.which("squeue") is None:
         return None
-    out = subprocess.run(["squeue", "--me", "-h", "-r", "-o", "%i %T"], capture_output=True,
-                         text=True, timeout=60)
+    out = subprocess.run(["squeue", "--me", "-h", "-r", "-t", "all", "-o", "%i %T"],
+                         capture_output=True, text=True, timeout=60)
     if out.returncode != 0:
         raise RuntimeError(f"squeue failed ({out.returncode}): {out.stderr.strip()[:300]}")
     return dict(line.split(maxsplit=1) for line in out.stdout.splitlines() if line.strip())
 
 
 def live_job_ids() -> set[str] | None:
-    """Ids of :func:`job_states` (None without ``squeue``)."""
+    """Ids of the jobs of :func:`job_states` that are queued, running or being requeued
+    (None without ``squeue``)."""
     states = job_states()
-    return None if states is None else set(states)
+    return None if states is None else {j for j, s in states.items() if s not in ENDED}
 
 
 def live_delegated(run: RunFolder) -> tuple[Delegation | None, set[str]]:
