@@ -204,6 +204,29 @@ def subgroup_figure(subgroups: pd.DataFrame, experiments: list[str]) -> plt.Figu
 
 
 #: The forest plot's file name under the statistics stage (and beside the landing page).
+def label_gain_figure(both: pd.DataFrame, arm: str, rho: dict[str, float]) -> plt.Figure:
+    """Per finding: the arm's paired AUROC gain over its baseline (95% CI) against the
+    generator's conditional fidelity for that finding (synthetic over real judge AUROC), each
+    point named; the Spearman correlation in the title."""
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    yerr = np.vstack([both["gain"] - both["ci_low"], both["ci_high"] - both["gain"]])
+    ax.errorbar(both["fidelity"], both["gain"], yerr=yerr, fmt="o", capsize=3,
+                color=kind_colour(Kind.REAL_PLUS_SYNTHETIC))
+    for row in both.itertuples(index=False):
+        ax.annotate(row.label, (row.fidelity, row.gain), fontsize=7, xytext=(4, 2),
+                    textcoords="offset points")
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set(xlabel="conditional fidelity (judge AUROC synthetic / real)",
+           ylabel="AUROC gain over its baseline")
+    title = f"{arm}: gain per finding"
+    if np.isfinite(rho.get("rho", np.nan)):
+        title += (f"; Spearman rho {rho['rho']:+.2f} "
+                  f"(95% CI {rho['ci_low']:+.2f} to {rho['ci_high']:+.2f})")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
 FOREST_FIGURE = "forest.png"
 
 
