@@ -175,7 +175,8 @@ HEADERS: dict[str, str] = {
     "reference": "perfect generator", "reference_rate": "its r",
     "ratio": "share of its worth", "ratio_ci_low": "share CI low",
     "ratio_ci_high": "share CI high", "diff_ci_low": "difference CI low",
-    "diff_ci_high": "difference CI high",
+    "diff_ci_high": "difference CI high", "rate_ci_low": "r CI low",
+    "rate_ci_high": "r CI high", "label": "finding",
 }
 
 
