@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 
 from cxrlib.core.files import atomic_write_text
-from cxrlib.core.lock import RunBusyError, RunFolder, hold, read_holder
+from cxrlib.core.lock import RunBusyError, RunFolder, hold, jobs_phrase, read_holder
 
 #: Set by a delegated task (:class:`cxrlib.cluster.slurm.DelegatedTask`) before its piece
 #: runs: the piece's key, so :func:`enter_piece` waits for the record instead of locking.
@@ -59,9 +59,7 @@ class Delegation:
         return [d.job_id for d in self.pieces.values() if status is None or d.status == status]
 
     def describe_jobs(self, live: set[str] | None = None) -> str:
-        ids = [j for j in self.job_ids() if live is None or j in live]
-        shown = ", ".join(ids[:8]) + (f" and {len(ids) - 8} more" if len(ids) > 8 else "")
-        return f"{len(ids)} SLURM job(s) of stage {self.stage} ({shown})"
+        return jobs_phrase(self.stage, [j for j in self.job_ids() if live is None or j in live])
 
 
 def read_delegation(run: RunFolder) -> Delegation | None:
@@ -132,7 +130,11 @@ def refuse_if_jobs_live(run: RunFolder, stage: str) -> None:
     """A writer that took the lock of a run whose jobs a dead submitter left queued or running
     may go on only for the same stage (it re-attaches to them); otherwise a
     :class:`RunBusyError` names the jobs and how to end them."""
-    record, live = live_delegated(run)
+    _refuse_other_stage(run, stage, *live_delegated(run))
+
+
+def _refuse_other_stage(run: RunFolder, stage: str, record: Delegation | None,
+                        live: set[str]) -> None:
     if record is None or not live or record.stage == stage:
         return
     raise RunBusyError(
@@ -153,8 +155,8 @@ def enter_piece(run: RunFolder, stage: str, key: str) -> Iterator[None]:
         yield
         return
     with hold(run, stage):
-        refuse_if_jobs_live(run, stage)
-        record, live = live_delegated(run)
+        record, live = live_delegated(run)  # one look at the queue for both checks
+        _refuse_other_stage(run, stage, record, live)
         if record is not None and key in record.pieces and record.pieces[key].job_id in live:
             raise RunBusyError(f"piece {key} of run {run.root} is delegated to SLURM job "
                                f"{record.pieces[key].job_id}, which is still queued or "

@@ -158,17 +158,21 @@ def acquire(run: RunFolder, stage: str) -> Holder:
     return me
 
 
+def jobs_phrase(stage: str, ids: list[str]) -> str:
+    """SLURM jobs of a stage in words: ``3 SLURM job(s) of stage 04_... (12_0, 12_1, 12_2)``."""
+    shown = ", ".join(ids[:8]) + (f" and {len(ids) - 8} more" if len(ids) > 8 else "")
+    return f"{len(ids)} SLURM job(s) of stage {stage} ({shown})"
+
+
 def _delegated_jobs(run: RunFolder) -> str:
-    """The jobs the holder delegated pieces to (:mod:`cxrlib.core.delegation`), in words."""
+    """The jobs the holder delegated pieces to (:mod:`cxrlib.core.delegation`, which builds
+    on this module, hence the record read as plain JSON here), in words."""
     try:
         record = json.loads(run.delegated.read_text())
     except (FileNotFoundError, ValueError):
         return ""
     ids = [p["job_id"] for p in record.get("pieces", {}).values() if p["status"] == "submitted"]
-    if not ids:
-        return ""
-    shown = ", ".join(ids[:8]) + (f" and {len(ids) - 8} more" if len(ids) > 8 else "")
-    return f", with {len(ids)} SLURM job(s) of stage {record.get('stage')} ({shown})"
+    return f", with {jobs_phrase(record.get('stage'), ids)}" if ids else ""
 
 
 def _busy_message(run: RunFolder, holder: Holder | None) -> str:
