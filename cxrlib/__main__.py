@@ -145,19 +145,22 @@ def _train_diffusion(params_file: Path) -> int:
 
 def _generate_synthetic(params_file: Path, exported: Path | None) -> int:
     from cxrlib.data.readers import load_cohort
-    from cxrlib.diffusion.checkpoints import trained_checkpoint
+    from cxrlib.diffusion.checkpoints import sampling_checkpoint
     from cxrlib.diffusion.pipeline import CXRPipeline
-    from cxrlib.synthetic.cohorts import build_synthetic_cohort
+    from cxrlib.synthetic.cohorts import build_setting_cohorts, build_synthetic_cohort
 
     params = load_params(params_file)
     run = RunLayout.open(params)
     with writing(run, "03_sampling_explorer"):
         cohort = load_cohort(params, run)
         generator = (CXRPipeline.from_exported(exported) if exported is not None
-                     else CXRPipeline.from_checkpoint(trained_checkpoint(run), params.diffusion))
+                     else CXRPipeline.from_checkpoint(sampling_checkpoint(run, params),
+                                                      params.diffusion))
         for strategy in params.sampling.strategies:
             synth = build_synthetic_cohort(params, cohort.manifest, generator, run, strategy)
             print(f"{strategy}: {len(synth)} synthetic images")
+        for setting, synth in build_setting_cohorts(params, cohort.manifest, run).items():
+            print(f"{setting.label}: {len(synth)} synthetic images")
     return 0
 
 

@@ -111,6 +111,31 @@ class Kind(StrEnum):
         return self.baseline.experiment_name(0, real_fraction, site)
 
 
+@dataclass(frozen=True, order=True)
+class GeneratorSetting:
+    """A generator other than the run's own, for the worth curves (``tradeoffs``): the EMA
+    weights of the diffusion checkpoint at ``step`` sampled at guidance ``w``, with the run's
+    sampler. Its cohort (:meth:`cohort`) plans the same rows and seeds as the run's own
+    replicas, so images of two settings differ only in the setting."""
+
+    step: int
+    guidance: float
+
+    @property
+    def tag(self) -> str:
+        """``step250-w1``: the suffix of its cohort's folder and its arms' names."""
+        return f"step{self.step}-w{self.guidance:g}"
+
+    @property
+    def label(self) -> str:
+        """How figures and prose name it."""
+        return f"{self.step:,} steps, w {self.guidance:g}"
+
+    def cohort(self, strategy: str = "replicas") -> str:
+        """The key of its synthetic cohort (a folder of ``03_sampling_explorer/synthetic``)."""
+        return f"{strategy}-{self.tag}"
+
+
 def fraction_tag(fraction: float) -> str:
     """``0.25`` -> ``f25`` (the suffix of an internal experiment's name)."""
     return f"f{round(100 * fraction)}"

@@ -26,7 +26,7 @@ from pydantic import (
     model_validator,
 )
 
-from cxrlib.core.kinds import ORACLE_STRATEGIES, Kind
+from cxrlib.core.kinds import ORACLE_STRATEGIES, GeneratorSetting, Kind
 from cxrlib.core.labels import CHEXPERT_LABELS, RACE_VALUES, VIEW_CODES
 
 Split = Literal["train", "val", "test"]
@@ -691,6 +691,10 @@ class SamplingSpec(_Strict):
     #: The UNet's precision while sampling the cohorts and the sweep; the scheduler's
     #: arithmetic stays fp32. ``auto`` as for training.
     mixed_precision: MixedPrecision = "no"
+    #: The diffusion checkpoint the cohorts, the explorer and the audit use, by its training
+    #: step (None = the last). Set below ``diffusion.max_steps`` when a longer training serves
+    #: the worth curves (``tradeoffs.steps``) and the run's own generator is an earlier one.
+    checkpoint_step: PositiveInt | None = None
     #: Replicas per training row (k = 10 is +1000%).
     replicas: Annotated[int, Field(ge=1, le=10)] = 3
     #: Share of the training rows (drawn by patient, seeded) that get synthetic images. The
@@ -824,10 +828,47 @@ class StatsSpec(_Strict):
     primary: PrimarySpec = Field(default_factory=PrimarySpec)
 
 
+class TradeoffSpec(_Strict):
+    """The worth curves (notebook 06): what one extra image is worth in real images (the
+    exchange rate, :mod:`cxrlib.study.exchange`) along four axes, every point an arm of the
+    one grid at the same seeds, so differences between points are paired. The run's own
+    generator (``sampling.checkpoint_step`` or the last checkpoint, at ``sampling.guidance``)
+    is the reference point of every axis; the perfect generator stands beside the dose and
+    size axes when ``sampling.strategies`` has ``oracle``."""
+
+    #: Where the compute, guidance and dose axes are measured (a fraction of
+    #: ``experiments.real_fractions``): the scarce-data point of the primary comparison.
+    real_fraction: Annotated[float, Field(gt=0, le=1)]
+    #: The dose (+100 k %) of the compute, guidance and size axes.
+    k: Annotated[int, Field(ge=1, le=10)] = 2
+    #: Generator compute: cohorts from the diffusion checkpoints at these training steps,
+    #: sampled as the run's own generator is.
+    steps: list[PositiveInt] = Field(default_factory=list)
+    #: Guidance w: cohorts of the run's own checkpoint at these w.
+    guidance: list[Guidance] = Field(default_factory=list)
+    #: Doses k at ``real_fraction`` from the run's own generator (and the perfect generator).
+    doses: list[Annotated[int, Field(ge=1, le=10)]] = Field(default_factory=list)
+    #: Real-data sizes: real fractions supplemented at ``k`` (and the perfect generator).
+    sizes: list[Annotated[float, Field(gt=0, le=1)]] = Field(default_factory=list)
+
+
 class RunSpec(_Strict):
     name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")]
     out_dir: str = "runs"
     seed: int = 0
+
+
+def _on_checkpoint(key: str, steps: list[int], d: DiffusionSpec) -> None:
+    """Every step must be a checkpoint that training writes and keeps."""
+    odd = sorted(s for s in steps if s % d.checkpoint_every or s > d.max_steps)
+    if odd:
+        raise ValueError(f"{key} {odd}: not checkpoints of a training of diffusion.max_steps "
+                         f"{d.max_steps} saved every diffusion.checkpoint_every "
+                         f"{d.checkpoint_every} steps; use multiples of it up to max_steps")
+    kept = (d.max_steps - min(steps, default=d.max_steps)) // d.checkpoint_every + 1
+    if kept > d.keep_checkpoints:
+        raise ValueError(f"{key} {sorted(steps)} needs the last {kept} checkpoints kept; set "
+                         f"diffusion.keep_checkpoints to at least {kept}")
 
 
 class Params(_Strict):
@@ -842,6 +883,8 @@ class Params(_Strict):
     audit: AuditSpec = Field(default_factory=AuditSpec)
     experiments: ExperimentSpec = Field(default_factory=ExperimentSpec)
     stats: StatsSpec = Field(default_factory=StatsSpec)
+    #: The worth curves (notebook 06); None = the run has none and notebook 06 is skipped.
+    tradeoffs: TradeoffSpec | None = None
     #: The file these parameters were loaded from (relative paths are anchored next to it).
     _source: Path | None = PrivateAttr(default=None)
 
@@ -896,6 +939,30 @@ class Params(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _tradeoffs_fit(self) -> Params:
+        t, d, fractions = self.tradeoffs, self.diffusion, self.experiments.real_fractions
+        if self.sampling.checkpoint_step is not None:
+            _on_checkpoint("sampling.checkpoint_step", [self.sampling.checkpoint_step], d)
+        if t is None:
+            return self
+        stray = sorted({t.real_fraction, *t.sizes} - set(fractions))
+        if stray:
+            raise ValueError(f"tradeoffs: real fractions {stray} are not in "
+                             f"experiments.real_fractions {fractions}; real only must run at "
+                             "each (the arms' baselines)")
+        beyond = sorted(f for f in {t.real_fraction, *t.sizes}
+                        if f > self.sampling.source_fraction + 1e-9)
+        if beyond:
+            raise ValueError(f"tradeoffs: real fractions {beyond} lie above "
+                             f"sampling.source_fraction {self.sampling.source_fraction}, so "
+                             "their patients have no synthetic images; raise the source fraction")
+        if max([t.k, *t.doses]) > self.sampling.replicas:
+            raise ValueError(f"tradeoffs: doses up to {max([t.k, *t.doses])} need "
+                             f"sampling.replicas >= that (it is {self.sampling.replicas})")
+        _on_checkpoint("tradeoffs.steps", t.steps, d)
+        return self
+
+    @model_validator(mode="after")
     def _view_condition_fits(self) -> Params:
         other = sorted(self.data.kept_views() - set(VIEW_CODES))
         if self.diffusion.condition_on_view and other:
@@ -903,6 +970,23 @@ class Params(_Strict):
                              f"the data keeps {other} (data.views, data.frontal_only); keep "
                              "frontal views only, or set diffusion.condition_on_view to false")
         return self
+
+    def reference_generator(self) -> GeneratorSetting:
+        """The run's own generator: ``sampling.checkpoint_step`` (or the last checkpoint) at
+        ``sampling.guidance``; its cohorts are the run's ordinary ones."""
+        return GeneratorSetting(self.sampling.checkpoint_step or self.diffusion.max_steps,
+                                self.sampling.guidance)
+
+    def generator_settings(self) -> list[GeneratorSetting]:
+        """The settings other than the run's own that the worth curves (``tradeoffs``) make
+        cohorts of: each step of ``tradeoffs.steps`` at the run's guidance, each w of
+        ``tradeoffs.guidance`` at the run's checkpoint."""
+        t, ref = self.tradeoffs, self.reference_generator()
+        if t is None:
+            return []
+        wanted = [GeneratorSetting(s, ref.guidance) for s in t.steps] + [
+            GeneratorSetting(ref.step, w) for w in t.guidance]
+        return sorted({s for s in wanted if s != ref})
 
     def internal_sites(self) -> list[str]:
         """Names of the sites with role ``internal`` (the study's training site(s))."""

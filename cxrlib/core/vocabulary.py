@@ -111,9 +111,12 @@ def arm_labels(grid: pd.DataFrame, params: Params) -> dict[str, str]:
     sites = site_labels(params)
     internal = " + ".join(sites[s] for s in params.internal_sites())
     rows = grid.drop_duplicates("experiment")
+    steps = rows["generator_step"] if "generator_step" in rows else pd.Series(index=rows.index)
+    guidance = rows.get("generator_guidance", pd.Series(index=rows.index))
     return {r.experiment: arm_label(Kind(r.kind), int(r.k), float(r.real_fraction),
                                     sites.get(r.train_site, internal))
-            for r in rows.itertuples(index=False)}
+            + ("" if pd.isna(step) else f" ({int(step):,} steps, w {float(w):g})")
+            for r, step, w in zip(rows.itertuples(index=False), steps, guidance, strict=True)}
 
 
 #: One word set for every verdict a page shows: a comparison's, a claim's, a check's.

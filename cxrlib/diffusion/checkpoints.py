@@ -13,12 +13,18 @@ import torch
 from safetensors.torch import load_file
 
 from cxrlib.core.layout import RunLayout
+from cxrlib.core.schema import Params
 from cxrlib.diffusion.network import ConditionalUNet, DiffusionError
 
 
 def checkpoint_dirs(root: Path) -> list[Path]:
     """The complete checkpoint folders under ``root``, oldest first."""
     return sorted(p for p in root.glob("step-*") if p.is_dir() and (p / "state.json").exists())
+
+
+def checkpoint_folder(root: Path, step: int) -> Path:
+    """The folder of the checkpoint written at training step ``step``."""
+    return root / f"step-{step:07d}"
 
 
 def latest_checkpoint(root: Path) -> Path | None:
@@ -35,6 +41,27 @@ def trained_checkpoint(run: RunLayout) -> Path:
         raise DiffusionError(f"no diffusion checkpoint under {run.checkpoints}; run "
                              "notebook 02 (or cxrlib train-diffusion) first")
     return ckpt
+
+
+def checkpoint_at(run: RunLayout, step: int | None) -> Path:
+    """The checkpoint of training step ``step`` (None: the latest,
+    :func:`trained_checkpoint`); an error names the steps there are."""
+    if step is None:
+        return trained_checkpoint(run)
+    folder = checkpoint_folder(run.checkpoints, step)
+    if not (folder / "state.json").exists():
+        have = [p.name for p in checkpoint_dirs(run.checkpoints)]
+        raise DiffusionError(f"no diffusion checkpoint of step {step} under {run.checkpoints} "
+                             f"(there are {have or 'none'}); train to it (notebook 02, "
+                             "diffusion.max_steps) with diffusion.keep_checkpoints large "
+                             "enough to keep it")
+    return folder
+
+
+def sampling_checkpoint(run: RunLayout, params: Params) -> Path:
+    """The run's own generator: the checkpoint of ``sampling.checkpoint_step``, or the
+    latest."""
+    return checkpoint_at(run, params.sampling.checkpoint_step)
 
 
 def read_checkpoint_state(folder: Path) -> dict:

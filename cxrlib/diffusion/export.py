@@ -27,7 +27,7 @@ from cxrlib.core.files import replace_folder
 from cxrlib.core.layout import RunLayout
 from cxrlib.core.schema import Params
 from cxrlib.core.summary import read_summary
-from cxrlib.diffusion.checkpoints import read_checkpoint_state, trained_checkpoint
+from cxrlib.diffusion.checkpoints import read_checkpoint_state, sampling_checkpoint
 from cxrlib.diffusion.pipeline import CXRPipeline
 
 #: The module file in an exported folder that diffusers imports the pipeline class from.
@@ -44,10 +44,11 @@ from cxrlib.diffusion.pipeline import {CXRPipeline.__name__}  # noqa: F401
 
 
 def export_generator(params: Params, out: Path) -> Path:
-    """Write the run's latest checkpoint (EMA weights) to ``out`` as a diffusers pipeline
+    """Write the run's own generator (``sampling.checkpoint_step`` or the latest checkpoint;
+    EMA weights) to ``out`` as a diffusers pipeline
     folder with its model card; ``out`` is replaced as a whole. Returns ``out``."""
     run = RunLayout.open(params, create=False)
-    ckpt = trained_checkpoint(run)
+    ckpt = sampling_checkpoint(run, params)
     pipe = CXRPipeline.from_checkpoint(ckpt, params.diffusion)
     with replace_folder(Path(out)) as tmp:
         pipe.save_pretrained(tmp)

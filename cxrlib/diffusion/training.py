@@ -52,6 +52,7 @@ from cxrlib.core.schema import DiffusionSpec, Params
 from cxrlib.data.imagecache import ImageCache, to_model_input
 from cxrlib.diffusion.checkpoints import (
     checkpoint_dirs,
+    checkpoint_folder,
     latest_checkpoint,
     read_checkpoint_state,
     trained_checkpoint,
@@ -140,7 +141,7 @@ def save_checkpoint(accelerator: Accelerator, root: Path, step: int, model: Cond
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
     rngs = gather_object([rng]) if accelerator.num_processes > 1 else [rng]
-    final = root / f"step-{step:07d}"
+    final = checkpoint_folder(root, step)
 
     def write() -> Path:
         previous = latest_checkpoint(root)  # a new checkpoint needs about its space

@@ -84,7 +84,8 @@ def grid_data(params: Params, run: RunLayout) -> GridData:
     cohort = load_cohort(params, run)
     if cohort.cache_dir is None:
         raise DataError("a metadata-only run has no images to train classifiers on")
-    frames, caches = load_synthetic(run, params.sampling.strategies)
+    frames, caches = load_synthetic(run, [*params.sampling.strategies, *(
+        s.cohort() for s in params.generator_settings())])
     return GridData(cohort.manifest, ImageCache(cohort.cache_dir), frames, caches)
 
 
@@ -137,10 +138,10 @@ def training_set(exp: Experiment, params: Params, data: GridData) -> pd.DataFram
     else:
         real = real_subset(params, manifest, exp.real_fraction, exp.seed,
                            beyond_sources=exp.kind is Kind.REAL_ONLY)
-    if recipe.synthetic != "none" and recipe.cohort not in data.synthetic:
-        raise DataError(f"experiment {exp.name} needs the synthetic cohort '{recipe.cohort}'; "
-                        "add it to sampling.strategies and run notebook 03")
-    pool = data.synthetic.get(recipe.cohort)
+    if recipe.synthetic != "none" and exp.cohort not in data.synthetic:
+        raise DataError(f"experiment {exp.name} needs the synthetic cohort '{exp.cohort}'; "
+                        "add it to sampling.strategies (or tradeoffs) and run notebook 03")
+    pool = data.synthetic.get(exp.cohort)
     synth = real.iloc[:0]
     if recipe.synthetic == "all_replicas":
         synth = pool[pool["replica"] < exp.k]
@@ -152,7 +153,7 @@ def training_set(exp: Experiment, params: Params, data: GridData) -> pd.DataFram
         if missing:
             raise DataError(
                 f"experiment {exp.name}: {missing} of {len(real) * exp.k} images of the "
-                f"'{recipe.cohort}' cohort are missing (sampling.replicas "
+                f"'{exp.cohort}' cohort are missing (sampling.replicas "
                 f"{params.sampling.replicas}); generate more (notebook 03) or lower the k "
                 "values in experiments")
         if recipe.synthetic == "shuffled":
@@ -334,17 +335,17 @@ def run_grid(params: Params, data: GridData, run: RunLayout,
     cluster = active_cluster()
     if cluster is not None:
         _run_on_cluster(todo, params, run, cluster)
-        return grid_results(run)
+        return grid_results(run, settings=True)
     bar = tqdm(todo, desc=f"experiment grid ({len(training) - len(todo)} of {len(training)} "
                "done before)", disable=not (progress and is_main_process()))
     workers = min(params.experiments.workers, len(todo))
     if workers > 1:
         _run_in_processes(todo, training, params, data, run, workers, bar)
-        return grid_results(run)
+        return grid_results(run, settings=True)
     for exp in bar:
         bar.set_postfix_str(f"{exp.name} seed {exp.seed}")
         run_experiment(exp, params, data, training[exp], run, _judge_reuse(exp, run))
-    return grid_results(run)
+    return grid_results(run, settings=True)
 
 
 GRID_STAGE = "04_classifier_experiments"

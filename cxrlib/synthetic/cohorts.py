@@ -35,7 +35,7 @@ from PIL import Image
 from cxrlib.cluster.spec import ClusterSpec, active_cluster
 from cxrlib.core.cohort import AGE_BANDS, AGE_UNKNOWN, age_band, source_rows
 from cxrlib.core.files import atomic_path, atomic_write_parquet
-from cxrlib.core.kinds import ORACLE_STRATEGIES
+from cxrlib.core.kinds import ORACLE_STRATEGIES, GeneratorSetting
 from cxrlib.core.labels import CHEXPERT_LABELS, MANIFEST_COLUMNS
 from cxrlib.core.layout import RunLayout
 from cxrlib.core.processes import on_main, process_state
@@ -44,6 +44,7 @@ from cxrlib.core.schema import Params, SamplingSpec
 from cxrlib.data.imagecache import decode, write_image_cache
 from cxrlib.data.phantom import ORACLE_STREAM, STYLES, render_jpeg, smooth_style
 from cxrlib.data.readers import load_cohort
+from cxrlib.diffusion.checkpoints import checkpoint_at
 from cxrlib.diffusion.pipeline import CXRPipeline
 from cxrlib.diffusion.samplers import generate, image_seed
 from cxrlib.hardware import precision_label, resolve_precision
@@ -361,6 +362,48 @@ def build_synthetic_cohort(params: Params, manifest: pd.DataFrame, generator: CX
     state.wait_for_everyone()  # every shard is written
     on_main(partial(finalize_cohort, plan, run, strategy, params.sampling.shard_size))
     return pd.read_parquet(done)
+
+
+def setting_plan(params: Params, manifest: pd.DataFrame, setting: GeneratorSetting,
+                 checkpoint: str) -> pd.DataFrame:
+    """The cohort of one generator setting of the worth curves: replicas 0..k-1
+    (``tradeoffs.k``) of the run's source rows with the seeds of the run's own replicas (the
+    same rows and noise: images of two settings differ only in the setting), at the
+    setting's guidance; image ids carry the setting, so its images never collide with
+    another cohort's."""
+    spec = params.sampling.model_copy(update={"guidance": setting.guidance,
+                                              "replicas": params.tradeoffs.k})
+    plan = replica_plan(params.model_copy(update={"sampling": spec}), manifest, checkpoint)
+    key = setting.cohort()
+    plan["image_id"] = [f"synthetic/{key}/{sid}/r{r}"
+                        for sid, r in zip(plan["source_image_id"], plan["replica"], strict=True)]
+    return plan
+
+
+def build_setting_cohorts(params: Params, manifest: pd.DataFrame, run: RunLayout,
+                          progress: bool = True) -> dict[GeneratorSetting, pd.DataFrame]:
+    """Plan, generate and merge the cohort of every generator setting of the worth curves
+    (:meth:`cxrlib.core.schema.Params.generator_settings`) that is not complete yet, each from
+    its checkpoint's EMA weights; resumable by shard like the run's own cohorts. Generated in
+    this process (on a cluster too: the settings' cohorts are small beside the grid)."""
+    out = {}
+    for setting in params.generator_settings():
+        key, done = setting.cohort(), run.synthetic_manifest(setting.cohort())
+        folder = checkpoint_at(run, setting.step)
+        if done.exists():
+            out[setting] = pd.read_parquet(done)
+            if out[setting]["checkpoint"].iloc[0] != folder.name:
+                raise SyntheticCohortError(f"{run.synthetic(key)} was generated from another "
+                                           "checkpoint; delete the folder to generate it again")
+            continue
+        generator = CXRPipeline.from_checkpoint(folder, params.diffusion)
+        plan = setting_plan(params, manifest, setting, folder.name)
+        check_no_eval_sources(plan, manifest)
+        spec = params.sampling.model_copy(update={"guidance": setting.guidance})
+        source = diffusion_source(params.model_copy(update={"sampling": spec}), generator)
+        generate_cohort(params, plan, source, run, key, progress=progress)
+        out[setting] = finalize_cohort(plan, run, key, params.sampling.shard_size)
+    return out
 
 
 def _source(params: Params, manifest: pd.DataFrame, strategy: str, generator: CXRPipeline,
