@@ -30,7 +30,7 @@ from nbconvert import HTMLExporter
 
 from cxrlib.core.config import Overrides, load_params, params_base
 from cxrlib.core.files import atomic_path, atomic_write_text
-from cxrlib.core.layout import STAGES, RunLayout
+from cxrlib.core.layout import STAGES, RunLayout, stages_of
 from cxrlib.core.lock import hold
 from cxrlib.core.progress import PROGRESS_ENV
 from cxrlib.core.provenance import header_html, provenance
@@ -191,6 +191,9 @@ STAGE_TITLES: dict[str, str] = {
                                  "epochs to early stop, first look at AUROC",
     "05_statistics": "Statistics: AUROC with patient-bootstrap CIs, DeLong and bootstrap tests "
                      "against the baseline, subgroups, generated findings",
+    "06_worth_curves": "Worth curves: what an extra image is worth in real images against "
+                       "generator compute, guidance, dose and real-data size; which cheap "
+                       "measure predicts it",
 }
 
 
@@ -377,10 +380,13 @@ def run_pipeline(params_file: Path, stages: tuple[str, ...] = STAGES, force: boo
     the run's summary, then write the index page. ``overrides`` (dotted keys, e.g.
     ``{"run.name": "demo-sde", "sampling.sampler": "sde_dpmpp"}``) change the parameter file
     for every stage: a variant of a preset without a copy of it."""
+    params = load_params(params_file, overrides)
     for stage in stages:
+        if stage not in stages_of(params):
+            print(f"[skip] {stage}: this run has no worth curves (no tradeoffs section)")
+            continue
         run_stage(stage, params_file, reports_root, force=force, quiet=quiet,
                   overrides=overrides)
-    params = load_params(params_file, overrides)
     run = RunLayout.open(params)
     with hold(run, "stage times"):
         summary = record_stage_times(run, reports_root, provenance(params, params_file))

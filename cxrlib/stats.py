@@ -686,3 +686,27 @@ def calibration_metrics(y: np.ndarray, p: np.ndarray, bins: int) -> tuple[float,
         warnings.simplefilter("ignore", ConvergenceWarning)
         fit = LogisticRegression(C=np.inf).fit(logit[:, None], y)
     return brier, ece, float(fit.coef_[0, 0])
+
+
+#: Resamples behind :func:`spearman_ci`.
+SPEARMAN_RESAMPLES = 2000
+
+
+def spearman_ci(x: np.ndarray, y: np.ndarray, seed: int, alpha: float = 0.05,
+                min_points: int = 4) -> dict[str, float]:
+    """Spearman's rho of ``x`` and ``y`` with a percentile CI over resamples of the points
+    (pairs drawn with replacement; a resample without spread in either is skipped): how
+    strongly a ranking by one follows the other, and how sure a few points make that. NaN
+    with fewer than ``min_points`` points."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if len(x) < min_points or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return {"rho": math.nan, "ci_low": math.nan, "ci_high": math.nan, "n": len(x)}
+    rng = np.random.default_rng([seed, 5417])
+    draws = []
+    for _ in range(SPEARMAN_RESAMPLES):
+        pick = rng.integers(0, len(x), len(x))
+        if np.ptp(x[pick]) > 0 and np.ptp(y[pick]) > 0:
+            draws.append(sps.spearmanr(x[pick], y[pick]).statistic)
+    low, high = np.nanpercentile(draws, [100 * alpha / 2, 100 * (1 - alpha / 2)])
+    return {"rho": float(sps.spearmanr(x, y).statistic), "ci_low": float(low),
+            "ci_high": float(high), "n": len(x)}

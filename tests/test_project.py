@@ -150,6 +150,13 @@ def test_pipeline_runs_every_stage_and_renders_the_reports(smoke_pipeline, capsy
     assert {"supplementation_f100.png", "external_site.png", "primary_comparisons.csv",
             "comparisons_secondary.csv", "subgroups.png", "findings.txt", "forest.png"} <= {
         p.name for p in run.stage("05_statistics").iterdir()}
+    # the worth curves: every generator setting audited (FRD included), every axis on the page
+    settings = pd.read_csv(run.stage("03_sampling_explorer") / "generator_settings.csv")
+    assert sorted(zip(settings["step"], settings["guidance"])) == [(2, 0.0), (4, 0.0), (4, 1.0)]
+    assert settings["frd"].notna().all() and settings["fidelity_ratio"].notna().all()
+    assert {"worth_curves.png", "measures_vs_worth.png", "worth_differences.csv",
+            "guidance.txt"} <= {p.name for p in run.stage("06_worth_curves").iterdir()}
+    assert "Generator training steps" in html["06_worth_curves"]
     # the notebooks' own output streamed while they ran, and one line per finished stage
     assert "run 'smoke' -> " in smoke_pipeline.out  # printed by notebook 01
     assert "diffusion steps: 100%" in smoke_pipeline.err  # notebook 02's progress bar
@@ -171,7 +178,8 @@ def test_pipeline_runs_every_stage_and_renders_the_reports(smoke_pipeline, capsy
         "CheXpert-style phantoms (internal)")
     # the precision every training stage ran in (smoke: fp32 everywhere), also on the index
     fp32 = precision_label("no")
-    assert summary["precision"] == {s: fp32 for s in STAGES if s != "05_statistics"}
+    assert summary["precision"] == {s: fp32 for s in STAGES
+                                    if s not in ("05_statistics", "06_worth_curves")}
     assert {row["test_set"] for row in summary["primary"]} >= {"chexpert (internal)"}
     page = index.read_text()
     assert f"min; {fp32})" in page

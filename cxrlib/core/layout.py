@@ -20,6 +20,7 @@ experiment folders) is found here rather than typed out again by each reader::
     <run>/04_classifier_experiments/          notebook 04
         <experiment>/seed-<s>/                model, config, history, predictions
     <run>/05_statistics/                      notebook 05
+    <run>/06_worth_curves/                    notebook 06 (runs with ``tradeoffs`` only)
     <run>/records/<stage>.json                size and sha256 of every file a stage wrote,
                                               recorded when it finished (cxrlib.core.records)
     <run>/.writer.lock, .writer.json          the one-writer lock and its holder (cxrlib.core.lock)
@@ -46,7 +47,14 @@ from cxrlib.core.schema import DiffusionSpec, Params
 
 #: The notebooks, in order; each is a pipeline stage and names its run folder.
 STAGES: tuple[str, ...] = ("01_data_prep", "02_diffusion_training", "03_sampling_explorer",
-                           "04_classifier_experiments", "05_statistics")
+                           "04_classifier_experiments", "05_statistics", "06_worth_curves")
+#: The worth curves' stage: a run has it only when its parameters have ``tradeoffs``.
+WORTH_STAGE = "06_worth_curves"
+
+
+def stages_of(params: Params) -> tuple[str, ...]:
+    """The stages a run of ``params`` has (:data:`WORTH_STAGE` only with ``tradeoffs``)."""
+    return tuple(s for s in STAGES if s != WORTH_STAGE or params.tradeoffs is not None)
 #: Environment variable that moves every run folder (tests point it at a temporary folder).
 RUNS_DIR_ENV = "CXRLIB_RUNS_DIR"
 #: Where rendered reports go, relative to the parameter file's project.

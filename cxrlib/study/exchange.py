@@ -241,7 +241,8 @@ def worth_comparisons(macros: dict[str, SeedMacros], grid: pd.DataFrame, spec: S
     by the delta method on the same draws, with no interval where the reference's own CI
     reaches 0 (the ratio is then unbounded). Columns: test_set, experiment, reference,
     rate, reference_rate, difference with diff_ci_low/high, ratio with ratio_ci_low/high,
-    n_seeds, note."""
+    n_seeds, the difference's minimum detectable effect (``diff_mde``, 80% power) and its
+    seed and patient standard errors (for :func:`cxrlib.stats.seeds_for_mde`), note."""
     arms = curve_arms(grid)
     if len(arms) < MIN_SIZES:
         return pd.DataFrame()
@@ -280,6 +281,8 @@ def worth_comparisons(macros: dict[str, SeedMacros], grid: pd.DataFrame, spec: S
                          "difference": diff.estimate, "diff_ci_low": diff.ci_low,
                          "diff_ci_high": diff.ci_high, "ratio": ratio,
                          "ratio_ci_low": low, "ratio_ci_high": high, "n_seeds": len(a.seeds),
+                         "diff_mde": diff.mde, "diff_seed_se": diff.seed_se,
+                         "diff_patient_se": diff.patient_se,
                          "note": "" if bounded else "no interval for the ratio: the "
                                  "reference's own CI reaches 0"})
     return pd.DataFrame(rows)

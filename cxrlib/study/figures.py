@@ -270,3 +270,95 @@ def forest_figure(comparisons: pd.DataFrame, kinds: dict[str, str],
                  fontsize=11)
     fig.tight_layout()
     return fig
+
+
+def _rate_points(ax: plt.Axes, frame: pd.DataFrame, prefix: str, label: str,
+                 colour: str) -> None:
+    """Rates with their CI against x, joined by a line; extrapolated points hollow."""
+    frame = frame.dropna(subset=[prefix + "rate"]).sort_values("x")
+    if frame.empty:
+        return
+    rate = frame[prefix + "rate"]
+    yerr = np.vstack([rate - frame[prefix + "ci_low"], frame[prefix + "ci_high"] - rate])
+    ax.errorbar(frame["x"], rate, yerr=yerr, color=colour, capsize=3, lw=1.2, label=label,
+                fmt="-")
+    extrapolated = frame[prefix + "extrapolated"].to_numpy(dtype=bool)
+    ax.scatter(frame["x"][~extrapolated], rate[~extrapolated], color=colour, zorder=3, s=28)
+    ax.scatter(frame["x"][extrapolated], rate[extrapolated], facecolor="white",
+               edgecolor=colour, zorder=3, s=28)
+
+
+def worth_curves_figure(curve: pd.DataFrame, axis_titles: dict[str, str]) -> plt.Figure:
+    """One panel per axis of the worth curves: the generator's exchange rate r (real images
+    one extra image is worth) with its 95% CI at each point, the perfect generator's beside
+    it where the axis has one, r = 0 and r = 1 as guides, and the run's own setting ringed.
+    Hollow points are extrapolated beyond the learning curve."""
+    axes_present = list(dict.fromkeys(curve["axis"]))
+    ncol = min(2, len(axes_present))
+    nrow = int(np.ceil(len(axes_present) / ncol))
+    fig, grid = plt.subplots(nrow, ncol, figsize=(5.2 * ncol, 3.6 * nrow), squeeze=False)
+    for ax, axis in zip(grid.flat, axes_present, strict=False):
+        part = curve[curve["axis"] == axis]
+        ax.set(xlabel=axis_titles[axis], ylabel="r (real images per extra image)")
+        ax.set_title(axis_titles[axis].split(" (")[0], fontsize=10)
+        if part[["rate", "perfect_rate"]].isna().all(axis=None):
+            ax.text(0.5, 0.5, "no exchange rate on this test set\n(the learning curve is flat)",
+                    ha="center", va="center", transform=ax.transAxes, fontsize=9)
+            continue
+        _rate_points(ax, part, "", "generator", kind_colour(Kind.REAL_PLUS_SYNTHETIC))
+        _rate_points(ax, part, "perfect_", "perfect generator",
+                     kind_colour(Kind.REAL_PLUS_ORACLE))
+        own = part[part["reference"]].dropna(subset=["rate"])
+        ax.scatter(own["x"], own["rate"], s=170, facecolor="none", edgecolor="black",
+                   lw=1.2, zorder=4, label="the run's own setting")
+        for level in (0, 1):
+            ax.axhline(level, color="grey", lw=0.7, ls=":" if level else "-")
+        if axis in ("compute", "size"):
+            ax.set_xscale("log")
+            ax.xaxis.set_major_formatter(StrMethodFormatter(
+                "{x:,.0f}" if axis == "compute" else "{x:.0%}"))
+            ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xticks(sorted(part["x"].unique()))
+    for ax in list(grid.flat)[len(axes_present):]:
+        ax.set_visible(False)
+    handles, labels = grid.flat[0].get_legend_handles_labels()
+    for ax in grid.flat:
+        for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
+            if lab not in labels:
+                handles.append(h)
+                labels.append(lab)
+    if labels:
+        fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8,
+                   frameon=False)
+    fig.tight_layout(rect=(0, 0.06 if labels else 0, 1, 1))
+    return fig
+
+
+def measures_figure(settings: pd.DataFrame, correlations: pd.DataFrame) -> plt.Figure:
+    """Each cheap measure of the generator settings (x) against the settings' exchange rate
+    (y, with its 95% CI), one panel per measure, its Spearman rho (oriented: higher = closer
+    to real) in the title; the run's own setting ringed."""
+    rows = correlations.to_dict("records")
+    ncol = 5
+    nrow = int(np.ceil(len(rows) / ncol))
+    fig, grid = plt.subplots(nrow, ncol, figsize=(2.9 * ncol, 2.6 * nrow), squeeze=False,
+                             sharey=True)
+    colour = kind_colour(Kind.REAL_PLUS_SYNTHETIC)
+    for ax, row in zip(grid.flat, rows, strict=False):
+        part = settings.dropna(subset=[row["column"], "rate"])
+        yerr = np.vstack([part["rate"] - part["ci_low"], part["ci_high"] - part["rate"]])
+        ax.errorbar(part[row["column"]], part["rate"], yerr=yerr, fmt="o", color=colour,
+                    capsize=2, ms=4)
+        own = part[part["reference"]]
+        ax.scatter(own[row["column"]], own["rate"], s=110, facecolor="none", edgecolor="black")
+        rho = (f"rho {row['rho']:+.2f} ({row['ci_low']:+.2f} to {row['ci_high']:+.2f})"
+               if np.isfinite(row["rho"]) else "rho: too few settings")
+        ax.set_title(f"{row['measure']}\n{rho}", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.axhline(0, color="grey", lw=0.6)
+    for ax in grid[:, 0]:
+        ax.set_ylabel("r", fontsize=8)
+    for ax in list(grid.flat)[len(rows):]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    return fig

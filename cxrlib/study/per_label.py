@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from scipy import stats as sps
 
 from cxrlib.core.kinds import Kind
 from cxrlib.core.layout import RunLayout
@@ -29,13 +28,12 @@ from cxrlib.stats import (
     label_rule,
     patient_bootstrap_weights,
     seed_macros_of,
+    spearman_ci,
 )
 from cxrlib.study.exchange import MIN_SIZES, curve_arms, exchange_rates
 
 #: Notebook 03's table of the judge's AUROC per finding on real and synthetic images.
 FIDELITY_TABLE = "conditional_fidelity_per_label"
-#: Resamples of findings behind the correlation's CI.
-N_RESAMPLES = 2000
 
 
 def label_worth(predictions: pd.DataFrame, grid: pd.DataFrame, spec: StatsSpec, test_set: str,
@@ -89,23 +87,12 @@ def label_fidelity(run: RunLayout, strategy: str = "replicas") -> pd.Series:
 def gain_and_fidelity(worth: pd.DataFrame, fidelity: pd.Series, arm: str,
                       seed: int = 0) -> tuple[pd.DataFrame, dict[str, float]]:
     """The arm's per-finding gains beside the findings' fidelity, and the Spearman correlation
-    between them with a percentile CI over ``N_RESAMPLES`` resamples of findings."""
+    between them with a percentile CI over resampled findings (:func:`cxrlib.stats.spearman_ci`)."""
     both = worth[worth["experiment"] == arm].set_index("label").join(fidelity, how="inner")
     both = both.dropna(subset=["gain", "fidelity"])
-    if len(both) < 4:
-        return both.reset_index(), {"rho": np.nan, "ci_low": np.nan, "ci_high": np.nan,
-                                    "n_labels": len(both)}
-    x, y = both["fidelity"].to_numpy(), both["gain"].to_numpy()
-    rho = float(sps.spearmanr(x, y).statistic)
-    rng = np.random.default_rng([seed, 5417])
-    draws = []
-    for _ in range(N_RESAMPLES):
-        pick = rng.integers(0, len(x), len(x))
-        if np.ptp(x[pick]) > 0 and np.ptp(y[pick]) > 0:
-            draws.append(sps.spearmanr(x[pick], y[pick]).statistic)
-    low, high = np.nanpercentile(draws, [2.5, 97.5])
-    return both.reset_index(), {"rho": rho, "ci_low": float(low), "ci_high": float(high),
-                                "n_labels": len(both)}
+    rho = spearman_ci(both["fidelity"].to_numpy(), both["gain"].to_numpy(), seed)
+    return both.reset_index(), {**{k: rho[k] for k in ("rho", "ci_low", "ci_high")},
+                                "n_labels": rho["n"]}
 
 
 def label_sentences(worth: pd.DataFrame, arm: str, correlation: dict[str, float] | None = None

@@ -119,7 +119,9 @@ def subgroup_analysis(predictions: pd.DataFrame, experiment: str, baseline: str,
     contrast is (experiment - baseline in the group) - (experiment - baseline in the
     reference), per seed, with the two-level SE and Holm over the test set's contrasts.
     Returns (groups, did): groups has experiment, test_set, by, group, macro_auroc, ci_low,
-    ci_high (two-level), n_images, n_patients, labels_used, left_out, dropped_groups.
+    ci_high (two-level), the experiment's paired gain over the baseline in the group (gain,
+    gain_ci_low, gain_ci_high; empty on the baseline's rows), n_images, n_patients,
+    labels_used, left_out, dropped_groups.
     """
     unknown = [b for b in spec.subgroups if b not in SUBGROUPS]
     if unknown:
@@ -144,10 +146,15 @@ def subgroup_analysis(predictions: pd.DataFrame, experiment: str, baseline: str,
                       "left_out": ", ".join(sm.left_out) or "-",
                       "dropped_groups": ", ".join(dropped) or "-"}
             for g, part in zip(kept, parts, strict=True):
+                gain = contrast(sm, {(experiment, g): 1.0, (baseline, g): -1.0}, spec.alpha)
                 for e in (baseline, experiment):
                     est = contrast(sm, {(e, g): 1.0}, spec.alpha)
+                    paired = (gain.estimate, gain.ci_low, gain.ci_high) if e == experiment \
+                        else (np.nan,) * 3
                     groups.append({"experiment": e, "group": g, "macro_auroc": est.estimate,
                                    "ci_low": est.ci_low, "ci_high": est.ci_high,
+                                   "gain": paired[0], "gain_ci_low": paired[1],
+                                   "gain_ci_high": paired[2],
                                    "n_images": part.n_images, "n_patients": part.n_patients,
                                    **common})
             ref = max(kept, key=lambda g: len(members[g]))
