@@ -152,7 +152,8 @@ def test_pipeline_runs_every_stage_and_renders_the_reports(smoke_pipeline, capsy
         p.name for p in run.stage("05_statistics").iterdir()}
     # the worth curves: every generator setting audited (FRD included), every axis on the page
     settings = pd.read_csv(run.stage("03_sampling_explorer") / "generator_settings.csv")
-    assert sorted(zip(settings["step"], settings["guidance"])) == [(2, 0.0), (4, 0.0), (4, 1.0)]
+    assert sorted(zip(settings["step"], settings["guidance"], strict=True)) == [
+        (2, 0.0), (4, 0.0), (4, 1.0)]
     assert settings["frd"].notna().all() and settings["fidelity_ratio"].notna().all()
     assert {"worth_curves.png", "measures_vs_worth.png", "worth_differences.csv",
             "guidance.txt"} <= {p.name for p in run.stage("06_worth_curves").iterdir()}
