@@ -833,8 +833,8 @@ class TradeoffSpec(_Strict):
     exchange rate, :mod:`cxrlib.study.exchange`) along four axes, every point an arm of the
     one grid at the same seeds, so differences between points are paired. The run's own
     generator (``sampling.checkpoint_step`` or the last checkpoint, at ``sampling.guidance``)
-    is the reference point of every axis; the perfect generator stands beside the dose and
-    size axes when ``sampling.strategies`` has ``oracle``."""
+    is the reference point of every axis; the perfect generator at the same dose and real
+    fraction stands beside every point when ``sampling.strategies`` has ``oracle``."""
 
     #: Where the compute, guidance and dose axes are measured (a fraction of
     #: ``experiments.real_fractions``): the scarce-data point of the primary comparison.

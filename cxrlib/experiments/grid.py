@@ -121,31 +121,29 @@ class CurvePoint:
 def worth_axes(params: Params) -> dict[str, list[CurvePoint]]:
     """The points of each axis of ``params.tradeoffs`` in x order (an axis with fewer than two
     points is left out): generator compute and guidance at ``real_fraction`` and ``k``, dose
-    at ``real_fraction``, real-data size at ``k``, the perfect generator beside dose and
-    size when ``sampling.strategies`` has ``oracle``."""
+    at ``real_fraction``, real-data size at ``k``; the perfect generator at the same dose and
+    real fraction beside every point when ``sampling.strategies`` has ``oracle`` (on the
+    compute and guidance axes one arm, the attainable worth those points are read against)."""
     t = params.tradeoffs
     if t is None:
         return {}
     ref, site = params.reference_generator(), "+".join(params.internal_sites())
     oracle = "oracle" in params.sampling.strategies
 
-    def point(axis: str, x: float, k: int, f: float, setting: GeneratorSetting,
-              beside: bool) -> CurvePoint:
+    def point(axis: str, x: float, k: int, f: float, setting: GeneratorSetting) -> CurvePoint:
         own = setting == ref
         arm = (Kind.REAL_PLUS_SYNTHETIC, k, f, site, None if own else setting)
-        perfect = (Kind.REAL_PLUS_ORACLE, k, f, site, None) if beside and oracle else None
+        perfect = (Kind.REAL_PLUS_ORACLE, k, f, site, None) if oracle else None
         return CurvePoint(axis, x, arm, perfect, own and k == t.k and f == t.real_fraction)
 
     axes = {
-        "compute": [point("compute", s, t.k, t.real_fraction,
-                          GeneratorSetting(s, ref.guidance), False)
+        "compute": [point("compute", s, t.k, t.real_fraction, GeneratorSetting(s, ref.guidance))
                     for s in sorted(set(t.steps) | {ref.step})],
-        "guidance": [point("guidance", w, t.k, t.real_fraction, GeneratorSetting(ref.step, w),
-                           False) for w in sorted(set(t.guidance) | {ref.guidance})],
-        "dose": [point("dose", k, k, t.real_fraction, ref, True)
+        "guidance": [point("guidance", w, t.k, t.real_fraction, GeneratorSetting(ref.step, w))
+                     for w in sorted(set(t.guidance) | {ref.guidance})],
+        "dose": [point("dose", k, k, t.real_fraction, ref)
                  for k in sorted(set(t.doses) | {t.k})],
-        "size": [point("size", f, t.k, f, ref, True)
-                 for f in sorted(set(t.sizes) | {t.real_fraction})]}
+        "size": [point("size", f, t.k, f, ref) for f in sorted(set(t.sizes) | {t.real_fraction})]}
     return {axis: points for axis, points in axes.items() if len(points) > 1}
 
 

@@ -193,26 +193,32 @@ def guidance_sentences(curve: pd.DataFrame, diffs: pd.DataFrame, shares: pd.Data
             line += f"; the run's own setting: {_r(own.iloc[0])}"
         said.append(line + ".")
     if len(shares):
-        ref = shares[shares["experiment"].isin(curve.loc[curve["reference"], "experiment"])]
-        for r in ref.drop_duplicates("experiment").to_dict("records"):
+        own = curve.loc[curve["reference"], "experiment"]
+        best = settings.loc[settings["rate"].idxmax(), "experiment"] if len(settings) else None
+        for who, name in (("the run's own setting", own.iloc[0] if len(own) else None),
+                          ("the setting worth most", best)):
+            rows = shares[shares["experiment"] == name]
+            if name is None or rows.empty or (who != "the run's own setting"
+                                              and name == own.iloc[0]):
+                continue
+            r = rows.iloc[0]
             ci = (f"95% CI {r['ratio_ci_low']:.2f} to {r['ratio_ci_high']:.2f}"
                   if np.isfinite(r["ratio_ci_low"]) else
                   "no interval: the perfect generator's own CI reaches 0")
-            said.append(f"At the run's own setting the generator's images are worth "
-                        f"{r['ratio']:.2f} ({ci}) of the perfect generator's; the goal is 0.5.")
+            said.append(f"At {who} the generator's images are worth {r['ratio']:.2f} ({ci}) of "
+                        f"the perfect generator's at the same dose; the goal is 0.5.")
     compute = diffs[diffs["axis"] == "compute"] if len(diffs) else diffs
     if len(compute):
-        mde = float(compute["mde"].mean())
-        need = [n for n in compute["seeds_for_target"] if n is not None and np.isfinite(n)]
-        line = (f"With {int(compute['n_seeds'].max())} seeds, neighbouring compute points are "
-                f"told apart when their worth differs by about {mde:.2f} or more (the paired "
-                f"difference's minimum detectable effect at 80% power)")
-        if mde > TARGET_DIFFERENCE:
-            line += (f", not the {TARGET_DIFFERENCE} aimed at: "
-                     + (f"about {max(need)} seeds would resolve it" if need else
-                        "more seeds alone would not resolve it (the test set's own variance "
-                        "is too large)"))
-        said.append(line + ".")
+        parts = [f"{_x('compute', d['from'])} to {_x('compute', d['to'])}: {d['mde']:.2f}"
+                 + ("" if d["mde"] <= TARGET_DIFFERENCE else
+                    f" (about {d['seeds_for_target']} seeds would resolve "
+                    f"{TARGET_DIFFERENCE})" if d["seeds_for_target"] else
+                    " (more seeds alone would not resolve it)")
+                 for d in compute.to_dict("records")]
+        said.append(f"What this design resolves: with {int(compute['n_seeds'].max())} seeds, a "
+                    f"difference in worth between neighbouring compute points is found with 80% "
+                    f"power when it is at least (the paired difference's minimum detectable "
+                    f"effect) " + "; ".join(parts) + ".")
     if len(correlations):
         usable = correlations.dropna(subset=["rho"])
         tracks = usable[usable["ci_low"] > 0]

@@ -290,8 +290,9 @@ def _rate_points(ax: plt.Axes, frame: pd.DataFrame, prefix: str, label: str,
 
 def worth_curves_figure(curve: pd.DataFrame, axis_titles: dict[str, str]) -> plt.Figure:
     """One panel per axis of the worth curves: the generator's exchange rate r (real images
-    one extra image is worth) with its 95% CI at each point, the perfect generator's beside
-    it where the axis has one, r = 0 and r = 1 as guides, and the run's own setting ringed.
+    one extra image is worth) with its 95% CI at each point, the perfect generator's at the
+    same dose and real fraction beside it, r = 0 and r = 1 as guides, and the run's own
+    setting ringed.
     Hollow points are extrapolated beyond the learning curve."""
     axes_present = list(dict.fromkeys(curve["axis"]))
     ncol = min(2, len(axes_present))
