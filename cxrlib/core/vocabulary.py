@@ -180,6 +180,16 @@ HEADERS: dict[str, str] = {
     "ratio_ci_high": "share CI high", "diff_ci_low": "difference CI low",
     "diff_ci_high": "difference CI high", "rate_ci_low": "r CI low",
     "rate_ci_high": "r CI high", "label": "finding",
+    # the worth curves (notebook 06) and the generator settings' audit (notebook 03)
+    "x": "point", "perfect_rate": "perfect generator's r", "perfect_ci_low": "its CI low",
+    "perfect_ci_high": "its CI high", "seeds_for_target": "seeds to resolve 0.1",
+    "rho": "Spearman rho", "n_settings": "settings", "picks_best": "ranks the best first",
+    "step": "training steps", "guidance": "w", "fidelity_ratio": "fidelity (x real)",
+    "fidelity_ci_low": "fidelity CI low", "fidelity_ci_high": "fidelity CI high",
+    "fid": "FID", "kid": "KID", "frd": "FRD", "texture_hf_ratio": "texture (x real)",
+    "detectability_auroc": "detectability AUROC", "memorized_share": "near-copies",
+    "by": "attribute", "gain_ci_low": "gain CI low", "gain_ci_high": "gain CI high",
+    "labels_used": "findings used",
 }
 
 

@@ -278,7 +278,10 @@ def subgroup_gains(predictions: pd.DataFrame, grid: pd.DataFrame, spec: StatsSpe
         parts.append(groups[groups["experiment"] == arm])
     keep = ["experiment", "by", "group", "gain", "gain_ci_low", "gain_ci_high", "n_images",
             "labels_used"]
-    return pd.concat(parts, ignore_index=True)[keep] if parts else pd.DataFrame(columns=keep)
+    if not parts:
+        return pd.DataFrame(columns=keep)
+    gains = pd.concat(parts, ignore_index=True)[keep]
+    return gains.assign(by=gains["by"].replace({"age_band": "age band"}))
 
 
 def subgroup_sentences(gains: pd.DataFrame, labels: dict[str, str]) -> list[str]:
