@@ -30,7 +30,7 @@ from nbconvert import HTMLExporter
 
 from cxrlib.core.config import Overrides, load_params, params_base
 from cxrlib.core.files import atomic_path, atomic_write_text
-from cxrlib.core.layout import STAGES, RunLayout, stages_of
+from cxrlib.core.layout import STAGES, WORTH_STAGE, RunLayout, stages_of
 from cxrlib.core.lock import hold
 from cxrlib.core.progress import PROGRESS_ENV
 from cxrlib.core.provenance import header_html, provenance
@@ -322,6 +322,25 @@ def summary_html(summary: dict[str, Any], forest: str = "") -> str:
     return "".join(parts)
 
 
+def _worth_curves_html(run: RunLayout, reports: Path) -> str:
+    """The worth curves' answer for the landing page, when the run has them: notebook 06's
+    guidance sentences and its figure (copied beside the page)."""
+    stage = run.stage(WORTH_STAGE)
+    guidance, figure = stage / "guidance.txt", stage / "worth_curves.png"
+    if not guidance.exists():
+        return ""
+    if figure.exists():
+        with atomic_path(reports / figure.name) as tmp:
+            shutil.copyfile(figure, tmp)
+    lines = "".join(f"<li>{html.escape(line)}</li>"
+                    for line in guidance.read_text().splitlines() if line.strip())
+    image = (f"<img src='{figure.name}' alt='worth curves: r with its CI along each axis' "
+             "style='max-width:100%'>" if figure.exists() else "")
+    return (f"<h2>What an extra image is worth, and what buys it</h2><ul>{lines}</ul>{image}"
+            f"<p>Details: <a href='{WORTH_STAGE}.html'>the worth curves</a>. The study's "
+            "comparisons follow.</p>")
+
+
 def render_index(params_file: Path, reports_root: Path | None = None,
                  overrides: Overrides = None) -> Path:
     """``reports/<run>/index.html``, the landing page: provenance, the answer
@@ -340,6 +359,7 @@ def render_index(params_file: Path, reports_root: Path | None = None,
     if forest.exists():
         with atomic_path(reports / FOREST_FIGURE) as tmp:
             shutil.copyfile(forest, tmp)
+    worth = _worth_curves_html(run, reports)
     items, total = [], 0.0
     for stage in STAGES:
         if not (reports / f"{stage}.html").exists():
@@ -361,7 +381,7 @@ def render_index(params_file: Path, reports_root: Path | None = None,
             f"margin:1.5em auto;padding:0 1em'>{header_html(fields)}"
             f"<h1>Does synthetic data help the classifiers? Run "
             f"<code>{html.escape(params.run.name)}</code></h1>"
-            f"{summary_html(summary, FOREST_FIGURE if forest.exists() else '')}"
+            f"{worth}{summary_html(summary, FOREST_FIGURE if forest.exists() else '')}"
             f"<h2>The pages</h2><p>Notebooks executed headless with papermill (code hidden), "
             f"{total / 60:.1f} min in all; the headline numbers are in "
             f"<a href='{run.summary.name}'>{run.summary.name}</a>.</p><ol>{''.join(items)}</ol>"

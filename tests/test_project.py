@@ -158,6 +158,7 @@ def test_pipeline_runs_every_stage_and_renders_the_reports(smoke_pipeline, capsy
     assert {"worth_curves.png", "measures_vs_worth.png", "worth_differences.csv",
             "guidance.txt"} <= {p.name for p in run.stage("06_worth_curves").iterdir()}
     assert "Generator training steps" in html["06_worth_curves"]
+    assert "What an extra image is worth, and what buys it" in index.read_text()
     # the notebooks' own output streamed while they ran, and one line per finished stage
     assert "run 'smoke' -> " in smoke_pipeline.out  # printed by notebook 01
     assert "diffusion steps: 100%" in smoke_pipeline.err  # notebook 02's progress bar
