@@ -337,8 +337,8 @@ def _worth_curves_html(run: RunLayout, reports: Path) -> str:
     image = (f"<img src='{figure.name}' alt='worth curves: r with its CI along each axis' "
              "style='max-width:100%'>" if figure.exists() else "")
     return (f"<h2>What an extra image is worth, and what buys it</h2><ul>{lines}</ul>{image}"
-            f"<p>Details: <a href='{WORTH_STAGE}.html'>the worth curves</a>. The study's "
-            "comparisons follow.</p>")
+            f"<div style='margin:.5em 0 1em'>Details: <a href='{WORTH_STAGE}.html'>the worth "
+            "curves</a>. The study's comparisons follow.</div>")
 
 
 def render_index(params_file: Path, reports_root: Path | None = None,

@@ -321,7 +321,7 @@ def test_two_task_diffusion_training_resumes_after_scancel(smoke_pipeline, tmp_p
     uninterrupted two-task job."""
     longer = tmp_path / "longer.yaml"
     longer.write_text(f"extends: {SMOKE}\ndiffusion: {{max_steps: 200, checkpoint_every: 4, "
-                      "sample_every: 200}\n")
+                      "sample_every: 200}\ntradeoffs: null\n")
     runs = {}
     for where in ("whole", "killed"):
         run = _copy_smoke_run(smoke_pipeline, tmp_path / where)

@@ -161,7 +161,8 @@ def grid_run(tmp_path_factory):
     runs = tmp_path_factory.mktemp("runs")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("CXRLIB_RUNS_DIR", str(runs))
-        params = load_params(ROOT / "params" / "smoke.yaml")
+        # no worth curves: the grid's arms read the stand-in cohorts written below only
+        params = load_params(ROOT / "params" / "smoke.yaml", {"tradeoffs": None})
         run = RunLayout.open(params)
         cohort = prepare_cohort(params, run, progress=False)
     cache = ImageCache(cohort.cache_dir)
@@ -286,7 +287,7 @@ def test_a_step_budget_gives_every_training_set_the_same_steps():
 
 def test_supplement_fractions_keep_the_other_arms_at_the_listed_fractions():
     params = load_params(ROOT / "params" / "smoke.yaml",
-                         {"experiments.supplement_fractions": [0.5]})
+                         {"experiments.supplement_fractions": [0.5], "tradeoffs": None})
     names = [e.name for e in plan_grid(params)]
     assert {"real_only.f100", "real_only.f50", "real_only.f25"} <= set(names)
     assert not [n for n in names if n != "real_only.f100" and n.endswith(".f100")]
