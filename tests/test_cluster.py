@@ -320,8 +320,8 @@ def test_two_task_diffusion_training_resumes_after_scancel(smoke_pipeline, tmp_p
     its first checkpoint, submitted again, resumed, it ends on the checkpoint of an
     uninterrupted two-task job."""
     longer = tmp_path / "longer.yaml"
-    longer.write_text(f"extends: {SMOKE}\ndiffusion: {{max_steps: 200, checkpoint_every: 4, "
-                      "sample_every: 200}\ntradeoffs: null\n")
+    longer.write_text(f"extends: {SMOKE}\ndiffusion: {{max_steps: 200, checkpoint_every: 2, "
+                      "sample_every: 200}\n")
     runs = {}
     for where in ("whole", "killed"):
         run = _copy_smoke_run(smoke_pipeline, tmp_path / where)
@@ -332,7 +332,7 @@ def test_two_task_diffusion_training_resumes_after_scancel(smoke_pipeline, tmp_p
     assert "processes: 2; steps 0 -> 200" in _finish(whole)
     killed = _cli("train-diffusion", "--params", str(longer), "--cluster", str(ONE_NODE),
                   runs=tmp_path / "killed")
-    first = runs["killed"] / "02_diffusion_training" / "checkpoints" / "step-0000004"
+    first = runs["killed"] / "02_diffusion_training" / "checkpoints" / "step-0000002"
     _wait_for(first.exists, "the first checkpoint", timeout=180, every=0.05)
     record = delegation.read_delegation(RunLayout(runs["killed"], 32, "smoke", ROOT))
     job = record.pieces["diffusion training"].job_id

@@ -563,10 +563,12 @@ def test_experiment_params_are_validated():
         load_params(ROOT / "params" / "smoke.yaml", {"experiments.seedz": [1]})
 
 
-def test_grid_under_two_processes_through_accelerate(grid_run):
+def test_grid_under_two_processes_through_accelerate(grid_run, tmp_path):
     """`accelerate launch --multi_gpu` with 2 processes (gloo on CPU): DDP training of the
     experiments still to do, the main process writing their files."""
     params, run, data = grid_run
+    grid_params = tmp_path / "smoke-grid.yaml"  # the fixture's parameters: no worth curves
+    grid_params.write_text(f"extends: {ROOT / 'params' / 'smoke.yaml'}\ntradeoffs: null\n")
     out = run.experiments
     run_grid(params, data, run, progress=False)  # the rest of the grid is done
     for name in ("real_only.f50", "nih_plus_synthetic_x1"):
@@ -574,8 +576,7 @@ def test_grid_under_two_processes_through_accelerate(grid_run):
     env = {**os.environ, "CXRLIB_RUNS_DIR": str(run.root.parent), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--multi_gpu", "-m", "cxrlib", "run-experiments", "--params",
-           str(ROOT / "params" / "smoke.yaml")]
+           "--multi_gpu", "-m", "cxrlib", "run-experiments", "--params", str(grid_params)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"{len(plan_grid(params))} experiment(s) finished" in proc.stdout

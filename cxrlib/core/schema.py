@@ -859,16 +859,13 @@ class RunSpec(_Strict):
 
 
 def _on_checkpoint(key: str, steps: list[int], d: DiffusionSpec) -> None:
-    """Every step must be a checkpoint that training writes and keeps."""
+    """Every step must be a checkpoint that training writes (training keeps it:
+    :meth:`Params.sampled_steps`)."""
     odd = sorted(s for s in steps if s % d.checkpoint_every or s > d.max_steps)
     if odd:
         raise ValueError(f"{key} {odd}: not checkpoints of a training of diffusion.max_steps "
                          f"{d.max_steps} saved every diffusion.checkpoint_every "
                          f"{d.checkpoint_every} steps; use multiples of it up to max_steps")
-    kept = (d.max_steps - min(steps, default=d.max_steps)) // d.checkpoint_every + 1
-    if kept > d.keep_checkpoints:
-        raise ValueError(f"{key} {sorted(steps)} needs the last {kept} checkpoints kept; set "
-                         f"diffusion.keep_checkpoints to at least {kept}")
 
 
 class Params(_Strict):
@@ -976,6 +973,13 @@ class Params(_Strict):
         ``sampling.guidance``; its cohorts are the run's ordinary ones."""
         return GeneratorSetting(self.sampling.checkpoint_step or self.diffusion.max_steps,
                                 self.sampling.guidance)
+
+    def sampled_steps(self) -> frozenset[int]:
+        """The training steps whose checkpoints the study samples from
+        (``sampling.checkpoint_step``, ``tradeoffs.steps``): kept whatever
+        ``diffusion.keep_checkpoints`` says."""
+        steps = {self.sampling.checkpoint_step} - {None}
+        return frozenset(steps | set(self.tradeoffs.steps if self.tradeoffs else ()))
 
     def generator_settings(self) -> list[GeneratorSetting]:
         """The settings other than the run's own that the worth curves (``tradeoffs``) make

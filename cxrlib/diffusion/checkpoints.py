@@ -53,8 +53,8 @@ def checkpoint_at(run: RunLayout, step: int | None) -> Path:
         have = [p.name for p in checkpoint_dirs(run.checkpoints)]
         raise DiffusionError(f"no diffusion checkpoint of step {step} under {run.checkpoints} "
                              f"(there are {have or 'none'}); train to it (notebook 02, "
-                             "diffusion.max_steps) with diffusion.keep_checkpoints large "
-                             "enough to keep it")
+                             "diffusion.max_steps; checkpoints the parameters sample from are "
+                             "kept)")
     return folder
 
 

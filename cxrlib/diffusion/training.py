@@ -119,7 +119,8 @@ def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
 def save_checkpoint(accelerator: Accelerator, root: Path, step: int, model: ConditionalUNet,
                     ema: EMAModel, optimizer: torch.optim.Optimizer,
                     lr_scheduler: torch.optim.lr_scheduler.LRScheduler, identity: dict,
-                    history: list[dict], keep: int) -> Path | None:
+                    history: list[dict], keep: int,
+                    kept_steps: frozenset[int] = frozenset()) -> Path | None:
     """Write ``step-XXXXXXX/`` from the main process (every process's RNG state is gathered to
     it) as one folder replaced atomically. Returns the folder on the main process, None on
     the others.
@@ -135,7 +136,9 @@ def save_checkpoint(accelerator: Accelerator, root: Path, step: int, model: Cond
         lr_scheduler: the learning-rate schedule, its state saved in ``state.json``.
         identity: what a resume must match (:func:`identity_config`), saved in ``state.json``.
         history: the loss history so far, one dict per step (``history.parquet``).
-        keep: how many newest checkpoints to keep; older ones are removed.
+        keep: how many newest checkpoints to keep; older ones are removed ...
+        kept_steps: ... except those of these steps, which the study samples from
+            (:meth:`cxrlib.core.schema.Params.sampled_steps`).
     """
     rng = {"torch_cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -163,7 +166,7 @@ def save_checkpoint(accelerator: Accelerator, root: Path, step: int, model: Cond
                      "lr_scheduler": lr_scheduler.state_dict(), "grad_scaler": scaler}
             (tmp / "state.json").write_text(json.dumps(state, indent=1, default=float))
         for old in checkpoint_dirs(root)[:-keep]:
-            if old != final:
+            if old != final and read_checkpoint_state(old)["step"] not in kept_steps:
                 shutil.rmtree(old)
         return final
 
@@ -451,7 +454,8 @@ def train_diffusion(params: Params, manifest: pd.DataFrame, cache: ImageCache, r
         if step % spec.checkpoint_every == 0 or done:
             last_ckpt = save_checkpoint(accelerator, ckpt_root, step,
                                         accelerator.unwrap_model(model), ema, optimizer,
-                                        lr_scheduler, identity, history, spec.keep_checkpoints)
+                                        lr_scheduler, identity, history, spec.keep_checkpoints,
+                                        params.sampled_steps())
         if step % spec.sample_every == 0 or done:
             path = on_main(partial(
                 _preview, accelerator.unwrap_model(model), ema, scheduler, spec, preview_cond,
