@@ -111,8 +111,8 @@ def arm_labels(grid: pd.DataFrame, params: Params) -> dict[str, str]:
     sites = site_labels(params)
     internal = " + ".join(sites[s] for s in params.internal_sites())
     rows = grid.drop_duplicates("experiment")
-    steps = rows["generator_step"] if "generator_step" in rows else pd.Series(index=rows.index)
-    guidance = rows.get("generator_guidance", pd.Series(index=rows.index))
+    none = pd.Series(index=rows.index)  # a grid without other generator settings
+    steps, guidance = rows.get("generator_step", none), rows.get("generator_guidance", none)
     return {r.experiment: arm_label(Kind(r.kind), int(r.k), float(r.real_fraction),
                                     sites.get(r.train_site, internal))
             + ("" if pd.isna(step) else f" ({int(step):,} steps, w {float(w):g})")

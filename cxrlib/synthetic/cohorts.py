@@ -364,6 +364,14 @@ def build_synthetic_cohort(params: Params, manifest: pd.DataFrame, generator: CX
     return pd.read_parquet(done)
 
 
+def _setting_params(params: Params, setting: GeneratorSetting) -> Params:
+    """The run's parameters sampling as ``setting`` does: its guidance, ``tradeoffs.k``
+    replicas."""
+    spec = params.sampling.model_copy(update={"guidance": setting.guidance,
+                                              "replicas": params.tradeoffs.k})
+    return params.model_copy(update={"sampling": spec})
+
+
 def setting_plan(params: Params, manifest: pd.DataFrame, setting: GeneratorSetting,
                  checkpoint: str) -> pd.DataFrame:
     """The cohort of one generator setting of the worth curves: replicas 0..k-1
@@ -371,9 +379,7 @@ def setting_plan(params: Params, manifest: pd.DataFrame, setting: GeneratorSetti
     same rows and noise: images of two settings differ only in the setting), at the
     setting's guidance; image ids carry the setting, so its images never collide with
     another cohort's."""
-    spec = params.sampling.model_copy(update={"guidance": setting.guidance,
-                                              "replicas": params.tradeoffs.k})
-    plan = replica_plan(params.model_copy(update={"sampling": spec}), manifest, checkpoint)
+    plan = replica_plan(_setting_params(params, setting), manifest, checkpoint)
     key = setting.cohort()
     plan["image_id"] = [f"synthetic/{key}/{sid}/r{r}"
                         for sid, r in zip(plan["source_image_id"], plan["replica"], strict=True)]
@@ -399,8 +405,7 @@ def build_setting_cohorts(params: Params, manifest: pd.DataFrame, run: RunLayout
         generator = CXRPipeline.from_checkpoint(folder, params.diffusion)
         plan = setting_plan(params, manifest, setting, folder.name)
         check_no_eval_sources(plan, manifest)
-        spec = params.sampling.model_copy(update={"guidance": setting.guidance})
-        source = diffusion_source(params.model_copy(update={"sampling": spec}), generator)
+        source = diffusion_source(_setting_params(params, setting), generator)
         generate_cohort(params, plan, source, run, key, progress=progress)
         out[setting] = finalize_cohort(plan, run, key, params.sampling.shard_size)
     return out
