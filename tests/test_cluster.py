@@ -266,9 +266,14 @@ def test_grid_on_slurm_equals_local_through_preemption(grid_runs, monkeypatch):
             train_arm(params, exp, threads=1)
     finally:
         torch.set_num_threads(before)
-    _finish(submitter, timeout=600)
-    log = (remote.jobs / "04_classifier_experiments" / f"{job}_0_log.out").read_text()
-    assert "classifier training resumed after round" in log, log[-2000:]
+    said = _finish(submitter, timeout=600)
+    # the requeued job (or, had the submitter seen it gone, the job submitted again) resumed
+    folder = remote.jobs / "04_classifier_experiments"
+    logs = {f.name: f.read_text() for f in folder.glob("*_log.out")}
+    resumed = [name for name, text in logs.items()
+               if "classifier training resumed after round" in text and target in text]
+    log = logs[f"{job}_0_log.out"]
+    assert resumed, f"no job of {target} resumed; submitter: {said[-1500:]}; job: {log[-1500:]}"
     assert not remote.delegated.exists()  # every piece done: the record is gone
     for exp in plan_grid(params):
         a = pd.read_parquet(local.experiment(exp.name, 0).predictions)

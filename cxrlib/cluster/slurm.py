@@ -56,9 +56,10 @@ from cxrlib.core.progress import tqdm
 
 #: Lines of a failed job's log quoted in the error.
 LOG_TAIL_LINES = 25
-#: Polls a job may be ended (or no longer listed) without a result before it counts as
-#: killed: its result file can reach a shared file system a moment after the job ends.
-MISSING_POLLS = 2
+#: Seconds a job may be ended (or no longer listed) without a result before it counts as
+#: killed, and at least two polls: its result file can reach a shared file system a moment
+#: after the job ends, and a requeued job passes through states a busy controller lists late.
+GONE_GRACE_SECONDS = 15.0
 
 
 class PieceFailedError(RuntimeError):
@@ -187,7 +188,8 @@ def run_pieces(pieces: list[Piece], spec: ClusterSpec, resources: Resources, run
 def _wait(jobs: dict[str, submitit.Job], by_key: dict[str, Piece], record: Delegation,
           ex: submitit.Executor, spec: ClusterSpec, run: RunLayout, stage: str,
           desc: str) -> None:
-    pending, missing = set(jobs), dict.fromkeys(jobs, 0)
+    pending = set(jobs)
+    gone_since: dict[str, float] = {}  # piece -> when its job was first seen ended, no result
     bar = tqdm(total=len(jobs), desc=desc)
     poll = min(spec.poll_seconds, 2.0)  # the first looks come soon: small pieces end fast
     try:
@@ -215,12 +217,11 @@ def _wait(jobs: dict[str, submitit.Job], by_key: dict[str, Piece], record: Deleg
                         write_delegation(run, record)
                         raise PieceFailedError(_failure(key, job, error, stage, len(pending)))
                 elif states.get(job.job_id, "ENDED") not in ENDED:  # queued, running, requeued
-                    missing[key] = 0
+                    gone_since.pop(key, None)
                     continue
-                else:
-                    missing[key] += 1
-                    if missing[key] < MISSING_POLLS:
-                        continue
+                elif (time.monotonic() - gone_since.setdefault(key, time.monotonic())
+                      < GONE_GRACE_SECONDS):
+                    continue
                 # killed by the scheduler, or requeued too often: submit again, within bounds
                 if entry.attempts > spec.max_retries:
                     entry.status = "failed"
@@ -230,7 +231,7 @@ def _wait(jobs: dict[str, submitit.Job], by_key: dict[str, Piece], record: Deleg
                         f"(max_retries {spec.max_retries})", stage, len(pending)))
                 piece = by_key[key]
                 jobs[key] = ex.submit(DelegatedTask(run, stage, key, piece.fn))
-                missing[key] = 0
+                gone_since.pop(key, None)
                 record.pieces[key] = Delegated(piece.folder, str(jobs[key].job_id),
                                                entry.attempts + 1)
                 print(f"{key}: job {job.job_id} ended without a result (cancelled or its node "
