@@ -7,14 +7,16 @@ Standard library only (no torch, no cxrlib): it reads text files and one JSON fi
 - Every repository path README.md and docs/*.md name, in code spans, code blocks or Markdown
   links, exists, and so does every ``cxrlib.x.y`` module they name.
 - Every number between ``<!-- demo-results -->`` and ``<!-- /demo-results -->`` in README.md
-  is a number of the committed ``reports/demo/summary.json`` at the precision shown (``+0.010``:
+  is a number of the committed ``reports/demo/summary.json`` (and between ``<!-- full-results
+  -->`` and its closing marker, of ``reports/demo-full/summary.json``) at the precision shown
+  (``+0.010``:
   a value that rounds to 0.010). A comment ``<!-- from: primary/0 claims/0 -->`` scopes the text
   after it (to the next such comment or the end of its paragraph or list item) to those entries
   of the summary. An estimate with its interval (``+0.032 (+0.009 to +0.055)``) must be one
   entry's estimate and CI together. The design's own numbers (the 5% and 200% of
   ``real_plus_synthetic_x2.f5``, the 5 of five seeds, the 95 of a 95% CI) are read from the
   summary too: its arm names, ``seeds`` and ``ci_level``; any other percentage fails, and so
-  does an integer that is neither such a number nor a count of its scope. Outside that section
+  does an integer that is neither such a number nor a count of its scope. Outside those sections
   the README states no result (no number like 0.03). A number can still pass by equalling
   another value of its scope at the precision shown; narrow scopes make that unlikely.
 """
@@ -31,8 +33,11 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 SUMMARY = ROOT / "reports" / "demo" / "summary.json"
+#: The README's checked sections: marker name -> (the summary its numbers come from, the fewest
+#: numbers it states).
+SECTIONS = {"demo-results": (SUMMARY, 20),
+            "full-results": (ROOT / "reports" / "demo-full" / "summary.json", 6)}
 MAX_LINES = 250
-START, END = "<!-- demo-results -->", "<!-- /demo-results -->"
 
 # A code-span word is taken for a repository path when it starts with one of these folders or
 # is one of these top-level files; anything else (runs/, .venv/, generator/) is the user's.
@@ -212,10 +217,11 @@ def design_numbers(summary: dict) -> set[str]:
     return found
 
 
-def demo_section(text: str) -> str:
-    assert text.count(START) == 1 and text.count(END) == 1, (
-        f"README.md must hold one {START} ... {END} section with the demo's numbers")
-    return text.split(START, 1)[1].split(END, 1)[0]
+def results_section(text: str, name: str = "demo-results") -> str:
+    start, end = f"<!-- {name} -->", f"<!-- /{name} -->"
+    assert text.count(start) == 1 and text.count(end) == 1, (
+        f"README.md must hold one {start} ... {end} section with its report's numbers")
+    return text.split(start, 1)[1].split(end, 1)[0]
 
 
 def blocks(section: str) -> Iterator[str]:
@@ -289,14 +295,17 @@ def unmatched_numbers(section: str, summary: dict) -> list[str]:
     return bad
 
 
-def test_every_demo_number_in_the_readme_is_the_committed_summarys():
-    summary = json.loads(SUMMARY.read_text())
-    section = demo_section(README.read_text())
+@pytest.mark.parametrize("name", SECTIONS)
+def test_every_result_number_in_the_readme_is_its_committed_summarys(name):
+    source, fewest = SECTIONS[name]
+    summary = json.loads(source.read_text())
+    section = results_section(README.read_text(), name)
     found = [n for b in blocks(section) for _, p in segments(b) for n in NUMBER.findall(p)]
-    assert len(found) >= 20, "the demo section states the headline numbers with their CIs"
+    assert len(found) >= fewest, "the section states the headline numbers with their CIs"
     bad = unmatched_numbers(section, summary)
-    assert not bad, (f"README.md's demo section states {bad}, which reports/demo/summary.json "
-                     "does not hold at the precision shown: copy the numbers from the summary")
+    where = source.relative_to(ROOT)
+    assert not bad, (f"README.md's {name} section states {bad}, which {where} does not hold "
+                     "at the precision shown: copy the numbers from the summary")
 
 
 def test_the_number_check_catches_numbers_the_summary_lacks():
@@ -319,10 +328,10 @@ def test_the_number_check_catches_numbers_the_summary_lacks():
         other_df]
 
 
-def test_the_readme_states_demo_results_only_in_its_checked_section():
-    text = README.read_text()
-    section = demo_section(text)
-    outside = COMMENT.sub(" ", text.replace(section, " "))
-    outside = FENCE.sub(" ", outside)
+def test_the_readme_states_results_only_in_its_checked_sections():
+    outside = README.read_text()
+    for name in SECTIONS:
+        outside = outside.replace(results_section(outside, name), " ")
+    outside = FENCE.sub(" ", COMMENT.sub(" ", outside))
     stray = RESULT_LIKE.findall(SPAN.sub(" ", outside))
-    assert not stray, f"results outside the checked demo section: {stray}"
+    assert not stray, f"results outside the checked sections: {stray}"
