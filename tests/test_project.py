@@ -155,6 +155,8 @@ def test_pipeline_runs_every_stage_and_renders_the_reports(smoke_pipeline, capsy
     assert sorted(zip(settings["step"], settings["guidance"], strict=True)) == [
         (2, 0.0), (4, 0.0), (4, 1.0)]
     assert settings["frd"].notna().all() and settings["fidelity_ratio"].notna().all()
+    page03 = html["03_sampling_explorer"].split("Generator-settings-of-the-worth-curves", 1)[1]
+    assert "<th>FRD</th>" in page03 and "<th>fidelity (x real)</th>" in page03  # shown, named
     assert {"worth_curves.png", "measures_vs_worth.png", "worth_differences.csv",
             "guidance.txt"} <= {p.name for p in run.stage("06_worth_curves").iterdir()}
     assert "Generator training steps" in html["06_worth_curves"]
