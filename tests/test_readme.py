@@ -1,23 +1,22 @@
-"""README.md and docs/: short, true to the committed demo report, and every path they name exists.
+"""README.md and docs/: short, true to the committed reports, and every path they name exists.
 
-Standard library only (no torch, no cxrlib): it reads text files and one JSON file.
+Standard library only (no torch, no cxrlib): it reads text files and JSON files.
 
 - README.md has at most 250 lines and no calendar date (a README states what is true now;
   dated history goes to CHANGELOG.md).
 - Every repository path README.md and docs/*.md name, in code spans, code blocks or Markdown
   links, exists, and so does every ``cxrlib.x.y`` module they name.
 - Every number between ``<!-- demo-results -->`` and ``<!-- /demo-results -->`` in README.md
-  is a number of the committed ``reports/demo/summary.json`` (and between ``<!-- full-results
-  -->`` and its closing marker, of ``reports/demo-full/summary.json``) at the precision shown
-  (``+0.010``:
-  a value that rounds to 0.010). A comment ``<!-- from: primary/0 claims/0 -->`` scopes the text
-  after it (to the next such comment or the end of its paragraph or list item) to those entries
-  of the summary. An estimate with its interval (``+0.032 (+0.009 to +0.055)``) must be one
-  entry's estimate and CI together. The design's own numbers (the 5% and 200% of
-  ``real_plus_synthetic_x2.f5``, the 5 of five seeds, the 95 of a 95% CI) are read from the
-  summary too: its arm names, ``seeds`` and ``ci_level``; any other percentage fails, and so
-  does an integer that is neither such a number nor a count of its scope. Outside those sections
-  the README states no result (no number like 0.03). A number can still pass by equalling
+  is a number of the committed ``reports/demo/summary.json`` (between ``<!-- full-results -->``
+  and its closing marker, of ``reports/demo-full/summary.json``) at the precision shown
+  (``+0.010``: a value that rounds to 0.010). A comment ``<!-- from: primary/0 claims/0 -->``
+  scopes the text after it (to the next such comment or the end of its paragraph or list item)
+  to those entries of the summary. An estimate with its interval (``+0.032 (+0.009 to
+  +0.055)``) must be one entry's estimate and CI together. The design's own numbers (the 5%
+  and 200% of ``real_plus_synthetic_x2.f5``, the 5 of five seeds, the 95 of a 95% CI) are read
+  from the summary too: its arm names, ``seeds`` and ``ci_level``; any other percentage fails,
+  and so does an integer that is neither such a number nor a count of its scope. Outside those
+  sections the README states no result (no number like 0.03). A number can still pass by equalling
   another value of its scope at the precision shown; narrow scopes make that unlikely.
 """
 
