@@ -322,6 +322,15 @@ def summary_html(summary: dict[str, Any], forest: str = "") -> str:
     return "".join(parts)
 
 
+def _copy_beside(figure: Path, reports: Path) -> bool:
+    """Copy a run's figure next to the rendered pages (atomically); whether there was one."""
+    if not figure.exists():
+        return False
+    with atomic_path(reports / figure.name) as tmp:
+        shutil.copyfile(figure, tmp)
+    return True
+
+
 def _worth_curves_html(run: RunLayout, reports: Path) -> str:
     """The worth curves' answer for the landing page, when the run has them: notebook 06's
     guidance sentences and its figure (copied beside the page)."""
@@ -329,13 +338,10 @@ def _worth_curves_html(run: RunLayout, reports: Path) -> str:
     guidance, figure = stage / "guidance.txt", stage / "worth_curves.png"
     if not guidance.exists():
         return ""
-    if figure.exists():
-        with atomic_path(reports / figure.name) as tmp:
-            shutil.copyfile(figure, tmp)
     lines = "".join(f"<li>{html.escape(line)}</li>"
                     for line in guidance.read_text().splitlines() if line.strip())
     image = (f"<img src='{figure.name}' alt='worth curves: r with its CI along each axis' "
-             "style='max-width:100%'>" if figure.exists() else "")
+             "style='max-width:100%'>" if _copy_beside(figure, reports) else "")
     return (f"<h2>What an extra image is worth, and what buys it</h2><ul>{lines}</ul>{image}"
             f"<div style='margin:.5em 0 1em'>Details: <a href='{WORTH_STAGE}.html'>the worth "
             "curves</a>. The study's comparisons follow.</div>")
@@ -355,10 +361,7 @@ def render_index(params_file: Path, reports_root: Path | None = None,
     summary = read_summary(run)
     fields = summary.get("provenance") or provenance(params, params_file)
     precision = summary.get("precision", {})
-    forest = run.stage("05_statistics") / FOREST_FIGURE
-    if forest.exists():
-        with atomic_path(reports / FOREST_FIGURE) as tmp:
-            shutil.copyfile(forest, tmp)
+    forest = _copy_beside(run.stage("05_statistics") / FOREST_FIGURE, reports)
     worth = _worth_curves_html(run, reports)
     items, total = [], 0.0
     for stage in STAGES:
@@ -381,7 +384,7 @@ def render_index(params_file: Path, reports_root: Path | None = None,
             f"margin:1.5em auto;padding:0 1em'>{header_html(fields)}"
             f"<h1>Does synthetic data help the classifiers? Run "
             f"<code>{html.escape(params.run.name)}</code></h1>"
-            f"{worth}{summary_html(summary, FOREST_FIGURE if forest.exists() else '')}"
+            f"{worth}{summary_html(summary, FOREST_FIGURE if forest else '')}"
             f"<h2>The pages</h2><p>Notebooks executed headless with papermill (code hidden), "
             f"{total / 60:.1f} min in all; the headline numbers are in "
             f"<a href='{run.summary.name}'>{run.summary.name}</a>.</p><ol>{''.join(items)}</ol>"

@@ -184,29 +184,28 @@ def guidance_sentences(curve: pd.DataFrame, diffs: pd.DataFrame, shares: pd.Data
                 f"{_x(axis, p['x'])}: {_r(p, 'perfect_')}" for p in points.to_dict("records"))
                 + ".")
     settings = curve[curve["axis"].isin(["compute", "guidance"])].dropna(subset=["rate"])
-    if len(settings):
-        best = settings.loc[settings["rate"].idxmax()]
-        own = curve[curve["reference"]]
+    own = curve[curve["reference"]]
+    own_arm = own.iloc[0]["experiment"] if len(own) else None
+    best = settings.loc[settings["rate"].idxmax()] if len(settings) else None
+    if best is not None:
         line = (f"Most worth among the generator settings: {best['step']:,} steps at w "
                 f"{best['guidance']:g}, {_r(best)}")
-        if len(own) and best["experiment"] != own.iloc[0]["experiment"]:
+        if own_arm is not None and best["experiment"] != own_arm:
             line += f"; the run's own setting: {_r(own.iloc[0])}"
         said.append(line + ".")
-    if len(shares):
-        own = curve.loc[curve["reference"], "experiment"]
-        best = settings.loc[settings["rate"].idxmax(), "experiment"] if len(settings) else None
-        for who, name in (("the run's own setting", own.iloc[0] if len(own) else None),
-                          ("the setting worth most", best)):
-            rows = shares[shares["experiment"] == name]
-            if name is None or rows.empty or (who != "the run's own setting"
-                                              and name == own.iloc[0]):
-                continue
-            r = rows.iloc[0]
-            ci = (f"95% CI {r['ratio_ci_low']:.2f} to {r['ratio_ci_high']:.2f}"
-                  if np.isfinite(r["ratio_ci_low"]) else
-                  "no interval: the perfect generator's own CI reaches 0")
-            said.append(f"At {who} the generator's images are worth {r['ratio']:.2f} ({ci}) of "
-                        f"the perfect generator's at the same dose; the goal is 0.5.")
+    read = [("the run's own setting", own_arm)]
+    if best is not None and best["experiment"] != own_arm:
+        read.append(("the setting worth most", best["experiment"]))
+    for who, arm in read:
+        rows = shares[shares["experiment"] == arm] if len(shares) else shares
+        if rows.empty:
+            continue
+        r = rows.iloc[0]
+        ci = (f"95% CI {r['ratio_ci_low']:.2f} to {r['ratio_ci_high']:.2f}"
+              if np.isfinite(r["ratio_ci_low"]) else
+              "no interval: the perfect generator's own CI reaches 0")
+        said.append(f"At {who} the generator's images are worth {r['ratio']:.2f} ({ci}) of "
+                    f"the perfect generator's at the same dose; the goal is 0.5.")
     compute = diffs[diffs["axis"] == "compute"] if len(diffs) else diffs
     if len(compute):
         parts = [f"{_x('compute', d['from'])} to {_x('compute', d['to'])}: {d['mde']:.2f}"
